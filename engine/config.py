@@ -1,0 +1,166 @@
+"""Typed training config: the schema Hydra's composed config is checked against, once, at startup.
+
+Every section is a dataclass; `build_config(dict)` turns the composed Hydra dict into them and raises
+`ConfigError` naming the full key (`optim.lr`), the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .models.gpt_oss.config import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | gpt-oss-20b | gpt-oss-120b (used when path is null)
+    path: str | None = None  # HF checkpoint dir or hub id; null = random init from the preset
+    overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields, e.g. num_hidden_layers
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
+    experts_backend: str = "auto"  # auto | loop | grouped_mm | triton
+    attn_backend: str = "auto"  # auto | eager | flex
+    activation_checkpointing: Any = False  # false | true | list of layer indices
+    ce_chunk_size: int = 512
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1
+    tp: int = 1
+    pp: int = 1
+    timeout_s: int = 600  # a rank that stops answering fails the others after this long
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | constant
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    output_dir: str = "outputs/run"
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 1
+    resume: str = "auto"  # auto | none | PATH
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0 = only at the end
+    keep: int = 2
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"  # none | lora
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"])
+    share_expert_adapters: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "jsonl"  # jsonl (harmony chats) | synthetic (a learnable token stream, no files)
+    train_path: str | None = None
+    val_path: str | None = None
+    max_seq_len: int = 4096
+    global_batch_size: int = 8  # sequences per optimizer step, whatever the world size
+    micro_batch_size: int = 1  # sequences per forward on one rank
+    extra: dict[str, Any] = field(default_factory=dict)  # pipeline options (tokenizer, pack, loss_mask, ...)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    recipe: str | None = None  # the recipe's name, for logs
+
+    def validate(self) -> None:
+        checks = [
+            ("model.dtype", self.model.dtype, ("auto", "bfloat16", "float32")),
+            ("model.experts_backend", self.model.experts_backend, ("auto", "loop", "grouped_mm", "triton")),
+            ("model.attn_backend", self.model.attn_backend, ("auto", "eager", "flex")),
+            ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
+            ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")),
+            ("peft.method", self.peft.method, ("none", "lora")),
+            ("data.source", self.data.source, ("jsonl", "synthetic")),
+        ]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+        positive = {"trainer.max_steps": self.trainer.max_steps, "data.max_seq_len": self.data.max_seq_len,
+                    "data.global_batch_size": self.data.global_batch_size,
+                    "data.micro_batch_size": self.data.micro_batch_size, "parallel.ep": self.parallel.ep,
+                    "parallel.tp": self.parallel.tp, "parallel.pp": self.parallel.pp, "peft.rank": self.peft.rank}
+        for key, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{key}={value!r} must be a positive integer")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr={self.optim.lr!r} must be > 0")
+        if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
+            raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+        if self.data.source == "jsonl" and not self.data.train_path:
+            raise ConfigError("data.train_path is required with data.source=jsonl (or set data.source=synthetic)")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if dataclasses.is_dataclass(typ):
+        return _build(typ, value, key)
+    origin = get_origin(typ)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if origin is None and typ in (int, float, str, bool) and value is not None:
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}={value!r} must be of type {typ.__name__}")
+    if type(None) in get_args(typ) and value is None:
+        return None
+    return value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; "
+                          f"valid keys under {prefix or 'the top level'}: {sorted(names)}")
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    """A plain dict (e.g. `OmegaConf.to_container(cfg, resolve=True)`) -> validated TrainConfig."""
+    values = {k: v for k, v in values.items() if k != "hydra"}
+    cfg = _build(TrainConfig, values, "")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,72 @@
+"""Step metrics: throughput, MFU, memory, expert load, and the metrics.jsonl writer.
+
+MFU counts model FLOPs per token (gpt-oss docs' formula, no recomputation counted):
+  full training: 6 x active matmul params + attention term
+  LoRA:          4 x frozen active params + 6 x LoRA params + attention term
+  attention term per layer: 12 x q_width x keys attended (about T/2 on full layers, min(window, T/2)
+  on sliding ones; the 12 = 2 matmuls x (2 fwd + 4 bwd)).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .models.gpt_oss.config import GptOssConfig
+
+# Dense bf16 peak of the GPUs we quote MFU against (vendor figures, FLOP/s).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def flops_per_token(cfg: GptOssConfig, seq_len: int, lora_params: int = 0) -> float:
+    active = cfg.param_counts()["active"]
+    attn = 0.0
+    for kind in cfg.layer_types:
+        keys = seq_len / 2 if kind == "full_attention" else min(cfg.sliding_window, seq_len / 2)
+        attn += 12 * cfg.q_width * keys
+    if lora_params:
+        return 4 * active + 6 * lora_params + attn
+    return 6 * active + attn
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def expert_load(model) -> dict[str, list[float]]:
+    """Per layer: max and mean tokens per local expert in the last forward (1.0 = perfectly balanced)."""
+    maxes, imbalance = [], []
+    for block in model.moe_blocks():
+        c = block.last_expert_counts
+        if c is None:
+            continue
+        c = c.float()
+        maxes.append(float(c.max()))
+        imbalance.append(float(c.max() / c.mean().clamp(min=1e-9)))
+    return {"expert_max_tokens": maxes, "expert_max_over_mean": imbalance}
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to output_dir/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")

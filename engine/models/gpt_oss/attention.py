@@ -1,0 +1,146 @@
+"""GPT-OSS attention: GQA with q/k/v/o biases, learned sinks, sliding window on some layers.
+
+Backends (`attn_backend`):
+- `eager`: the reference. Materialises the [T, T] scores, appends the sink column, softmaxes, drops it.
+- `flex`: FlexAttention with block masks (causal / sliding window / documents); the sink enters as a
+  rescale of the sink-free output by sigmoid(lse - sink), with the gradient flowing through lse.
+
+Which keys a query sees (`allowed(i, j)` for row positions i, j of one sequence row):
+    j <= i  and  (full layer or i - j < window)  and  doc[i] == doc[j]
+so a sliding-window query sees exactly `window` keys, itself included.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import GptOssConfig
+from .rope import apply_rotary
+
+ATTN_BACKENDS = ("eager", "flex")
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward inputs shared by all layers: rotary tables and the mask of each layer type."""
+
+    cos: torch.Tensor  # [B, T, D/2] fp32
+    sin: torch.Tensor  # [B, T, D/2] fp32
+    doc_ids: torch.Tensor | None  # [B, T] or None (one document per row)
+    window: int
+    backend: str
+    _masks: dict[str, Any] = field(default_factory=dict)
+
+    def mask(self, layer_type: str) -> Any:
+        if layer_type not in self._masks:
+            window = self.window if layer_type == "sliding_attention" else None
+            b, t = self.cos.shape[:2]
+            build = dense_mask if self.backend == "eager" else flex_block_mask
+            self._masks[layer_type] = build(b, t, window, self.doc_ids, self.cos.device)
+        return self._masks[layer_type]
+
+
+def dense_mask(b: int, t: int, window: int | None, doc_ids: torch.Tensor | None, device) -> torch.Tensor:
+    """Boolean [B or 1, 1, T, T]: True where query i may attend key j."""
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    allowed = allowed[None, None]  # [1, 1, T, T]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])  # [B, 1, T, T]
+    return allowed
+
+
+def flex_block_mask(b: int, t: int, window: int | None, doc_ids: torch.Tensor | None, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(bi, h, qi, ki):
+        keep = ki <= qi
+        if window is not None:
+            keep = keep & (qi - ki < window)
+        if doc_ids is not None:
+            keep = keep & (doc_ids[bi, qi] == doc_ids[bi, ki])
+        return keep
+
+    return create_block_mask(mask_mod, b if doc_ids is not None else None, None, t, t, device=device)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled FlexAttention materialises the scores; compiled, it is a fused kernel.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def eager_attention(q, k, v, sinks, mask, scale):
+    """q [B, H, T, D], k/v [B, KV, T, D], sinks [H], mask bool [B|1, 1, T, T] -> [B, H, T, D]."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, T, T]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)[..., :-1]  # the sink column has no value row
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def flex_attention_with_sinks(q, k, v, sinks, block_mask, scale):
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        raise RuntimeError(
+            "attn_backend='flex' has no backward on CPU in PyTorch; train on CPU with model.attn_backend=eager"
+        )
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_aux=AuxRequest(lse=True))
+    # softmax over [scores, sink] == softmax over scores, times sum(exp s) / (sum(exp s) + exp(sink)).
+    rescale = torch.sigmoid(aux.lse.float() - sinks.float().view(1, -1, 1))  # [B, H, T]
+    return (out.float() * rescale[..., None]).to(q.dtype)
+
+
+class GptOssAttention(nn.Module):
+    def __init__(self, cfg: GptOssConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = cfg.layer_types[layer_idx]
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_width, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_width, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_width, bias=True)
+        self.o_proj = nn.Linear(cfg.q_width, cfg.hidden_size, bias=True)
+        self.sinks = nn.Parameter(torch.empty(cfg.num_attention_heads))
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
+        k = apply_rotary(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        mask = ctx.mask(self.layer_type)
+        if ctx.backend == "eager":
+            out = eager_attention(q, k, v, self.sinks, mask, self.scale)
+        else:
+            out = flex_attention_with_sinks(q, k, v, self.sinks, mask, self.scale)
+        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+def resolve_attn_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "eager"
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"model.attn_backend={name!r} is not one of {('auto',) + ATTN_BACKENDS}")
+    return name
+
+
+__all__ = ["GptOssAttention", "AttentionContext", "ATTN_BACKENDS", "resolve_attn_backend"]

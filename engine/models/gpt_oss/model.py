@@ -1,0 +1,163 @@
+"""The GPT-OSS transformer, natively in PyTorch.
+
+Module and parameter names equal the HF checkpoint names (`model.layers.3.mlp.experts.down_proj`),
+so import and export are a rename-free copy. Architecture only: no trainer, no parallel state.
+
+    x = embed(ids)
+    per layer:  x = x + attn(rmsnorm(x));  x = x + moe(rmsnorm(x))
+    logits = lm_head(rmsnorm(x))          (untied)
+
+Build on the meta device and materialise later:
+    with torch.device("meta"): model = GptOssForCausalLM(cfg)
+    model.to_empty(device="cuda"); model.init_weights()    # or load a checkpoint into it
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint as activation_ckpt
+from torch import nn
+
+from ...loss import linear_cross_entropy
+from ...moe.layer import MoEBlock
+from .attention import AttentionContext, GptOssAttention, resolve_attn_backend
+from .config import GptOssConfig
+from .rope import cos_sin
+
+
+@dataclass
+class ModelOptions:
+    """Runtime choices that do not change the weights."""
+
+    experts_backend: str = "auto"  # auto | loop | grouped_mm | triton
+    attn_backend: str = "auto"  # auto | eager | flex
+    ep_size: int = 1  # expert-parallel ranks; this rank builds num_experts / ep_size experts
+    ep_rank: int = 0
+    ce_chunk_size: int = 512  # rows of fp32 logits alive at once in the loss
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class GptOssDecoderLayer(nn.Module):
+    def __init__(self, cfg: GptOssConfig, layer_idx: int, opts: ModelOptions):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = GptOssAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoEBlock(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
+                            alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, experts_backend=opts.experts_backend,
+                            ep_size=opts.ep_size, ep_rank=opts.ep_rank)
+        self.activation_checkpointing = False
+
+    def _forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return activation_ckpt.checkpoint(self._forward, x, ctx, use_reentrant=False)
+        return self._forward(x, ctx)
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, cfg: GptOssConfig, opts: ModelOptions):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GptOssDecoderLayer(cfg, i, opts) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class GptOssForCausalLM(nn.Module):
+    def __init__(self, config: GptOssConfig, options: ModelOptions | None = None, **option_overrides):
+        super().__init__()
+        self.config = config
+        self.options = options or ModelOptions(**option_overrides)
+        self.model = GptOssModel(config, self.options)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random init as HF does: normal(0, initializer_range) for matrices, router and sinks; zero
+        biases; unit norms. Expert rows are drawn per global expert index, so an expert-parallel
+        rank gets exactly the rows of the single-rank model given the same seed."""
+        std = self.config.initializer_range
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+
+        def normal_(p: torch.Tensor) -> None:
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
+
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+                self._init_expert_rows(p, gen, std)
+            elif name.endswith("_bias") or (name.endswith(".bias") and ".router." not in name):
+                p.zero_()
+            else:
+                normal_(p)
+
+    def _init_expert_rows(self, p: torch.Tensor, gen: torch.Generator, std: float) -> None:
+        # Draw all experts' rows in order, keep ours: identical weights whatever the EP layout.
+        offset = self.options.ep_rank * p.shape[0]
+        for e in range(self.config.num_local_experts):
+            rows = torch.randn(p.shape[1:], generator=gen, dtype=torch.float32).mul_(std)
+            if offset <= e < offset + p.shape[0]:
+                p[e - offset].copy_(rows)
+
+    def set_activation_checkpointing(self, layers: bool | list[int]) -> None:
+        """Recompute the chosen layers' activations in the backward (True = all layers)."""
+        n = len(self.model.layers)
+        chosen = set(range(n)) if layers is True else set() if layers is False else set(layers)
+        bad = sorted(i for i in chosen if not 0 <= i < n)
+        if bad:
+            raise ValueError(f"activation checkpointing: layer indices {bad} out of range [0, {n})")
+        for i, layer in enumerate(self.model.layers):
+            layer.activation_checkpointing = i in chosen
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, H]. position_ids [B, T] default to 0..T-1; doc_ids [B, T]
+        (packed documents) restrict attention to tokens of the same document."""
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = cos_sin(self.config, position_ids)
+        ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, window=self.config.sliding_window,
+                               backend=resolve_attn_backend(self.options.attn_backend, x.device))
+        for layer in self.model.layers:
+            x = layer(x, ctx)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                loss_normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Without labels: logits [B, T, V]. With labels [B, T] (already shifted: labels[b, t] is the
+        target at position t, -100 = ignored): the summed token loss divided by `loss_normalizer`
+        (default: the number of target tokens), computed in chunks without full logits."""
+        h = self.hidden_states(input_ids, position_ids, doc_ids)
+        if labels is None:
+            return self.lm_head(h)
+        loss_sum = linear_cross_entropy(h, self.lm_head.weight, labels, self.options.ce_chunk_size)
+        if loss_normalizer is None:
+            loss_normalizer = (labels != -100).sum().clamp(min=1)
+        return loss_sum / loss_normalizer
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.mlp for layer in self.model.layers]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,71 @@
+"""Training entry point.
+
+    python engine/train.py recipe=tiny_sft [key=value ...]
+    torchrun --nproc_per_node 4 engine/train.py recipe=gptoss20b_lora [key=value ...]
+
+Hydra composes conf/config.yaml + recipes/NAME.yaml + the command-line overrides; the result is
+checked against the typed schema (engine/config.py) before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Unexpected failures show their whole traceback (Hydra trims it otherwise); user errors are ours.
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python engine/train.py` puts engine/ (not the repo) on sys.path
+    sys.path.insert(0, str(REPO))
+
+import hydra  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from engine.config import build_config  # noqa: E402
+from engine.models.gpt_oss.config import ConfigError  # noqa: E402
+
+RECIPES = REPO / "recipes"
+
+
+def register_recipes() -> list[str]:
+    """Each recipes/NAME.yaml becomes option NAME of group `recipe`, merged at the top level."""
+    cs = ConfigStore.instance()
+    names = []
+    for path in sorted(RECIPES.glob("*.yaml")):
+        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        names.append(path.stem)
+    return names
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("engine")
+    root.handlers[:] = [handler]
+    # Rank 0 speaks; the other ranks report only warnings and errors.
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+
+
+register_recipes()
+
+
+@hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base=None)
+def main(dcfg: DictConfig) -> None:
+    setup_logging()
+    try:
+        cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from engine.trainer import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gptoss-engine",
+    version="0.1.0",
+    description="A training engine for Mixture-of-Experts language models (GPT-OSS 20B / 120B): "
+    "native MoE transformer, expert parallelism, Triton grouped-GEMM experts, LoRA, HF import/export.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    include_package_data=True,
+    package_data={"engine": ["data/assets/*", "data/assets/**/*"]},
+    install_requires=[
+        "torch>=2.9",
+        "triton>=3.4; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.24",
+        "hydra-core>=1.3.2",
+        "omegaconf>=2.3",
+        "tokenizers>=0.19",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "transformers>=4.55",
+            "peft>=0.17",
+            "accelerate",
+        ],
+    },
+)
