@@ -16,7 +16,7 @@ setup(
         "huggingface_hub>=0.24",
         "hydra-core>=1.3.2",
         "omegaconf>=2.3",
-        "tokenizers>=0.19",
+        "tokenizers>=0.21",
         "numpy",
         "tqdm",
     ],

@@ -10,7 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .data.config import DataConfig as PipelineConfig
 from .models.gpt_oss.config import ConfigError
+from .peft.config import LoraConfig
 
 
 @dataclass
@@ -52,6 +54,7 @@ class TrainerConfig:
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 1
+    val_every: int = 0  # validation loss every N steps on data.val_path (0 = never)
     resume: str = "auto"  # auto | none | PATH
     progress: bool = True
 
@@ -63,26 +66,13 @@ class CheckpointConfig:
 
 
 @dataclass
-class PeftConfig:
-    method: str = "none"  # none | lora
-    rank: int = 32
-    alpha: float = 32.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"])
-    share_expert_adapters: bool = False
+class PeftConfig(LoraConfig):
+    method: str = "none"  # none (full fine-tuning) | lora
 
 
 @dataclass
-class DataConfig:
-    source: str = "jsonl"  # jsonl (harmony chats) | synthetic (a learnable token stream, no files)
-    train_path: str | None = None
-    val_path: str | None = None
-    max_seq_len: int = 4096
-    global_batch_size: int = 8  # sequences per optimizer step, whatever the world size
-    micro_batch_size: int = 1  # sequences per forward on one rank
-    extra: dict[str, Any] = field(default_factory=dict)  # pipeline options (tokenizer, pack, loss_mask, ...)
+class DataConfig(PipelineConfig):
+    source: str = "jsonl"  # jsonl (harmony chats; null paths = the shipped sample) | synthetic (no files)
 
 
 @dataclass
@@ -109,10 +99,8 @@ class TrainConfig:
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
-        positive = {"trainer.max_steps": self.trainer.max_steps, "data.max_seq_len": self.data.max_seq_len,
-                    "data.global_batch_size": self.data.global_batch_size,
-                    "data.micro_batch_size": self.data.micro_batch_size, "parallel.ep": self.parallel.ep,
-                    "parallel.tp": self.parallel.tp, "parallel.pp": self.parallel.pp, "peft.rank": self.peft.rank}
+        positive = {"trainer.max_steps": self.trainer.max_steps, "parallel.ep": self.parallel.ep,
+                    "parallel.tp": self.parallel.tp, "parallel.pp": self.parallel.pp}
         for key, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{key}={value!r} must be a positive integer")
@@ -120,8 +108,12 @@ class TrainConfig:
             raise ConfigError(f"optim.lr={self.optim.lr!r} must be > 0")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
-        if self.data.source == "jsonl" and not self.data.train_path:
-            raise ConfigError("data.train_path is required with data.source=jsonl (or set data.source=synthetic)")
+        try:
+            self.data.validate()
+            if self.peft.method == "lora":
+                self.peft.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

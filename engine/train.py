@@ -17,7 +17,11 @@ from pathlib import Path
 # Unexpected failures show their whole traceback (Hydra trims it otherwise); user errors are ours.
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python engine/train.py` puts engine/ (not the repo) on sys.path
+# `python engine/train.py` puts engine/ itself on sys.path, where engine/peft would shadow the real
+# `peft` package (and engine/data any `data`); put the repository there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import hydra  # noqa: E402

@@ -13,6 +13,7 @@ One optimizer step:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from .config import TrainConfig
 from .metrics import MetricsWriter, expert_load, flops_per_token, peak_flops, peak_memory_gb
 from .models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from .optim import build_optimizer, build_scheduler
+from .peft.config import LoraConfig
 from .synthetic import SyntheticLoader
 
 log = logging.getLogger("engine")
@@ -47,7 +49,7 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        if self.device.type == "cuda" and self.compute_dtype != self.param_dtype:
+        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
             return torch.autocast("cuda", dtype=self.compute_dtype)
         return contextlib.nullcontext()
 
@@ -69,7 +71,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     compute = getattr(torch, dtype)
-    # Full training keeps fp32 master weights and computes in bf16 under autocast.
+    # Full training keeps fp32 master weights and computes in bf16 under autocast; LoRA keeps the
+    # frozen base in the compute dtype (its adapters in fp32, see build_model).
     param = torch.float32 if cfg.peft.method == "none" else compute
     return Runtime(rank, world, device, param, compute)
 
@@ -97,24 +100,66 @@ def build_model(cfg: TrainConfig, rt: Runtime) -> GptOssForCausalLM:
         model.to(rt.param_dtype)
     if cfg.model.activation_checkpointing:
         model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+    if cfg.peft.method == "lora":
+        from .peft import apply_lora, format_report
+
+        lora_cfg = LoraConfig(**{f.name: getattr(cfg.peft, f.name) for f in dataclasses.fields(LoraConfig)})
+        report = apply_lora(model, lora_cfg, seed=cfg.trainer.seed)
+        # Adapters are tiny: keep them (and so AdamW's state) in fp32; autocast computes in bf16.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if rt.is_main:
+            log.info("LoRA adapters:\n%s", format_report(report))
     return model
 
 
-def build_loader(cfg: TrainConfig, model: GptOssForCausalLM, rt: Runtime):
+def resolve_tokenizer_path(cfg: TrainConfig) -> str | None:
+    """data.tokenizer if set; else the model checkpoint's tokenizer.json; else the shipped one (None)."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    if cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
+        return cfg.model.path
+    return None
+
+
+def build_loaders(cfg: TrainConfig, model: GptOssForCausalLM, rt: Runtime):
+    """(train loader, validation loader or None) for this rank."""
     d = cfg.data
     if d.source == "synthetic":
         return SyntheticLoader(model.config.vocab_size, d.max_seq_len, d.micro_batch_size, cfg.trainer.seed,
-                               rt.rank, rt.world_size)
-    raise NotImplementedError("data.source=jsonl is not available in this build; use data.source=synthetic")
+                               rt.rank, rt.world_size), None
+    from .data import build_train_loader, build_val_loader, load_tokenizer
+
+    tok = load_tokenizer(resolve_tokenizer_path(cfg))
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size}; use the model's own tokenizer (data.tokenizer=...)")
+    train = build_train_loader(d, tok, rank=rt.rank, world_size=rt.world_size, seed=cfg.trainer.seed)
+    val = build_val_loader(d, tok, rank=rt.rank, world_size=rt.world_size) if cfg.trainer.val_every else None
+    return train, val
 
 
-def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    per_step = cfg.data.micro_batch_size * world_size
-    if cfg.data.global_batch_size % per_step:
-        raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
-                         f"data.micro_batch_size x ranks = {cfg.data.micro_batch_size} x {world_size}; "
-                         "change one of them")
-    return cfg.data.global_batch_size // per_step
+@torch.no_grad()
+def evaluate(model: GptOssForCausalLM, loader, rt: Runtime) -> float:
+    """Mean token loss over one pass of the validation data (summed, then divided once)."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=rt.device)
+    count = 0
+    for b in loader:
+        if int(b["num_target_tokens"]) == 0:
+            continue
+        with rt.autocast():
+            total += model(**_model_inputs(b, rt.device), loss_normalizer=1.0).double()
+        count += int(b["num_target_tokens"])
+    model.train()
+    return float(total) / max(count, 1)
+
+
+def _model_inputs(b: dict, device: torch.device) -> dict:
+    return {"input_ids": b["input_ids"].to(device), "labels": b["labels"].to(device),
+            "position_ids": b["position_ids"].to(device),
+            "doc_ids": None if b.get("doc_ids") is None else b["doc_ids"].to(device)}
 
 
 def _rng_state() -> dict:
@@ -146,8 +191,8 @@ def run(cfg: TrainConfig) -> dict:
     model.train()
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
-    loader = build_loader(cfg, model, rt)
-    accum = grad_accum_steps(cfg, rt.world_size)
+    loader, val_loader = build_loaders(cfg, model, rt)
+    accum = cfg.data.grad_accum_steps(rt.world_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_params = model.num_parameters()
     log.info("model: %s, %.3fM params (%.3fM trainable), %s on %s, %d micro-batch(es) of %d per step",
@@ -185,10 +230,7 @@ def run(cfg: TrainConfig) -> dict:
         loss_total = torch.zeros((), device=rt.device)
         for b in batches:
             with rt.autocast():
-                loss = model(b["input_ids"].to(rt.device), labels=b["labels"].to(rt.device),
-                             position_ids=b["position_ids"].to(rt.device),
-                             doc_ids=None if b["doc_ids"] is None else b["doc_ids"].to(rt.device),
-                             loss_normalizer=max(n_target, 1))
+                loss = model(**_model_inputs(b, rt.device), loss_normalizer=max(n_target, 1))
             loss.backward()
             loss_total += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
@@ -209,12 +251,16 @@ def run(cfg: TrainConfig) -> dict:
         if mem is not None:
             record["peak_memory_gb"] = mem
         record.update(expert_load(model))
+        if val_loader is not None and ((step + 1) % cfg.trainer.val_every == 0 or step + 1 == cfg.trainer.max_steps):
+            record["val_loss"] = evaluate(model, val_loader, rt)
         if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
             writer.write(record)
         progress(record)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
             _save(cfg, rt, out, step + 1, model, opt, sched, loader)
     final = _save(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader)
+    if hasattr(loader, "close"):
+        loader.close()
     export_dir = _export(cfg, rt, out, model)
     log.info("done: final loss %.4f, checkpoint %s, export %s", losses[-1] if losses else float("nan"), final,
              export_dir)
@@ -230,13 +276,19 @@ def _save(cfg, rt, out, step, model, opt, sched, loader) -> Path:
 
 
 def _export(cfg: TrainConfig, rt: Runtime, out: Path, model) -> Path | None:
+    """LoRA: a PEFT adapter in out/adapter; full training: an HF checkpoint in out/hf."""
     if not rt.is_main:
         return None
+    source = cfg.model.path if cfg.model.path and Path(cfg.model.path).is_dir() else None
+    if cfg.peft.method == "lora":
+        from .peft.peft_export import export_peft
+
+        return export_peft(model, out / "adapter", base_model_name_or_path=cfg.model.path or "random-init",
+                           overwrite=True)
     from .checkpoint.hf import save_hf
 
     target = out / "hf"
-    save_hf(model, target, source_dir=cfg.model.path if cfg.model.path and Path(cfg.model.path).is_dir() else None,
-            overwrite=True)
+    save_hf(model, target, source_dir=source, overwrite=True)
     return target
 
 
@@ -251,7 +303,8 @@ def _progress(cfg: TrainConfig, rt: Runtime, start_step: int):
         done = step - start_step
         eta = (time.perf_counter() - t_start) / max(done, 1) * (total - step)
         if step % cfg.trainer.log_every == 0 or step == total:
-            log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  tok/s %.0f  eta %.0fs", step, total,
-                     record["loss"], record["lr"], record["grad_norm"], record["tokens_per_s"], eta)
+            val = f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            log.info("step %d/%d  loss %.4f%s  lr %.2e  grad_norm %.3f  tok/s %.0f  eta %.0fs", step, total,
+                     record["loss"], val, record["lr"], record["grad_norm"], record["tokens_per_s"], eta)
 
     return show

@@ -122,7 +122,11 @@ _LINEAR_FNS = {"loop": loop_linear, "grouped_mm": grouped_mm_linear, "triton": t
 def adapted_expert_mlp(backend, lora, x, counts, w_gu, b_gu, w_d, b_d, *, alpha=1.702, limit=7.0, gather_idx=None):
     """The expert MLP with `lora.delta(proj, x, counts, gather_idx, linear)` ([M, out] or 0) added to the
     output of each projection (proj = "gate_up_proj" | "down_proj"), computed by `backend`'s grouped products."""
-    linear = _LINEAR_FNS[backend]
+    base_linear = _LINEAR_FNS[backend]
+
+    def linear(x, counts, w, b=None, gather_idx=None):  # adapters may be fp32 masters of a bf16 compute
+        return base_linear(x, counts, w.to(x.dtype), None if b is None else b.to(x.dtype), gather_idx)
+
     if gather_idx is not None and backend != "triton":
         x, gather_idx = x[gather_idx], None  # gather once for the base product and the adapter's
     h = linear(x, counts, w_gu, b_gu, gather_idx) + lora.delta("gate_up_proj", x, counts, gather_idx, linear)
@@ -158,6 +162,10 @@ class GroupedExperts(nn.Module):
         With `gather_idx` [M], x is the token tensor [T, H] and row r of the grouped order is x[gather_idx[r]]."""
         backend = resolve_experts_backend(self.backend, x.device)
         weights = (self.gate_up_proj, self.gate_up_proj_bias, self.down_proj, self.down_proj_bias)
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast does not reach grouped GEMMs: cast by hand (fp32 master weights, bf16 compute).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weights = x.to(dtype), tuple(w.to(dtype) for w in weights)
         if self.lora is not None and not self.lora.merged:
             return adapted_expert_mlp(backend, self.lora, x, counts, *weights, alpha=self.alpha, limit=self.limit,
                                       gather_idx=gather_idx)

@@ -164,8 +164,9 @@ class GptOssConfig:
             )
         kwargs: dict[str, Any] = {"rope_theta": float(theta), "rope_scaling": scaling}
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling"}
+        token_ids = {"pad_token_id", "eos_token_id", "bos_token_id"}  # null is a real value for these
         for name in names:
-            if name in d and d[name] is not None:
+            if name in d and (d[name] is not None or name in token_ids):
                 kwargs[name] = d[name]
         if "num_experts" in d and "num_local_experts" not in d:
             kwargs["num_local_experts"] = d["num_experts"]

@@ -1,0 +1,116 @@
+"""Typed configuration of the data pipeline.
+
+The Hydra config mirrors these field names under `data.`; `validate()` runs once at start-up so a
+typo in a recipe fails before any data is read, with a message naming the key and the choices.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+LOSS_MASKS = ("assistant", "final_only", "last_turn")
+ON_ERROR = ("raise", "skip")
+OVERLONG = ("drop", "truncate")
+REASONING_EFFORTS = ("low", "medium", "high")
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def default_tokenizer_path() -> Path:
+    """The small byte-level BPE tokenizer shipped for the tiny models (vocab 1024)."""
+    return ASSETS_DIR / "tokenizer" / "tokenizer.json"
+
+
+def default_sample_paths() -> tuple[Path, Path]:
+    """(train, val) JSONL files of the shipped sample chat data."""
+    return ASSETS_DIR / "sample_chat.jsonl", ASSETS_DIR / "sample_chat_val.jsonl"
+
+
+@dataclass
+class DataConfig:
+    """Everything that decides which tokens the model sees and which carry loss.
+
+    Paths left as None fall back to the shipped assets: `train_path=None` trains on the sample
+    chat data and then `val_path=None` validates on the sample validation file; with a user
+    `train_path`, `val_path=None` means no validation. `tokenizer=None` is the shipped tokenizer;
+    a model directory or a tokenizer.json path selects another one.
+    """
+
+    train_path: str | None = None
+    val_path: str | None = None
+    tokenizer: str | None = None
+    max_seq_len: int = 4096
+    # Rows (sequences of max_seq_len tokens) per optimizer step, fixed whatever the world size.
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    pack: bool = True
+    loss_mask: str = "assistant"
+    on_error: str = "raise"
+    overlong: str = "drop"
+    # Used for records without their own `reasoning_effort`.
+    reasoning_effort: str = "medium"
+    # "YYYY-MM-DD" adds a `Current date:` line to every system message; None leaves it out.
+    current_date: str | None = None
+    shuffle: bool = True
+    # Batches prepared ahead by a background thread; 0 prepares them in the calling thread.
+    prefetch: int = 4
+    # Seed of the data order; None uses the trainer's seed.
+    seed: int | None = None
+
+    def validate(self, world_size: int | None = None) -> "DataConfig":
+        """Raise ValueError naming the first bad key; with `world_size`, check the batch split."""
+        _choice("loss_mask", self.loss_mask, LOSS_MASKS)
+        _choice("on_error", self.on_error, ON_ERROR)
+        _choice("overlong", self.overlong, OVERLONG)
+        _choice("reasoning_effort", self.reasoning_effort, REASONING_EFFORTS)
+        _at_least("max_seq_len", self.max_seq_len, 2)
+        _at_least("global_batch_size", self.global_batch_size, 1)
+        _at_least("micro_batch_size", self.micro_batch_size, 1)
+        _at_least("prefetch", self.prefetch, 0)
+        for key in ("pack", "shuffle"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"data.{key} = {getattr(self, key)!r} must be true or false")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"data.seed = {self.seed!r} must be an integer or null")
+        if self.current_date is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(self.current_date)):
+            raise ValueError(f"data.current_date = {self.current_date!r} must look like YYYY-MM-DD or be null")
+        for key in ("train_path", "val_path", "tokenizer"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).exists():
+                raise ValueError(f"data.{key} = {value!r} does not exist")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"data.global_batch_size = {self.global_batch_size} must be a multiple of "
+                f"data.micro_batch_size = {self.micro_batch_size}"
+            )
+        if world_size is not None:
+            self.grad_accum_steps(world_size)
+        return self
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step, so that every step sees global_batch_size rows."""
+        rows_per_round = self.micro_batch_size * world_size
+        if self.global_batch_size % rows_per_round:
+            raise ValueError(
+                f"data.global_batch_size = {self.global_batch_size} must be a multiple of "
+                f"data.micro_batch_size * world_size = {self.micro_batch_size} * {world_size}"
+            )
+        return self.global_batch_size // rows_per_round
+
+    def resolved_train_path(self) -> Path:
+        return Path(self.train_path) if self.train_path is not None else default_sample_paths()[0]
+
+    def resolved_val_path(self) -> Path | None:
+        if self.val_path is not None:
+            return Path(self.val_path)
+        return default_sample_paths()[1] if self.train_path is None else None
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"data.{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"data.{key} = {value!r} must be an integer >= {low}")

@@ -1,0 +1,92 @@
+"""Per-GPU memory plan of a run, printed at startup, and the refusal when it cannot fit.
+
+Estimates, in bytes per rank:
+  weights      dense weights (replicated) + this rank's 1/EP of the experts; fp32 master weights for
+               full training, the training dtype (bf16) for a frozen LoRA base
+  gradients    one per trainable weight, in its dtype
+  optimizer    AdamW: two fp32 moments per trainable weight (+ an fp32 master copy when the weight
+               itself is not fp32)
+  activations  what the backward keeps per micro-batch (see `activation_bytes_per_token`)
+  loss         the chunked cross-entropy's fp32 logits and probabilities for one chunk
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .models.gpt_oss.config import GptOssConfig
+
+GiB = 2**30
+
+
+@dataclass
+class MemoryPlan:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    loss: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.loss
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
+                ("activations / micro-batch", self.activations), ("loss chunk", self.loss), ("total", self.total)]
+
+    def format(self) -> str:
+        return "\n".join(f"  {name:<28}{value / GiB:9.2f} GiB" for name, value in self.rows())
+
+
+def lora_param_count(cfg: GptOssConfig, rank: int, targets: list[str], ep: int, shared_experts: bool) -> int:
+    """LoRA parameters on one rank: A [in, r] + B [r, out] per adapted matrix."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    dims = {"q_proj": (h, cfg.q_width), "k_proj": (h, cfg.kv_width), "v_proj": (h, cfg.kv_width),
+            "o_proj": (cfg.q_width, h)}
+    per_layer = sum(rank * (a + b) for name, (a, b) in dims.items() if name in targets)
+    experts = 1 if shared_experts else cfg.num_local_experts // ep
+    if "gate_up_proj" in targets:
+        per_layer += experts * rank * (h + 2 * i)
+    if "down_proj" in targets:
+        per_layer += experts * rank * (i + h)
+    return per_layer * cfg.num_hidden_layers
+
+
+def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention: bool, checkpointing: bool,
+                               act_bytes: int = 2) -> float:
+    """Bytes the backward keeps per token: per layer, the saved inputs/outputs of each matmul and
+    elementwise op (attention projections, rotary q/k, attention output and log-sum-exp, the k routed
+    copies of the token through the expert MLP, norms and residuals). With activation checkpointing
+    only each layer's input is kept, plus one layer's worth during its recompute."""
+    h, i, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    attn = h + cfg.q_width + 2 * cfg.kv_width + cfg.q_width + cfg.q_width + h  # norm out, q, k, v, out, o_in, res
+    moe = h + h + k * (h + 2 * i + i + h)  # norm out, residual, per routed copy: x, h, act, y
+    per_layer = (attn + moe) * act_bytes + 4 * cfg.num_attention_heads + 4 * cfg.num_local_experts
+    if eager_attention:  # the reference attention materialises fp32 probabilities [heads, T, T]
+        per_layer += 4 * cfg.num_attention_heads * seq_len
+    layers = cfg.num_hidden_layers
+    if checkpointing:
+        return layers * h * act_bytes + per_layer
+    return layers * per_layer
+
+
+def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targets: list[str] | None = None,
+                shared_expert_adapters: bool = False, seq_len: int, micro_batch: int, eager_attention: bool,
+                checkpointing: bool, ce_chunk: int = 512, train_bytes: int = 2) -> MemoryPlan:
+    counts = cfg.param_counts()
+    dense = counts["total"] - counts["experts"]
+    local = dense + counts["experts"] // ep
+    if lora_rank:
+        lora = lora_param_count(cfg, lora_rank, lora_targets or [], ep, shared_expert_adapters)
+        weights = local * train_bytes + lora * train_bytes
+        grads = lora * train_bytes
+        optim = lora * (8 + (4 if train_bytes != 4 else 0))
+    else:
+        weights = local * 4  # fp32 master weights, bf16 compute under autocast
+        grads = local * 4
+        optim = local * 8
+    tokens = seq_len * micro_batch
+    acts = tokens * activation_bytes_per_token(cfg, seq_len, eager_attention, checkpointing, train_bytes)
+    loss = 2 * min(ce_chunk, tokens) * cfg.vocab_size * 4 + tokens * cfg.hidden_size * 4
+    return MemoryPlan(weights, grads, optim, acts, loss)

@@ -1,0 +1,68 @@
+"""Pure-torch references for the expert kernels: slow, obviously right, and autograd-differentiable.
+
+Each function has the signature of its fast counterpart. They loop over experts in Python and
+read `counts` on the host, so they sync; they are for tests and for running without Triton.
+"""
+
+import torch
+
+
+def swiglu_reference(h, alpha=1.702, limit=7.0):
+    """GPT-OSS clamped SwiGLU: h [.., 2I] with interleaved gate/up columns -> [.., I]."""
+    gate, up = h[..., 0::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def _groups(counts):
+    """(expert, start, end) row ranges of the non-empty groups."""
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            yield e, start, start + c
+        start += c
+
+
+def grouped_linear_reference(x, counts, w, b=None, gather_idx=None):
+    """y [M, N] = x_e @ w[e] + b[e] per expert's contiguous row group (see grouped_linear)."""
+    if gather_idx is not None:
+        x = x[gather_idx]  # [M, K] in sorted order
+    pieces = [x.new_zeros(0, w.shape[2])]
+    for e, s, t in _groups(counts):
+        y = x[s:t] @ w[e]
+        pieces.append(y + b[e] if b is not None else y)
+    return torch.cat(pieces)
+
+
+def expert_mlp_reference(x, counts, w_gu, b_gu, w_d, b_d, *, alpha=1.702, limit=7.0, gather_idx=None):
+    """swiglu(x_e @ w_gu[e] + b_gu[e]) @ w_d[e] + b_d[e] per expert group (see expert_mlp)."""
+    if gather_idx is not None:
+        x = x[gather_idx]  # [M, H] in sorted order
+    pieces = [x.new_zeros(0, w_d.shape[2])]
+    for e, s, t in _groups(counts):
+        h = x[s:t] @ w_gu[e]  # [rows, 2I]
+        if b_gu is not None:
+            h = h + b_gu[e]
+        y = swiglu_reference(h, alpha, limit) @ w_d[e]  # [rows, H]
+        pieces.append(y + b_d[e] if b_d is not None else y)
+    return torch.cat(pieces)
+
+
+def scatter_combine_reference(y_sorted, token_idx, weights, num_tokens):
+    """out [T, H] = sum over rows r with token_idx[r] == t of weights[r] * y_sorted[r], in fp32."""
+    acc = torch.promote_types(y_sorted.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=acc, device=y_sorted.device)
+    rows = weights.to(acc)[:, None] * y_sorted.to(acc)  # [M, H]
+    return out.index_add(0, token_idx.long(), rows).to(y_sorted.dtype)
+
+
+def tile_map_reference(counts, num_rows, block_m):
+    """(offsets [E+1], [(expert, first_row)] of every non-empty tile in order) from counts."""
+    offsets, tiles, start = [0], [], 0
+    for e, c in enumerate(counts.tolist()):
+        end = min(start + c, num_rows)
+        tiles += [(e, r) for r in range(start, end, block_m)]
+        start = end
+        offsets.append(end)
+    return offsets, tiles

@@ -1,0 +1,103 @@
+"""Exact resume, crash-safe checkpoints, and the LoRA export loaded by transformers + peft."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from engine.checkpoint import state as ckpt
+from tests.e2e.test_tiny_sft import _train
+
+FAST = ["data.max_seq_len=128", "data.global_batch_size=4", "data.micro_batch_size=2", "trainer.val_every=0"]
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("recipe", ["tiny_sft", "tiny_lora"])
+def test_resume_is_bit_exact(tmp_path, recipe):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = [f"recipe={recipe}", *FAST, "trainer.max_steps=8", "trainer.log_every=1", "checkpoint.every=4",
+              "checkpoint.keep=5"]
+    _train(*common, f"trainer.output_dir={straight}")
+    # A run stopped after step 4: its output folder holds exactly the step-4 checkpoint.
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
+    _train(*common, f"trainer.output_dir={resumed}", "trainer.resume=auto")
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8]
+    assert all(a[s] == b[s] for s in b), (a, b)  # bit for bit
+    final_a = torch.load(straight / "checkpoints" / "step_0000008" / "rank00000.pt", weights_only=False)["model"]
+    final_b = torch.load(resumed / "checkpoints" / "step_0000008" / "rank00000.pt", weights_only=False)["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+SLOW_SAVE = """
+import sys, time, torch
+from engine.checkpoint import state as ckpt
+class Slow:
+    def __reduce__(self):
+        time.sleep(60)
+        return (int, (0,))
+ckpt.save_checkpoint(sys.argv[1], 2, {"w": torch.ones(3)}, keep=5)
+print("first saved", flush=True)
+ckpt.save_checkpoint(sys.argv[1], 4, {"w": torch.ones(3), "slow": Slow()}, keep=5)
+"""
+
+
+def test_sigkill_during_save_leaves_a_resumable_run(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=str(ckpt.Path(__file__).resolve().parents[2]))
+    assert proc.stdout.readline().strip() == "first saved"
+    time.sleep(1.0)  # inside the second save now, pickling the slow object
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_0000002"]
+    assert not ckpt.step_dir(tmp_path, 4).exists()
+    found = ckpt.resolve_resume(tmp_path, "auto")
+    assert found.name == "step_0000002"
+    assert torch.equal(ckpt.load_checkpoint(found)["w"], torch.ones(3))
+
+
+def test_lora_export_matches_transformers_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import GptOssForCausalLM as HFModel
+
+    from engine.export import load_trained_model
+    from engine.models.gpt_oss import GptOssConfig
+    from tests.hf_reference import hf_model
+
+    base_dir = tmp_path / "base"
+    hf_cfg = GptOssConfig.tiny().to_hf_dict()
+    from transformers import GptOssConfig as HFConfig
+
+    hf_model(HFConfig(**hf_cfg)).save_pretrained(base_dir)
+    out = tmp_path / "run"
+    _train("recipe=tiny_lora", *FAST, "trainer.max_steps=3", f"model.path={base_dir}", f"trainer.output_dir={out}",
+           "optim.lr=0.05")
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    _, ours = load_trained_model(out / "checkpoints" / "step_0000003", torch.float32)
+    ours.eval()
+    hf = PeftModel.from_pretrained(HFModel.from_pretrained(base_dir, torch_dtype=torch.float32), out / "adapter").eval()
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours_logits, hf_logits = ours(ids), hf(input_ids=ids).logits
+        base_logits = HFModel.from_pretrained(base_dir, torch_dtype=torch.float32)(input_ids=ids).logits
+    assert not torch.allclose(ours_logits, base_logits, atol=1e-4)  # the adapters did train
+    torch.testing.assert_close(ours_logits, hf_logits, rtol=1e-5, atol=1e-5)
+
+    # The export CLI writes the same adapter again, and a merged HF checkpoint.
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "engine.export", str(out / "checkpoints" / "step_0000003"),
+                           "--out", str(merged), "--format", "merged", "--dtype", "fp32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        merged_logits = HFModel.from_pretrained(merged, torch_dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(merged_logits, ours_logits, rtol=1e-5, atol=1e-5)

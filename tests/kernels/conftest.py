@@ -1,0 +1,20 @@
+"""Kernel tests run on a GPU when there is one, else on CPU under the Triton interpreter."""
+
+import os
+
+import torch
+
+# Must happen before the kernels package (and its @triton.jit) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels import _runtime  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every kernel output starts as NaN, so a tile the kernel forgets to write fails the test."""
+    with _runtime.poison_outputs():
+        yield

@@ -1,0 +1,142 @@
+"""Loaders: the batch contract on real data, exact resume, sharding, prefetch, validation pass."""
+
+import json
+import threading
+from itertools import islice
+
+import pytest
+import torch
+
+from engine.data.config import DataConfig
+from engine.data.dataset import DataError
+from engine.data.loader import build_train_loader, build_val_loader
+from engine.data.packing import IGNORE_INDEX
+
+
+def numbered_records(n: int) -> list[dict]:
+    """Distinct records of varied length, so a batch's text says which record it holds and
+    packed rows hold varying numbers of documents."""
+    return [{"prompt": f"What is {i} + 1?" + " Please." * (i % 7), "completion": f"{i + 1}."} for i in range(n)]
+
+
+def take(loader, n: int) -> list[dict]:
+    it = iter(loader)
+    try:
+        return list(islice(it, n))
+    finally:
+        it.close()
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    keys = ("input_ids", "labels", "position_ids", "doc_ids")
+    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in keys) for x, y in zip(a, b))
+
+
+def test_batch_contract_on_sample_data(tokenizer):
+    cfg = DataConfig(max_seq_len=256, micro_batch_size=2, global_batch_size=2)
+    for batch in take(build_train_loader(cfg, tokenizer, seed=0), 8):
+        ids, labels, pos, docs = (batch[k] for k in ("input_ids", "labels", "position_ids", "doc_ids"))
+        for t in (ids, labels, pos, docs):
+            assert t.shape == (2, 256) and t.dtype == torch.int64 and t.device.type == "cpu"
+        target = labels != IGNORE_INDEX
+        assert batch["num_target_tokens"] == int(target.sum()) > 0
+        # Shifted labels, never across a document boundary.
+        assert torch.equal(labels[:, :-1][target[:, :-1]], ids[:, 1:][target[:, :-1]])
+        assert not target[:, -1].any()
+        assert (docs[:, 1:][target[:, :-1]] == docs[:, :-1][target[:, :-1]]).all()
+        # Positions restart exactly where the document id changes.
+        starts = torch.ones_like(docs, dtype=torch.bool)
+        starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        assert torch.equal(starts, pos == 0)
+        assert not target[ids == tokenizer.pad_id].any()
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_resume_reproduces_the_following_batches_exactly(tokenizer, write_jsonl, pack):
+    # 30 records of 75-95 tokens, 2 rows per batch: packed, an epoch is about 6 batches; unpacked, 15.
+    cfg = DataConfig(train_path=str(write_jsonl(numbered_records(30))), max_seq_len=256, micro_batch_size=2,
+                     global_batch_size=2, pack=pack, prefetch=3)
+    for stop_at in (3, 11):
+        first = build_train_loader(cfg, tokenizer, seed=5)
+        it = iter(first)
+        list(islice(it, stop_at))
+        state = json.loads(json.dumps(first.state_dict()))
+        expected = list(islice(it, 9))
+        it.close()
+        resumed = build_train_loader(cfg, tokenizer, seed=5)
+        resumed.load_state_dict(state)
+        assert same_batches(take(resumed, 9), expected)
+
+
+def test_prefetch_does_not_change_the_batches(tokenizer):
+    cfg = DataConfig(max_seq_len=256, micro_batch_size=2, global_batch_size=2, prefetch=0)
+    eager = take(build_train_loader(cfg, tokenizer, seed=1), 6)
+    ahead = take(build_train_loader(DataConfig(**{**vars(cfg), "prefetch": 4}), tokenizer, seed=1), 6)
+    assert same_batches(eager, ahead)
+
+
+def test_ranks_see_disjoint_records_covering_the_epoch(tokenizer, write_jsonl):
+    cfg = DataConfig(train_path=str(write_jsonl(numbered_records(12))), max_seq_len=128, pack=False, prefetch=0)
+    seen = []
+    for rank in range(3):
+        batches = take(build_train_loader(cfg, tokenizer, rank=rank, world_size=3, seed=2), 4)
+        seen.append({tokenizer.decode(b["input_ids"][0][b["doc_ids"][0] == 0].tolist()) for b in batches})
+    assert all(len(s) == 4 for s in seen)
+    assert len(seen[0] | seen[1] | seen[2]) == 12
+
+
+def test_resume_state_must_match_the_run(tokenizer):
+    loader = build_train_loader(DataConfig(max_seq_len=256), tokenizer, seed=0)
+    state = loader.state_dict()
+    for key, value in (("seed", 1), ("world_size", 2), ("num_records", 3)):
+        other = build_train_loader(DataConfig(max_seq_len=256), tokenizer, seed=0)
+        with pytest.raises(ValueError, match=f"checkpoint has {key} = {value}"):
+            other.load_state_dict({**state, key: value})
+
+
+def test_errors_in_the_prefetch_thread_reach_the_trainer(tokenizer, write_jsonl):
+    path = write_jsonl([*numbered_records(3), '{"broken'])
+    cfg = DataConfig(train_path=str(path), max_seq_len=128, shuffle=False, prefetch=2)
+    with pytest.raises(DataError, match=f"{path}:4: invalid JSON"):
+        take(build_train_loader(cfg, tokenizer, seed=0), 10)
+
+
+def test_skip_policy_through_the_loader(tokenizer, write_jsonl):
+    path = write_jsonl([*numbered_records(4), '{"broken', {"messages": []}])
+    loader = build_train_loader(DataConfig(train_path=str(path), max_seq_len=128, pack=False, on_error="skip"),
+                                tokenizer, seed=0)
+    take(loader, 8)
+    assert loader.stats.skipped_invalid >= 2 and loader.stats.documents >= 8
+    only_bad = write_jsonl(['{"broken', {"messages": []}], "bad.jsonl")
+    loader = build_train_loader(DataConfig(train_path=str(only_bad), on_error="skip", prefetch=0), tokenizer, seed=0)
+    with pytest.raises(DataError, match="a whole epoch without a usable record"):
+        take(loader, 1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_validation_pass_equal_lengths_and_full_coverage(tokenizer, world_size):
+    cfg = DataConfig(max_seq_len=256, micro_batch_size=2)
+    whole = build_val_loader(cfg, tokenizer)
+    total = sum(b["num_target_tokens"] for b in whole)
+    loaders = [build_val_loader(cfg, tokenizer, rank=r, world_size=world_size) for r in range(world_size)]
+    assert len({len(loader) for loader in loaders}) == 1
+    assert sum(b["num_target_tokens"] for loader in loaders for b in loader) == total
+    assert all(b["input_ids"].shape == (2, 256) for b in loaders[-1])
+
+
+def test_no_validation_for_user_data_without_val_path(tokenizer, write_jsonl):
+    cfg = DataConfig(train_path=str(write_jsonl(numbered_records(2))))
+    assert build_val_loader(cfg, tokenizer) is None
+
+
+def test_reloading_a_state_mid_stream_rewinds_it(tokenizer):
+    # The trainer's way: next(loader) throughout, load_state_dict on the same object.
+    loader = build_train_loader(DataConfig(max_seq_len=256, prefetch=2), tokenizer, seed=3)
+    next(loader)
+    state = loader.state_dict()
+    expected = [next(loader) for _ in range(4)]
+    next(loader)
+    loader.load_state_dict(state)
+    assert same_batches([next(loader) for _ in range(4)], expected)
+    loader.close()
+    assert not any(t.name == "data-prefetch" for t in threading.enumerate()), "close() stops the thread"
