@@ -55,6 +55,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 1
     val_every: int = 0  # validation loss every N steps on data.val_path (0 = never)
+    max_bad_steps: int = 5  # steps with non-finite loss/gradients skipped before the run stops
+    memory_check: bool = True  # refuse to start when the memory plan exceeds the GPU's memory
     resume: str = "auto"  # auto | none | PATH
     progress: bool = True
 

@@ -43,11 +43,12 @@ def gather_trained_weights(path: Path, ep: int) -> dict[str, torch.Tensor]:
 
 def load_trained_model(path: Path, dtype: torch.dtype):
     """Rebuild the model of a checkpoint on CPU with its trained weights."""
-    from .trainer import Runtime, build_model
+    from .build import Runtime, build_model
+    from .parallel import Mesh
 
     meta = json.loads((path / "meta.json").read_text())
     cfg = build_config(meta["config"])
-    rt = Runtime(rank=0, world_size=1, device=torch.device("cpu"), param_dtype=dtype, compute_dtype=dtype)
+    rt = Runtime(Mesh.single("cpu"), param_dtype=dtype, compute_dtype=dtype)
     model = build_model(cfg, rt)
     trained = gather_trained_weights(path, cfg.parallel.ep)
     params = dict(model.named_parameters())

@@ -90,3 +90,38 @@ def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targe
     acts = tokens * activation_bytes_per_token(cfg, seq_len, eager_attention, checkpointing, train_bytes)
     loss = 2 * min(ce_chunk, tokens) * cfg.vocab_size * 4 + tokens * cfg.hidden_size * 4
     return MemoryPlan(weights, grads, optim, acts, loss)
+
+
+def arch_of_run(cfg) -> GptOssConfig:
+    """The architecture a TrainConfig will build, read without loading any weight."""
+    from pathlib import Path
+
+    if not cfg.model.path:
+        return GptOssConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+    path = Path(cfg.model.path)
+    if path.is_dir():
+        return GptOssConfig.from_hf_dir(path)
+    from huggingface_hub import hf_hub_download
+
+    return GptOssConfig.from_hf_dir(hf_hub_download(cfg.model.path, "config.json"))
+
+
+def plan_for_run(cfg, arch: GptOssConfig, device_type: str) -> MemoryPlan:
+    lora = cfg.peft.method == "lora"
+    eager = cfg.model.attn_backend == "eager" or (cfg.model.attn_backend == "auto" and device_type != "cuda")
+    return plan_memory(arch, ep=cfg.parallel.ep, lora_rank=cfg.peft.rank if lora else None,
+                       lora_targets=list(cfg.peft.target_modules), shared_expert_adapters=cfg.peft.share_expert_adapters,
+                       seq_len=cfg.data.max_seq_len, micro_batch=cfg.data.micro_batch_size, eager_attention=eager,
+                       checkpointing=bool(cfg.model.activation_checkpointing), ce_chunk=cfg.model.ce_chunk_size,
+                       train_bytes=4 if cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device_type != "cuda")
+                       else 2)
+
+
+def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:
+    """Refuse a run whose plan exceeds 95% of the GPU's memory, with what to change."""
+    if capacity is None or not enabled or plan.total <= 0.95 * capacity:
+        return
+    raise MemoryError(
+        f"memory plan {plan.total / GiB:.1f} GiB per GPU exceeds this GPU's {capacity / GiB:.1f} GiB:\n{plan.format()}\n"
+        "to fit: model.activation_checkpointing=true, a smaller data.micro_batch_size or data.max_seq_len, "
+        "a larger parallel.ep (more GPUs), or peft.method=lora; trainer.memory_check=false starts anyway")

@@ -38,17 +38,17 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def expert_load(model) -> dict[str, list[float]]:
-    """Per layer: max and mean tokens per local expert in the last forward (1.0 = perfectly balanced)."""
-    maxes, imbalance = [], []
-    for block in model.moe_blocks():
-        c = block.last_expert_counts
-        if c is None:
-            continue
-        c = c.float()
-        maxes.append(float(c.max()))
-        imbalance.append(float(c.max() / c.mean().clamp(min=1e-9)))
-    return {"expert_max_tokens": maxes, "expert_max_over_mean": imbalance}
+def expert_load(model, mesh) -> dict[str, list[float]]:
+    """Per layer, over the whole global batch's last micro-batch: the most tokens any expert got, and
+    that over the mean (1.0 = perfectly balanced)."""
+    from .moe.alltoall import global_expert_load
+
+    if model.moe_blocks()[0].last_expert_counts is None:
+        return {}
+    load = global_expert_load(model, mesh).float()  # [layers, experts]
+    top = load.max(dim=1).values
+    return {"expert_max_tokens": top.tolist(),
+            "expert_max_over_mean": (top / load.mean(dim=1).clamp(min=1e-9)).tolist()}
 
 
 def peak_memory_gb(device: torch.device) -> float | None:

@@ -61,14 +61,25 @@ register_recipes()
 @hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
     setup_logging()
+    from engine.checkpoint.errors import CheckpointError, CheckpointExistsError
+    from engine.data.dataset import DataError
+    from engine.data.records import RecordError
+    from engine.data.tokenizer import TokenizerError
+    from engine.parallel.mesh import LayoutError
+
+    # Errors a user causes (config, layout, data, checkpoint, memory plan) end with our message and
+    # exit code 2 on every rank; anything else is a bug and keeps its full traceback.
+    user_errors = (ConfigError, LayoutError, DataError, RecordError, TokenizerError, CheckpointError,
+                   CheckpointExistsError, FileNotFoundError, MemoryError)
     try:
         cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from engine.trainer import run
+        from engine.trainer import run
 
-    run(cfg)
+        run(cfg)
+    except user_errors as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"error (rank {rank}): {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

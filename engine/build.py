@@ -1,0 +1,146 @@
+"""Building what a run needs from its config: the process mesh, the model (with its expert slice,
+weights and LoRA) and the data loaders. The trainer wires these together."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
+from .parallel import Mesh
+from .peft.config import LoraConfig
+from .synthetic import SyntheticLoader
+
+log = logging.getLogger("engine")
+
+
+@dataclass
+class Runtime:
+    mesh: Mesh
+    param_dtype: torch.dtype  # dtype of the stored (frozen or master) weights
+    compute_dtype: torch.dtype  # dtype of the matmuls (autocast on GPU)
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.mesh.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.mesh.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.mesh.is_main
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.mesh.distributed:
+            torch.distributed.barrier()
+
+
+def setup_runtime(cfg: TrainConfig, arch: GptOssConfig) -> Runtime:
+    """Process group and layout checks (on every rank, before any collective), device and dtypes."""
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    mesh = Mesh.from_env(ep=cfg.parallel.ep, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                         num_experts=arch.num_local_experts, timeout_s=cfg.parallel.timeout_s,
+                         device=cfg.trainer.device)
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if mesh.device.type == "cuda" else "float32"
+    compute = getattr(torch, dtype)
+    # Full training keeps fp32 master weights and computes in bf16 under autocast; LoRA keeps the
+    # frozen base in the compute dtype (its adapters in fp32, see build_model).
+    param = torch.float32 if cfg.peft.method == "none" else compute
+    return Runtime(mesh, param, compute)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, rt: Runtime) -> GptOssForCausalLM:
+    """This rank's model: dense weights and its slice of the experts, loaded or randomly initialised
+    (the same seed on every rank gives every rank the rows of the one-rank model), LoRA applied."""
+    opts = ModelOptions(experts_backend=cfg.model.experts_backend, attn_backend=cfg.model.attn_backend,
+                        ce_chunk_size=cfg.model.ce_chunk_size, ep_size=rt.mesh.ep, ep_rank=rt.mesh.ep_rank)
+    if cfg.model.path:
+        from .checkpoint.hf import load_hf
+
+        model = load_hf(cfg.model.path, dtype=rt.param_dtype, device=rt.device, options=opts,
+                        progress=rt.is_main)
+    else:
+        arch = GptOssConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+        with torch.device("meta"):
+            model = GptOssForCausalLM(arch, opts)
+        model.to_empty(device=rt.device)
+        model.init_weights(seed=cfg.trainer.seed)
+        model.to(rt.param_dtype)
+    if cfg.model.activation_checkpointing:
+        model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+    if rt.mesh.ep > 1:
+        from .moe.alltoall import apply_expert_parallel
+
+        apply_expert_parallel(model, rt.mesh)
+    if cfg.peft.method == "lora":
+        from .peft import apply_lora, format_report
+
+        lora_cfg = LoraConfig(**{f.name: getattr(cfg.peft, f.name) for f in dataclasses.fields(LoraConfig)})
+        report = apply_lora(model, lora_cfg, seed=cfg.trainer.seed)
+        # Adapters are tiny: keep them (and so AdamW's state) in fp32; autocast computes in bf16.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if rt.is_main:
+            log.info("LoRA adapters:\n%s", format_report(report))
+    return model
+
+
+def resolve_tokenizer_path(cfg: TrainConfig) -> str | None:
+    """data.tokenizer if set; else the model checkpoint's tokenizer.json; else the shipped one (None)."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    if cfg.model.path:
+        from .checkpoint.hub import resolve_checkpoint
+
+        local = resolve_checkpoint(cfg.model.path)
+        if (local / "tokenizer.json").is_file():
+            return str(local)
+    return None
+
+
+def build_loaders(cfg: TrainConfig, model: GptOssForCausalLM, rt: Runtime):
+    """(train loader, validation loader or None) for this rank."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return SyntheticLoader(model.config.vocab_size, d.max_seq_len, d.micro_batch_size, cfg.trainer.seed,
+                               rt.rank, rt.world_size), None
+    from .data import build_train_loader, build_val_loader, load_tokenizer
+
+    tok = load_tokenizer(resolve_tokenizer_path(cfg))
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size}; use the model's own tokenizer (data.tokenizer=...)")
+    train = build_train_loader(d, tok, rank=rt.rank, world_size=rt.world_size, seed=cfg.trainer.seed)
+    val = build_val_loader(d, tok, rank=rt.rank, world_size=rt.world_size) if cfg.trainer.val_every else None
+    return train, val
+
+
+__all__ = ["Runtime", "setup_runtime", "seed_everything", "build_model", "build_loaders"]
