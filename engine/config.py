@@ -45,6 +45,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    shard_state: bool = False  # ZeRO-1: split AdamW state of replicated weights across their ranks
 
 
 @dataclass
@@ -58,7 +59,8 @@ class TrainerConfig:
     max_bad_steps: int = 5  # steps with non-finite loss/gradients skipped before the run stops
     memory_check: bool = True  # refuse to start when the memory plan exceeds the GPU's memory
     resume: str = "auto"  # auto | none | PATH
-    progress: bool = True
+    progress: bool = True  # a progress bar on rank 0 when the output is a terminal (else log lines)
+    tensorboard: bool = False  # also write the metrics to OUTPUT/tensorboard
 
 
 @dataclass

@@ -73,7 +73,8 @@ def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention:
 
 def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targets: list[str] | None = None,
                 shared_expert_adapters: bool = False, seq_len: int, micro_batch: int, eager_attention: bool,
-                checkpointing: bool, ce_chunk: int = 512, train_bytes: int = 2) -> MemoryPlan:
+                checkpointing: bool, ce_chunk: int = 512, train_bytes: int = 2, world_size: int | None = None,
+                shard_state: bool = False) -> MemoryPlan:
     counts = cfg.param_counts()
     dense = counts["total"] - counts["experts"]
     local = dense + counts["experts"] // ep
@@ -85,7 +86,11 @@ def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targe
     else:
         weights = local * 4  # fp32 master weights, bf16 compute under autocast
         grads = local * 4
-        optim = local * 8
+        world = world_size or ep
+        if shard_state:  # dense state split over all ranks, expert state over the expert-DP group
+            optim = dense * 8 / world + counts["experts"] // ep * 8 / max(1, world // ep)
+        else:
+            optim = local * 8
     tokens = seq_len * micro_batch
     acts = tokens * activation_bytes_per_token(cfg, seq_len, eager_attention, checkpointing, train_bytes)
     loss = 2 * min(ce_chunk, tokens) * cfg.vocab_size * 4 + tokens * cfg.hidden_size * 4
@@ -106,7 +111,7 @@ def arch_of_run(cfg) -> GptOssConfig:
     return GptOssConfig.from_hf_dir(hf_hub_download(cfg.model.path, "config.json"))
 
 
-def plan_for_run(cfg, arch: GptOssConfig, device_type: str) -> MemoryPlan:
+def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> MemoryPlan:
     lora = cfg.peft.method == "lora"
     eager = cfg.model.attn_backend == "eager" or (cfg.model.attn_backend == "auto" and device_type != "cuda")
     return plan_memory(arch, ep=cfg.parallel.ep, lora_rank=cfg.peft.rank if lora else None,
@@ -114,7 +119,7 @@ def plan_for_run(cfg, arch: GptOssConfig, device_type: str) -> MemoryPlan:
                        seq_len=cfg.data.max_seq_len, micro_batch=cfg.data.micro_batch_size, eager_attention=eager,
                        checkpointing=bool(cfg.model.activation_checkpointing), ce_chunk=cfg.model.ce_chunk_size,
                        train_bytes=4 if cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device_type != "cuda")
-                       else 2)
+                       else 2, world_size=world_size, shard_state=cfg.optim.shard_state)
 
 
 def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:

@@ -58,15 +58,30 @@ def peak_memory_gb(device: torch.device) -> float | None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to output_dir/metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per logged step to output_dir/metrics.jsonl (rank 0 only), and the
+    scalars to TensorBoard (output_dir/tensorboard) when asked for."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard; "
+                                  "metrics.jsonl is written either way") from e
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()

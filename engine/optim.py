@@ -1,7 +1,13 @@
 """Optimizer and learning-rate schedule.
 
-AdamW with fp32 state; fused on CUDA, apex FusedAdam when importable and asked for. Biases,
-norms, sinks and embeddings get no weight decay (decaying them hurts and buys nothing).
+AdamW with fp32 state, fused on CUDA. Biases, norms, sinks and embeddings get no weight decay
+(decaying them hurts and buys nothing).
+
+`ShardedAdamW` (optim.shard_state=true) is ZeRO stage 1: every replicated weight's AdamW state
+lives on one rank only. Gradients are already summed everywhere (engine.parallel.sync_gradients),
+so each rank updates the weights it owns and broadcasts them to the others: same update, 1/N of
+the dense optimizer memory. Expert weights are replicated only across their expert-data-parallel
+group, so they are sharded over that group.
 """
 
 from __future__ import annotations
@@ -18,23 +24,97 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
             or "norm" in name or "embed_tokens" in name)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, keep=lambda name: True) -> list[dict]:
+    """[decay group, no-decay group] of the trainable weights that `keep(name)` selects; both groups
+    always exist (possibly empty) so every rank's optimizer and schedule have the same shape."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and keep(name):
             (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if not groups:
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _adamw(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda or None)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, mesh=None) -> torch.optim.Optimizer:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters: check peft.method / peft.target_modules")
-    return groups
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
     on_cuda = next(model.parameters()).is_cuda
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    return torch.optim.AdamW(groups, fused=on_cuda or None, **kwargs)
+    if cfg.shard_state and mesh is not None and mesh.distributed:
+        return ShardedAdamW(model, cfg, mesh, on_cuda)
+    return _adamw(param_groups(model, cfg.weight_decay), cfg, on_cuda)
+
+
+def _owners(params: list[tuple[str, torch.Tensor]], n: int) -> dict[str, int]:
+    """Deterministic size-balanced assignment of weights to n owners (largest first)."""
+    load = [0] * n
+    owner = {}
+    for name, p in sorted(params, key=lambda item: (-item[1].numel(), item[0])):
+        r = min(range(n), key=lambda i: (load[i], i))
+        owner[name] = r
+        load[r] += p.numel()
+    return owner
+
+
+class ShardedAdamW(torch.optim.Optimizer):
+    """AdamW whose state is split across the ranks that hold copies of the same weights."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, mesh, on_cuda: bool):
+        import torch.distributed as dist
+
+        from .parallel import is_expert_param
+
+        self._dist = dist
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        dense = [(n, p) for n, p in named if not is_expert_param(n)]
+        expert = [(n, p) for n, p in named if is_expert_param(n)]
+        # (weight, owner's rank within its group, that group, the owner's global rank)
+        self._plan: list[tuple[torch.Tensor, int, object, int]] = []
+        mine: set[str] = set()
+        for params, size, my_index, group, to_global in (
+            (dense, mesh.world_size, mesh.rank, mesh.dp_group, lambda i: i),
+            (expert, mesh.edp_size, mesh.edp_rank, mesh.edp_group, lambda i: i * mesh.ep + mesh.ep_rank),
+        ):
+            owner = _owners(params, size)
+            for n, p in params:
+                self._plan.append((p, owner[n], group, to_global(owner[n])))
+                if owner[n] == my_index:
+                    mine.add(n)
+        self.inner = _adamw(param_groups(model, cfg.weight_decay, keep=lambda n: n in mine), cfg, on_cuda)
+        # Share the inner optimizer's groups and state, so schedulers and checkpoints see them.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+        self.defaults = self.inner.defaults
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.inner.step()
+        # Owners send their updated weights, bucketed per (group, owner) to keep collectives few.
+        buckets: dict[tuple[int, int], list[torch.Tensor]] = {}
+        groups = {}
+        for p, _, group, src in self._plan:
+            if group is None:  # a group of one rank: nothing to share
+                continue
+            buckets.setdefault((id(group), src), []).append(p)
+            groups[id(group)] = group
+        for (gid, src), params in buckets.items():
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            self._dist.broadcast(flat, src=src, group=groups[gid])
+            for p, part in zip(params, flat.split([p.numel() for p in params])):
+                p.copy_(part.view_as(p))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, *_ in self._plan:
+            p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.inner.load_state_dict(state_dict)
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -108,14 +109,14 @@ def run(cfg: TrainConfig) -> dict:
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
-    plan = plan_for_run(cfg, arch, rt.device.type)
+    plan = plan_for_run(cfg, arch, rt.device.type, rt.world_size)
     log.info("memory plan per %s (estimate):\n%s", "GPU" if rt.device.type == "cuda" else "process", plan.format())
     capacity = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else None
     check_fits(plan, capacity, cfg.trainer.memory_check)
 
     model = build_model(cfg, rt)
     model.train()
-    opt = build_optimizer(model, cfg.optim)
+    opt = build_optimizer(model, cfg.optim, rt.mesh)
     sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
     loader, val_loader = build_loaders(cfg, model, rt)
     try:
@@ -132,7 +133,7 @@ def run(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         start_step, bad_steps = _resume(resume_from, rt, model, opt, sched, loader)
 
-    writer = MetricsWriter(out, rt.is_main)
+    writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard)
     peak = peak_flops(rt.device)
     lora_params = n_trainable if cfg.peft.method == "lora" else 0
     fpt = flops_per_token(model.config, cfg.data.max_seq_len, lora_params)
@@ -226,8 +227,21 @@ def _export(cfg: TrainConfig, rt: Runtime, out: Path, model, final: Path) -> Pat
 
 
 def _progress(cfg: TrainConfig, rt: Runtime, start_step: int):
+    """Rank 0: a tqdm bar (loss, tokens/s, ETA) on a terminal; log lines every log_every otherwise."""
     total = cfg.trainer.max_steps
     t_start = time.perf_counter()
+    if rt.is_main and cfg.trainer.progress and sys.stdout.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+
+        def update(record: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            if record["step"] == total:
+                bar.close()
+
+        return update
 
     def show(record: dict) -> None:
         step = record["step"]

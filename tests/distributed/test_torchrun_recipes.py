@@ -20,13 +20,13 @@ SYNTH = ["data.source=synthetic", "data.max_seq_len=32", "data.global_batch_size
          "trainer.max_steps=6", "trainer.log_every=1", "trainer.val_every=0", "parallel.timeout_s=120"]
 
 
-def _run(out, nproc, *overrides):
+def _run(out, nproc, *overrides, ep=None):
     script = str(REPO / "engine" / "train.py")
     if nproc == 1:
         cmd = [sys.executable, script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    cmd += [*overrides, f"trainer.output_dir={out}", f"parallel.ep={nproc}"]
+    cmd += [*overrides, f"trainer.output_dir={out}", f"parallel.ep={ep or nproc}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -72,3 +72,21 @@ def test_bad_layout_fails_fast_on_every_rank(tmp_path):
     assert proc.returncode != 0
     for rank in range(4):
         assert f"error (rank {rank}): LayoutError: parallel.ep=3 does not divide the world size 4" in proc.stderr
+
+
+def test_sharded_optimizer_state_gives_the_same_run(tmp_path):
+    # EP=2 x expert-DP=2 on 4 ranks: dense AdamW state split over 4 ranks, expert state over 2.
+    common = ["recipe=tiny_sft", *SYNTH, "checkpoint.every=3"]
+    plain = _run(tmp_path / "plain", 4, *common, ep=2)
+    sharded = _run(tmp_path / "sharded", 4, *common, "optim.shard_state=true", ep=2)
+    assert [r["loss"] for r in sharded] == [r["loss"] for r in plain]
+    a = gather_trained_weights(tmp_path / "plain" / "checkpoints" / "step_0000006", 2)
+    b = gather_trained_weights(tmp_path / "sharded" / "checkpoints" / "step_0000006", 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Each rank's checkpoint holds only its share of the optimizer state.
+    states = [torch.load(tmp_path / "sharded" / "checkpoints" / "step_0000006" / f"rank{r:05d}.pt",
+                         weights_only=False)["optimizer"]["state"] for r in range(4)]
+    full = torch.load(tmp_path / "plain" / "checkpoints" / "step_0000006" / "rank00000.pt",
+                      weights_only=False)["optimizer"]["state"]
+    assert sum(len(s) for s in states) < 2 * len(full)
+    assert all(0 < len(s) < len(full) for s in states)
