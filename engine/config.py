@@ -46,6 +46,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     shard_state: bool = False  # ZeRO-1: split AdamW state of replicated weights across their ranks
+    impl: str = "auto"  # auto (apex FusedAdam when importable on CUDA, else torch) | torch | apex
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TrainConfig:
             ("model.experts_backend", self.model.experts_backend, ("auto", "loop", "grouped_mm", "triton")),
             ("model.attn_backend", self.model.attn_backend, ("auto", "eager", "flex")),
             ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
+            ("optim.impl", self.optim.impl, ("auto", "torch", "apex")),
             ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")),
             ("peft.method", self.peft.method, ("none", "lora")),
             ("data.source", self.data.source, ("jsonl", "synthetic")),

@@ -99,16 +99,12 @@ def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targe
 
 def arch_of_run(cfg) -> GptOssConfig:
     """The architecture a TrainConfig will build, read without loading any weight."""
-    from pathlib import Path
-
     if not cfg.model.path:
         return GptOssConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
-    path = Path(cfg.model.path)
-    if path.is_dir():
-        return GptOssConfig.from_hf_dir(path)
-    from huggingface_hub import hf_hub_download
+    from .checkpoint.hub import resolve_checkpoint
 
-    return GptOssConfig.from_hf_dir(hf_hub_download(cfg.model.path, "config.json"))
+    # A hub id is downloaded (or found in the cache) here; loading the weights then reuses it.
+    return GptOssConfig.from_hf_dir(resolve_checkpoint(cfg.model.path))
 
 
 def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> MemoryPlan:

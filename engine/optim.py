@@ -34,7 +34,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float, keep=lambda name: 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _adamw(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.AdamW:
+def _adamw(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
+    """optim.impl: torch (AdamW, fused kernel on CUDA), apex (FusedAdam), auto (apex when it is
+    importable on CUDA, else torch)."""
+    if cfg.impl in ("apex", "auto") and on_cuda:
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            if cfg.impl == "apex":
+                raise ImportError("optim.impl=apex but apex is not importable; install NVIDIA apex with its CUDA "
+                                  "extensions or use optim.impl=torch (fused AdamW)") from None
+        else:
+            return FusedAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adam_w_mode=True)
+    if cfg.impl == "apex" and not on_cuda:
+        raise ValueError("optim.impl=apex needs CUDA; on CPU use optim.impl=torch or auto")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda or None)
 
 

@@ -44,14 +44,23 @@ def register_recipes() -> list[str]:
     return names
 
 
-def setup_logging() -> None:
+def setup_logging(output_dir: str | None = None) -> None:
+    """Rank 0 logs to the console; every rank also logs everything to OUTPUT/logs/rank{r}.log, and
+    the other ranks put only warnings and errors on the console."""
     rank = int(os.environ.get("RANK", "0"))
-    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S"))
+    fmt = logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers: list[logging.Handler] = [console]
+    if output_dir:
+        logs = Path(output_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logs / f"rank{rank}.log"))
     root = logging.getLogger("engine")
-    root.handlers[:] = [handler]
-    # Rank 0 speaks; the other ranks report only warnings and errors.
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for h in handlers:
+        h.setFormatter(fmt)
+    root.handlers[:] = handlers
+    root.setLevel(logging.INFO)
     root.propagate = False
 
 
@@ -73,6 +82,7 @@ def main(dcfg: DictConfig) -> None:
                    CheckpointExistsError, FileNotFoundError, MemoryError)
     try:
         cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
+        setup_logging(cfg.trainer.output_dir)
         from engine.trainer import run
 
         run(cfg)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.comm import all_to_all
-from .dispatch import Permutation, combine, permute
+from .dispatch import Permutation, combine, permute, uses_kernels
 
 
 @dataclass
@@ -116,7 +116,8 @@ class AllToAllDispatcher:
         }
         # phase: combine
         w = weights.reshape(-1)[plan.perm.order]  # [N*k]
-        return combine(back, w, plan.perm.token_of_row, x.shape[0]), plan.local_counts
+        return (combine(back, w, plan.perm.token_of_row, x.shape[0], uses_kernels(experts, x.device)),
+                plan.local_counts)
 
 
 def apply_expert_parallel(model, mesh) -> int:

@@ -32,8 +32,23 @@ def permute(indices: torch.Tensor, num_experts: int) -> Permutation:
     return Permutation(order=order, token_of_row=order // indices.shape[1], counts=counts)
 
 
-def combine(y_rows: torch.Tensor, weights_rows: torch.Tensor, token_of_row: torch.Tensor, num_tokens: int):
-    """out[t] = sum over rows r of token t of weights_rows[r] * y_rows[r]; accumulated in fp32."""
+def uses_kernels(experts, device: torch.device) -> bool:
+    """Whether this experts module runs the Triton backend (then the combine does too)."""
+    from .experts import resolve_experts_backend
+
+    return resolve_experts_backend(experts.backend, device) == "triton"
+
+
+def combine(y_rows: torch.Tensor, weights_rows: torch.Tensor, token_of_row: torch.Tensor, num_tokens: int,
+            use_kernel: bool = False):
+    """out[t] = sum over rows r of token t of weights_rows[r] * y_rows[r]; accumulated in fp32.
+
+    `use_kernel`: the Triton scatter-combine (each token sums its own rows in a fixed order:
+    deterministic, unlike index_add_'s atomics on GPUs, which bit-exact resume needs)."""
+    if use_kernel:
+        from kernels.scatter_combine import scatter_combine
+
+        return scatter_combine(y_rows, token_of_row, weights_rows, num_tokens)
     out = torch.zeros(num_tokens, y_rows.shape[-1], dtype=torch.float32, device=y_rows.device)
     out.index_add_(0, token_of_row, y_rows.float() * weights_rows[:, None].float())
     return out.to(y_rows.dtype)
@@ -47,4 +62,4 @@ class LocalDispatcher:
         perm = permute(indices, experts.num_experts)
         y = experts(x, perm.counts, gather_idx=perm.token_of_row)  # [N*k, H] in grouped order
         w = weights.reshape(-1)[perm.order]  # [N*k]
-        return combine(y, w, perm.token_of_row, x.shape[0]), perm.counts
+        return combine(y, w, perm.token_of_row, x.shape[0], uses_kernels(experts, x.device)), perm.counts

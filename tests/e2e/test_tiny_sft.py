@@ -49,3 +49,17 @@ def test_unknown_recipe_is_refused(tmp_path):
     proc = _train("recipe=no_such_recipe", f"trainer.output_dir={tmp_path}", check=False)
     assert proc.returncode != 0
     assert "no_such_recipe" in proc.stderr and "tiny_sft" in proc.stderr
+
+
+def test_missing_model_path_fails_fast_naming_it(tmp_path):
+    proc = _train("recipe=tiny_sft", f"trainer.output_dir={tmp_path}", f"model.path={tmp_path}/no_such_model",
+                  check=False)
+    assert proc.returncode == 2
+    assert "no_such_model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_data_file_fails_fast_naming_it(tmp_path):
+    proc = _train("recipe=tiny_sft", f"trainer.output_dir={tmp_path}", f"data.train_path={tmp_path}/chats.jsonl",
+                  check=False)
+    assert proc.returncode == 2
+    assert "data.train_path" in proc.stderr and "chats.jsonl" in proc.stderr
