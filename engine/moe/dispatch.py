@@ -49,9 +49,27 @@ def combine(y_rows: torch.Tensor, weights_rows: torch.Tensor, token_of_row: torc
         from kernels.scatter_combine import scatter_combine
 
         return scatter_combine(y_rows, token_of_row, weights_rows, num_tokens)
-    out = torch.zeros(num_tokens, y_rows.shape[-1], dtype=torch.float32, device=y_rows.device)
-    out.index_add_(0, token_of_row, y_rows.float() * weights_rows[:, None].float())
-    return out.to(y_rows.dtype)
+    return _Combine.apply(y_rows, weights_rows, token_of_row, num_tokens)
+
+
+class _Combine(torch.autograd.Function):
+    """The index_add combine, keeping y in its own dtype for the backward (autograd would keep the
+    fp32 product rows instead: twice the bytes in bf16)."""
+
+    @staticmethod
+    def forward(ctx, y, w, token_of_row, num_tokens):
+        ctx.save_for_backward(y, w, token_of_row)
+        out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
+        out.index_add_(0, token_of_row, y.float() * w[:, None].float())
+        return out.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, w, token_of_row = ctx.saved_tensors
+        g = grad_out[token_of_row].float()  # [rows, H]: each row's token's gradient
+        dy = (g * w[:, None].float()).to(y.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g * y.float()).sum(-1).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dy, dw, None, None
 
 
 class LocalDispatcher:

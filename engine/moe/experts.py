@@ -23,12 +23,37 @@ from torch import nn
 EXPERT_BACKENDS = ("loop", "grouped_mm", "triton")
 
 
-def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """GPT-OSS clamped SwiGLU on interleaved columns: h [M, 2I] -> [M, I]."""
+def _swiglu_math(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     gate, up = h[..., 0::2], h[..., 1::2]
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Keeps only the pre-activation h for the backward and recomputes the rest there: plain autograd
+    would keep four more [M, I] intermediates (clamps, sigmoid, products) per expert row."""
+
+    @staticmethod
+    def forward(ctx, h, alpha, limit):
+        ctx.save_for_backward(h)
+        ctx.alpha, ctx.limit = alpha, limit
+        return _swiglu_math(h, alpha, limit)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (h,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = h.detach().requires_grad_()
+            (dh,) = torch.autograd.grad(_swiglu_math(leaf, ctx.alpha, ctx.limit), leaf, grad_out)
+        return dh, None, None
+
+
+def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS clamped SwiGLU on interleaved columns: h [M, 2I] -> [M, I]."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _SwiGLU.apply(h, alpha, limit)
+    return _swiglu_math(h, alpha, limit)
 
 
 def _row_bias(bias: torch.Tensor | None, counts: torch.Tensor, rows: int) -> torch.Tensor | int:

@@ -89,7 +89,9 @@ def eager_attention(q, k, v, sinks, mask, scale):
     scores = scores.masked_fill(~mask, float("-inf"))
     sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
     logits = torch.cat([scores, sink], dim=-1)
-    logits = logits - logits.amax(dim=-1, keepdim=True)
+    # Subtracting the row max changes no softmax value, so no gradient flows through it; detached,
+    # autograd does not keep the [T, T+1] logits a second time for amax's backward.
+    logits = logits - logits.detach().amax(dim=-1, keepdim=True)
     probs = torch.softmax(logits, dim=-1)[..., :-1]  # the sink column has no value row
     return torch.matmul(probs.to(v.dtype), v)
 

@@ -1,0 +1,118 @@
+"""GPT-OSS attention layers (GQA with sinks): the eager and flex backends, time and peak memory.
+
+    python benchmarks/bench_attention.py          # GPU: GPT-OSS-20B attention (64 q heads, 8 kv heads,
+                                                  # head 64), 1 x 4096 tokens, bf16
+    python benchmarks/bench_attention.py --cpu    # a small config, 1 x 128 tokens, fp32, seconds
+
+The whole attention layer (q/k/v/o projections with biases, YaRN rotary, attention with the learned
+sinks), for a sliding-window layer (128 keys) and a full causal layer, forward and forward+backward
+(gradients for the input and every weight). `eager` materialises the [T, T] scores; `flex` is
+FlexAttention with block masks, compiled on GPU by the model itself. Peak memory is
+torch.cuda.max_memory_allocated during one call, and the part of it above what was allocated
+before (weights and input). On CPU PyTorch has no FlexAttention backward, so flex runs its
+forward only, under no_grad, and CPU has no allocator statistics (memory columns empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+import common
+from engine.models.gpt_oss import GptOssConfig
+from engine.models.gpt_oss.attention import AttentionContext, GptOssAttention
+from engine.models.gpt_oss.rope import cos_sin
+
+FULL = dict(seq=4096, arch=dict(), dtype=torch.bfloat16, warmup=3, iters=10)
+SMALL = dict(seq=128, arch=dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                                sliding_window=32), dtype=torch.float32, warmup=1, iters=3)
+LAYERS = {"sliding_attention": 0, "full_attention": 1}  # GPT-OSS alternates, sliding first
+
+
+def build(cfg: GptOssConfig, layer_idx: int, device: torch.device, dtype: torch.dtype) -> GptOssAttention:
+    with torch.device(device):
+        attn = GptOssAttention(cfg, layer_idx).to(dtype)
+    common.random_init_(attn, seed=layer_idx)
+    with torch.no_grad():
+        attn.sinks.normal_(0.0, 1.0)  # sinks of the order of the scores, so they matter
+    return attn.train()
+
+
+def measure_backend(attn, cfg, x, backend: str, shape: dict, device: torch.device) -> dict:
+    cos, sin = cos_sin(cfg, torch.arange(x.shape[1], device=device).expand(x.shape[0], -1))
+    ctx = AttentionContext(cos=cos, sin=sin, doc_ids=None, window=cfg.sliding_window, backend=backend)
+    grad_ok = not (backend == "flex" and device.type == "cpu")
+    inputs = [x, *attn.parameters()]
+    g = torch.randn_like(x)
+
+    def fwd():
+        if grad_ok:
+            return attn(x, ctx)
+        with torch.no_grad():
+            return attn(x, ctx)
+
+    def fwd_bwd():
+        torch.autograd.grad(attn(x, ctx), inputs, g)
+
+    row = {"fwd_with_grad": grad_ok}
+    passes = [("fwd", fwd)] + ([("fwd_bwd", fwd_bwd)] if grad_ok else [])
+    for name, fn in passes:
+        ms, err = common.attempt(lambda: common.time_ms(fn, device, warmup=shape["warmup"], iters=shape["iters"]))
+        row[f"{name}_ms"] = ms
+        if err:
+            row[f"{name}_error"] = err
+            continue
+        mem, err = common.attempt(lambda: common.peak_memory_gib(fn, device))
+        if mem:
+            row[f"{name}_peak_gib"], row[f"{name}_above_start_gib"] = mem["peak_gib"], mem["above_start_gib"]
+        common.free_memory(device)
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = common.parse_args(parser, argv)
+    shape = SMALL if args.cpu else FULL
+    if args.cpu:  # uncompiled flex (CPU) warns that it materialises the scores: known, and said below
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    cfg = GptOssConfig.gpt_oss_20b(num_hidden_layers=2, **shape["arch"])
+    rows = []
+    for layer_type, idx in LAYERS.items():
+        attn = build(cfg, idx, args.device, shape["dtype"])
+        torch.manual_seed(1)
+        x = torch.randn(1, shape["seq"], cfg.hidden_size, device=args.device, dtype=shape["dtype"],
+                        requires_grad=True)
+        for backend in ("eager", "flex"):
+            row = dict(layer=layer_type, backend=backend, **measure_backend(attn, cfg, x, backend, shape, args.device))
+            rows.append(row)
+        eager, flex = rows[-2], rows[-1]
+        same_work = eager["fwd_with_grad"] == flex["fwd_with_grad"]  # a no_grad forward saves nothing
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            flex[f"x_eager_{key[:-3]}"] = common.ratio(eager.get(key), flex.get(key)) if same_work else None
+        del attn, x
+        common.free_memory(args.device)
+    common.print_table(rows, [
+        ("layer", "layer", ""), ("backend", "backend", ""), ("fwd_ms", "fwd ms", ".3f"),
+        ("fwd_bwd_ms", "fwd+bwd ms", ".3f"), ("x_eager_fwd", "x eager fwd", ".2f"),
+        ("x_eager_fwd_bwd", "x eager f+b", ".2f"),
+        ("fwd_peak_gib", "fwd peak GiB", ".2f"), ("fwd_bwd_peak_gib", "f+b peak GiB", ".2f"),
+        ("fwd_bwd_above_start_gib", "f+b above start GiB", ".2f")],
+        title=f"attention layer, 1 x {shape['seq']} tokens, {cfg.num_attention_heads} q heads / "
+              f"{cfg.num_key_value_heads} kv heads x {cfg.head_dim}, window {cfg.sliding_window}, "
+              f"{str(shape['dtype']).replace('torch.', '')}")
+    for r in rows:
+        for key in [k for k in r if k.endswith("_error")]:
+            print(f"{r['layer']} {r['backend']} {key}: {r[key]}")
+    if args.cpu:
+        print("flex on CPU: forward only, under no_grad (PyTorch has no CPU FlexAttention backward)")
+    common.write_json("attention", args, {
+        "shapes": {"batch": 1, "seq": shape["seq"], "hidden": cfg.hidden_size, "q_heads": cfg.num_attention_heads,
+                   "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "window": cfg.sliding_window,
+                   "dtype": str(shape["dtype"])},
+        "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Every benchmark script's --cpu mode runs and writes a sane JSON.
+
+The GPU suite (benchmarks/gpu_suite.sh) runs the same scripts in full mode where CI cannot; this
+keeps their shared code paths, the JSON layout the suite's summary reads, and the CPU memory proxy
+working. The scripts run as subprocesses, all at once: each uses one thread in --cpu mode, so on
+two cores the set takes about as long as its two slowest scripts. Not run: ep_bytes.py (a minute
+of gloo processes) and bench_load_memory.py (writes a 2 GB checkpoint).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+HEADER = ("benchmark", "mode", "device", "torch", "triton", "date")
+
+# script -> (the JSON it writes, dotted paths of figures that must be finite and > 0; "*" = every list item)
+SCRIPTS = {
+    "bench_grouped_gemm.py": ("grouped_gemm_cpu.json", ["results.*.ms"]),
+    "bench_moe_layer.py": ("moe_layer_cpu.json", [
+        "results.*.fwd_ms", "results.*.fwd_bwd_ms", "summary.random.x_hf_eager_fwd_bwd",
+        "summary.random.x_hf_best_fwd_bwd", "summary.skewed.experts_share_fwd_bwd"]),
+    "bench_attention.py": ("attention_cpu.json", ["results.*.fwd_ms", "results.0.fwd_bwd_ms", "results.2.fwd_bwd_ms"]),
+    "bench_memory.py": ("memory_cpu.json", [
+        "results.*.saved_bytes_per_token", "summary.moe.ratio_vs_hf_eager", "summary.moe.ratio_vs_hf_grouped_mm",
+        "summary.attn_full.ratio_vs_hf_eager"]),
+    "bench_train_step.py": ("train_step_cpu.json", [
+        "lora.rows.*.tokens_per_s", "sft.rows.*.tokens_per_s", "lora.rows.*.loss", "lora.x_hf_best",
+        "sft.x_hf_best", "lora.rows.0.trainable_params"]),
+    "bench_data.py": ("data_cpu.json", ["results.encode.tokens_per_s", "results.pack.tokens_per_s",
+                                        "results.pack.packing_efficiency", "results.unpacked.rows_per_s"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{script: (exit code, output)}, with every JSON in the returned folder."""
+    out = tmp_path_factory.mktemp("bench_out")
+    env = {**os.environ, "OUT": str(out)}
+    procs = {s: subprocess.Popen([sys.executable, str(BENCH / s), "--cpu"], cwd=ROOT, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for s in SCRIPTS}
+    results = {s: (p.wait(timeout=300), p.stdout.read()) for s, p in procs.items()}
+    return out, results
+
+
+def _figures(report, path: str):
+    """Values at a dotted path ("*" fans out over a list)."""
+    nodes = [report]
+    for key in path.split("."):
+        if key == "*":
+            nodes = [item for n in nodes for item in n]
+        else:
+            nodes = [n[int(key)] if isinstance(n, list) else n[key] for n in nodes]
+    return nodes
+
+
+def _numbers(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _numbers(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _numbers(v)
+    elif isinstance(node, float):
+        yield node
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_cpu_mode_writes_sane_json(runs, script):
+    out, results = runs
+    code, output = results[script]
+    assert code == 0, f"{script} --cpu failed:\n{output[-3000:]}"
+    name, paths = SCRIPTS[script]
+    report = json.loads((out / name).read_text())
+    assert report["mode"] == "cpu"
+    assert all(report.get(k) for k in HEADER), {k: report.get(k) for k in HEADER}
+    assert all(math.isfinite(x) for x in _numbers(report)), "a NaN or infinity in the JSON"
+    errors = [r for r in _figures(report, "results") if isinstance(r, dict) and "error" in r] if "results" in report \
+        else [r for k in ("lora", "sft") for r in report[k]["rows"] if "error" in r]
+    assert not errors, errors
+    for path in paths:
+        values = _figures(report, path)
+        assert values and all(isinstance(v, (int, float)) and v > 0 for v in values), (path, values)
+
+
+def test_suite_summary_reads_every_json(runs):
+    out, _ = runs
+    sys.path.insert(0, str(BENCH))
+    import common
+
+    rows = common.suite_summary(out, mode="cpu")
+    missing = [r["figure"] for r in rows if r["figure"].startswith("no ")]
+    assert not missing, missing
+    assert {r["benchmark"] for r in rows} == {"grouped_gemm", "moe_layer", "attention", "memory", "train_step", "data"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal a machine without a GPU gives")
+def test_full_mode_refuses_without_gpu():
+    scripts = ["bench_moe_layer.py", "bench_attention.py", "bench_memory.py", "bench_train_step.py"]
+    procs = [subprocess.Popen([sys.executable, str(BENCH / s)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for s in scripts]
+    for script, p in zip(scripts, procs):
+        code, output = p.wait(timeout=120), p.stdout.read()
+        assert code != 0 and "--cpu" in output and "GPU" in output, (script, output[-500:])
