@@ -102,8 +102,7 @@ def build_model(cfg: TrainConfig, rt: Runtime) -> GptOssForCausalLM:
     if cfg.peft.method == "lora":
         from .peft import apply_lora, format_report
 
-        lora_cfg = LoraConfig(**{f.name: getattr(cfg.peft, f.name) for f in dataclasses.fields(LoraConfig)})
-        report = apply_lora(model, lora_cfg, seed=cfg.trainer.seed)
+        report = apply_lora(model, lora_config(cfg), seed=cfg.trainer.seed)
         # Adapters are tiny: keep them (and so AdamW's state) in fp32; autocast computes in bf16.
         for p in model.parameters():
             if p.requires_grad:
@@ -111,6 +110,10 @@ def build_model(cfg: TrainConfig, rt: Runtime) -> GptOssForCausalLM:
         if rt.is_main:
             log.info("LoRA adapters:\n%s", format_report(report))
     return model
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    return LoraConfig(**{f.name: getattr(cfg.peft, f.name) for f in dataclasses.fields(LoraConfig)})
 
 
 def resolve_tokenizer_path(cfg: TrainConfig) -> str | None:

@@ -64,23 +64,45 @@ def load_trained_model(path: Path, dtype: torch.dtype):
     return cfg, model
 
 
+def load_adapters_only(path: Path):
+    """The model of a LoRA checkpoint with only its adapters materialised (the base stays on the meta
+    device): all a PEFT export needs, without reading or holding the base weights."""
+    from .build import lora_config
+    from .memory_plan import arch_of_run
+    from .models.gpt_oss import GptOssForCausalLM
+    from .peft import apply_lora
+
+    cfg = build_config(json.loads((path / "meta.json").read_text())["config"])
+    with torch.device("meta"):
+        model = GptOssForCausalLM(arch_of_run(cfg))
+    apply_lora(model, lora_config(cfg), seed=cfg.trainer.seed)
+    trained = gather_trained_weights(path, cfg.parallel.ep)
+    model.load_state_dict(trained, strict=False, assign=True)
+    still_meta = [n for n, p in model.named_parameters() if "lora" in n and p.is_meta]
+    if still_meta:
+        raise ValueError(f"{path}: the checkpoint lacks the adapters {still_meta[:5]}")
+    return cfg, model
+
+
 def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: str = "bf16",
            attention_only: bool = False, overwrite: bool = False) -> Path:
     path = Path(path)
     if not ckpt.is_complete(path):
         raise FileNotFoundError(f"{path}: not a complete training checkpoint (no meta.json); "
                                 "pass a checkpoints/step_XXXXXXX directory")
-    cfg, model = load_trained_model(path, torch.float32)
-    lora = cfg.peft.method == "lora"
+    lora = build_config(json.loads((path / "meta.json").read_text())["config"]).peft.method == "lora"
     fmt = fmt or ("peft" if lora else "hf")
     if fmt in ("peft", "merged") and not lora:
         raise ValueError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")
-    source = cfg.model.path if cfg.model.path and Path(cfg.model.path).is_dir() else None
     if fmt == "peft":
         from .peft.peft_export import export_peft
 
+        cfg, model = load_adapters_only(path)
         return export_peft(model, out, base_model_name_or_path=cfg.model.path or "random-init",
                            attention_only=attention_only, overwrite=overwrite)
+    # hf / merged need the whole model: rebuilt on the CPU in the export dtype.
+    cfg, model = load_trained_model(path, DTYPES[dtype])
+    source = cfg.model.path if cfg.model.path and Path(cfg.model.path).is_dir() else None
     if fmt == "merged":
         from .peft.peft_export import export_merged
 

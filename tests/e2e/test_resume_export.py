@@ -92,7 +92,16 @@ def test_lora_export_matches_transformers_peft(tmp_path):
     assert not torch.allclose(ours_logits, base_logits, atol=1e-4)  # the adapters did train
     torch.testing.assert_close(ours_logits, hf_logits, rtol=1e-5, atol=1e-5)
 
-    # The export CLI writes the same adapter again, and a merged HF checkpoint.
+    # The export CLI writes the same adapter again (from the adapters alone, the base never loaded),
+    # and a merged HF checkpoint.
+    from safetensors.torch import load_file
+
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "engine.export", str(out / "checkpoints" / "step_0000003"),
+                           "--out", str(again)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first, second = (load_file(d / "adapter_model.safetensors") for d in (out / "adapter", again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     merged = tmp_path / "merged"
     proc = subprocess.run([sys.executable, "-m", "engine.export", str(out / "checkpoints" / "step_0000003"),
                            "--out", str(merged), "--format", "merged", "--dtype", "fp32"],
