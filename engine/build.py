@@ -64,9 +64,10 @@ def setup_runtime(cfg: TrainConfig, arch: GptOssConfig) -> Runtime:
     if dtype == "auto":
         dtype = "bfloat16" if mesh.device.type == "cuda" else "float32"
     compute = getattr(torch, dtype)
-    # Full training keeps fp32 master weights and computes in bf16 under autocast; LoRA keeps the
-    # frozen base in the compute dtype (its adapters in fp32, see build_model).
-    param = torch.float32 if cfg.peft.method == "none" else compute
+    # Full training keeps fp32 weights and computes in bf16 under autocast, or (optim.master_weights)
+    # keeps bf16 weights with fp32 masters in the optimizer; LoRA keeps the frozen base in the compute
+    # dtype (its adapters in fp32, see build_model).
+    param = torch.float32 if cfg.peft.method == "none" and not cfg.optim.master_weights else compute
     return Runtime(mesh, param, compute)
 
 

@@ -46,6 +46,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     shard_state: bool = False  # ZeRO-1: split AdamW state of replicated weights across their ranks
+    master_weights: bool = False  # bf16 weights in the model, fp32 masters in the optimizer (full training)
     impl: str = "auto"  # auto (apex FusedAdam when importable on CUDA, else torch) | torch | apex
 
 

@@ -74,7 +74,7 @@ def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention:
 def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targets: list[str] | None = None,
                 shared_expert_adapters: bool = False, seq_len: int, micro_batch: int, eager_attention: bool,
                 checkpointing: bool, ce_chunk: int = 512, train_bytes: int = 2, world_size: int | None = None,
-                shard_state: bool = False) -> MemoryPlan:
+                shard_state: bool = False, master_weights: bool = False) -> MemoryPlan:
     counts = cfg.param_counts()
     dense = counts["total"] - counts["experts"]
     local = dense + counts["experts"] // ep
@@ -84,13 +84,16 @@ def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targe
         grads = lora * train_bytes
         optim = lora * (8 + (4 if train_bytes != 4 else 0))
     else:
-        weights = local * 4  # fp32 master weights, bf16 compute under autocast
-        grads = local * 4
+        # fp32 weights with bf16 compute under autocast, or bf16 weights with fp32 masters
+        # (4 bytes) beside the two fp32 moments in the optimizer
+        weight_bytes, state_bytes = (train_bytes, 12) if master_weights else (4, 8)
+        weights = local * weight_bytes
+        grads = local * weight_bytes
         world = world_size or ep
         if shard_state:  # dense state split over all ranks, expert state over the expert-DP group
-            optim = dense * 8 / world + counts["experts"] // ep * 8 / max(1, world // ep)
+            optim = (dense / world + counts["experts"] // ep / max(1, world // ep)) * state_bytes
         else:
-            optim = local * 8
+            optim = local * state_bytes
     tokens = seq_len * micro_batch
     acts = tokens * activation_bytes_per_token(cfg, seq_len, eager_attention, checkpointing, train_bytes)
     loss = 2 * min(ce_chunk, tokens) * cfg.vocab_size * 4 + tokens * cfg.hidden_size * 4
@@ -115,7 +118,8 @@ def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> 
                        seq_len=cfg.data.max_seq_len, micro_batch=cfg.data.micro_batch_size, eager_attention=eager,
                        checkpointing=bool(cfg.model.activation_checkpointing), ce_chunk=cfg.model.ce_chunk_size,
                        train_bytes=4 if cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device_type != "cuda")
-                       else 2, world_size=world_size, shard_state=cfg.optim.shard_state)
+                       else 2, world_size=world_size, shard_state=cfg.optim.shard_state,
+                       master_weights=cfg.optim.master_weights)
 
 
 def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:

@@ -51,13 +51,82 @@ def _adamw(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda or None)
 
 
+def _make(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
+    if cfg.master_weights and any(p.dtype != torch.float32 for g in groups for p in g["params"]):
+        return MasterWeightAdamW(groups, cfg, on_cuda)
+    return _adamw(groups, cfg, on_cuda)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, mesh=None) -> torch.optim.Optimizer:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters: check peft.method / peft.target_modules")
     on_cuda = next(model.parameters()).is_cuda
     if cfg.shard_state and mesh is not None and mesh.distributed:
         return ShardedAdamW(model, cfg, mesh, on_cuda)
-    return _adamw(param_groups(model, cfg.weight_decay), cfg, on_cuda)
+    return _make(param_groups(model, cfg.weight_decay), cfg, on_cuda)
+
+
+class _Wrapper(torch.optim.Optimizer):
+    """An optimizer around an inner one, sharing its groups and state so that learning-rate
+    schedulers and checkpoints see them."""
+
+    def _wrap(self, inner: torch.optim.Optimizer) -> None:
+        self.inner = inner
+        self._share()
+        self.defaults = inner.defaults
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    def _share(self) -> None:
+        # load_state_dict gives the inner optimizer NEW group dicts: share them again, or the
+        # scheduler would set the learning rate on groups nobody reads any more.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.inner.load_state_dict(state_dict)
+        self._share()
+
+
+class MasterWeightAdamW(_Wrapper):
+    """AdamW on fp32 master copies of bf16 weights (optim.master_weights=true): the update is computed
+    in fp32 and rounded once into the weight the model computes with, so small updates are not lost
+    to bf16 rounding, while the model itself holds 2 bytes per weight instead of 4."""
+
+    def __init__(self, groups: list[dict], cfg: OptimConfig, on_cuda: bool):
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model weight, its fp32 master)
+        master_groups = []
+        for g in groups:
+            masters = [p.detach().float().clone() for p in g["params"]]
+            self.pairs.extend(zip(g["params"], masters))
+            master_groups.append({**g, "params": masters})
+        self._wrap(_adamw(master_groups, cfg, on_cuda))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, m in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in self.pairs:
+            p.copy_(m)
+            m.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, _ in self.pairs:
+            p.grad = None
+
+    def state_dict(self):
+        # The masters are part of the state: resuming from the bf16 weights alone would lose them.
+        return {"inner": self.inner.state_dict(), "masters": [m.detach().clone() for _, m in self.pairs]}
+
+    def load_state_dict(self, state_dict):
+        self.inner.load_state_dict(state_dict["inner"])
+        self._share()
+        with torch.no_grad():
+            for (_, m), saved in zip(self.pairs, state_dict["masters"]):
+                m.copy_(saved)
 
 
 def _owners(params: list[tuple[str, torch.Tensor]], n: int) -> dict[str, int]:
@@ -71,7 +140,7 @@ def _owners(params: list[tuple[str, torch.Tensor]], n: int) -> dict[str, int]:
     return owner
 
 
-class ShardedAdamW(torch.optim.Optimizer):
+class ShardedAdamW(_Wrapper):
     """AdamW whose state is split across the ranks that hold copies of the same weights."""
 
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, mesh, on_cuda: bool):
@@ -95,12 +164,7 @@ class ShardedAdamW(torch.optim.Optimizer):
                 self._plan.append((p, owner[n], group, to_global(owner[n])))
                 if owner[n] == my_index:
                     mine.add(n)
-        self.inner = _adamw(param_groups(model, cfg.weight_decay, keep=lambda n: n in mine), cfg, on_cuda)
-        # Share the inner optimizer's groups and state, so schedulers and checkpoints see them.
-        self.param_groups = self.inner.param_groups
-        self.state = self.inner.state
-        self.defaults = self.inner.defaults
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._wrap(_make(param_groups(model, cfg.weight_decay, keep=lambda n: n in mine), cfg, on_cuda))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -122,12 +186,6 @@ class ShardedAdamW(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p, *_ in self._plan:
             p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self.inner.load_state_dict(state_dict)
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):

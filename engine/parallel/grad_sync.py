@@ -68,7 +68,9 @@ def _all_reduce_sum(grads: list[torch.Tensor], group, bucket_bytes: int) -> None
 
 
 def _reduce_bucket(bucket: list[torch.Tensor], group) -> None:
-    flat = torch.cat([g.reshape(-1) for g in bucket])
+    # Summed in fp32 even for bf16 gradients (bf16 weights with fp32 masters): a bf16 sum over
+    # dozens of ranks loses the small contributions; the result is rounded once when copied back.
+    flat = torch.cat([g.reshape(-1) for g in bucket]).float()
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
         g.copy_(part.view_as(g))

@@ -62,8 +62,9 @@ def test_expert_parallel_run_matches_one_process(tmp_path, recipe, nproc):
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
 
 
-def test_resume_at_ep2_is_bit_exact(tmp_path):
-    common = ["recipe=tiny_sft", *SYNTH, "checkpoint.every=3", "checkpoint.keep=3"]
+@pytest.mark.parametrize("extra", [[], ["optim.shard_state=true"]])
+def test_resume_at_ep2_is_bit_exact(tmp_path, extra):
+    common = ["recipe=tiny_sft", *SYNTH, "checkpoint.every=3", "checkpoint.keep=3", *extra]
     straight = _run(tmp_path / "a", 2, *common)
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_0000003", tmp_path / "b" / "checkpoints" / "step_0000003")
@@ -81,9 +82,10 @@ def test_bad_layout_fails_fast_on_every_rank(tmp_path):
         assert f"error (rank {rank}): LayoutError: parallel.ep=3 does not divide the world size 4" in proc.stderr
 
 
-def test_sharded_optimizer_state_gives_the_same_run(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.dtype=bfloat16", "optim.master_weights=true"]])
+def test_sharded_optimizer_state_gives_the_same_run(tmp_path, extra):
     # EP=2 x expert-DP=2 on 4 ranks: dense AdamW state split over 4 ranks, expert state over 2.
-    common = ["recipe=tiny_sft", *SYNTH, "checkpoint.every=3"]
+    common = ["recipe=tiny_sft", *SYNTH, "checkpoint.every=3", *extra]
     plain = _run(tmp_path / "plain", 4, *common, ep=2)
     sharded = _run(tmp_path / "sharded", 4, *common, "optim.shard_state=true", ep=2)
     assert [r["loss"] for r in sharded] == [r["loss"] for r in plain]
@@ -91,9 +93,12 @@ def test_sharded_optimizer_state_gives_the_same_run(tmp_path):
     b = gather_trained_weights(tmp_path / "sharded" / "checkpoints" / "step_0000006", 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # Each rank's checkpoint holds only its share of the optimizer state.
-    states = [torch.load(tmp_path / "sharded" / "checkpoints" / "step_0000006" / f"rank{r:05d}.pt",
-                         weights_only=False)["optimizer"]["state"] for r in range(4)]
-    full = torch.load(tmp_path / "plain" / "checkpoints" / "step_0000006" / "rank00000.pt",
-                      weights_only=False)["optimizer"]["state"]
+    def adam_state(run, rank):
+        opt = torch.load(tmp_path / run / "checkpoints" / "step_0000006" / f"rank{rank:05d}.pt",
+                         weights_only=False)["optimizer"]
+        return opt.get("inner", opt)["state"]  # with master weights, AdamW runs inside the master wrapper
+
+    states = [adam_state("sharded", r) for r in range(4)]
+    full = adam_state("plain", 0)
     assert sum(len(s) for s in states) < 2 * len(full)
     assert all(0 < len(s) < len(full) for s in states)

@@ -20,10 +20,13 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("recipe", ["tiny_sft", "tiny_lora"])
-def test_resume_is_bit_exact(tmp_path, recipe):
+@pytest.mark.parametrize("recipe,extra", [
+    ("tiny_sft", []), ("tiny_lora", []),
+    ("tiny_sft", ["model.dtype=bfloat16", "optim.master_weights=true"]),  # bf16 weights, fp32 masters
+])
+def test_resume_is_bit_exact(tmp_path, recipe, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = [f"recipe={recipe}", *FAST, "trainer.max_steps=8", "trainer.log_every=1", "checkpoint.every=4",
+    common = [f"recipe={recipe}", *FAST, *extra, "trainer.max_steps=8", "trainer.log_every=1", "checkpoint.every=4",
               "checkpoint.keep=5"]
     _train(*common, f"trainer.output_dir={straight}")
     # A run stopped after step 4: its output folder holds exactly the step-4 checkpoint.
