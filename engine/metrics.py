@@ -2,7 +2,8 @@
 
 MFU counts model FLOPs per token (gpt-oss docs' formula, no recomputation counted):
   full training: 6 x active matmul params + attention term
-  LoRA:          4 x frozen active params + 6 x LoRA params + attention term
+  LoRA:          4 x frozen active params + 6 x LoRA params a token goes through (attention
+                 adapters and its top-k experts' adapters) + attention term
   attention term per layer: 12 x q_width x keys attended (about T/2 on full layers, min(window, T/2)
   on sliding ones; the 12 = 2 matmuls x (2 fwd + 4 bwd)).
 """
@@ -20,7 +21,20 @@ from .models.gpt_oss.config import GptOssConfig
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
-def flops_per_token(cfg: GptOssConfig, seq_len: int, lora_params: int = 0) -> float:
+def active_lora_params(cfg: GptOssConfig, rank: int, targets: list[str], shared_experts: bool) -> float:
+    """LoRA parameters one token goes through: every attention adapter, and the adapters of its
+    top-k experts only (a shared expert adapter is applied once per routed copy, k times)."""
+    from .memory_plan import lora_param_count
+
+    attention = lora_param_count(cfg, rank, [t for t in targets if t.endswith(("q_proj", "k_proj", "v_proj",
+                                                                                "o_proj"))], 1, shared_experts)
+    experts = lora_param_count(cfg, rank, targets, 1, shared_experts) - attention
+    per_copy = experts if shared_experts else experts / cfg.num_local_experts
+    return attention + cfg.num_experts_per_tok * per_copy
+
+
+def flops_per_token(cfg: GptOssConfig, seq_len: int, lora_params: float = 0) -> float:
+    """`lora_params`: the LoRA parameters a token goes through (`active_lora_params`), 0 for full training."""
     active = cfg.param_counts()["active"]
     attn = 0.0
     for kind in cfg.layer_types:

@@ -30,7 +30,7 @@ from .checkpoint import state as ckpt
 from .config import TrainConfig
 from .models.gpt_oss.config import ConfigError
 from .memory_plan import arch_of_run, check_fits, plan_for_run
-from .metrics import MetricsWriter, expert_load, flops_per_token, peak_flops, peak_memory_gb
+from .metrics import MetricsWriter, active_lora_params, expert_load, flops_per_token, peak_flops, peak_memory_gb
 from .optim import build_optimizer, build_scheduler
 from .parallel import clip_grad_norm, global_token_count, sync_gradients
 
@@ -135,7 +135,8 @@ def run(cfg: TrainConfig) -> dict:
 
     writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard)
     peak = peak_flops(rt.device)
-    lora_params = n_trainable if cfg.peft.method == "lora" else 0
+    lora_params = active_lora_params(model.config, cfg.peft.rank, list(cfg.peft.target_modules),
+                                     cfg.peft.share_expert_adapters) if cfg.peft.method == "lora" else 0
     fpt = flops_per_token(model.config, cfg.data.max_seq_len, lora_params)
     losses: list[float] = []
     progress = _progress(cfg, rt, start_step)
