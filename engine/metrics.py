@@ -1,6 +1,6 @@
 """Step metrics: throughput, MFU, memory, expert load, and the metrics.jsonl writer.
 
-MFU counts model FLOPs per token (gpt-oss docs' formula, no recomputation counted):
+MFU counts model FLOPs per token as follows (no recomputation counted):
   full training: 6 x active matmul params + attention term
   LoRA:          4 x frozen active params + 6 x LoRA params a token goes through (attention
                  adapters and its top-k experts' adapters) + attention term

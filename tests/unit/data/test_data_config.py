@@ -45,7 +45,7 @@ def test_default_paths_are_the_shipped_sample():
 
 
 def test_hydra_structured_config_round_trip():
-    # The lead's Hydra config mirrors DataConfig under `data.`; OmegaConf must accept its types.
+    # The Hydra config mirrors DataConfig under `data.`; OmegaConf must accept its types.
     conf = OmegaConf.merge(OmegaConf.structured(DataConfig), {"max_seq_len": 512, "loss_mask": "last_turn"})
     cfg = OmegaConf.to_object(conf)
     assert isinstance(cfg, DataConfig) and cfg.validate().max_seq_len == 512
