@@ -77,12 +77,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig, rt: Runtime) -> GptOssForCausalLM:
+def build_model(cfg: TrainConfig, rt: Runtime, arch: GptOssConfig | None = None,
+                weights: bool = True) -> GptOssForCausalLM:
     """This rank's model: dense weights and its slice of the experts, loaded or randomly initialised
-    (the same seed on every rank gives every rank the rows of the one-rank model), LoRA applied."""
+    (the same seed on every rank gives every rank the rows of the one-rank model), LoRA applied.
+    `weights=False` (a dry run) builds it all on the meta device from `arch`: shapes, no memory."""
     opts = ModelOptions(experts_backend=cfg.model.experts_backend, attn_backend=cfg.model.attn_backend,
                         ce_chunk_size=cfg.model.ce_chunk_size, ep_size=rt.mesh.ep, ep_rank=rt.mesh.ep_rank)
-    if cfg.model.path:
+    if not weights:
+        with torch.device("meta"):
+            model = GptOssForCausalLM(arch, opts)
+    elif cfg.model.path:
         from .checkpoint.hf import load_hf
 
         model = load_hf(cfg.model.path, dtype=rt.param_dtype, device=rt.device, options=opts,

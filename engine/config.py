@@ -60,6 +60,7 @@ class TrainerConfig:
     val_every: int = 0  # validation loss every N steps on data.val_path (0 = never)
     max_bad_steps: int = 5  # steps with non-finite loss/gradients skipped before the run stops
     memory_check: bool = True  # refuse to start when the memory plan exceeds the GPU's memory
+    dry_run: bool = False  # check layout, shapes, LoRA targets and data, print the plan, train nothing
     resume: str = "auto"  # auto | none | PATH
     progress: bool = True  # a progress bar on rank 0 when the output is a terminal (else log lines)
     tensorboard: bool = False  # also write the metrics to OUTPUT/tensorboard

@@ -114,6 +114,8 @@ def run(cfg: TrainConfig) -> dict:
     capacity = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else None
     check_fits(plan, capacity, cfg.trainer.memory_check)
 
+    if cfg.trainer.dry_run:
+        return _dry_run(cfg, rt, arch)
     model = build_model(cfg, rt)
     model.train()
     opt = build_optimizer(model, cfg.optim, rt.mesh)
@@ -196,6 +198,25 @@ def run(cfg: TrainConfig) -> dict:
              export_dir)
     rt.mesh.destroy()
     return {"losses": losses, "checkpoint": str(final), "export": str(export_dir) if export_dir else None}
+
+
+def _dry_run(cfg: TrainConfig, rt: Runtime, arch) -> dict:
+    """Everything but the weights and the steps: layout, the model's shapes on the meta device, the
+    LoRA report, the batch split, one batch of real data. Minutes of checks before hours of GPUs."""
+    model = build_model(cfg, rt, arch, weights=False)
+    accum = cfg.data.grad_accum_steps(rt.world_size)
+    loader, _ = build_loaders(cfg, model, rt)
+    batch = next(loader)
+    if hasattr(loader, "close"):
+        loader.close()
+    n_target = int(global_token_count(int(batch["num_target_tokens"]), rt.mesh))
+    info = {"params_on_rank": model.num_parameters(), "trainable_on_rank": model.num_parameters(trainable_only=True),
+            "micro_batches_per_rank": accum, "first_batch_shape": list(batch["input_ids"].shape),
+            "first_batch_target_tokens_all_ranks": n_target}
+    log.info("dry run: mesh %s\n  %s\nall checks passed; nothing was trained", rt.mesh,
+             "\n  ".join(f"{k}: {v}" for k, v in info.items()))
+    rt.mesh.destroy()
+    return info
 
 
 def _save(cfg, rt, out, step, model, opt, sched, loader, bad_steps) -> Path:

@@ -102,3 +102,28 @@ def test_sharded_optimizer_state_gives_the_same_run(tmp_path, extra):
     full = adam_state("plain", 0)
     assert sum(len(s) for s in states) < 2 * len(full)
     assert all(0 < len(s) < len(full) for s in states)
+
+
+@pytest.mark.parametrize("recipe,preset,nproc", [("gptoss20b_lora", "gpt_oss_20b", 4),
+                                                  ("gptoss120b_lora", "gpt_oss_120b", 8)])
+def test_real_recipe_dry_run_at_full_scale(tmp_path, recipe, preset, nproc):
+    # The real recipe at its real layout, on the meta device: mesh, 20B/120B shapes, LoRA targets,
+    # the batch split and one batch of data, with a checkpoint folder that has no weights at all.
+    from engine.memory_plan import lora_param_count
+    from engine.models.gpt_oss import GptOssConfig
+
+    arch = getattr(GptOssConfig, preset)()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(arch.to_hf_dict()))
+    shutil.copy(REPO / "engine" / "data" / "assets" / "tokenizer" / "tokenizer.json", model_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "engine" / "train.py"), f"recipe={recipe}", f"model.path={model_dir}", "trainer.dry_run=true",
+           f"trainer.output_dir={tmp_path / 'out'}", "trainer.device=cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "all checks passed" in proc.stdout
+    expected = lora_param_count(arch, 32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+                                nproc, False)
+    assert f"trainable_on_rank: {expected}" in proc.stdout
+    assert not (tmp_path / "out" / "checkpoints").exists()
