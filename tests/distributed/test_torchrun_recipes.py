@@ -33,7 +33,7 @@ def _run(out, nproc, *overrides, ep=None):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("recipe,nproc", [("tiny_sft", 2), ("tiny_sft", 4), ("tiny_lora", 2)])
+@pytest.mark.parametrize("recipe,nproc", [("tiny_sft", 2), ("tiny_sft", 4), ("tiny_lora", 2), ("tiny_lora", 4)])
 def test_expert_parallel_run_matches_one_process(tmp_path, recipe, nproc):
     one = _run(tmp_path / "ep1", 1, f"recipe={recipe}", *SYNTH)
     ep = _run(tmp_path / f"ep{nproc}", nproc, f"recipe={recipe}", *SYNTH)
