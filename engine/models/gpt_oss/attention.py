@@ -97,16 +97,21 @@ def eager_attention(q, k, v, sinks, mask, scale):
 
 
 def flex_attention_with_sinks(q, k, v, sinks, block_mask, scale):
-    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+    from torch.nn.attention import flex_attention as fa
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError(
             "attn_backend='flex' has no backward on CPU in PyTorch; train on CPU with model.attn_backend=eager"
         )
-    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_aux=AuxRequest(lse=True))
+    fn = _compiled_flex() if q.device.type == "cuda" else fa.flex_attention
+    if hasattr(fa, "AuxRequest"):
+        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
+                      return_aux=fa.AuxRequest(lse=True))
+        lse = aux.lse
+    else:  # PyTorch releases before return_aux
+        out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
     # softmax over [scores, sink] == softmax over scores, times sum(exp s) / (sum(exp s) + exp(sink)).
-    rescale = torch.sigmoid(aux.lse.float() - sinks.float().view(1, -1, 1))  # [B, H, T]
+    rescale = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))  # [B, H, T]
     return (out.float() * rescale[..., None]).to(q.dtype)
 
 
