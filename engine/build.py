@@ -93,7 +93,7 @@ def build_model(cfg: TrainConfig, rt: Runtime, arch: GptOssConfig | None = None,
         model = load_hf(cfg.model.path, dtype=rt.param_dtype, device=rt.device, options=opts,
                         progress=rt.is_main)
     else:
-        arch = GptOssConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+        arch = arch or GptOssConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
         with torch.device("meta"):
             model = GptOssForCausalLM(arch, opts)
         model.to_empty(device=rt.device)

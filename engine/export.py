@@ -84,6 +84,25 @@ def load_adapters_only(path: Path):
     return cfg, model
 
 
+def write_export(cfg, model, out: str | Path, fmt: str, *, dtype: str = "bf16", attention_only: bool = False,
+                 overwrite: bool = False) -> Path:
+    """Write `model` (trained under `cfg`) as `fmt`: peft | merged | hf."""
+    if fmt == "peft":
+        from .peft.peft_export import export_peft
+
+        return export_peft(model, out, base_model_name_or_path=cfg.model.path or "random-init",
+                           attention_only=attention_only, overwrite=overwrite)
+    source = cfg.model.path if cfg.model.path and Path(cfg.model.path).is_dir() else None
+    if fmt == "merged":
+        from .peft.peft_export import export_merged
+
+        return export_merged(model, out, dtype=DTYPES[dtype], source_dir=source, overwrite=overwrite)
+    from .checkpoint.hf import save_hf
+
+    save_hf(model, out, dtype=DTYPES[dtype], source_dir=source, overwrite=overwrite)
+    return Path(out)
+
+
 def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: str = "bf16",
            attention_only: bool = False, overwrite: bool = False) -> Path:
     path = Path(path)
@@ -94,23 +113,10 @@ def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: 
     fmt = fmt or ("peft" if lora else "hf")
     if fmt in ("peft", "merged") and not lora:
         raise ValueError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")
-    if fmt == "peft":
-        from .peft.peft_export import export_peft
-
-        cfg, model = load_adapters_only(path)
-        return export_peft(model, out, base_model_name_or_path=cfg.model.path or "random-init",
-                           attention_only=attention_only, overwrite=overwrite)
-    # hf / merged need the whole model: rebuilt on the CPU in the export dtype.
-    cfg, model = load_trained_model(path, DTYPES[dtype])
-    source = cfg.model.path if cfg.model.path and Path(cfg.model.path).is_dir() else None
-    if fmt == "merged":
-        from .peft.peft_export import export_merged
-
-        return export_merged(model, out, dtype=DTYPES[dtype], source_dir=source, overwrite=overwrite)
-    from .checkpoint.hf import save_hf
-
-    save_hf(model, out, dtype=DTYPES[dtype], source_dir=source, overwrite=overwrite)
-    return Path(out)
+    # A PEFT adapter needs the adapters alone; hf / merged need the whole model, rebuilt on the CPU
+    # in the export dtype.
+    cfg, model = load_adapters_only(path) if fmt == "peft" else load_trained_model(path, DTYPES[dtype])
+    return write_export(cfg, model, out, fmt, dtype=dtype, attention_only=attention_only, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

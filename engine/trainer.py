@@ -116,7 +116,7 @@ def run(cfg: TrainConfig) -> dict:
 
     if cfg.trainer.dry_run:
         return _dry_run(cfg, rt, arch)
-    model = build_model(cfg, rt)
+    model = build_model(cfg, rt, arch)
     model.train()
     opt = build_optimizer(model, cfg.optim, rt.mesh)
     sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
@@ -232,20 +232,13 @@ def _export(cfg: TrainConfig, rt: Runtime, out: Path, model, final: Path) -> Pat
     it; under expert parallelism it rebuilds the whole model from the final checkpoint's rank files."""
     if not rt.is_main:
         return None
-    target = out / ("adapter" if cfg.peft.method == "lora" else "hf")
+    from .export import export, write_export
+
+    lora = cfg.peft.method == "lora"
+    target = out / ("adapter" if lora else "hf")
     if rt.mesh.ep > 1:
-        from .export import export
-
         return export(final, target, dtype="bf16" if rt.device.type == "cuda" else "fp32", overwrite=True)
-    source = cfg.model.path if cfg.model.path and Path(cfg.model.path).is_dir() else None
-    if cfg.peft.method == "lora":
-        from .peft.peft_export import export_peft
-
-        return export_peft(model, target, base_model_name_or_path=cfg.model.path or "random-init", overwrite=True)
-    from .checkpoint.hf import save_hf
-
-    save_hf(model, target, source_dir=source, overwrite=True)
-    return target
+    return write_export(cfg, model, target, "peft" if lora else "hf", overwrite=True)
 
 
 def _progress(cfg: TrainConfig, rt: Runtime, start_step: int):
