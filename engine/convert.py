@@ -65,7 +65,7 @@ def verify(src: HFCheckpoint, out: HFCheckpoint, dtype: torch.dtype) -> list[str
     """Names of the tensors of `out` that differ from `src` read in `dtype` (empty: bit-exact). Both
     were checked against their config.json when opened, so they hold the same names and shapes."""
     bad = []
-    for name in tqdm(src.shapes, desc="verifying", unit="tensor"):
+    for name in tqdm(src.shapes, desc="verifying", unit="tensor", disable=None):
         if not torch.equal(src.read(name, dtype), out.read(name, dtype)):
             bad.append(name)
     return bad

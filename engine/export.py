@@ -4,7 +4,8 @@
 
 - `peft`   (LoRA runs; the default for them): adapter_config.json + adapter_model.safetensors that
            `peft.PeftModel.from_pretrained` loads onto transformers' GptOssForCausalLM.
-- `hf`     (full fine-tuning; the default for it): a BF16 HF checkpoint (config.json + safetensors).
+- `hf`     (full fine-tuning; the default for it): an HF checkpoint (config.json + safetensors + the
+           tokenizer files), in the run's dtype unless --dtype says otherwise.
 - `merged` (LoRA runs): the base with the adapters folded in, as an HF checkpoint.
 
 The checkpoint's meta.json holds the run's config, so the model is rebuilt exactly as trained: the
@@ -41,8 +42,10 @@ def gather_trained_weights(path: Path, ep: int) -> dict[str, torch.Tensor]:
     return full
 
 
-def load_trained_model(path: Path, dtype: torch.dtype):
-    """Rebuild the model of a checkpoint on CPU with its trained weights."""
+def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(config, model): the model of a checkpoint rebuilt on the CPU with its trained weights (a LoRA
+    run's adapters applied to its base). `path` is a checkpoints/step_XXXXXXX directory."""
+    path = Path(path)
     from .build import Runtime, build_model
     from .parallel import Mesh
 
@@ -84,15 +87,35 @@ def load_adapters_only(path: Path):
     return cfg, model
 
 
+def side_files_source(cfg) -> Path | None:
+    """The folder whose tokenizer files (and chat template, generation config) the run used: the
+    model checkpoint when it has a tokenizer, else data.tokenizer's folder, else the shipped one."""
+    from .build import resolve_tokenizer_path
+
+    tok = resolve_tokenizer_path(cfg)
+    if tok is None:
+        return Path(__file__).resolve().parent / "data" / "assets" / "tokenizer"
+    tok = Path(tok)
+    return tok.parent if tok.is_file() else tok
+
+
+def run_dtype(meta: dict) -> str:
+    """The dtype a run's weights were computed in (bf16 | fp32), from its checkpoint's meta.json."""
+    if meta.get("compute_dtype") in ("bfloat16", "float32"):
+        return {"bfloat16": "bf16", "float32": "fp32"}[meta["compute_dtype"]]
+    return "fp32" if meta["config"]["model"]["dtype"] == "float32" else "bf16"
+
+
 def write_export(cfg, model, out: str | Path, fmt: str, *, dtype: str = "bf16", attention_only: bool = False,
                  overwrite: bool = False) -> Path:
-    """Write `model` (trained under `cfg`) as `fmt`: peft | merged | hf."""
+    """Write `model` (trained under `cfg`) as `fmt`: peft | merged | hf. hf and merged exports carry
+    the tokenizer files and chat template the run used, so the folder loads on its own."""
     if fmt == "peft":
         from .peft.peft_export import export_peft
 
         return export_peft(model, out, base_model_name_or_path=cfg.model.path or "random-init",
                            attention_only=attention_only, overwrite=overwrite)
-    source = cfg.model.path if cfg.model.path and Path(cfg.model.path).is_dir() else None
+    source = side_files_source(cfg)
     if fmt == "merged":
         from .peft.peft_export import export_merged
 
@@ -103,16 +126,22 @@ def write_export(cfg, model, out: str | Path, fmt: str, *, dtype: str = "bf16", 
     return Path(out)
 
 
-def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: str = "bf16",
+def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: str | None = None,
            attention_only: bool = False, overwrite: bool = False) -> Path:
+    """Export checkpoint `path` to `out`; hf / merged in `dtype` (default: the run's own dtype)."""
     path = Path(path)
     if not ckpt.is_complete(path):
         raise FileNotFoundError(f"{path}: not a complete training checkpoint (no meta.json); "
                                 "pass a checkpoints/step_XXXXXXX directory")
-    lora = build_config(json.loads((path / "meta.json").read_text())["config"]).peft.method == "lora"
+    meta = json.loads((path / "meta.json").read_text())
+    lora = build_config(meta["config"]).peft.method == "lora"
     fmt = fmt or ("peft" if lora else "hf")
     if fmt in ("peft", "merged") and not lora:
         raise ValueError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")
+    if fmt == "hf" and lora:
+        raise ValueError("--format hf writes a fully fine-tuned model; this checkpoint is a LoRA run: use --format "
+                         "merged (the adapters folded into the base, as an HF checkpoint) or --format peft (the adapter)")
+    dtype = dtype or run_dtype(meta)
     # A PEFT adapter needs the adapters alone; hf / merged need the whole model, rebuilt on the CPU
     # in the export dtype.
     cfg, model = load_adapters_only(path) if fmt == "peft" else load_trained_model(path, DTYPES[dtype])
@@ -125,18 +154,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory (created atomically)")
     p.add_argument("--format", choices=["peft", "hf", "merged"], default=None,
                    help="default: peft for LoRA runs, hf for full fine-tuning")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of hf/merged exports")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of hf/merged exports (default: the dtype the run trained in)")
     p.add_argument("--attention-only", action="store_true",
                    help="peft format without the expert adapters (for servers that take none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
+    from .checkpoint.errors import CheckpointExistsError
+
     try:
         out = export(args.checkpoint, args.out, args.format, dtype=args.dtype, attention_only=args.attention_only,
                      overwrite=args.overwrite)
+    except CheckpointExistsError:
+        print(f"export error: {args.out} already exists; pass another --out, or --overwrite to replace it",
+              file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {args.checkpoint} -> {out}")
+    fmt = args.format or ("peft" if (out / "adapter_config.json").is_file() else "hf")
+    said = "" if fmt == "peft" else (f" in {args.dtype}" if args.dtype else
+                                     f" in {run_dtype(json.loads((Path(args.checkpoint) / 'meta.json').read_text()))}"
+                                     " (the run's dtype; --dtype to choose)")
+    print(f"exported {args.checkpoint} -> {out} ({fmt}{said})")
     return 0
 
 

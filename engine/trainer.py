@@ -13,6 +13,7 @@ One optimizer step:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -27,6 +28,7 @@ import torch.distributed as dist
 
 from .build import Runtime, build_loaders, build_model, seed_everything, setup_runtime
 from .checkpoint import state as ckpt
+from .checkpoint.errors import CheckpointError
 from .config import TrainConfig
 from .models.gpt_oss.config import ConfigError
 from .memory_plan import arch_of_run, check_fits, plan_for_run
@@ -85,6 +87,20 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _check_resume_target(path: Path, cfg: TrainConfig, world_size: int) -> None:
+    """Refuse, in one line and before any weights load, a checkpoint this run cannot continue."""
+    meta = json.loads((path / "meta.json").read_text())
+    elsewhere = (f"write this run elsewhere with trainer.output_dir=..., or start over in "
+                 f"{cfg.trainer.output_dir} with trainer.resume=none")
+    if cfg.trainer.resume == "auto" and meta["step"] >= cfg.trainer.max_steps:
+        raise CheckpointError(path, f"trainer.output_dir holds a finished run (step {meta['step']}, "
+                              f"trainer.max_steps={cfg.trainer.max_steps}): {elsewhere}, or raise trainer.max_steps "
+                              "to train it further")
+    if meta["world_size"] != world_size:
+        raise CheckpointError(path, f"saved by a run of {meta['world_size']} process(es), this run has {world_size}: "
+                              f"{elsewhere}")
+
+
 def _resume(path: Path, rt: Runtime, model, opt, sched, loader) -> tuple[int, int]:
     state = ckpt.load_checkpoint(path, rt.rank, rt.world_size)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -103,19 +119,24 @@ def _resume(path: Path, rt: Runtime, model, opt, sched, loader) -> tuple[int, in
 
 
 def run(cfg: TrainConfig) -> dict:
+    if cfg.trainer.dry_run:
+        from .dry_run import dry_run
+
+        return dry_run(cfg)
     arch = arch_of_run(cfg)
     rt = setup_runtime(cfg, arch)
     out = Path(cfg.trainer.output_dir)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
+    resume_from = ckpt.resolve_resume(out, cfg.trainer.resume)
+    if resume_from is not None:
+        _check_resume_target(resume_from, cfg, rt.world_size)
     plan = plan_for_run(cfg, arch, rt.device.type, rt.world_size)
     log.info("memory plan per %s (estimate):\n%s", "GPU" if rt.device.type == "cuda" else "process", plan.format())
     capacity = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else None
     check_fits(plan, capacity, cfg.trainer.memory_check)
 
-    if cfg.trainer.dry_run:
-        return _dry_run(cfg, rt, arch)
     model = build_model(cfg, rt, arch)
     model.train()
     opt = build_optimizer(model, cfg.optim, rt.mesh)
@@ -131,7 +152,6 @@ def run(cfg: TrainConfig) -> dict:
              str(rt.param_dtype).replace("torch.", ""), rt.device, rt.mesh, accum, cfg.data.micro_batch_size)
 
     start_step, bad_steps = 0, 0
-    resume_from = ckpt.resolve_resume(out, cfg.trainer.resume)
     if resume_from is not None:
         start_step, bad_steps = _resume(resume_from, rt, model, opt, sched, loader)
 
@@ -200,29 +220,10 @@ def run(cfg: TrainConfig) -> dict:
     return {"losses": losses, "checkpoint": str(final), "export": str(export_dir) if export_dir else None}
 
 
-def _dry_run(cfg: TrainConfig, rt: Runtime, arch) -> dict:
-    """Everything but the weights and the steps: layout, the model's shapes on the meta device, the
-    LoRA report, the batch split, one batch of real data. Minutes of checks before hours of GPUs."""
-    model = build_model(cfg, rt, arch, weights=False)
-    accum = cfg.data.grad_accum_steps(rt.world_size)
-    loader, _ = build_loaders(cfg, model, rt)
-    batch = next(loader)
-    if hasattr(loader, "close"):
-        loader.close()
-    n_target = int(global_token_count(int(batch["num_target_tokens"]), rt.mesh))
-    info = {"params_on_rank": model.num_parameters(), "trainable_on_rank": model.num_parameters(trainable_only=True),
-            "micro_batches_per_rank": accum, "first_batch_shape": list(batch["input_ids"].shape),
-            "first_batch_target_tokens_all_ranks": n_target}
-    log.info("dry run: mesh %s\n  %s\nall checks passed; nothing was trained", rt.mesh,
-             "\n  ".join(f"{k}: {v}" for k, v in info.items()))
-    rt.mesh.destroy()
-    return info
-
-
 def _save(cfg, rt, out, step, model, opt, sched, loader, bad_steps) -> Path:
     payload = {"step": step, "bad_steps": bad_steps, "model": trainable_state(model), "optimizer": opt.state_dict(),
                "scheduler": sched.state_dict(), "data": loader.state_dict(), "rng": _rng_state()}
-    meta = {"recipe": cfg.recipe, "config": asdict(cfg)}
+    meta = {"recipe": cfg.recipe, "config": asdict(cfg), "compute_dtype": str(rt.compute_dtype).replace("torch.", "")}
     return ckpt.save_checkpoint(out, step, payload, rank=rt.rank, world_size=rt.world_size, barrier=rt.barrier,
                                 keep=cfg.checkpoint.keep, extra_meta=meta)
 
@@ -236,16 +237,17 @@ def _export(cfg: TrainConfig, rt: Runtime, out: Path, model, final: Path) -> Pat
 
     lora = cfg.peft.method == "lora"
     target = out / ("adapter" if lora else "hf")
+    dtype = "fp32" if rt.compute_dtype == torch.float32 else "bf16"  # the run's own dtype
     if rt.mesh.ep > 1:
-        return export(final, target, dtype="bf16" if rt.device.type == "cuda" else "fp32", overwrite=True)
-    return write_export(cfg, model, target, "peft" if lora else "hf", overwrite=True)
+        return export(final, target, dtype=dtype, overwrite=True)
+    return write_export(cfg, model, target, "peft" if lora else "hf", dtype=dtype, overwrite=True)
 
 
 def _progress(cfg: TrainConfig, rt: Runtime, start_step: int):
     """Rank 0: a tqdm bar (loss, tokens/s, ETA) on a terminal; log lines every log_every otherwise."""
     total = cfg.trainer.max_steps
     t_start = time.perf_counter()
-    if rt.is_main and cfg.trainer.progress and sys.stdout.isatty():
+    if rt.is_main and cfg.trainer.progress and sys.stdout.isatty() and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)

@@ -22,6 +22,26 @@ PLAIN, SWIGLU, SWIGLU_BWD = 0, 1, 2
 _GROUP_M = 8  # m-tiles that sweep the n-blocks together, so their weight tiles stay in L2
 
 
+def _torch_clamp_passes_gradient_at_limit() -> bool:
+    """Whether torch.clamp sends the gradient through at exactly its bounds.
+
+    PyTorch 2.13 and earlier pass it on the closed range [lo, hi]; 2.14 on the open range (lo, hi).
+    The fused SwiGLU backward follows the installed torch, so the kernel's gradients equal those of
+    the torch model (and of transformers) even for pre-activations sitting exactly on +-limit.
+    """
+    x = torch.tensor([-1.0, 1.0], requires_grad=True)
+    x.clamp(min=-1.0, max=1.0).sum().backward()
+    y = torch.tensor([1.0], requires_grad=True)
+    y.clamp(max=1.0).sum().backward()
+    grads = {*x.grad.tolist(), *y.grad.tolist()}
+    if len(grads) != 1:
+        raise RuntimeError(f"torch.clamp's gradient at its bounds is not the same at both ends: {grads}")
+    return grads == {1.0}
+
+
+CLAMP_CLOSED = tl.constexpr(_torch_clamp_passes_gradient_at_limit())
+
+
 @triton.jit
 def swiglu_fwd(gate, up, alpha, limit):
     """GPT-OSS clamped SwiGLU of fp32 pre-activations."""
@@ -34,15 +54,20 @@ def swiglu_fwd(gate, up, alpha, limit):
 def swiglu_bwd(d_act, gate_pre, up_pre, alpha, limit):
     """Gradients w.r.t. the unclamped gate and up, and the activation itself (recomputed).
 
-    Clamps pass gradient only inside their closed range, exactly as torch.clamp does.
+    Clamps pass gradient only inside their range, closed or open exactly as the installed
+    torch.clamp does (CLAMP_CLOSED).
     """
     gate = tl.minimum(gate_pre, limit)
     up = tl.minimum(tl.maximum(up_pre, -limit), limit)
     sig = tl.sigmoid(alpha * gate)
     glu = gate * sig
     d_gate = d_act * (up + 1.0) * (sig + alpha * glu * (1.0 - sig))
-    d_gate = tl.where(gate_pre <= limit, d_gate, 0.0)
-    d_up = tl.where((up_pre >= -limit) & (up_pre <= limit), d_act * glu, 0.0)
+    if CLAMP_CLOSED:
+        d_gate = tl.where(gate_pre <= limit, d_gate, 0.0)
+        d_up = tl.where((up_pre >= -limit) & (up_pre <= limit), d_act * glu, 0.0)
+    else:
+        d_gate = tl.where(gate_pre < limit, d_gate, 0.0)
+        d_up = tl.where((up_pre > -limit) & (up_pre < limit), d_act * glu, 0.0)
     return d_gate, d_up, glu * (up + 1.0)
 
 

@@ -95,7 +95,7 @@ def load_hf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: st
     assert not unfilled, f"buffers outside the state dict would stay uninitialised: {unfilled}"
     total = sum(t.numel() * t.element_size() for t in state.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {Path(str(path)).name}",
-              disable=not progress) as bar:
+              disable=None if progress else True) as bar:  # None: silent when not a terminal
         for name, tensor in state.items():
             ckpt.read_into(name, tensor, _rows(model, name))
             bar.update(tensor.numel() * tensor.element_size())
@@ -134,7 +134,9 @@ def write_hf(config: GptOssConfig, tensors: Iterable[tuple[str, torch.Tensor]], 
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite) as partial:
         writer = ShardWriter(partial, max_shard_size)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out_dir.name}", disable=not progress) as bar:
+        # disable=None: tqdm stays silent when the output is not a terminal
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out_dir.name}",
+                  disable=None if progress else True) as bar:
             for name, tensor in tensors:
                 _check_export_tensor(name, tensor, expected)
                 writer.add(name, tensor.detach().to(device="cpu", dtype=dtype))

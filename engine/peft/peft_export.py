@@ -186,8 +186,10 @@ def _check_installed_peft(projs: tuple[str, ...]) -> None:
                                        num_key_value_heads=1, head_dim=4, num_local_experts=e, num_experts_per_tok=1,
                                        intermediate_size=i, pad_token_id=None, eos_token_id=None, bos_token_id=None)
     hf = transformers.GptOssForCausalLM(hf_cfg)
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=[],
-                                                 target_parameters=[f"mlp.experts.{p}" for p in projs]))
+    with warnings.catch_warnings():  # peft calls transformers APIs that warn about their own renames
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=[],
+                                                     target_parameters=[f"mlp.experts.{p}" for p in projs]))
     gen = torch.Generator().manual_seed(0)
     shapes = {"gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
     ours, factors = {}, {}

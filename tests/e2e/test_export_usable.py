@@ -1,0 +1,75 @@
+"""An export a user can load on its own: tokenizer files included, the run's dtype unless --dtype,
+clear one-line refusals for the wrong format or an existing output folder."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from engine.train import REPO
+
+SHORT = ["trainer.max_steps=2", "trainer.val_every=0", "trainer.log_every=1"]
+
+
+def _python(*args, check=True):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for recipe in ("tiny_sft", "tiny_lora"):
+        _python(str(REPO / "engine" / "train.py"), f"recipe={recipe}", *SHORT, f"trainer.output_dir={root / recipe}")
+    return root
+
+
+def test_hf_export_of_a_run_loads_with_its_tokenizer_in_the_runs_dtype(runs):
+    hf = runs / "tiny_sft" / "hf"
+    shipped = REPO / "engine" / "data" / "assets" / "tokenizer" / "tokenizer.json"
+    assert (hf / "tokenizer.json").read_bytes() == shipped.read_bytes()  # the tokenizer the run trained with
+    config = json.loads((hf / "config.json").read_text())
+    assert config["torch_dtype"] == "float32"  # the tiny recipe trains in fp32 on CPU
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    for special in ("<|start|>", "<|message|>", "<|end|>", "<|return|>"):
+        assert len(tok.encode(special, add_special_tokens=False)) == 1, special
+
+
+def test_export_cli_dtype_format_and_existing_out(runs, tmp_path):
+    step = runs / "tiny_sft" / "checkpoints" / "step_0000002"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        proc = _python("-W", "error::FutureWarning", "-m", "engine.export", str(step), "--out", str(tmp_path / "a"))
+    assert "(hf in fp32 (the run's dtype" in proc.stdout
+    assert "FutureWarning" not in proc.stderr
+    proc = _python("-m", "engine.export", str(step), "--out", str(tmp_path / "b"), "--dtype", "bf16")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "b" / "tokenizer.json").is_file()
+    again = _python("-m", "engine.export", str(step), "--out", str(tmp_path / "b"), check=False)
+    assert again.returncode == 2
+    assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    lora_step = runs / "tiny_lora" / "checkpoints" / "step_0000002"
+    peft = _python("-W", "error::FutureWarning", "-m", "engine.export", str(lora_step), "--out", str(tmp_path / "p"))
+    assert "FutureWarning" not in peft.stderr and (tmp_path / "p" / "adapter_config.json").is_file()
+    wrong = _python("-m", "engine.export", str(lora_step), "--out", str(tmp_path / "c"), "--format", "hf", check=False)
+    assert wrong.returncode == 2 and "--format merged" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_readme_recipe_for_loading_a_trained_lora_model(runs):
+    # What the README shows: the trained LoRA model back in Python, adapters applied.
+    from engine.export import load_trained_model
+
+    cfg, model = load_trained_model(runs / "tiny_lora" / "checkpoints" / "step_0000002", torch.float32)
+    assert cfg.peft.method == "lora"
+    lora = [n for n, p in model.named_parameters() if "lora" in n]
+    assert lora and any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids)).all()

@@ -1,0 +1,102 @@
+"""Every command of the README, in the order written, on a fresh copy of the repository.
+
+A line of a ``` block that starts a command (python, torchrun, pip, bash, or VAR=value before one)
+runs as written, with the test's Python standing for `python` and `torchrun`; a ```python block
+runs as a script. Only the commands in SKIP are left out, each with the reason, so a command added
+to the README is tested from the moment it is written. They run offline (HF_HUB_OFFLINE=1).
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+from engine.train import REPO
+
+SKIP = {
+    "python3 -m venv .venv && . .venv/bin/activate": "the set-up: .ci/run makes a fresh environment",
+    'pip install -e ".[dev]"': "the set-up: .ci/run runs it in a fresh environment before these tests",
+    "python -m pytest tests -q": "the test command itself, which runs this test",
+}
+# Needs GPUs and the hub: run offline as its dry run, which is what a user can check without them.
+AS_DRY_RUN = {"torchrun --nproc_per_node 4 engine/train.py recipe=gptoss20b_lora"}
+STARTS = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(python3?|torchrun|pip|bash)\b")
+
+
+def readme_steps(text: str) -> list[tuple[str, str]]:
+    """('sh', command) and ('py', script) in README order."""
+    steps, block, lang = [], None, None
+    for line in text.splitlines():
+        fence = re.match(r"^```(\w*)\s*$", line)
+        if fence and block is None:
+            block, lang = [], fence.group(1)
+        elif fence:
+            if lang == "python":
+                steps.append(("py", "\n".join(block)))
+            else:
+                for cmd in block:
+                    cmd = re.sub(r"\s+#.*$", "", cmd).strip()
+                    if STARTS.match(cmd):
+                        steps.append(("sh", cmd))
+            block = None
+        elif block is not None:
+            block.append(line)
+    return steps
+
+
+def fresh_copy(dest):
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def _argv(cmd: str) -> tuple[dict, list[str]]:
+    words = shlex.split(cmd)
+    env = {}
+    while "=" in words[0] and re.match(r"^[A-Z_]+=", words[0]):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    head = words.pop(0)
+    if head in ("python", "python3"):
+        return env, [sys.executable, *words]
+    if head == "torchrun":
+        return env, [sys.executable, "-m", "torch.distributed.run", *words]
+    raise AssertionError(f"README command {cmd!r}: no rule to run it here; add it to SKIP with the reason")
+
+
+def test_readme_steps_are_found():
+    steps = readme_steps((REPO / "README.md").read_text())
+    commands = [c for kind, c in steps if kind == "sh"]
+    assert "python engine/train.py recipe=tiny_sft" in commands
+    assert commands.index("python engine/train.py recipe=tiny_sft") < commands.index(
+        "python engine/train.py recipe=tiny_lora model.path=outputs/tiny_sft/hf")
+    assert any(kind == "py" for kind, _ in steps)
+    assert set(SKIP) <= set(commands), sorted(set(SKIP) - set(commands))  # no stale skips
+
+
+def test_readme_commands_run_in_order_on_a_fresh_copy(tmp_path):
+    repo = fresh_copy(tmp_path / "repo")
+    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1"}
+    for i, (kind, step) in enumerate(readme_steps((repo / "README.md").read_text())):
+        if kind == "sh" and step in SKIP:
+            continue
+        if kind == "py":
+            env, argv = {}, [sys.executable, "-c", step]
+        else:
+            env, argv = _argv(step)
+            if step in AS_DRY_RUN:
+                argv.append("trainer.dry_run=true")
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, cwd=repo, env={**base_env, **env}, capture_output=True, text=True, timeout=1200)
+        took = time.perf_counter() - t0
+        assert proc.returncode == 0, (f"README step {i} failed after {took:.0f} s (exit {proc.returncode}):\n{step}\n"
+                                      f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
+        print(f"README step {i} ({took:.0f} s): {step.splitlines()[0]}")
