@@ -4,6 +4,10 @@ Loads `tokenizer.json` from a model directory (the GPT-OSS o200k_harmony one, or
 shipped in engine/data/assets for the tiny models) and checks at load time that every harmony
 special token encodes as exactly one id: a tokenizer that splits `<|return|>` into pieces would
 train the model on a format it can never emit.
+
+Encoding splits each segment at the harmony special tokens (the tokenizer would split there too,
+so the ids are the same) and remembers the ids of each text piece: the system message, the tool
+schemas and the role/channel headers repeat in every record and are tokenized once.
 """
 
 import re
@@ -15,6 +19,10 @@ from tokenizers import Tokenizer
 
 from engine.data.config import default_tokenizer_path
 from engine.data.harmony import ENDOFTEXT, HARMONY_SPECIAL_TOKENS, Segment
+
+
+# Characters of text pieces whose ids are remembered before the memory is cleared (~tens of MB).
+_CACHE_CHARS = 8_000_000
 
 
 class TokenizerError(ValueError):
@@ -36,6 +44,9 @@ class HarmonyTokenizer:
             (t.content for t in backend.get_added_tokens_decoder().values() if t.special), key=len, reverse=True
         )
         self._special_pattern = re.compile("|".join(map(re.escape, specials)))
+        self._split = re.compile("(" + "|".join(map(re.escape, HARMONY_SPECIAL_TOKENS)) + ")").split
+        self._pieces: dict[str, list[int]] = {}
+        self._cached_chars = 0
 
     def _single_id(self, token: str) -> int:
         ids = self.backend.encode(token, add_special_tokens=False).ids
@@ -71,24 +82,51 @@ class HarmonyTokenizer:
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per document: (ids [L] int64, trained [L] bool), trained marking loss-carrying tokens.
 
-        All segments of all documents go to the tokenizer in one call, which runs in Rust with
-        the GIL released, so the prefetch thread does not stall the training loop.
+        The pieces not seen before go to the tokenizer in one call, which runs in Rust with the
+        GIL released, so the prefetch thread does not stall the training loop.
         """
-        texts = [segment.text for doc in documents for segment in doc]
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
-        out = []
-        k = 0
+        pieces = self._pieces
+        special_ids = self.special_ids
+        plans = []
+        new: dict[str, None] = {}
         for doc in documents:
-            ids: list[int] = []
-            flags: list[np.ndarray] = []
+            plan = []
             for segment in doc:
-                seg_ids = encodings[k].ids
-                k += 1
-                ids.extend(seg_ids)
-                flags.append(np.full(len(seg_ids), segment.trained, dtype=bool))
-            trained = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
-            out.append((np.asarray(ids, dtype=np.int64), trained))
+                for k, part in enumerate(self._split(segment.text)):
+                    if k % 2:
+                        plan.append((special_ids[part], segment.trained))
+                    elif part:
+                        plan.append((part, segment.trained))
+                        if part not in pieces:
+                            new[part] = None
+            plans.append(plan)
+        if new:
+            texts = list(new)
+            for text, encoding in zip(texts, self.backend.encode_batch_fast(texts, add_special_tokens=False)):
+                pieces[text] = encoding.ids
+        out = []
+        for plan in plans:
+            ids: list[int] = []
+            lengths, flags = [], []
+            for part, trained in plan:
+                if isinstance(part, int):
+                    ids.append(part)
+                    lengths.append(1)
+                else:
+                    part_ids = pieces[part]
+                    ids.extend(part_ids)
+                    lengths.append(len(part_ids))
+                flags.append(trained)
+            out.append((np.asarray(ids, dtype=np.int64), np.repeat(np.asarray(flags, dtype=bool), lengths)))
+        self._forget(new)
         return out
+
+    def _forget(self, new: dict[str, None]) -> None:
+        # Message contents rarely repeat: bound the memory instead of tracking what is worth keeping.
+        self._cached_chars += sum(map(len, new))
+        if self._cached_chars > _CACHE_CHARS:
+            self._pieces.clear()
+            self._cached_chars = 0
 
 
 def load_tokenizer(path: str | Path | None = None) -> HarmonyTokenizer:

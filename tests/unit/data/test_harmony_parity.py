@@ -8,8 +8,6 @@ from engine.data.o200k import cached_o200k_harmony
 from engine.data.tokenizer import load_tokenizer
 from harmony_oracle import expected_mask, harmony_messages, load_encoding, render_tokens
 
-pytest.importorskip("openai_harmony", reason="openai-harmony (the reference renderer) is in the dev extra")
-
 
 @pytest.fixture(scope="module")
 def encoding(tmp_path_factory):
