@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from engine.data.config import default_tokenizer_path
 from engine.data.harmony import ENDOFTEXT, HARMONY_SPECIAL_TOKENS, Segment
+from engine.data.word_cache import WordCacheEncoder
 
 
 # Characters of text pieces whose ids are remembered before the memory is cleared (~tens of MB).
@@ -47,6 +48,7 @@ class HarmonyTokenizer:
         self._split = re.compile("(" + "|".join(map(re.escape, HARMONY_SPECIAL_TOKENS)) + ")").split
         self._pieces: dict[str, list[int]] = {}
         self._cached_chars = 0
+        self._words = WordCacheEncoder.for_tokenizer(backend)
 
     def _single_id(self, token: str) -> int:
         ids = self.backend.encode(token, add_special_tokens=False).ids
@@ -82,51 +84,64 @@ class HarmonyTokenizer:
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per document: (ids [L] int64, trained [L] bool), trained marking loss-carrying tokens.
 
-        The pieces not seen before go to the tokenizer in one call, which runs in Rust with the
-        GIL released, so the prefetch thread does not stall the training loop.
+        Pieces not seen before go to the word-cache encoder when the tokenizer allows it
+        (engine/data/word_cache.py), else to the tokenizer in one call, which runs in Rust with
+        the GIL released.
         """
         pieces = self._pieces
+        split = self._split
+        new_chars = 0
+        if self._words is None:
+            new = {
+                part: None
+                for doc in documents for segment in doc for part in split(segment.text)[::2]
+                if part and part not in pieces
+            }
+            if new:
+                texts = list(new)
+                for text, encoding in zip(texts, self.backend.encode_batch_fast(texts, add_special_tokens=False)):
+                    pieces[text] = encoding.ids
+                new_chars = sum(map(len, texts))
         special_ids = self.special_ids
-        plans = []
-        new: dict[str, None] = {}
-        for doc in documents:
-            plan = []
-            for segment in doc:
-                for k, part in enumerate(self._split(segment.text)):
-                    if k % 2:
-                        plan.append((special_ids[part], segment.trained))
-                    elif part:
-                        plan.append((part, segment.trained))
-                        if part not in pieces:
-                            new[part] = None
-            plans.append(plan)
-        if new:
-            texts = list(new)
-            for text, encoding in zip(texts, self.backend.encode_batch_fast(texts, add_special_tokens=False)):
-                pieces[text] = encoding.ids
         out = []
-        for plan in plans:
+        for doc in documents:
             ids: list[int] = []
             lengths, flags = [], []
-            for part, trained in plan:
-                if isinstance(part, int):
-                    ids.append(part)
-                    lengths.append(1)
-                else:
-                    part_ids = pieces[part]
-                    ids.extend(part_ids)
-                    lengths.append(len(part_ids))
-                flags.append(trained)
+            for segment in doc:
+                before = len(ids)
+                for k, part in enumerate(split(segment.text)):
+                    if k % 2:
+                        ids.append(special_ids[part])
+                    elif part:
+                        part_ids = pieces.get(part)
+                        if part_ids is None:
+                            part_ids = pieces[part] = self._encode_piece(part)
+                            new_chars += len(part)
+                        ids += part_ids
+                lengths.append(len(ids) - before)
+                flags.append(segment.trained)
             out.append((np.asarray(ids, dtype=np.int64), np.repeat(np.asarray(flags, dtype=bool), lengths)))
-        self._forget(new)
+        self._remember(new_chars)
         return out
 
-    def _forget(self, new: dict[str, None]) -> None:
+    def _encode_piece(self, text: str) -> list[int]:
+        # Text with "<|" may hold another added token: leave those to the tokenizer.
+        if self._words is None or "<|" in text:
+            return self.encode(text)
+        return self._words.encode(text)
+
+    def clear_cache(self) -> None:
+        """Forget the remembered text pieces and words (benchmarks start each pass from nothing)."""
+        self._pieces.clear()
+        self._cached_chars = 0
+        if self._words is not None:
+            self._words.clear()
+
+    def _remember(self, chars: int) -> None:
         # Message contents rarely repeat: bound the memory instead of tracking what is worth keeping.
-        self._cached_chars += sum(map(len, new))
+        self._cached_chars += chars
         if self._cached_chars > _CACHE_CHARS:
-            self._pieces.clear()
-            self._cached_chars = 0
+            self.clear_cache()
 
 
 def load_tokenizer(path: str | Path | None = None) -> HarmonyTokenizer:

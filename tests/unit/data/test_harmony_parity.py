@@ -1,5 +1,8 @@
 """Our harmony rendering equals openai-harmony's, text and token ids, with the real o200k_harmony."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from agentic_cases import CASES
@@ -57,3 +60,36 @@ def test_special_token_ids_are_harmonys(encoding, o200k):
         assert o200k.encode(text) == encoding.encode(text, allowed_special="all"), text
     assert o200k.special_ids["<|start|>"] == 200006 and o200k.pad_id == 199999
     assert o200k.vocab_size == 201088
+
+
+TRICKY = [
+    "Hello world!  Two  spaces,\ttab\nnew line\r\n\r\nCRLF   \n  trailing   ",
+    "I'LL we'Re they've DON'T it's 1234567 3.14159 -42 1,000,000 ٣٤٥",
+    "Zürich naïve über façade — “quotes” ‘single’ … 東京都 日本語のテキスト 한국어 ✓ 😊👍🏽 👨‍👩‍👧",
+    "camelCaseWord HTTPServer snake_case_name kebab-case path/to/file.py?x=1&y=2#frag",
+    "{\"a\": [1, 2, {\"b\": null}], \"c\": \"\\u00e9\"}\n```python\nprint('x')\n```",
+    "   \n\n\n   leading whitespace and    \u00a0nbsp\u2009thin\u3000ideographic",
+    "<| not special |> <|endoftext without close, >|< ",
+]
+
+
+def test_word_cache_encoder_equals_the_tokenizer_and_harmony(encoding, o200k):
+    from engine.data.word_cache import WordCacheEncoder
+
+    fast = WordCacheEncoder.for_tokenizer(o200k.backend)
+    assert fast is not None, "o200k_harmony must take the fast path"
+    texts = TRICKY + [render(record) for record in CASES.values()]
+    texts.append((Path(__file__).parents[3] / "README.md").read_text(encoding="utf-8"))
+    for text in texts:
+        pieces = [p for p in re.split(r"(<\|(?:start|end|message|channel|return|call|constrain)\|>)", text)]
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0 and piece:
+                expected = o200k.backend.encode(piece, add_special_tokens=False).ids
+                assert fast.encode(piece) == expected, piece[:80]
+                assert encoding.encode(piece, allowed_special=set()) == expected, piece[:80]
+
+
+def test_tiny_tokenizer_keeps_the_plain_path(tokenizer):
+    from engine.data.word_cache import WordCacheEncoder
+
+    assert WordCacheEncoder.for_tokenizer(tokenizer.backend) is None  # its pre-tokenizer splits digits first
