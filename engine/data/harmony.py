@@ -92,8 +92,24 @@ def developer_content(conv: Conversation) -> str | None:
     instructions = [m.content for m in conv.messages if m.role in INSTRUCTION_ROLES]
     sections = ["# Instructions", "\n\n".join(instructions)] if instructions else []
     if conv.tools:
-        sections.append(tools_section([Namespace("functions", None, conv.tools)]))
+        sections.append(_functions_section(conv))
     return "\n\n".join(sections) if sections else None
+
+
+_SECTIONS: dict[str, str] = {}
+
+
+def _functions_section(conv: Conversation) -> str:
+    # The records of a dataset mostly share their tools: render each set of schemas once.
+    key = conv.tools_json
+    section = _SECTIONS.get(key) if key else None
+    if section is None:
+        section = tools_section([Namespace("functions", None, conv.tools)])
+        if key:
+            if len(_SECTIONS) > 1024:
+                _SECTIONS.clear()
+            _SECTIONS[key] = section
+    return section
 
 
 class _Writer:

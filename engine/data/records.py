@@ -80,6 +80,8 @@ class Conversation:
     tools: tuple[FunctionTool, ...] = ()
     builtin_tools: tuple[str, ...] = ()
     native: bool = False
+    # The record's `tools` as JSON text: the key under which their rendering is remembered.
+    tools_json: str = ""
 
     @property
     def last_assistant_index(self) -> int:
@@ -104,7 +106,7 @@ def parse_record(record: object) -> Conversation:
     has_prompt = "prompt" in record or "completion" in record
     if has_messages and has_prompt:
         raise RecordError("a record has either 'messages' or 'prompt'/'completion', not both")
-    tools = parse_tools(record.get("tools"))
+    tools, tools_json = parse_tools(record.get("tools"))
     builtin = parse_builtin_tools(record.get("builtin_tools"))
     native = False
     if has_messages:
@@ -124,7 +126,7 @@ def parse_record(record: object) -> Conversation:
         )
     _check_structure(messages)
     messages = _check_tool_traffic(messages, {t.name for t in tools}, builtin, native)
-    return Conversation(messages, effort, tools, builtin, native)
+    return Conversation(messages, effort, tools, builtin, native, tools_json)
 
 
 def _parse_prompt_completion(record: dict) -> tuple[Message, ...]:

@@ -65,10 +65,14 @@ def check_name(where: str, name: object) -> str:
     return name
 
 
-def parse_tools(raw: object) -> tuple[FunctionTool, ...]:
-    """The record's `tools` list as FunctionTools, in order; names must be unique."""
+def parse_tools(raw: object) -> tuple[tuple[FunctionTool, ...], str]:
+    """The record's `tools` list as FunctionTools, in order (names unique), and its JSON text.
+
+    The JSON text identifies the tools: records of one dataset usually share them, and their
+    rendering is remembered under it.
+    """
     if raw is None:
-        return ()
+        return (), ""
     if not isinstance(raw, list):
         raise RecordError(f"'tools' must be a list of function definitions, got {type_name(raw)}")
     tools: list[FunctionTool] = []
@@ -89,10 +93,12 @@ def parse_tools(raw: object) -> tuple[FunctionTool, ...]:
         parameters = item.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
             raise RecordError(f"{where}.parameters must be a JSON schema object, got {type_name(parameters)}")
-        if parameters is not None:
-            check_text(f"{where}.parameters", json.dumps(parameters, ensure_ascii=False))
         tools.append(FunctionTool(name, description, parameters))
-    return tuple(tools)
+    text = json.dumps(raw, ensure_ascii=False)
+    if "<|" in text:
+        for k, tool in enumerate(tools):
+            check_text(f"tools[{k}] parameters", json.dumps(tool.parameters, ensure_ascii=False))
+    return tuple(tools), text
 
 
 def parse_builtin_tools(raw: object) -> tuple[str, ...]:
