@@ -80,3 +80,15 @@ def test_preview_shows_tool_calls_results_and_what_trains(tokenizer):
     assert "<|start|>assistant[[ to=functions.get_weather]]<|channel|>commentary <|constrain|>json<|message|>[[{" in text
     assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp_c"' in text
     assert "[[{\"temp_c\"" not in text
+
+
+def test_agentic_sample_fits_the_tiny_recipe_with_the_shipped_tokenizer(tokenizer):
+    from engine.data.config import DataConfig
+    from engine.data.dataset import DocumentEncoder, JsonlFile
+
+    for path in agentic_sample_paths():
+        file = JsonlFile(path)
+        encoder = DocumentEncoder(DataConfig(max_seq_len=256), tokenizer)  # tiny_sft's max_seq_len
+        docs = encoder.encode(file.path, file.read(range(len(file))))
+        assert all(d is not None and d.num_targets > 0 for d in docs)
+        assert encoder.stats.dropped_overlong == 0 and encoder.stats.skipped_invalid == 0

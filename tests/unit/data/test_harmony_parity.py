@@ -93,3 +93,19 @@ def test_tiny_tokenizer_keeps_the_plain_path(tokenizer):
     from engine.data.word_cache import WordCacheEncoder
 
     assert WordCacheEncoder.for_tokenizer(tokenizer.backend) is None  # its pre-tokenizer splits digits first
+
+
+@pytest.mark.parametrize("which", ["agentic", "chat"])
+def test_every_shipped_sample_record_equals_openai_harmony(which, encoding, o200k):
+    import json
+
+    from engine.data.agentic_sample import agentic_sample_paths
+    from engine.data.config import default_sample_paths
+
+    path = (agentic_sample_paths() if which == "agentic" else default_sample_paths())[0]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    segments = [render_segments(record) for record in records]
+    for record, segs, (ids, _) in zip(records, segments, o200k.encode_segments_batch(segments)):
+        expected = render_tokens(encoding, harmony_messages(record))
+        assert "".join(s.text for s in segs) == encoding.decode_utf8(expected)
+        assert ids.tolist() == expected
