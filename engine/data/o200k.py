@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from engine.data.word_cache import byte_symbols
+
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_PATTERN = "|".join([
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -60,18 +62,6 @@ def read_tiktoken(path: Path) -> bytes:
     return data
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    symbols = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in symbols:
-            symbols[b] = chr(256 + extra)
-            extra += 1
-    return [symbols[b] for b in range(256)]
-
-
 def build_o200k_harmony(data: bytes) -> Tokenizer:
     """The o200k_harmony tokenizer from the bytes of o200k_base.tiktoken."""
     ranks: dict[bytes, int] = {}
@@ -88,7 +78,7 @@ def build_o200k_harmony(data: bytes) -> Tokenizer:
             if left is not None and right is not None:
                 merges.append((rank, left, right, token[:i], token[i:]))
     merges.sort()
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
 
     def text(token: bytes) -> str:
         return "".join(symbols[b] for b in token)

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 _MAX_WORDS = 500_000
 
 
-def _byte_symbols() -> dict[int, str]:
+def byte_symbols() -> dict[int, str]:
     """GPT-2's byte -> printable character map used by the ByteLevel pre-tokenizer."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     symbols = {b: chr(b) for b in printable}
@@ -36,7 +36,7 @@ class WordCacheEncoder:
 
         self._findall = regex.compile(pattern).findall
         self._tokenize = backend.model.tokenize
-        self._bytes_to_symbols = _byte_symbols()
+        self._bytes_to_symbols = byte_symbols()
         self._words: dict[str, list[int]] = {}
 
     @classmethod

@@ -109,3 +109,15 @@ def test_every_shipped_sample_record_equals_openai_harmony(which, encoding, o200
         expected = render_tokens(encoding, harmony_messages(record))
         assert "".join(s.text for s in segs) == encoding.decode_utf8(expected)
         assert ids.tolist() == expected
+
+
+def test_o200k_build_checks_the_vocabulary_hash(tmp_path):
+    from engine.data.make_tokenizer import main as make_tokenizer_main
+    from engine.data.o200k import read_tiktoken
+
+    bad = tmp_path / "o200k_base.tiktoken"
+    bad.write_bytes(b"YQ== 0\n")
+    with pytest.raises(SystemExit, match="sha256 [0-9a-f]{64} is not o200k_base's 446a9538"):
+        read_tiktoken(bad)
+    with pytest.raises(SystemExit, match="--o200k-harmony needs --out DIR"):
+        make_tokenizer_main(["--o200k-harmony"])
