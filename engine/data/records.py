@@ -169,7 +169,10 @@ def _start(index: int, item: object, allowed: dict | tuple) -> tuple[str, str]:
     for key in item:
         if key not in keys:
             hint = " (only assistant messages make tool calls)" if key == "tool_calls" else ""
-            raise RecordError(f"{where}: unknown key {key!r} for a {role} message{hint} (allowed: {', '.join(keys)})")
+            article = "an" if role == "assistant" else "a"
+            raise RecordError(
+                f"{where}: unknown key {key!r} for {article} {role} message{hint} (allowed: {', '.join(keys)})"
+            )
     return where, role
 
 
