@@ -5,15 +5,26 @@
 Two figures: encoding alone (JSON parse + validate + render + tokenize + mask), and the whole
 training stream (encoding + packing + collating into batch tensors, in the calling thread, no
 prefetch), with the packing efficiency (share of non-padding tokens in the rows).
+
+`bench_harmony` measures render + tokenize of tool-calling conversations with the real
+o200k_harmony tokenizer, on the shipped agentic sample and on the same records with every message
+made unique (so nothing but headers, system prompt and tool schemas repeats). Each pass starts with
+an empty piece cache. Besides wall-clock tokens/s it gives tokens per CPU-second (all threads), the
+figure that does not depend on what else the machine runs.
 """
 
 import argparse
 import json
+import random
 import time
 from itertools import islice
+from pathlib import Path
 
+from engine.data.agentic_sample import agentic_sample_paths
 from engine.data.config import DataConfig
 from engine.data.dataset import DocumentEncoder, JsonlFile
+from engine.data.harmony import render_segments
+from engine.data.records import parse_record
 from engine.data.loader import build_train_loader
 from engine.data.tokenizer import load_tokenizer
 
@@ -26,6 +37,7 @@ def bench_encode(cfg: DataConfig, seconds: float) -> dict:
     examples = tokens = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
+        tokenizer.clear_cache()
         encoder = DocumentEncoder(cfg, tokenizer)
         for k in range(0, len(lines), 64):
             encoder.encode(file.path, lines[k : k + 64])
@@ -33,6 +45,47 @@ def bench_encode(cfg: DataConfig, seconds: float) -> dict:
         tokens += encoder.stats.tokens
     elapsed = time.perf_counter() - start
     return {"examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def _unique(record: dict, rng: random.Random, words: int) -> dict:
+    """The record with `words` random words appended to every message's text."""
+    vocab = ("river", "stone", "cloud", "tiger", "piano", "garden", "window", "silver", "planet", "7", "42",
+             "bridge", "candle", "forest", "rocket", "Zürich", "naïve", "über", "東京", "ok,", "then.")
+
+    def noise() -> str:
+        return " " + " ".join(rng.choice(vocab) + str(rng.randint(0, 999)) for _ in range(words))
+
+    messages = []
+    for m in record["messages"]:
+        m = dict(m)
+        for key in ("content", "thinking"):
+            if isinstance(m.get(key), str):
+                m[key] += noise()
+        messages.append(m)
+    return {**record, "messages": messages}
+
+
+def bench_harmony(tokenizer_path: str | Path, seconds: float, *, file: Path | None = None, unique_words: int = 0,
+                  batch: int = 64) -> dict:
+    """Render + tokenize (parse, validate, render segments, encode, mask) of tool-calling records."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    with (file or agentic_sample_paths()[0]).open(encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if unique_words:
+        rng = random.Random(0)
+        records = [_unique(r, rng, unique_words) for r in records for _ in range(4)]
+    raw = [json.dumps(r, ensure_ascii=False) for r in records]
+    tokens = passes = 0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds or passes == 0:
+        tokenizer.clear_cache()
+        for k in range(0, len(raw), batch):
+            docs = [render_segments(parse_record(json.loads(line))) for line in raw[k : k + batch]]
+            tokens += sum(len(ids) for ids, _ in tokenizer.encode_segments_batch(docs))
+        passes += 1
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"records": len(raw), "tokens_per_record": tokens / (passes * len(raw)),
+            "tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / cpu}
 
 
 def bench_stream(cfg: DataConfig, seconds: float) -> dict:

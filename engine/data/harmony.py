@@ -1,30 +1,42 @@
 """Render a conversation as harmony training text, split into trained / untrained segments.
 
-The format (docs/gpt-oss.md, "Harmony response format"): each message is
-`<|start|>{role}[<|channel|>{channel}]<|message|>{content}<|end|>`, concatenated with no separator;
-a generated system message first; then a developer message with the instructions, if any; then
-the turns. Choices the spec leaves open, made here:
+The text equals openai-harmony's `render_conversation_for_training` (with `auto_drop_analysis=False`,
+on the messages kept by the rule below); the tests compare text and token ids. Each message is
+`<|start|>{role}[ to={recipient}][<|channel|>{channel}][ {content_type}]<|message|>{content}<|end|>`,
+concatenated with no separator: a generated system message first; then a developer message with the
+instructions and the function tools (`# Tools`), if any; then the turns. Choices made here:
 
 - A user-given `system` message is treated like a `developer` message: its content becomes the
   developer message's `# Instructions` (as the HF gpt-oss chat template does), because the
-  harmony system message is reserved for identity, dates, reasoning level and channels. Several
-  system/developer messages are joined with a blank line, in order.
-- Earlier assistant turns are rendered without their analysis (harmony drops chain of thought
-  from history); only the last assistant message keeps its `thinking`, and only its final answer
-  ends with `<|return|>`.
-- Loss masks (`loss_mask`): `assistant` trains every assistant message (the earlier ones are
-  final answers only), `final_only` trains final-channel content only, `last_turn` trains the
-  last assistant message's analysis + final. Headers (`<|start|>assistant<|channel|>final<|message|>`)
-  are never trained; the closing `<|end|>` / `<|return|>` of a trained message is.
+  harmony system message is reserved for identity, dates, reasoning level, built-in tools and
+  channels. Several system/developer messages are joined with a blank line, in order.
+- An assistant chat message becomes up to three kinds of harmony messages, in this order: its
+  `thinking` on the analysis channel; then, with `tool_calls`, its non-empty `content` as a
+  commentary preamble and one `to=functions.NAME` commentary message per call (`<|constrain|>json`,
+  the arguments, `<|call|>`); without tool calls, its `content` on the final channel. A tool result
+  is `<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>...<|end|>`.
+- Chain of thought: every `thinking` (harmony-native: every analysis message without a recipient)
+  after the last user message is kept, including the thinking before tool calls; thinking of
+  earlier turns is dropped, as the model never sees it at inference. openai-harmony's own
+  `auto_drop_analysis` drops only analysis before the conversation's first final message, which
+  keeps stale thinking of middle turns and drops the thinking between tool calls of the last turn.
+- The last message ends with `<|return|>` when it is a final answer, `<|call|>` when it is a call.
+- Loss masks (`loss_mask`): `assistant` trains every rendered assistant message (analysis,
+  preambles, tool calls, final answers), `final_only` trains final-channel content only, `last_turn`
+  trains every assistant message after the last user message. A tool call trains its recipient
+  (` to=functions.NAME`), its arguments and `<|call|>`. Headers (`<|start|>assistant`, channel,
+  `<|constrain|>json`, `<|message|>`) and tool results never train; the closing
+  `<|end|>` / `<|return|>` / `<|call|>` of a trained message does.
 
-Segment boundaries always fall next to a special token, so encoding the segments one by one gives
-exactly the tokens of encoding the whole text (the tokenizer splits on special tokens first).
+Segment boundaries always fall next to a special token or at a header piece that openai-harmony
+also encodes on its own (` to=...`), so encoding the segments one by one gives exactly its tokens.
 """
 
 from typing import NamedTuple
 
 from engine.data.config import LOSS_MASKS, REASONING_EFFORTS
-from engine.data.records import INSTRUCTION_ROLES, Conversation, parse_record
+from engine.data.records import INSTRUCTION_ROLES, Conversation, Message, parse_record
+from engine.data.tools import BUILTIN_TOOLS, Namespace, tools_section
 
 # o200k_harmony ids, for reference: 200006, 200007, 200008, 200005, 200002, 200012, 200003,
 # 199998, 199999. Our tokenizers only need each to be a single token.
@@ -42,6 +54,7 @@ HARMONY_SPECIAL_TOKENS = (STARTOFTEXT, ENDOFTEXT, RETURN, CONSTRAIN, CHANNEL, ST
 MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 KNOWLEDGE_CUTOFF = "2024-06"
 VALID_CHANNELS = ("analysis", "commentary", "final")
+FUNCTIONS_LINE = "Calls to these tools must go to the commentary channel: 'functions'."
 
 
 class Segment(NamedTuple):
@@ -49,8 +62,14 @@ class Segment(NamedTuple):
     trained: bool
 
 
-def system_content(reasoning_effort: str = "medium", current_date: str | None = None) -> str:
-    """The generated system message: identity, dates, reasoning level, channels."""
+def system_content(
+    reasoning_effort: str = "medium",
+    current_date: str | None = None,
+    *,
+    builtin_tools: tuple[str, ...] = (),
+    function_tools: bool = False,
+) -> str:
+    """The generated system message: identity, dates, reasoning level, built-in tools, channels."""
     if reasoning_effort not in REASONING_EFFORTS:
         raise ValueError(
             f"reasoning_effort = {reasoning_effort!r} is not allowed; choose one of: {', '.join(REASONING_EFFORTS)}"
@@ -58,8 +77,53 @@ def system_content(reasoning_effort: str = "medium", current_date: str | None = 
     header = [MODEL_IDENTITY, f"Knowledge cutoff: {KNOWLEDGE_CUTOFF}"]
     if current_date is not None:
         header.append(f"Current date: {current_date}")
+    sections = ["\n".join(header), f"Reasoning: {reasoning_effort}"]
+    if builtin_tools:
+        sections.append(tools_section([BUILTIN_TOOLS[name] for name in builtin_tools]))
     channels = f"# Valid channels: {', '.join(VALID_CHANNELS)}. Channel must be included for every message."
-    return "\n\n".join(["\n".join(header), f"Reasoning: {reasoning_effort}", channels])
+    if function_tools:
+        channels += "\n" + FUNCTIONS_LINE
+    sections.append(channels)
+    return "\n\n".join(sections)
+
+
+def developer_content(conv: Conversation) -> str | None:
+    """Instructions and function tools, or None when there are neither (no developer message)."""
+    instructions = [m.content for m in conv.messages if m.role in INSTRUCTION_ROLES]
+    sections = ["# Instructions", "\n\n".join(instructions)] if instructions else []
+    if conv.tools:
+        sections.append(_functions_section(conv))
+    return "\n\n".join(sections) if sections else None
+
+
+_SECTIONS: dict[str, str] = {}
+
+
+def _functions_section(conv: Conversation) -> str:
+    # The records of a dataset mostly share their tools: render each set of schemas once.
+    key = conv.tools_json
+    section = _SECTIONS.get(key) if key else None
+    if section is None:
+        section = tools_section([Namespace("functions", None, conv.tools)])
+        if key:
+            if len(_SECTIONS) > 1024:
+                _SECTIONS.clear()
+            _SECTIONS[key] = section
+    return section
+
+
+class _Writer:
+    """Collects segments, merging neighbours with the same loss flag."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+    def add(self, text: str, trained: bool) -> None:
+        segments = self.segments
+        if segments and segments[-1].trained == trained:
+            segments[-1] = Segment(segments[-1].text + text, trained)
+        else:
+            segments.append(Segment(text, trained))
 
 
 def render_segments(
@@ -77,33 +141,74 @@ def render_segments(
     if loss_mask not in LOSS_MASKS:
         raise ValueError(f"loss_mask = {loss_mask!r} is not allowed; choose one of: {', '.join(LOSS_MASKS)}")
     conv = example if isinstance(example, Conversation) else parse_record(example)
-    segments: list[Segment] = []
-
-    def add(text: str, trained: bool) -> None:
-        if segments and segments[-1].trained == trained:
-            segments[-1] = Segment(segments[-1].text + text, trained)
-        else:
-            segments.append(Segment(text, trained))
-
-    effort = conv.reasoning_effort or reasoning_effort
-    add(f"{START}system{MESSAGE}{system_content(effort, current_date)}{END}", False)
-    instructions = [m.content for m in conv.messages if m.role in INSTRUCTION_ROLES]
-    if instructions:
-        add(f"{START}developer{MESSAGE}# Instructions\n\n" + "\n\n".join(instructions) + END, False)
-
-    last = conv.last_assistant_index
+    out = _Writer()
+    system = system_content(
+        conv.reasoning_effort or reasoning_effort, current_date,
+        builtin_tools=conv.builtin_tools, function_tools=bool(conv.tools),
+    )
+    out.add(f"{START}system{MESSAGE}{system}{END}", False)
+    developer = developer_content(conv)
+    if developer is not None:
+        out.add(f"{START}developer{MESSAGE}{developer}{END}", False)
+    last_user = conv.last_user_index
+    last = len(conv.messages) - 1
+    render_message = _native if conv.native else _chat
     for i, message in enumerate(conv.messages):
-        if message.role == "user":
-            add(f"{START}user{MESSAGE}{message.content}{END}", False)
-        elif message.role == "assistant":
-            is_last = i == last
-            trained = loss_mask != "last_turn" or is_last
-            if is_last and message.thinking is not None:
-                add(f"{START}assistant{CHANNEL}analysis{MESSAGE}", False)
-                add(message.thinking + END, trained and loss_mask != "final_only")
-            add(f"{START}assistant{CHANNEL}final{MESSAGE}", False)
-            add(message.content + (RETURN if is_last else END), trained)
-    return segments
+        if message.role not in INSTRUCTION_ROLES:
+            in_last_turn = i > last_user
+            train_any = loss_mask == "assistant" or (loss_mask == "last_turn" and in_last_turn)
+            train_final = train_any or loss_mask == "final_only"
+            render_message(out, message, in_last_turn, i == last, train_any, train_final)
+    return out.segments
+
+
+def _chat(out: _Writer, m: Message, in_last_turn: bool, is_last: bool, train_any: bool, train_final: bool) -> None:
+    if m.role == "user":
+        out.add(f"{START}user{MESSAGE}{m.content}{END}", False)
+    elif m.role == "tool":
+        out.add(f"{START}functions.{m.name} to=assistant{CHANNEL}commentary{MESSAGE}{m.content}{END}", False)
+    else:
+        if m.thinking is not None and in_last_turn:
+            out.add(f"{START}assistant{CHANNEL}analysis{MESSAGE}", False)
+            out.add(m.thinking + END, train_any)
+        if m.tool_calls:
+            if m.content:
+                out.add(f"{START}assistant{CHANNEL}commentary{MESSAGE}", False)
+                out.add(m.content + END, train_any)
+            for call in m.tool_calls:
+                out.add(f"{START}assistant", False)
+                out.add(f" to=functions.{call.name}", train_any)
+                out.add(f"{CHANNEL}commentary {CONSTRAIN}json{MESSAGE}", False)
+                out.add(call.arguments + CALL, train_any)
+        else:
+            out.add(f"{START}assistant{CHANNEL}final{MESSAGE}", False)
+            out.add(m.content + (RETURN if is_last else END), train_final)
+
+
+def _native(out: _Writer, m: Message, in_last_turn: bool, is_last: bool, train_any: bool, train_final: bool) -> None:
+    assistant = m.role == "assistant"
+    if assistant and m.channel == "analysis" and m.recipient is None and not in_last_turn:
+        return
+    author = m.name if m.role == "tool" else (m.role if m.name is None else f"{m.role}:{m.name}")
+    header = f"{START}{author}"
+    recipient = f" to={m.recipient}" if m.recipient is not None else ""
+    trained = assistant and (train_final if m.channel == "final" else train_any)
+    if assistant and recipient:
+        out.add(header, False)
+        out.add(recipient, trained)
+        header = ""
+    else:
+        header += recipient
+    if m.channel is not None:
+        header += f"{CHANNEL}{m.channel}"
+    if m.content_type is not None:
+        header += f" {m.content_type}"
+    out.add(header + MESSAGE, False)
+    if assistant and m.recipient is not None:
+        end = CALL
+    else:
+        end = RETURN if is_last and assistant and m.channel == "final" else END
+    out.add(m.content + end, trained)
 
 
 def render(

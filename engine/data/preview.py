@@ -5,8 +5,9 @@
                                        [--color auto|always|never]
 
 Trained text is green on a terminal and wrapped in [[...]] otherwise. Each record gets its token
-counts (total / trained, trained = tokens that carry loss); invalid records show their error and
-the preview goes on.
+counts (total / trained, trained = tokens that carry loss) and its tool traffic (calls, results);
+invalid records show their error and the preview goes on. Tool calls show which parts train (the
+recipient, the arguments, `<|call|>`); tool results never do.
 """
 
 import argparse
@@ -16,7 +17,7 @@ from typing import TextIO
 
 from engine.data.config import LOSS_MASKS, REASONING_EFFORTS, DataConfig
 from engine.data.dataset import DataError, DocumentEncoder, JsonlFile
-from engine.data.harmony import Segment
+from engine.data.harmony import CALL, CHANNEL, Segment
 from engine.data.records import RecordError
 from engine.data.tokenizer import load_tokenizer
 
@@ -60,7 +61,10 @@ def preview(
         targets = int(flags[1:].sum())
         total += len(ids)
         trained += targets
-        print(f"=== {path}:{line_number}: {len(ids)} tokens, {targets} trained", file=out)
+        text = "".join(s.text for s in segments)
+        calls, results = text.count(CALL), text.count(" to=assistant" + CHANNEL)
+        print(f"=== {path}:{line_number}: {len(ids)} tokens, {targets} trained, {calls} tool calls, "
+              f"{results} tool results", file=out)
         print(mark(segments, color) + "\n", file=out)
     print(f"total: {total} tokens, {trained} trained ({100 * trained / max(total, 1):.1f}%)", file=out)
     return total, trained

@@ -4,6 +4,10 @@ Loads `tokenizer.json` from a model directory (the GPT-OSS o200k_harmony one, or
 shipped in engine/data/assets for the tiny models) and checks at load time that every harmony
 special token encodes as exactly one id: a tokenizer that splits `<|return|>` into pieces would
 train the model on a format it can never emit.
+
+Encoding splits each segment at the harmony special tokens (the tokenizer would split there too,
+so the ids are the same) and remembers the ids of each text piece: the system message, the tool
+schemas and the role/channel headers repeat in every record and are tokenized once.
 """
 
 import re
@@ -15,6 +19,11 @@ from tokenizers import Tokenizer
 
 from engine.data.config import default_tokenizer_path
 from engine.data.harmony import ENDOFTEXT, HARMONY_SPECIAL_TOKENS, Segment
+from engine.data.word_cache import WordCacheEncoder
+
+
+# Characters of text pieces whose ids are remembered before the memory is cleared (~tens of MB).
+_CACHE_CHARS = 8_000_000
 
 
 class TokenizerError(ValueError):
@@ -36,6 +45,10 @@ class HarmonyTokenizer:
             (t.content for t in backend.get_added_tokens_decoder().values() if t.special), key=len, reverse=True
         )
         self._special_pattern = re.compile("|".join(map(re.escape, specials)))
+        self._split = re.compile("(" + "|".join(map(re.escape, HARMONY_SPECIAL_TOKENS)) + ")").split
+        self._pieces: dict[str, list[int]] = {}
+        self._cached_chars = 0
+        self._words = WordCacheEncoder.for_tokenizer(backend)
 
     def _single_id(self, token: str) -> int:
         ids = self.backend.encode(token, add_special_tokens=False).ids
@@ -71,24 +84,64 @@ class HarmonyTokenizer:
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per document: (ids [L] int64, trained [L] bool), trained marking loss-carrying tokens.
 
-        All segments of all documents go to the tokenizer in one call, which runs in Rust with
-        the GIL released, so the prefetch thread does not stall the training loop.
+        Pieces not seen before go to the word-cache encoder when the tokenizer allows it
+        (engine/data/word_cache.py), else to the tokenizer in one call, which runs in Rust with
+        the GIL released.
         """
-        texts = [segment.text for doc in documents for segment in doc]
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        pieces = self._pieces
+        split = self._split
+        new_chars = 0
+        if self._words is None:
+            new = {
+                part: None
+                for doc in documents for segment in doc for part in split(segment.text)[::2]
+                if part and part not in pieces
+            }
+            if new:
+                texts = list(new)
+                for text, encoding in zip(texts, self.backend.encode_batch_fast(texts, add_special_tokens=False)):
+                    pieces[text] = encoding.ids
+                new_chars = sum(map(len, texts))
+        special_ids = self.special_ids
         out = []
-        k = 0
         for doc in documents:
             ids: list[int] = []
-            flags: list[np.ndarray] = []
+            lengths, flags = [], []
             for segment in doc:
-                seg_ids = encodings[k].ids
-                k += 1
-                ids.extend(seg_ids)
-                flags.append(np.full(len(seg_ids), segment.trained, dtype=bool))
-            trained = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
-            out.append((np.asarray(ids, dtype=np.int64), trained))
+                before = len(ids)
+                for k, part in enumerate(split(segment.text)):
+                    if k % 2:
+                        ids.append(special_ids[part])
+                    elif part:
+                        part_ids = pieces.get(part)
+                        if part_ids is None:
+                            part_ids = pieces[part] = self._encode_piece(part)
+                            new_chars += len(part)
+                        ids += part_ids
+                lengths.append(len(ids) - before)
+                flags.append(segment.trained)
+            out.append((np.asarray(ids, dtype=np.int64), np.repeat(np.asarray(flags, dtype=bool), lengths)))
+        self._remember(new_chars)
         return out
+
+    def _encode_piece(self, text: str) -> list[int]:
+        # Text with "<|" may hold another added token: leave those to the tokenizer.
+        if self._words is None or "<|" in text:
+            return self.encode(text)
+        return self._words.encode(text)
+
+    def clear_cache(self) -> None:
+        """Forget the remembered text pieces and words (benchmarks start each pass from nothing)."""
+        self._pieces.clear()
+        self._cached_chars = 0
+        if self._words is not None:
+            self._words.clear()
+
+    def _remember(self, chars: int) -> None:
+        # Message contents rarely repeat: bound the memory instead of tracking what is worth keeping.
+        self._cached_chars += chars
+        if self._cached_chars > _CACHE_CHARS:
+            self.clear_cache()
 
 
 def load_tokenizer(path: str | Path | None = None) -> HarmonyTokenizer:

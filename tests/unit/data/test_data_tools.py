@@ -5,6 +5,7 @@ import json
 from collections import Counter
 
 from engine.data import make_sample, make_tokenizer
+from engine.data.agentic_sample import agentic_sample_paths
 from engine.data.config import default_sample_paths, default_tokenizer_path
 from engine.data.preview import main as preview_main
 from engine.data.preview import preview
@@ -33,9 +34,10 @@ def test_preview_cli_colors_on_request(capsys):
 
 def test_shipped_assets_are_what_the_scripts_generate(tmp_path):
     make_sample.main(["--out-dir", str(tmp_path)])
-    for shipped in default_sample_paths():
+    for shipped in (*default_sample_paths(), *agentic_sample_paths()):
         assert (tmp_path / shipped.name).read_bytes() == shipped.read_bytes()
-    make_tokenizer.main(["--data", str(tmp_path / default_sample_paths()[0].name), "--out", str(tmp_path / "tok")])
+    data = [str(tmp_path / default_sample_paths()[0].name), str(tmp_path / agentic_sample_paths()[0].name)]
+    make_tokenizer.main(["--data", *data, "--out", str(tmp_path / "tok")])
     assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == default_tokenizer_path().read_bytes()
 
 
@@ -51,3 +53,42 @@ def test_sample_data_covers_every_path():
     assert roles["developer"] > 30 and roles["system"] > 10
     assert sum(any("thinking" in m for m in r["messages"]) for r in chats) > 100
     assert sum(sum(m["role"] == "user" for m in r["messages"]) > 1 for r in chats) > 50
+
+
+def test_agentic_sample_covers_tool_traffic():
+    from engine.data.records import parse_record
+
+    with agentic_sample_paths()[0].open() as f:
+        records = [json.loads(line) for line in f]
+    conversations = [parse_record(r) for r in records]  # every record is valid
+    calls = Counter(len(m.tool_calls) for c in conversations for m in c.messages if m.tool_calls)
+    assert calls[1] > 50 and calls[2] > 10, "single and parallel calls"
+    assert sum(c.native for c in conversations) > 5
+    assert sum(c.messages[-1].tool_calls != () for c in conversations) > 5, "records ending with a call"
+    assert sum(any(m.role == "tool" and m.tool_call_id for m in c.messages) for c in conversations) > 10
+    assert sum(any(m.tool_calls and m.content for m in c.messages) for c in conversations) > 10, "preambles"
+    assert all(Counter(r.get("reasoning_effort") for r in records)[e] > 30 for e in ("low", "medium", "high", None))
+
+
+def test_preview_shows_tool_calls_results_and_what_trains(tokenizer):
+    out = io.StringIO()
+    preview(str(agentic_sample_paths()[0]), n=20, tokenizer_path=None, loss_mask="assistant",
+            reasoning_effort="medium", current_date=None, color=False, out=out)
+    text = out.getvalue()
+    assert "namespace functions {" in text
+    # The call's recipient and arguments train, its headers do not; the tool's result never trains.
+    assert "<|start|>assistant[[ to=functions.get_weather]]<|channel|>commentary <|constrain|>json<|message|>[[{" in text
+    assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp_c"' in text
+    assert "[[{\"temp_c\"" not in text
+
+
+def test_agentic_sample_fits_the_tiny_recipe_with_the_shipped_tokenizer(tokenizer):
+    from engine.data.config import DataConfig
+    from engine.data.dataset import DocumentEncoder, JsonlFile
+
+    for path in agentic_sample_paths():
+        file = JsonlFile(path)
+        encoder = DocumentEncoder(DataConfig(max_seq_len=256), tokenizer)  # tiny_sft's max_seq_len
+        docs = encoder.encode(file.path, file.read(range(len(file))))
+        assert all(d is not None and d.num_targets > 0 for d in docs)
+        assert encoder.stats.dropped_overlong == 0 and encoder.stats.skipped_invalid == 0
