@@ -7,12 +7,37 @@ read `counts` on the host, so they sync; they are for tests and for running with
 import torch
 
 
-def swiglu_reference(h, alpha=1.702, limit=7.0):
-    """GPT-OSS clamped SwiGLU: h [.., 2I] with interleaved gate/up columns -> [.., I]."""
+def _swiglu_math(h, alpha, limit):
     gate, up = h[..., 0::2], h[..., 1::2]
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Keeps only h for the backward and differentiates the same math again there: plain autograd
+    would keep four more [M, I] intermediates (clamps, sigmoid, products)."""
+
+    @staticmethod
+    def forward(ctx, h, alpha, limit):
+        ctx.save_for_backward(h)
+        ctx.alpha, ctx.limit = alpha, limit
+        return _swiglu_math(h, alpha, limit)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (h,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = h.detach().requires_grad_()
+            (dh,) = torch.autograd.grad(_swiglu_math(leaf, ctx.alpha, ctx.limit), leaf, grad_out)
+        return dh, None, None
+
+
+def swiglu_reference(h, alpha=1.702, limit=7.0):
+    """GPT-OSS clamped SwiGLU: h [.., 2I] with interleaved gate/up columns -> [.., I]."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _SwiGLU.apply(h, alpha, limit)
+    return _swiglu_math(h, alpha, limit)
 
 
 def _groups(counts):
@@ -47,6 +72,31 @@ def expert_mlp_reference(x, counts, w_gu, b_gu, w_d, b_d, *, alpha=1.702, limit=
         y = swiglu_reference(h, alpha, limit) @ w_d[e]  # [rows, H]
         pieces.append(y + b_d[e] if b_d is not None else y)
     return torch.cat(pieces)
+
+
+def lora_delta_reference(x, counts, a, b, scaling):
+    """scaling * (x_e @ a[e]) @ b[e] per expert group; a [E, in, r], b [E, r, out], or one shared
+    a [in, r], b [r, out] for every expert."""
+    if a.dim() == 2:
+        return (x @ a) * scaling @ b
+    z = grouped_linear_reference(x, counts, a) * scaling  # [M, r]
+    return grouped_linear_reference(z, counts, b)
+
+
+def expert_mlp_lora_reference(x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *, alpha=1.702,
+                              limit=7.0, gather_idx=None):
+    """The expert MLP with a low-rank adapter (a, b) or None on each projection:
+    h = x W_gu + b_gu + s (x A_gu) B_gu;  y = swiglu(h) W_d + b_d + s (swiglu(h) A_d) B_d."""
+    if gather_idx is not None:
+        x = x[gather_idx]
+    h = grouped_linear_reference(x, counts, w_gu, b_gu)
+    if lora_gu is not None:
+        h = h + lora_delta_reference(x, counts, *lora_gu, scaling)
+    act = swiglu_reference(h, alpha, limit)
+    y = grouped_linear_reference(act, counts, w_d, b_d)
+    if lora_d is not None:
+        y = y + lora_delta_reference(act, counts, *lora_d, scaling)
+    return y
 
 
 def scatter_combine_reference(y_sorted, token_idx, weights, num_tokens):

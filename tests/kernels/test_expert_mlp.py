@@ -105,6 +105,24 @@ def test_clamp_boundaries_match_torch_clamp():
     check_grads(y, inputs, y_ref, ref_inputs, torch.float32)
 
 
+def test_nan_propagates_through_the_clamp():
+    # torch.clamp keeps NaN; a clamp built from min/max would turn it into +-limit and hide a
+    # diverged pre-activation from the trainer's NaN guard. Row 0 of x carries a NaN; rows 1.. not.
+    torch.manual_seed(0)
+    sizes = [3, 2]
+    inputs, _ = _inputs(sizes, torch.float32, False, trainable=())
+    x = inputs["x"].detach().clone()
+    x[0, 0] = float("nan")
+    inputs["x"] = x
+    counts = counts_of(sizes)
+    with _runtime.force_blocks(**SMALL_BLOCKS):
+        y = _call(expert_mlp, inputs, counts, None)
+    y_ref = _call(expert_mlp_reference, inputs, counts.cpu(), None)
+    assert torch.isnan(y_ref[0]).all() and torch.isnan(y[0]).all(), "a NaN input row must give a NaN output row"
+    assert not torch.isnan(y[1:]).any()
+    assert_close(y[1:], y_ref[1:], torch.float32, "y")
+
+
 @pytest.mark.parametrize("gather", [False, True])
 def test_frozen_weights_compute_no_dw(monkeypatch, gather):
     # LoRA-style: every expert weight and bias frozen; only x gets a gradient.
