@@ -100,6 +100,7 @@ def moe_rows(cfg, tokens: int, dtype, device: torch.device) -> list[dict]:
     from transformers import GptOssConfig as HFConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
+    from engine.moe.backends import experts_backend
     from engine.moe.layer import MoEBlock
 
     with torch.device(device):
@@ -113,7 +114,7 @@ def moe_rows(cfg, tokens: int, dtype, device: torch.device) -> list[dict]:
     rows = []
     # triton first, the backend the model trains with on GPU: the summary's ratio is taken for it.
     for backend in ("triton", "grouped_mm", "loop"):
-        ours.experts.backend = backend
+        ours.experts.backend = experts_backend(backend)
         n = tokens
         if backend == "triton" and device.type == "cpu":
             # The Triton interpreter needs ~10 s at 512 tokens, <1 s at 128. Every tensor this layer

@@ -7,8 +7,11 @@ Training mode, every weight trainable, the input requiring grad (as inside a mod
 routing (random; skewed: a router bias makes a few experts hot and a quarter of them empty) and
 each of our experts backends (loop, grouped_mm, triton; triton not on CPU, where only its slow
 interpreter runs it), the whole layer forward and forward+backward, then the experts call alone
-on the same routed rows: `experts share` = experts time / layer time, the part of the layer spent
-in the expert GEMMs (target >= 75 %). transformers' GptOssMLP gets the same weights and runs each
+on the same routed rows, and the other phases alone (route, dispatch, combine around experts that
+only gather their rows): `experts share` = experts / (experts + other phases), the part of the layer
+spent in the expert GEMMs (target >= 75 %); both parts are timed on their own, so the share stays a
+share even where timings are noisy (CPU). Before any timing, each of our backends' layer output is
+checked against transformers' on the same input (`check_max_err`, relative to max |ref|). transformers' GptOssMLP gets the same weights and runs each
 experts implementation it offers for training at these shapes: `eager` (a loop over experts) and
 `grouped_mm` (its default in transformers 5); `batched_mm` gathers one weight matrix per routed
 row (65536 x 33 MB here) and is left out. `x hf` = transformers' time / ours (> 1: ours faster;
@@ -22,8 +25,11 @@ import argparse
 import torch
 
 import common
+from engine.moe.backends import experts_backend
 from engine.moe.dispatch import permute
 from engine.moe.layer import MoEBlock
+
+CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |ours - hf| / max |hf|
 
 FULL = dict(tokens=4 * 4096, hidden=2880, width=2880, experts=32, top_k=4, dtype=torch.bfloat16, warmup=3, iters=10)
 SMALL = dict(tokens=2 * 128, hidden=128, width=128, experts=8, top_k=4, dtype=torch.float32, warmup=1, iters=5)
@@ -70,6 +76,25 @@ def routing_stats(block: MoEBlock, x: torch.Tensor) -> dict:
             "rows_per_expert": counts.long().tolist()}
 
 
+def other_phases(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
+    """The layer with experts that only gather their rows: route, dispatch and combine alone."""
+    flat = x.reshape(-1, x.shape[-1])
+    weights, indices, _ = block.router(flat)
+    d = block.dispatcher.dispatch(flat, weights, indices)
+    return block.dispatcher.combine(d.x[d.gather_idx], d, block.experts.backend)
+
+
+def check_against_hf(ours: MoEBlock, hf, x: torch.Tensor, dtype) -> float:
+    """max |ours - hf| / max |hf| of the layer outputs; raises when over the dtype's tolerance."""
+    with torch.no_grad():
+        want = hf(x)[0].float()
+        err = float((ours(x).float() - want).abs().max() / want.abs().max().clamp(min=1e-12))
+    if not err <= CHECK_TOL[dtype]:
+        raise AssertionError(f"ours ({ours.experts.backend}) differs from transformers by {err:.2e} of max |ref| "
+                             f"(tolerance {CHECK_TOL[dtype]:.0e}): not timing a wrong result")
+    return err
+
+
 def fwd_and_bwd(fwd, inputs: list[torch.Tensor]):
     """(forward, forward+backward) closures; the backward takes grads w.r.t. `inputs` without
     accumulating into .grad, so every call does the same work."""
@@ -112,14 +137,23 @@ def run_routing(shape: dict, device: torch.device, routing: str, backends: list[
         perm = permute(indices, shape["experts"])
     x_flat = x.detach().reshape(-1, shape["hidden"]).requires_grad_()
     for backend in backends:
-        ours.experts.backend = backend
-        timings = measure(lambda: ours(x), [x, *ours.parameters()], shape, device)
-        row = dict(routing=routing, impl=f"ours {backend}", **timings)
+        ours.experts.backend = experts_backend(backend)
+        hf_cfg._experts_implementation = "eager"
+        err, check_error = common.attempt(lambda: check_against_hf(ours, hf, x, shape["dtype"]))
+        row = dict(routing=routing, impl=f"ours {backend}", check_max_err=err)
+        if check_error:
+            row["check_error"] = check_error
+            rows.append(row)
+            continue
+        row.update(measure(lambda: ours(x), [x, *ours.parameters()], shape, device))
         alone = measure(lambda: ours.experts(x_flat, perm.counts, gather_idx=perm.token_of_row),
                         [x_flat, *ours.experts.parameters()], shape, device)
+        rest = measure(lambda: other_phases(ours, x), [x, *ours.router.parameters()], shape, device)
         row["experts_fwd_ms"], row["experts_fwd_bwd_ms"] = alone.get("fwd_ms"), alone.get("fwd_bwd_ms")
+        row["other_fwd_ms"], row["other_fwd_bwd_ms"] = rest.get("fwd_ms"), rest.get("fwd_bwd_ms")
         for key in ("fwd", "fwd_bwd"):
-            row[f"experts_share_{key}"] = common.ratio(row[f"experts_{key}_ms"], row.get(f"{key}_ms"))
+            e_ms, o_ms = row[f"experts_{key}_ms"], row[f"other_{key}_ms"]
+            row[f"experts_share_{key}"] = common.ratio(e_ms, e_ms + o_ms) if e_ms and o_ms else None
             row[f"x_hf_eager_{key}"] = common.ratio(hf_eager.get(f"{key}_ms"), row.get(f"{key}_ms"))
             row[f"x_hf_best_{key}"] = common.ratio(hf_best[f"{key}_ms"], row.get(f"{key}_ms"))
         # Expert GEMM FLOPs (2 per multiply-add; backward twice the forward) over the layer's time.
