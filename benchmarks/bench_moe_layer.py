@@ -118,20 +118,22 @@ def measure(fwd, inputs, shape, device) -> dict:
     return out
 
 
-def run_routing(shape: dict, device: torch.device, routing: str, backends: list[str]) -> tuple[list[dict], dict]:
+def run_routing(shape: dict, device: torch.device, routing: str, backends: list[str], rows: list) -> dict:
+    """Appends one row per implementation to `rows` as it is measured; returns the routing's stats."""
     ours, hf, hf_cfg = build(shape, device, routing)
     torch.manual_seed(1)
     x = torch.randn(1, shape["tokens"], shape["hidden"], device=device, dtype=shape["dtype"], requires_grad=True)
     stats = routing_stats(ours, x)
     print(f"{routing} routing: max/mean rows per expert {stats['max_over_mean']:.2f}, "
           f"{stats['empty_experts']} empty experts")
-    rows = []
+    first = len(rows)
     for impl in HF_IMPLS:
         hf_cfg._experts_implementation = impl  # read by GptOssExperts at every call
         timings = measure(lambda: hf(x)[0], [x, *hf.parameters()], shape, device)
         rows.append(dict(routing=routing, impl=f"hf {impl}", **timings))
-    hf_best = {key: min((r[key] for r in rows if r.get(key)), default=None) for key in ("fwd_ms", "fwd_bwd_ms")}
-    hf_eager = rows[0]
+    hf_rows = rows[first:]
+    hf_best = {key: min((r[key] for r in hf_rows if r.get(key)), default=None) for key in ("fwd_ms", "fwd_bwd_ms")}
+    hf_eager = hf_rows[0]
     with torch.no_grad():
         _, indices, _ = ours.router(x.reshape(-1, shape["hidden"]))
         perm = permute(indices, shape["experts"])
@@ -160,7 +162,7 @@ def run_routing(shape: dict, device: torch.device, routing: str, backends: list[
         fwd_flops = 6 * shape["tokens"] * shape["top_k"] * shape["hidden"] * shape["width"]
         row["tflops_fwd_bwd"] = common.ratio(3 * fwd_flops / 1e9, row.get("fwd_bwd_ms"))
         rows.append(row)
-    return rows, stats
+    return stats
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -181,10 +183,9 @@ def main(argv=None) -> None:
     args = common.parse_args(parser, argv)
     shape = SMALL if args.cpu else FULL
     backends = ["loop", "grouped_mm"] + ([] if args.cpu else ["triton"])
-    rows, stats = [], {}
+    rows, stats = common.LiveRows("moe_layer", args), {}
     for routing in ("random", "skewed"):
-        routing_rows, stats[routing] = run_routing(shape, args.device, routing, backends)
-        rows += routing_rows
+        stats[routing] = run_routing(shape, args.device, routing, backends, rows)
         common.free_memory(args.device)  # the routing's two layers, now out of scope
     common.print_table(rows, [
         ("routing", "routing", ""), ("impl", "impl", ""), ("fwd_ms", "fwd ms", ".3f"),
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
     common.write_json("moe_layer", args, {
         "shapes": {k: str(v) if k == "dtype" else v for k, v in shape.items()},
         "targets": {"x_hf_fwd_bwd": ">= 4", "experts_share_fwd_bwd": ">= 0.75"},
-        "routing_stats": stats, "summary": summary, "results": rows})
+        "routing_stats": stats, "summary": summary, "results": list(rows)})
 
 
 if __name__ == "__main__":

@@ -53,7 +53,10 @@ def grouped_linear_reference(x, counts, w, b=None, gather_idx=None):
     """y [M, N] = x_e @ w[e] + b[e] per expert's contiguous row group (see grouped_linear)."""
     if gather_idx is not None:
         x = x[gather_idx]  # [M, K] in sorted order
-    pieces = [x.new_zeros(0, w.shape[2])]
+    # An empty product, not new_zeros: the output stays connected to x, w and b when every group is
+    # empty, so a backward still runs (expert parallelism's exchanges need it on every rank) and
+    # gives every weight a (zero) gradient, as a layer whose experts got rows does.
+    pieces = [x[:0] @ w[0] + (0 if b is None else b[0])] if w.shape[0] else [x.new_zeros(0, w.shape[2])]
     for e, s, t in _groups(counts):
         y = x[s:t] @ w[e]
         pieces.append(y + b[e] if b is not None else y)
@@ -64,7 +67,11 @@ def expert_mlp_reference(x, counts, w_gu, b_gu, w_d, b_d, *, alpha=1.702, limit=
     """swiglu(x_e @ w_gu[e] + b_gu[e]) @ w_d[e] + b_d[e] per expert group (see expert_mlp)."""
     if gather_idx is not None:
         x = x[gather_idx]  # [M, H] in sorted order
+    # Connected to the inputs even when every group is empty (see grouped_linear_reference).
     pieces = [x.new_zeros(0, w_d.shape[2])]
+    if w_gu.shape[0]:
+        h0 = x[:0] @ w_gu[0] + (0 if b_gu is None else b_gu[0])  # [0, 2I]
+        pieces = [h0[:, 0::2] @ w_d[0] + (0 if b_d is None else b_d[0])]
     for e, s, t in _groups(counts):
         h = x[s:t] @ w_gu[e]  # [rows, 2I]
         if b_gu is not None:

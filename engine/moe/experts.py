@@ -10,6 +10,8 @@ The math lives in the backend (engine.moe.backends); LoRA wraps this module (eng
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -20,12 +22,44 @@ EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bi
 
 def compute_weights(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(x, the four expert weights) in the compute dtype: under autocast, which does not reach grouped
-    GEMMs, both are cast by hand (fp32 master weights, bf16 compute); otherwise unchanged."""
+    GEMMs, both are cast by hand (fp32 master weights, bf16 compute); otherwise unchanged. Run the
+    experts inside `recast_in_backward(weights)` so that the casts are not kept for the backward."""
     weights = tuple(getattr(module, n) for n in EXPERT_PARAMS)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         return x.to(dtype), tuple(w.to(dtype) for w in weights)
     return x, weights
+
+
+@contextlib.contextmanager
+def recast_in_backward(module: nn.Module, casts: tuple[torch.Tensor, ...]):
+    """Keep the module's own (fp32) parameters for the backward instead of their per-forward casts
+    `casts` (or views of them), and cast again when the backward needs one: full SFT under autocast
+    would otherwise hold a bf16 copy of every layer's expert weights from its forward to its backward
+    (~1.6 GB a layer at GPT-OSS-20B shapes). Costs one cast per weight in the backward."""
+    sources = {}
+    for name, cast in zip(EXPERT_PARAMS, casts):
+        param = getattr(module, name)
+        if cast is not param:
+            sources[cast.untyped_storage().data_ptr()] = (param, cast.dtype)
+    if not sources:
+        yield
+        return
+
+    def pack(t: torch.Tensor):
+        hit = sources.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        if hit is None:
+            return t
+        return hit + (t.size(), t.stride(), t.storage_offset())
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        param, dtype, size, stride, offset = packed
+        return param.detach().to(dtype).as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 class GroupedExperts(nn.Module):
@@ -46,7 +80,8 @@ class GroupedExperts(nn.Module):
 
         With `gather_idx` [M], x is the token tensor [T, H] and row r of the grouped order is x[gather_idx[r]]."""
         x, weights = compute_weights(self, x)
-        return self.backend.mlp(x, counts, *weights, alpha=self.alpha, limit=self.limit, gather_idx=gather_idx)
+        with recast_in_backward(self, weights):
+            return self.backend.mlp(x, counts, *weights, alpha=self.alpha, limit=self.limit, gather_idx=gather_idx)
 
     def extra_repr(self) -> str:
         e, h, i2 = self.gate_up_proj.shape

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..models.gpt_oss.config import ConfigError
 from ..moe.backends import ExpertAdapters
-from ..moe.experts import EXPERT_PARAMS, GroupedExperts, compute_weights
+from ..moe.experts import EXPERT_PARAMS, GroupedExperts, compute_weights, recast_in_backward
 from .config import ATTENTION_TARGETS, EXPERT_TARGETS, LoraConfig
 
 _SHORT = {"gate_up_proj": "gate_up", "down_proj": "down"}  # parameter name stems inside ExpertLoRA
@@ -126,10 +126,11 @@ class LoraExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor, gather_idx: torch.Tensor | None = None) -> torch.Tensor:
         """As GroupedExperts.forward, with each adapted projection's output x W + scaling * (x A) B."""
         x, weights = compute_weights(self, x)
-        if self.lora.merged:
-            return self.backend.mlp(x, counts, *weights, alpha=self.alpha, limit=self.limit, gather_idx=gather_idx)
-        return self.backend.lora_mlp(x, counts, *weights, self.lora.adapters(), alpha=self.alpha, limit=self.limit,
-                                     gather_idx=gather_idx)
+        with recast_in_backward(self, weights):
+            if self.lora.merged:
+                return self.backend.mlp(x, counts, *weights, alpha=self.alpha, limit=self.limit, gather_idx=gather_idx)
+            return self.backend.lora_mlp(x, counts, *weights, self.lora.adapters(), alpha=self.alpha,
+                                         limit=self.limit, gather_idx=gather_idx)
 
     def extra_repr(self) -> str:
         e, h, i2 = self.gate_up_proj.shape

@@ -126,3 +126,13 @@ def test_ep_bytes_small_run():
     row = [line for line in p.stdout.splitlines() if line.startswith("| 2 |")][-1]
     dispatch, combine = (int(cell.strip().rstrip(" B").replace(",", "")) for cell in row.split("|")[2:4])
     assert dispatch > 0 and dispatch == combine, row  # what goes out comes back, byte for byte
+
+
+def test_results_are_checked_before_timing(runs):
+    out, _ = runs
+    gemm = json.loads((out / "grouped_gemm_cpu.json").read_text())
+    assert gemm["checks"] and all("error" not in c and c["max_rel_err"] <= 1e-4 for c in gemm["checks"])
+    assert "partial" not in gemm  # the last write is the complete one
+    layer = json.loads((out / "moe_layer_cpu.json").read_text())
+    ours = [r for r in layer["results"] if r["impl"].startswith("ours")]
+    assert ours and all(r["check_max_err"] <= 1e-4 for r in ours)

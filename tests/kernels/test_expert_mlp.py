@@ -76,6 +76,19 @@ def test_bf16_gpu(case, gather):
     _run(GROUP_CASES[case], dtype=torch.bfloat16, gather=gather)
 
 
+PRODUCTION_SIZES = [130, 0, 257, 128, 200]  # >= 128 rows per expert: 128-row tiles, as training at 20B shapes
+
+
+@needs_cuda
+@pytest.mark.parametrize("gather", [False, True])
+def test_bf16_gpu_production_tiles(gather):
+    # The 128-row tiles (wgmma on Hopper) that training uses, forward and backward, against fp64.
+    from kernels.tile_map import choose_block_m
+
+    assert choose_block_m(sum(PRODUCTION_SIZES), len(PRODUCTION_SIZES)) == 128
+    _run(PRODUCTION_SIZES, dtype=torch.bfloat16, gather=gather)
+
+
 def test_no_rows_at_all():
     # Every expert empty: an empty output, and exact-zero gradients (every buffer still written).
     inputs, _ = _inputs([0, 0, 0], torch.float32, False)
