@@ -25,6 +25,18 @@ PLAIN, SWIGLU, SWIGLU_BWD = 0, 1, 2
 _GROUP_M = 8  # m-tiles that sweep the n-blocks together, so their weight tiles stay in L2
 
 
+def _torch_clamp_grad_at_bounds() -> bool:
+    """Whether torch.clamp passes the gradient at exactly its bounds: PyTorch 2.13 and earlier do
+    (closed range), 2.14 does not (open range). The fused SwiGLU backward follows the installed torch,
+    so its gradients equal the torch model's (and transformers') even on +-limit exactly."""
+    x = torch.tensor([-1.0, 1.0], requires_grad=True)
+    x.clamp(min=-1.0, max=1.0).sum().backward()
+    return bool((x.grad == 1.0).all())
+
+
+CLAMP_GRAD_AT_BOUNDS = tl.constexpr(_torch_clamp_grad_at_bounds())
+
+
 @triton.jit
 def clamp_keep_nan(x, lo, hi):
     """torch.clamp: a NaN stays NaN (tl.minimum/tl.maximum would turn it into a bound, hiding it)."""
@@ -43,15 +55,21 @@ def swiglu_fwd(gate, up, alpha, limit):
 def swiglu_bwd(d_act, gate_pre, up_pre, alpha, limit):
     """Gradients w.r.t. the unclamped gate and up, and the activation itself (recomputed).
 
-    Clamps pass gradient only inside their closed range, exactly as torch.clamp does.
+    Clamps pass gradient inside their range, at the bounds exactly as the installed torch.clamp does.
     """
     gate = clamp_keep_nan(gate_pre, -float("inf"), limit)
     up = clamp_keep_nan(up_pre, -limit, limit)
     sig = tl.sigmoid(alpha * gate)
     glu = gate * sig
     d_gate = d_act * (up + 1.0) * (sig + alpha * glu * (1.0 - sig))
-    d_gate = tl.where(gate_pre <= limit, d_gate, 0.0)
-    d_up = tl.where((up_pre >= -limit) & (up_pre <= limit), d_act * glu, 0.0)
+    if CLAMP_GRAD_AT_BOUNDS:
+        gate_in = gate_pre <= limit
+        up_in = (up_pre >= -limit) & (up_pre <= limit)
+    else:
+        gate_in = gate_pre < limit
+        up_in = (up_pre > -limit) & (up_pre < limit)
+    d_gate = tl.where(gate_in, d_gate, 0.0)
+    d_up = tl.where(up_in, d_act * glu, 0.0)
     return d_gate, d_up, glu * (up + 1.0)
 
 
