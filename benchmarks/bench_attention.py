@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     if args.cpu:  # uncompiled flex (CPU) warns that it materialises the scores: known, and said below
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     cfg = GptOssConfig.gpt_oss_20b(num_hidden_layers=2, **shape["arch"])
-    rows = []
+    rows = common.LiveRows("attention", args)  # the JSON is rewritten after each measurement
     for layer_type, idx in LAYERS.items():
         attn = build(cfg, idx, args.device, shape["dtype"])
         torch.manual_seed(1)

@@ -82,6 +82,28 @@ def gemm_methods(kernels, x, counts, w, counts_host):
     }, w0
 
 
+CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # max |out - ref| / max |ref|, ref in fp32
+
+
+def check_methods(results, methods: dict, reference, dtype, **key) -> set:
+    """Compare each method's output with `reference()` (fp32) before anything is timed; one entry per
+    method in the JSON's `checks`. Returns the methods that may be timed: a wrong result is not timed."""
+    with torch.no_grad():
+        ref = reference().float()
+        scale = ref.abs().max().clamp(min=1e-12)
+        passed = set()
+        for method, fn in methods.items():
+            err = float((fn().float() - ref).abs().max() / scale)
+            ok = err <= CHECK_TOL[dtype]  # NaN fails too
+            results.checks.append(dict(key, method=method, max_rel_err=err,
+                                       **({} if ok else {"error": f"result off by {err:.2e} of max |ref|: not timed"})))
+            if not ok:
+                print(f"!!! {key} {method}: {results.checks[-1]['error']}")
+            if ok:
+                passed.add(method)
+    return passed
+
+
 def run_gemms(kernels, cfg, device, bench, results):
     m = cfg["tokens"] * cfg["top_k"]
     for routing in ("uniform", "skewed"):
@@ -91,10 +113,16 @@ def run_gemms(kernels, cfg, device, bench, results):
             x = torch.randn(m, k, device=device, dtype=cfg["dtype"], requires_grad=True)
             w = (torch.randn(cfg["experts"], k, n, device=device) * k**-0.5).to(cfg["dtype"]).requires_grad_()
             methods, w0 = gemm_methods(kernels, x, counts, w, counts_host)
+            op = f"gemm {name} {k}x{n}"
+            grouped = {k_: v for k_, v in methods.items() if k_ != "dense"}  # dense: same FLOPs, not the same product
+            ref = lambda: torch.cat([xe.float() @ w[e].float() for e, xe in enumerate(x.split(counts_host))])  # noqa: E731
+            ok = check_methods(results, grouped, ref, cfg["dtype"], op=op, routing=routing) | {"dense"}
             for passes, flops in (("fwd", 2 * m * k * n), ("fwd+bwd", 6 * m * k * n)):
                 for method, fwd in methods.items():
+                    if method not in ok:
+                        continue
                     fn = fwd if passes == "fwd" else with_backward(fwd, [x, w0 if method == "dense" else w])
-                    record(results, bench, fn, flops, op=f"gemm {name} {k}x{n}", routing=routing,
+                    record(results, bench, fn, flops, op=op, routing=routing,
                            passes=passes, method=method)
 
 
@@ -122,14 +150,25 @@ def run_expert_mlp(kernels, cfg, device, bench, results):
             methods = {"triton": lambda: kernels["expert_mlp"](x, counts, w_gu, b_gu, w_d, b_d, gather_idx=gather_idx),
                        "grouped_mm": composed}
             inputs = [x, w_gu, b_gu, w_d, b_d]
+            op = f"expert_mlp H{h} I{i}"
+
+            def reference():  # the same composition in fp32
+                xs = x.float().index_select(0, gather_idx)
+                act = swiglu(torch._grouped_mm(xs, w_gu.float(), offs=offs) + b_gu.float()[rows])
+                return torch._grouped_mm(act, w_d.float(), offs=offs) + b_d.float()[rows]
+
+            ok = check_methods(results, methods, reference, cfg["dtype"], op=op, routing=routing) if not frozen \
+                else set(methods)  # the frozen variant's forward is the same computation, checked above
             fwd_flops = 6 * m * h * i
             grads = ("fwd+bwd frozen W", 2 * fwd_flops) if frozen else ("fwd+bwd", 3 * fwd_flops)
             for passes, flops in (("fwd", fwd_flops), grads):
                 if frozen and passes == "fwd":
                     continue  # the forward does not depend on whether weights are frozen
                 for method, fwd in methods.items():
+                    if method not in ok:
+                        continue
                     fn = fwd if passes == "fwd" else with_backward(fwd, inputs)
-                    record(results, bench, fn, flops, op=f"expert_mlp H{h} I{i}", routing=routing,
+                    record(results, bench, fn, flops, op=op, routing=routing,
                            passes=passes, method=method)
 
 
@@ -195,24 +234,42 @@ def main(argv=None):
     kernels = dict(grouped_linear=grouped_linear, expert_mlp=expert_mlp, scatter_combine=scatter_combine,
                    scatter_combine_reference=scatter_combine_reference, swiglu_reference=swiglu_reference)
     cfg, device = (SMALL, "cpu") if args.cpu else (FULL, "cuda")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
+    header = dict(benchmark="grouped_gemm", mode="cpu" if args.cpu else "full", device=device_name,
+                  torch=torch.__version__, triton=triton.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  shapes={k: str(v) if k == "dtype" else v for k, v in cfg.items()})
+    out_dir = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"grouped_gemm_{header['mode']}.json"
     torch.manual_seed(0)
-    bench, results = timer(device), []
+    bench, results = timer(device), _LiveResults(path, header)
     run_gemms(kernels, cfg, device, bench, results)
     run_expert_mlp(kernels, cfg, device, bench, results)
     run_combine(kernels, cfg, device, bench, results)
     add_ratios(results)
     print_table(results)
-
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
-    report = dict(benchmark="grouped_gemm", mode="cpu" if args.cpu else "full", device=device_name,
-                  torch=torch.__version__, triton=triton.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  shapes={k: str(v) if k == "dtype" else v for k, v in cfg.items()}, results=results)
-    out_dir = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"grouped_gemm_{report['mode']}.json"
-    path.write_text(json.dumps(report, indent=1))
+    results.flush(partial=False)
     print(f"wrote {path}")
+
+
+class _LiveResults(list):
+    """Result rows that rewrite the JSON after every measurement (marked partial until the end), so a
+    run killed by its time limit still leaves what it measured."""
+
+    def __init__(self, path: Path, header: dict):
+        super().__init__()
+        self.path, self.header, self.checks = path, header, []
+
+    def append(self, row) -> None:
+        super().append(row)
+        self.flush()
+
+    def flush(self, partial: bool = True) -> None:
+        report = dict(self.header, **({"partial": True} if partial else {}), checks=self.checks, results=list(self))
+        tmp = self.path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(self.path)
 
 
 if __name__ == "__main__":

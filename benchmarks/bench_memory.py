@@ -100,6 +100,7 @@ def moe_rows(cfg, tokens: int, dtype, device: torch.device) -> list[dict]:
     from transformers import GptOssConfig as HFConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
+    from engine.moe.backends import experts_backend
     from engine.moe.layer import MoEBlock
 
     with torch.device(device):
@@ -113,7 +114,7 @@ def moe_rows(cfg, tokens: int, dtype, device: torch.device) -> list[dict]:
     rows = []
     # triton first, the backend the model trains with on GPU: the summary's ratio is taken for it.
     for backend in ("triton", "grouped_mm", "loop"):
-        ours.experts.backend = backend
+        ours.experts.backend = experts_backend(backend)
         n = tokens
         if backend == "triton" and device.type == "cpu":
             # The Triton interpreter needs ~10 s at 512 tokens, <1 s at 128. Every tensor this layer
@@ -125,6 +126,44 @@ def moe_rows(cfg, tokens: int, dtype, device: torch.device) -> list[dict]:
     for impl in ("eager", "grouped_mm"):
         hf_cfg._experts_implementation = impl
         rows.append(measure(f"moe hf {impl}", lambda: hf(x)[0], list(hf.parameters()), tokens, device))
+    return rows
+
+
+LORA_RANK = 16
+
+
+def lora_moe_rows(cfg, tokens: int, dtype, device: torch.device) -> list[dict]:
+    """The MoE layer with LoRA (rank 16) on both expert projections, base frozen: ours (the adapter
+    product inside the expert GEMMs on the triton backend) vs transformers' GptOssMLP with peft's
+    adapters on the same expert parameters. Only the adapters and the input train."""
+    import peft
+    from transformers import GptOssConfig as HFConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    from engine.moe.backends import experts_backend
+    from engine.moe.layer import MoEBlock
+    from engine.peft import LoraConfig, apply_lora
+
+    with torch.device(device):
+        ours = MoEBlock(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
+                        alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit).to(dtype)
+        hf_cfg = HFConfig(**cfg.to_hf_dict())
+        hf = GptOssMLP(hf_cfg).to(dtype)
+    common.random_init_(ours, seed=0)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    apply_lora(ours, LoraConfig(rank=LORA_RANK, alpha=2.0 * LORA_RANK, target_modules=["gate_up_proj", "down_proj"]))
+    hf = peft.inject_adapter_in_model(peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_parameters=[
+        "experts.gate_up_proj", "experts.down_proj"]), hf).to(device=device, dtype=dtype)
+    x = torch.randn(1, tokens, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    rows = []
+    for backend in ("triton", "grouped_mm", "loop"):
+        ours.experts.backend = experts_backend(backend)
+        n = INTERPRETER_TOKENS if backend == "triton" and device.type == "cpu" else tokens
+        xn = x[:, :n].detach().clone().requires_grad_()
+        rows.append(measure(f"moe_lora ours {backend}", lambda: ours(xn), list(ours.parameters()), n, device))
+    for impl in ("eager", "grouped_mm"):
+        hf_cfg._experts_implementation = impl
+        rows.append(measure(f"moe_lora hf+peft {impl}", lambda: hf(x)[0], list(hf.parameters()), tokens, device))
     return rows
 
 
@@ -194,7 +233,9 @@ def main(argv=None) -> None:
     mode = MODES[args.mode]
     cfg = GptOssConfig.gpt_oss_20b(num_hidden_layers=2, **mode["arch"])
     torch.manual_seed(0)
-    rows = moe_rows(cfg, mode["tokens"], mode["dtype"], args.device)
+    rows = common.LiveRows("memory", args)  # the JSON is rewritten after each layer's measurements
+    rows += moe_rows(cfg, mode["tokens"], mode["dtype"], args.device)
+    rows += lora_moe_rows(cfg, mode["tokens"], mode["dtype"], args.device)
     rows += attention_rows(cfg, mode["tokens"], mode["dtype"], args.device)
     summary = summarise(rows)
     common.print_table(rows, [
@@ -223,7 +264,8 @@ def main(argv=None) -> None:
                    **{k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_local_experts",
                                                    "num_experts_per_tok", "num_attention_heads", "num_key_value_heads",
                                                    "head_dim", "sliding_window")}},
-        "target": "moe: ours <= 0.5 x transformers' saved bytes per token", "summary": summary, "results": rows})
+        "target": "moe: ours <= 0.5 x transformers' saved bytes per token; moe_lora: <= 0.4 x transformers + peft's",
+        "summary": summary, "results": list(rows)})
 
 
 if __name__ == "__main__":

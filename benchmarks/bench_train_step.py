@@ -33,7 +33,7 @@ from engine.config import OptimConfig
 from engine.metrics import active_lora_params, flops_per_token, peak_flops
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from engine.models.gpt_oss.attention import resolve_attn_backend
-from engine.moe.experts import resolve_experts_backend
+from engine.moe.backends import experts_backend
 from engine.optim import build_optimizer
 from engine.peft import LoraConfig, apply_lora
 
@@ -144,7 +144,7 @@ def measure(build, cfg: GptOssConfig, kind: str, args, *, hf: bool, warmup: int,
         peak = torch.cuda.max_memory_allocated(args.device)
         row.update(peak_gib=peak / common.GIB, peak_gb=peak / 1e9, warmup_peak_gb=warmup_peak / 1e9)
     if not hf:
-        row["backends"] = {"experts": resolve_experts_backend(model.options.experts_backend, args.device),
+        row["backends"] = {"experts": experts_backend(model.options.experts_backend).for_device(args.device).name,
                            "attention": resolve_attn_backend(model.options.attn_backend, args.device)}
     return row
 

@@ -178,10 +178,36 @@ def write_json(name: str, args: argparse.Namespace, payload: dict, quiet: bool =
     """$OUT/<name>_<mode>.json (else benchmarks/results/): the environment header plus payload."""
     report = {"benchmark": name, "mode": args.mode, **environment(args.device), **payload}
     path = out_dir() / f"{name}_{args.mode}.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(path)  # atomic: a step killed mid-write leaves the previous complete JSON
     if not quiet:
         print(f"wrote {path}")
     return path
+
+
+class LiveRows(list):
+    """A benchmark's result rows that rewrite its JSON (marked partial) after every append, so a step
+    killed by its time limit still leaves every figure it measured; the final write_json replaces it."""
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        super().__init__()
+        self._name, self._args = name, args
+
+    def append(self, row) -> None:
+        super().append(row)
+        self._flush()
+
+    def extend(self, rows) -> None:
+        super().extend(rows)
+        self._flush()
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+    def _flush(self) -> None:
+        write_json(self._name, self._args, {"partial": True, "results": list(self)}, quiet=True)
 
 
 def _cell(value, fmt: str) -> str:

@@ -30,8 +30,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
+from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 from engine.moe.alltoall import AllToAllDispatcher
+from engine.moe.backends import experts_backend
+from engine.moe.experts import shard_model_experts
 from engine.moe.router import TopKRouter
 from engine.parallel.grad_sync import is_expert_param
 
@@ -40,21 +42,12 @@ GB = 1e9
 
 def param_bytes(cfg: GptOssConfig, ep: int) -> dict[str, float]:
     with torch.device("meta"):
-        model = GptOssForCausalLM(cfg, ModelOptions(ep_size=ep, ep_rank=0))
+        model = GptOssForCausalLM(cfg)
+    shard_model_experts(model, ep, 0)  # what one rank holds
     dense = sum(p.numel() for n, p in model.named_parameters() if not is_expert_param(n))
     experts = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n))
     return {"dense": dense * 2 / GB, "experts": experts * 2 / GB, "total": (dense + experts) * 2 / GB,
             "sft_state": (dense + experts) * 16 / GB}
-
-
-class _StubExperts:
-    """Stands in for GroupedExperts: returns its (gathered) inputs, so only the exchanges run."""
-
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-
-    def __call__(self, x, counts, gather_idx=None):
-        return x if gather_idx is None else x[gather_idx]
 
 
 def _measure_rank(rank: int, ep: int, port: int, cfg: GptOssConfig, tokens: int, queue) -> None:
@@ -71,7 +64,9 @@ def _measure_rank(rank: int, ep: int, port: int, cfg: GptOssConfig, tokens: int,
     disp = AllToAllDispatcher(dist.group.WORLD, ep, rank, cfg.num_local_experts)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer's bf16 autocast: bf16 rows travel
         weights, indices, _ = router(x)
-        disp(x, weights, indices, _StubExperts(cfg.num_local_experts // ep))
+        d = disp.dispatch(x, weights, indices)
+        rows = d.x[d.gather_idx]  # the experts' input rows, returned unchanged: only the exchanges run
+        disp.combine(rows, d, experts_backend("loop"))
     # Sending each token once per destination rank instead of once per (token, expert):
     owner = indices // (cfg.num_local_experts // ep)  # [T, k]
     hit = torch.zeros(tokens, ep, dtype=torch.bool).scatter_(1, owner, True)

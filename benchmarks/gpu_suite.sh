@@ -1,25 +1,45 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one call, on one H100/H200. Run from anywhere:
-#     OUT=/some/dir bash benchmarks/gpu_suite.sh
-# Each step writes its log (and its JSON, if it makes one) into $OUT, default benchmarks/results/,
-# and ends with a summary table of the JSONs against the targets (benchmarks/README.md).
-# Each step has its own time limit (seconds, below), so a hang costs that step only; the limits
-# add up to 7 min 55 s, startup included. A failing or timed-out step is reported and the others
-# still run; the exit status is 1 if any step failed. To add a benchmark, add one `step` line.
-# Needs no Hydra: the benchmarks import engine.models / engine.moe / engine.peft / kernels directly.
+#     OUT=/some/dir bash benchmarks/gpu_suite.sh          # GPU, full shapes
+#     OUT=/some/dir bash benchmarks/gpu_suite.sh --cpu    # CPU dry run of the plumbing (CI)
+# What comes back is two files in $OUT (default benchmarks/results/): suite.tar.gz (every log and
+# JSON, repacked after each step, so a suite killed from outside still returns what it measured) and
+# summary.txt (the table against the targets, also printed last). Logs are unbuffered. Step limits
+# are shares of one budget (SUITE_BUDGET_S, default 450 s), each capped by the time still left, so
+# the whole suite ends inside it; a failing or timed-out step is reported and the others still run.
+# The first step runs the kernel tests, which compile the Triton kernels the benchmarks then time.
+# Needs no Hydra except for the trainer tests. The Python is ${PYTHON:-python3}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODE=full
+[ "${1:-}" = "--cpu" ] && MODE=cpu
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
 export OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
+WORK="$(mktemp -d)"  # logs and JSONs; packed into $OUT/suite.tar.gz after every step
+BUDGET="${SUITE_BUDGET_S:-450}"
+START=$SECONDS
 failed=()
 
-step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log in $OUT/NAME.log
-    local name=$1 limit=$2
+pack() { tar -czf "$OUT/suite.tar.gz.part" -C "$WORK" . && mv "$OUT/suite.tar.gz.part" "$OUT/suite.tar.gz"; }
+
+step() {  # step NAME SHARE COMMAND...: run COMMAND with SHARE % of the budget (at most what is left)
+    local name=$1 share=$2
     shift 2
+    local left=$((BUDGET - (SECONDS - START) - 15))  # 15 s kept for the summary and packing
+    local limit=$((BUDGET * share / 100))
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -le 5 ]; then
+        echo "!!! $name skipped: the budget is spent"
+        failed+=("$name (no time left)")
+        return
+    fi
     echo "=== $name (limit ${limit}s): $*"
-    local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
+    local t0=$SECONDS
+    OUT="$WORK" timeout --kill-after=5 "$limit" "$@" >"$WORK/$name.log" 2>&1
+    local rc=$?
+    tail -n 15 "$WORK/$name.log"
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         echo "!!! $name TIMED OUT after ${limit}s"
         failed+=("$name (timeout)")
@@ -27,44 +47,42 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log in
         echo "!!! $name FAILED (exit $rc)"
         failed+=("$name (exit $rc)")
     fi
-    echo "=== $name took $((SECONDS - start))s"
+    echo "=== $name took $((SECONDS - t0))s"
+    pack
 }
 
-# The trainer test needs Hydra; a machine without it can be given wheels in $WHEELS (default .whl/).
-WHEELS="${WHEELS:-.whl}"
-if ! python -c "import hydra" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    python -m pip install -q --no-index --no-deps --target /tmp/suite-site "$WHEELS"/*.whl \
-        && export PYTHONPATH="/tmp/suite-site${PYTHONPATH:+:$PYTHONPATH}"
+{
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+} >"$WORK/device.log" 2>&1
+cat "$WORK/device.log"
+
+if [ "$MODE" = cpu ]; then
+    # The plumbing only: two fast benchmarks in their --cpu mode, then the summary of what they wrote.
+    step bench_grouped_gemm 40 "$PY" benchmarks/bench_grouped_gemm.py --cpu
+    step bench_moe_layer 50 "$PY" benchmarks/bench_moe_layer.py --cpu
+else
+    # Compile first, check first: kernel tests (fp32/fp16, bf16 at >= 128 rows per expert, LoRA fused).
+    step kernel_tests 14 "$PY" -m pytest tests/kernels -q -rs -x
+    # The CUDA paths CPU tests cannot reach (compiled flex gradients, bf16 backends, the trainer on a GPU).
+    step gpu_tests 18 "$PY" -m pytest tests/gpu -q -rs
+    step bench_grouped_gemm 9 "$PY" benchmarks/bench_grouped_gemm.py
+    step bench_moe_layer 10 "$PY" benchmarks/bench_moe_layer.py
+    step bench_attention 7 "$PY" benchmarks/bench_attention.py
+    step train_step_lora 15 "$PY" benchmarks/bench_train_step.py --step lora --budget-s 25
+    step train_step_20b_memory 11 "$PY" benchmarks/bench_train_step.py --full-20b-lora-memory
+    step bench_memory 6 "$PY" benchmarks/bench_memory.py
+    step train_step_sft 8 "$PY" benchmarks/bench_train_step.py --step sft --budget-s 10
+    step bench_data 2 "$PY" benchmarks/bench_data.py
 fi
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-
-# Kernel correctness on the GPU: fp32 and fp16 cases plus the bf16 ones the interpreter can't run.
-step kernel_tests 50 python -m pytest tests/kernels -q -rs
-# The CUDA paths CPU tests cannot reach (compiled flex gradients, bf16 backends, the trainer on a GPU)
-step gpu_tests 110 python -m pytest tests/gpu -q -rs
-# Grouped GEMM / expert MLP / combine timings at GPT-OSS-20B shapes -> grouped_gemm_full.json
-step bench_grouped_gemm 40 python benchmarks/bench_grouped_gemm.py
-# MoE layer vs transformers' GptOssMLP, random and skewed routing -> moe_layer_full.json
-step bench_moe_layer 45 python benchmarks/bench_moe_layer.py
-# Attention backends at seq 4096, sliding and full layers -> attention_full.json. Before the
-# training steps: its FlexAttention compilations land in the inductor cache they then reuse.
-step bench_attention 30 python benchmarks/bench_attention.py
-# LoRA step (4 layers) vs transformers + peft, 30 s for its implementations -> train_step_lora_full.json
-step train_step_lora 70 python benchmarks/bench_train_step.py --step lora --budget-s 25
-# gpt-oss-20b LoRA, all 24 layers, seq 4096, checkpointing: peak memory -> train_step_20b_lora_memory_full.json
-step train_step_20b_memory 55 python benchmarks/bench_train_step.py --full-20b-lora-memory
-# Bytes saved for backward per token, MoE and attention layers, vs transformers -> memory_full.json
-step bench_memory 30 python benchmarks/bench_memory.py
-# Full SFT step (2 layers, fp32 master weights) vs transformers -> train_step_sft_full.json
-step train_step_sft 35 python benchmarks/bench_train_step.py --step sft --budget-s 10
-# Host-side data pipeline at seq 4096 (CPU work; the host must keep up) -> data_full.json
-step bench_data 10 python benchmarks/bench_data.py
-
-python benchmarks/common.py "$OUT" --mode full
+"$PY" benchmarks/common.py "$WORK" --mode "$MODE" >"$WORK/summary.txt" 2>&1
+cp "$WORK/summary.txt" "$OUT/summary.txt"
+pack
+rm -rf "$WORK"
+echo "suite took $((SECONDS - START))s of a ${BUDGET}s budget; files in $OUT: suite.tar.gz summary.txt"
 if [ ${#failed[@]} -gt 0 ]; then
     printf '!!! failed: %s\n' "${failed[@]}"
-    exit 1
 fi
-echo "all steps passed"
+cat "$OUT/summary.txt"
+[ ${#failed[@]} -eq 0 ]

@@ -95,28 +95,32 @@ def build_model(cfg: TrainConfig, rt: Runtime, arch: GptOssConfig | None = None,
     (the same seed on every rank gives every rank the rows of the one-rank model), LoRA applied.
     `weights=False` (a dry run) builds it all on the meta device from `arch`: shapes, no memory."""
     opts = ModelOptions(experts_backend=cfg.model.experts_backend, attn_backend=cfg.model.attn_backend,
-                        ce_chunk_size=cfg.model.ce_chunk_size, ep_size=rt.mesh.ep, ep_rank=rt.mesh.ep_rank)
+                        ce_chunk_size=cfg.model.ce_chunk_size)
+    # Expert parallelism is applied from outside the model: each rank keeps only its experts' rows,
+    # sliced on the meta device (or read from the checkpoint) before any memory is taken.
+    from .moe.alltoall import apply_expert_parallel
+    from .moe.experts import shard_model_experts
+
     if not weights:
         with torch.device("meta"):
             model = GptOssForCausalLM(arch, opts)
+        shard_model_experts(model, rt.mesh.ep, rt.mesh.ep_rank)
     elif cfg.model.path:
         from .checkpoint.hf import load_hf
 
         model = load_hf(cfg.model.path, dtype=rt.param_dtype, device=rt.device, options=opts,
-                        progress=rt.is_main)
+                        ep_size=rt.mesh.ep, ep_rank=rt.mesh.ep_rank, progress=rt.is_main)
     else:
         arch = arch or GptOssConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
         with torch.device("meta"):
             model = GptOssForCausalLM(arch, opts)
+        shard_model_experts(model, rt.mesh.ep, rt.mesh.ep_rank)
         model.to_empty(device=rt.device)
         model.init_weights(seed=cfg.trainer.seed)
         model.to(rt.param_dtype)
     if cfg.model.activation_checkpointing:
         model.set_activation_checkpointing(cfg.model.activation_checkpointing)
-    if rt.mesh.ep > 1:
-        from .moe.alltoall import apply_expert_parallel
-
-        apply_expert_parallel(model, rt.mesh)
+    apply_expert_parallel(model, rt.mesh)  # the all-to-all dispatchers (the slices are already kept)
     if cfg.peft.method == "lora":
         from .peft import apply_lora, format_report
 

@@ -7,12 +7,37 @@ read `counts` on the host, so they sync; they are for tests and for running with
 import torch
 
 
-def swiglu_reference(h, alpha=1.702, limit=7.0):
-    """GPT-OSS clamped SwiGLU: h [.., 2I] with interleaved gate/up columns -> [.., I]."""
+def _swiglu_math(h, alpha, limit):
     gate, up = h[..., 0::2], h[..., 1::2]
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Keeps only h for the backward and differentiates the same math again there: plain autograd
+    would keep four more [M, I] intermediates (clamps, sigmoid, products)."""
+
+    @staticmethod
+    def forward(ctx, h, alpha, limit):
+        ctx.save_for_backward(h)
+        ctx.alpha, ctx.limit = alpha, limit
+        return _swiglu_math(h, alpha, limit)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (h,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = h.detach().requires_grad_()
+            (dh,) = torch.autograd.grad(_swiglu_math(leaf, ctx.alpha, ctx.limit), leaf, grad_out)
+        return dh, None, None
+
+
+def swiglu_reference(h, alpha=1.702, limit=7.0):
+    """GPT-OSS clamped SwiGLU: h [.., 2I] with interleaved gate/up columns -> [.., I]."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _SwiGLU.apply(h, alpha, limit)
+    return _swiglu_math(h, alpha, limit)
 
 
 def _groups(counts):
@@ -28,7 +53,10 @@ def grouped_linear_reference(x, counts, w, b=None, gather_idx=None):
     """y [M, N] = x_e @ w[e] + b[e] per expert's contiguous row group (see grouped_linear)."""
     if gather_idx is not None:
         x = x[gather_idx]  # [M, K] in sorted order
-    pieces = [x.new_zeros(0, w.shape[2])]
+    # An empty product, not new_zeros: the output stays connected to x, w and b when every group is
+    # empty, so a backward still runs (expert parallelism's exchanges need it on every rank) and
+    # gives every weight a (zero) gradient, as a layer whose experts got rows does.
+    pieces = [x[:0] @ w[0] + (0 if b is None else b[0])] if w.shape[0] else [x.new_zeros(0, w.shape[2])]
     for e, s, t in _groups(counts):
         y = x[s:t] @ w[e]
         pieces.append(y + b[e] if b is not None else y)
@@ -39,7 +67,11 @@ def expert_mlp_reference(x, counts, w_gu, b_gu, w_d, b_d, *, alpha=1.702, limit=
     """swiglu(x_e @ w_gu[e] + b_gu[e]) @ w_d[e] + b_d[e] per expert group (see expert_mlp)."""
     if gather_idx is not None:
         x = x[gather_idx]  # [M, H] in sorted order
+    # Connected to the inputs even when every group is empty (see grouped_linear_reference).
     pieces = [x.new_zeros(0, w_d.shape[2])]
+    if w_gu.shape[0]:
+        h0 = x[:0] @ w_gu[0] + (0 if b_gu is None else b_gu[0])  # [0, 2I]
+        pieces = [h0[:, 0::2] @ w_d[0] + (0 if b_d is None else b_d[0])]
     for e, s, t in _groups(counts):
         h = x[s:t] @ w_gu[e]  # [rows, 2I]
         if b_gu is not None:
@@ -47,6 +79,31 @@ def expert_mlp_reference(x, counts, w_gu, b_gu, w_d, b_d, *, alpha=1.702, limit=
         y = swiglu_reference(h, alpha, limit) @ w_d[e]  # [rows, H]
         pieces.append(y + b_d[e] if b_d is not None else y)
     return torch.cat(pieces)
+
+
+def lora_delta_reference(x, counts, a, b, scaling):
+    """scaling * (x_e @ a[e]) @ b[e] per expert group; a [E, in, r], b [E, r, out], or one shared
+    a [in, r], b [r, out] for every expert."""
+    if a.dim() == 2:
+        return (x @ a) * scaling @ b
+    z = grouped_linear_reference(x, counts, a) * scaling  # [M, r]
+    return grouped_linear_reference(z, counts, b)
+
+
+def expert_mlp_lora_reference(x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *, alpha=1.702,
+                              limit=7.0, gather_idx=None):
+    """The expert MLP with a low-rank adapter (a, b) or None on each projection:
+    h = x W_gu + b_gu + s (x A_gu) B_gu;  y = swiglu(h) W_d + b_d + s (swiglu(h) A_d) B_d."""
+    if gather_idx is not None:
+        x = x[gather_idx]
+    h = grouped_linear_reference(x, counts, w_gu, b_gu)
+    if lora_gu is not None:
+        h = h + lora_delta_reference(x, counts, *lora_gu, scaling)
+    act = swiglu_reference(h, alpha, limit)
+    y = grouped_linear_reference(act, counts, w_d, b_d)
+    if lora_d is not None:
+        y = y + lora_delta_reference(act, counts, *lora_d, scaling)
+    return y
 
 
 def scatter_combine_reference(y_sorted, token_idx, weights, num_tokens):

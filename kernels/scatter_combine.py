@@ -75,14 +75,17 @@ def _token_csr(token_idx, num_tokens):
     return order, torch.searchsorted(token_idx[order], grid)
 
 
-def scatter_rows(y, token_idx, num_tokens, weights=None):
-    """out [T, H] = sum over rows r of (weights[r] *) y[r] into row token_idx[r], fp32 accumulation."""
+def scatter_rows(y, token_idx, num_tokens, weights=None, token_rows=None):
+    """out [T, H] = sum over rows r of (weights[r] *) y[r] into row token_idx[r], fp32 accumulation.
+
+    token_rows: (rows, starts) with token t's rows at rows[starts[t]:starts[t+1]], when the caller knows
+    them already (a dispatcher's inverse permutation); else they are found by a stable sort."""
     _runtime.check_tensors(y, token_idx, weights)
     h = y.shape[1]
     out = _runtime.empty((num_tokens, h), y.dtype, y.device)
     if num_tokens == 0:
         return out
-    order, starts = _token_csr(token_idx, num_tokens)
+    order, starts = token_rows if token_rows is not None else _token_csr(token_idx, num_tokens)
     grid = (num_tokens, triton.cdiv(h, _BLOCK_H))
     _segment_sum_kernel[grid](
         y, weights if weights is not None else y, order, starts, out, h,
@@ -94,15 +97,15 @@ def scatter_rows(y, token_idx, num_tokens, weights=None):
 
 class _ScatterCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_sorted, token_idx, weights, num_tokens):
+    def forward(ctx, y_sorted, token_idx, weights, num_tokens, token_rows):
         ctx.save_for_backward(y_sorted, token_idx, weights)
-        return scatter_rows(y_sorted, token_idx, num_tokens, weights)
+        return scatter_rows(y_sorted, token_idx, num_tokens, weights, token_rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the backward kernels have no backward
     def backward(ctx, d_out):
         y, token_idx, weights = ctx.saved_tensors
-        need_y, _, need_w, _ = ctx.needs_input_grad
+        need_y, _, need_w = ctx.needs_input_grad[:3]
         dy = _runtime.empty(y.shape, y.dtype, y.device) if need_y else None
         dw = _runtime.empty(weights.shape, weights.dtype, y.device) if need_w else None
         m, h = y.shape
@@ -113,14 +116,15 @@ class _ScatterCombine(torch.autograd.Function):
                 *(dy.stride() if need_y else (0, 0)),
                 COMPUTE_DY=need_y, COMPUTE_DW=need_w, BLOCK_R=_BLOCK_R, BLOCK_H=_BLOCK_H_BWD,
             )
-        return dy, None, dw, None
+        return dy, None, dw, None, None
 
 
-def scatter_combine(y_sorted, token_idx, weights, num_tokens):
+def scatter_combine(y_sorted, token_idx, weights, num_tokens, token_rows=None):
     """Weighted sum of expert rows back into token order.
 
     y_sorted [M, H], token_idx [M] (int, each in [0, num_tokens)), weights [M] -> out [T, H] in
-    y's dtype, accumulated in fp32. Differentiable w.r.t. y_sorted and weights.
+    y's dtype, accumulated in fp32. Differentiable w.r.t. y_sorted and weights. token_rows: see
+    scatter_rows (the rows of each token in a fixed order, sparing the sort).
     """
     if y_sorted.dim() != 2:
         raise ValueError(f"y_sorted must be [M, H], got shape {tuple(y_sorted.shape)}")
@@ -130,4 +134,4 @@ def scatter_combine(y_sorted, token_idx, weights, num_tokens):
                          f"and {tuple(weights.shape)}")
     if token_idx.dtype.is_floating_point or token_idx.dtype == torch.bool:
         raise ValueError(f"token_idx must be an integer tensor, got {token_idx.dtype}")
-    return _ScatterCombine.apply(y_sorted, token_idx, weights, num_tokens)
+    return _ScatterCombine.apply(y_sorted, token_idx, weights, num_tokens, token_rows)

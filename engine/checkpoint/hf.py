@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
+from ..moe.experts import shard_model_experts
 from .atomic_dir import atomic_directory
 from .hf_layout import HFCheckpoint, full_shapes, is_expert_tensor
 from .hub import resolve_checkpoint
@@ -43,13 +44,17 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"dtype={dtype}: choose one of {list(DTYPE_NAMES)}")
 
 
-def _model_options(config: GptOssConfig, options: ModelOptions | None, expert_range: tuple[int, int] | None,
-                   overrides: dict) -> ModelOptions:
+def _model_options(options: ModelOptions | None, overrides: dict) -> ModelOptions:
     known = [f.name for f in dataclasses.fields(ModelOptions)]
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}; known: {known}")
-    opts = dataclasses.replace(options or ModelOptions(), **overrides)
+    return dataclasses.replace(options or ModelOptions(), **overrides)
+
+
+def _expert_slice(config: GptOssConfig, expert_range: tuple[int, int] | None, ep_size: int,
+                  ep_rank: int) -> tuple[int, int]:
+    """(ep_size, ep_rank) of the expert slice to build, from either way of saying it."""
     n = config.num_local_experts
     if expert_range is not None:
         e0, e1 = expert_range
@@ -58,13 +63,11 @@ def _model_options(config: GptOssConfig, options: ModelOptions | None, expert_ra
             raise ValueError(f"expert_range={tuple(expert_range)} must be one expert-parallel slice of the {n} "
                              f"experts: [r*k, (r+1)*k) with k dividing {n}")
         ep = (n // width, e0 // width)
-        if opts.ep_size != 1 and (opts.ep_size, opts.ep_rank) != ep:
-            raise ValueError(f"expert_range={tuple(expert_range)} is ep_size={ep[0]}, ep_rank={ep[1]}, but the "
-                             f"options say ep_size={opts.ep_size}, ep_rank={opts.ep_rank}; give one or the other")
-        opts = dataclasses.replace(opts, ep_size=ep[0], ep_rank=ep[1])
-    if not 0 <= opts.ep_rank < opts.ep_size:
-        raise ValueError(f"ep_rank={opts.ep_rank} must be in [0, ep_size={opts.ep_size})")
-    return opts
+        if ep_size != 1 and (ep_size, ep_rank) != ep:
+            raise ValueError(f"expert_range={tuple(expert_range)} is ep_size={ep[0]}, ep_rank={ep[1]}, but "
+                             f"ep_size={ep_size}, ep_rank={ep_rank} were given too; give one or the other")
+        return ep
+    return ep_size, ep_rank
 
 
 def _rows(model: GptOssForCausalLM, name: str) -> tuple[int, int] | None:
@@ -78,17 +81,20 @@ def _rows(model: GptOssForCausalLM, name: str) -> tuple[int, int] | None:
 @torch.no_grad()
 def load_hf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
             options: ModelOptions | None = None, expert_range: tuple[int, int] | None = None,
-            progress: bool = False, **option_overrides) -> GptOssForCausalLM:
+            ep_size: int = 1, ep_rank: int = 0, progress: bool = False, **option_overrides) -> GptOssForCausalLM:
     """A GPT-OSS model with the weights of `path` (local directory or hub id; BF16/FP32 or MXFP4).
 
-    `options` / `option_overrides` (e.g. `experts_backend="grouped_mm"`, `ep_size=8, ep_rank=3`) choose
-    the runtime; `expert_range=(e0, e1)` is another way to say which expert-parallel slice to build.
+    `options` / `option_overrides` (e.g. `experts_backend="grouped_mm"`) choose the runtime;
+    `ep_size=8, ep_rank=3` or `expert_range=(e0, e1)` say which expert-parallel slice to read and build
+    (engine.moe.experts.shard_experts), so that a rank never holds the other ranks' experts.
     Raises CheckpointError / CheckpointNotFoundError (naming file and tensor) or ConfigError."""
     _check_dtype(dtype)
     ckpt = HFCheckpoint(resolve_checkpoint(path))
-    opts = _model_options(ckpt.config, options, expert_range, option_overrides)
+    opts = _model_options(options, option_overrides)
+    ep = _expert_slice(ckpt.config, expert_range, ep_size, ep_rank)
     with torch.device("meta"):
         model = GptOssForCausalLM(ckpt.config, opts)
+    shard_model_experts(model, *ep)
     model.to(dtype=dtype).to_empty(device=device)
     state = model.state_dict()  # detached views of the parameters: filling them fills the model
     unfilled = [name for name, _ in model.named_buffers() if name not in state]
@@ -112,8 +118,9 @@ def save_hf(model: GptOssForCausalLM, out_dir: str | Path, *, dtype: torch.dtype
     are copied. `state_dict`: (name, full tensor) pairs to write instead of `model.state_dict()`; needed
     when the model holds only some experts (expert parallelism), where it should gather every expert."""
     if state_dict is None:
-        if model.options.ep_size > 1:
-            raise ValueError(f"this model holds {model.options.ep_size}-way expert-parallel slices only; pass "
+        ep = model.config.num_local_experts // model.moe_blocks()[0].experts.num_experts
+        if ep > 1:
+            raise ValueError(f"this model holds {ep}-way expert-parallel slices only; pass "
                              "state_dict= an iterator that gathers every expert tensor, or save from a full model")
         state_dict = model.state_dict()
     tensors = state_dict.items() if isinstance(state_dict, Mapping) else state_dict

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.comm import all_to_all
-from .dispatch import Permutation, combine, permute, uses_kernels
+from .dispatch import Dispatched, Permutation, combine_rows, permute
+from .experts import shard_experts
 
 
 @dataclass
@@ -84,7 +85,7 @@ class AllToAllDispatcher:
         local_counts = recv_counts.view(self.ep_size, el).sum(0)
         return ExchangePlan(perm, send_splits, recv_splits, regroup, local_counts)
 
-    def dispatch(self, rows: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
+    def exchange(self, rows: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
         """phase: exchange tokens. rows [N*k, H] in permute order -> received rows [R, H] in
         (source rank, local expert) order."""
         return all_to_all(rows, plan.recv_splits, plan.send_splits, self.group)
@@ -95,46 +96,42 @@ class AllToAllDispatcher:
         y_src = torch.index_copy(torch.empty_like(y), 0, plan.regroup, y)  # regroup is a permutation
         return all_to_all(y_src, plan.send_splits, plan.recv_splits, self.group)
 
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts) -> tuple:
-        """x [N, H], weights/indices [N, k] (phase: route, done by the caller) -> (out [N, H],
-        rows per local expert [E_local] summed over the EP group)."""
-        assert experts.num_experts == self.local_experts, "experts module does not match the EP layout"
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> Dispatched:
+        """x [N, H], weights/indices [N, k] (global expert ids) -> the rows this rank's experts run
+        [R, H], in (source rank, local expert) order, read through the regroup index (fused into the
+        experts' gather); counts [E_local] summed over the EP group."""
         plan = self.plan(indices)
         rows = x[plan.perm.token_of_row]  # [N*k, H]
         if torch.is_autocast_enabled(x.device.type):
             # The experts compute in the autocast dtype anyway (fp32 master weights, bf16 compute):
             # casting before the exchange instead of after sends half the bytes, same values.
             rows = rows.to(torch.get_autocast_dtype(x.device.type))
-        received = self.dispatch(rows, plan)  # [R, H]
-        # phases: regroup (fused into the experts' gather) + experts
-        y = experts(received, plan.local_counts, gather_idx=plan.regroup)  # [R, H], local-expert order
-        back = self.undispatch(y, plan)  # [N*k, H], permute order
-        me = self.ep_rank
-        self.last_traffic = {
-            "dispatch_bytes_out": (sum(plan.send_splits) - plan.send_splits[me]) * rows.shape[1] * rows.element_size(),
-            "combine_bytes_out": (sum(plan.recv_splits) - plan.recv_splits[me]) * y.shape[1] * y.element_size(),
-        }
-        # phase: combine
+        received = self.exchange(rows, plan)  # [R, H]
+        self.last_traffic = {"dispatch_bytes_out": self._bytes_out(plan.send_splits, rows), "combine_bytes_out": 0}
         w = weights.reshape(-1)[plan.perm.order]  # [N*k]
-        return (combine(back, w, plan.perm.token_of_row, x.shape[0], uses_kernels(experts, x.device)),
-                plan.local_counts)
+        return Dispatched(received, plan.local_counts, plan.regroup, plan.perm, w, x.shape[0], plan)
+
+    def combine(self, y: torch.Tensor, d: Dispatched, backend) -> torch.Tensor:
+        """y [R, H] expert outputs in local-expert order -> out [N, H] on the tokens' own rank."""
+        back = self.undispatch(y, d.plan)  # [N*k, H], permute order
+        self.last_traffic["combine_bytes_out"] = self._bytes_out(d.plan.recv_splits, y)
+        return combine_rows(back, d, backend)
+
+    def _bytes_out(self, splits: list[int], rows: torch.Tensor) -> int:
+        """Bytes sent to other ranks: rows for this rank's own experts are copied, not sent."""
+        return (sum(splits) - splits[self.ep_rank]) * rows.shape[1] * rows.element_size()
 
 
 def apply_expert_parallel(model, mesh) -> int:
-    """Install the all-to-all dispatcher into every MoE block of `model` when mesh.ep > 1.
-
-    The model must have been built for this layout (ModelOptions(ep_size=mesh.ep,
-    ep_rank=mesh.ep_rank)), so that each rank holds exactly the experts the dispatcher sends it.
-    Returns the number of blocks changed (0 when mesh.ep == 1)."""
-    opts = model.options
-    if (opts.ep_size, opts.ep_rank) != (mesh.ep, mesh.ep_rank):
-        raise ValueError(f"model built with ep_size={opts.ep_size}, ep_rank={opts.ep_rank} but the mesh has "
-                         f"ep={mesh.ep}, ep_rank={mesh.ep_rank}; build it with "
-                         f"ModelOptions(ep_size=mesh.ep, ep_rank=mesh.ep_rank)")
+    """Spread the experts of every MoE block of `model` over the mesh's `ep` ranks: keep this rank's
+    slice of each experts module (free on the meta device; a module already holding that slice is kept)
+    and install the all-to-all dispatcher. Applied from outside the model, before its weights are
+    materialised or after. Returns the number of blocks changed (0 when mesh.ep == 1)."""
     if mesh.ep == 1:
         return 0
     blocks = model.moe_blocks()
     for block in blocks:
+        shard_experts(block.experts, mesh.ep, mesh.ep_rank)
         block.dispatcher = AllToAllDispatcher(mesh.ep_group, mesh.ep, mesh.ep_rank, block.router.num_experts)
     return len(blocks)
 

@@ -1,17 +1,21 @@
-"""Token dispatch between the router and the experts.
+"""Token dispatch between the router and the experts, and the combine after them.
 
-The MoE forward in named phases (the same names are used by the expert-parallel dispatcher):
+The MoE forward in named phases (engine.moe.layer.MoEBlock; the expert-parallel dispatcher uses the same):
   route    -> (weights [N, k], indices [N, k]) from the router
-  permute  -> order the N*k (token, expert) pairs by expert; counts per expert
-  experts  -> grouped expert MLP on the permuted rows
+  dispatch -> order the N*k (token, expert) pairs by expert (permute); counts per expert; the rows
+              the experts read and the metadata combine needs (`Dispatched`)
+  experts  -> grouped expert MLP on the grouped rows (the experts module; the dispatcher never calls it)
   combine  -> scale each row by its routing weight and sum the k rows of each token (fp32)
 
-`LocalDispatcher` is the single-rank (EP = 1) case: no communication and no host sync.
+The dispatcher knows which rows belong to which token from the permutation itself (its inverse), so
+the combine never sorts again. `LocalDispatcher` is the single-rank (EP = 1) case: no communication
+and no host sync.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,6 +25,16 @@ class Permutation:
     order: torch.Tensor  # [N*k] index into the flattened (token, slot) pairs, grouped by expert
     token_of_row: torch.Tensor  # [N*k] the token each grouped row came from
     counts: torch.Tensor  # [E] rows per expert (int64)
+    top_k: int
+
+    def token_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [N*k], starts [N+1]): token t's grouped rows are rows[starts[t]:starts[t+1]], in slot
+        order. The inverse permutation: a scatter, no sort."""
+        n = self.order.numel()
+        rows = torch.empty_like(self.order)
+        rows[self.order] = torch.arange(n, device=self.order.device)
+        starts = torch.arange(0, n + 1, self.top_k, device=self.order.device)
+        return rows, starts
 
 
 def permute(indices: torch.Tensor, num_experts: int) -> Permutation:
@@ -29,55 +43,40 @@ def permute(indices: torch.Tensor, num_experts: int) -> Permutation:
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))  # a histogram with no host sync
-    return Permutation(order=order, token_of_row=order // indices.shape[1], counts=counts)
+    return Permutation(order=order, token_of_row=order // indices.shape[1], counts=counts, top_k=indices.shape[1])
 
 
-def uses_kernels(experts, device: torch.device) -> bool:
-    """Whether this experts module runs the Triton backend (then the combine does too)."""
-    from .experts import resolve_experts_backend
+@dataclass
+class Dispatched:
+    """What the experts read, and what combine needs afterwards."""
 
-    return resolve_experts_backend(experts.backend, device) == "triton"
-
-
-def combine(y_rows: torch.Tensor, weights_rows: torch.Tensor, token_of_row: torch.Tensor, num_tokens: int,
-            use_kernel: bool = False):
-    """out[t] = sum over rows r of token t of weights_rows[r] * y_rows[r]; accumulated in fp32.
-
-    `use_kernel`: the Triton scatter-combine (each token sums its own rows in a fixed order:
-    deterministic, unlike index_add_'s atomics on GPUs, which bit-exact resume needs)."""
-    if use_kernel:
-        from kernels.scatter_combine import scatter_combine
-
-        return scatter_combine(y_rows, token_of_row, weights_rows, num_tokens)
-    return _Combine.apply(y_rows, weights_rows, token_of_row, num_tokens)
+    x: torch.Tensor  # the experts' input: the token tensor [N, H] (read through gather_idx) or received rows
+    counts: torch.Tensor  # [E_local] rows per local expert (for the EP dispatcher: from the whole group)
+    gather_idx: torch.Tensor | None  # [M] row r of the grouped order reads x[gather_idx[r]]
+    perm: Permutation  # this rank's rows grouped by (global) expert
+    weights: torch.Tensor  # [N*k] routing weight of each grouped row
+    num_tokens: int
+    plan: Any = None  # the expert-parallel exchange plan (engine.moe.alltoall.ExchangePlan)
 
 
-class _Combine(torch.autograd.Function):
-    """The index_add combine, keeping y in its own dtype for the backward (autograd would keep the
-    fp32 product rows instead: twice the bytes in bf16)."""
-
-    @staticmethod
-    def forward(ctx, y, w, token_of_row, num_tokens):
-        ctx.save_for_backward(y, w, token_of_row)
-        out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
-        out.index_add_(0, token_of_row, y.float() * w[:, None].float())
-        return out.to(y.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        y, w, token_of_row = ctx.saved_tensors
-        g = grad_out[token_of_row].float()  # [rows, H]: each row's token's gradient
-        dy = (g * w[:, None].float()).to(y.dtype) if ctx.needs_input_grad[0] else None
-        dw = (g * y.float()).sum(-1).to(w.dtype) if ctx.needs_input_grad[1] else None
-        return dy, dw, None, None
+def combine_rows(y_rows: torch.Tensor, d: Dispatched, backend) -> torch.Tensor:
+    """phase: combine. y_rows [N*k, H] in this rank's grouped order -> out [N, H]."""
+    token_rows = d.perm.token_rows() if backend.for_device(y_rows.device).name == "triton" else None
+    return backend.combine(y_rows, d.weights, d.perm.token_of_row, d.num_tokens, token_rows=token_rows)
 
 
 class LocalDispatcher:
     """All experts live on this rank."""
 
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts) -> tuple:
-        """x [N, H], weights/indices [N, k] -> (out [N, H], counts per expert [E])."""
-        perm = permute(indices, experts.num_experts)
-        y = experts(x, perm.counts, gather_idx=perm.token_of_row)  # [N*k, H] in grouped order
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> Dispatched:
+        """x [N, H], weights/indices [N, k] -> the experts' input: x itself, read through the permutation."""
+        perm = permute(indices, self.num_experts)
         w = weights.reshape(-1)[perm.order]  # [N*k]
-        return combine(y, w, perm.token_of_row, x.shape[0], uses_kernels(experts, x.device)), perm.counts
+        return Dispatched(x, perm.counts, perm.token_of_row, perm, w, x.shape[0])
+
+    def combine(self, y: torch.Tensor, d: Dispatched, backend) -> torch.Tensor:
+        """y [N*k, H] expert outputs in grouped order -> out [N, H]."""
+        return combine_rows(y, d, backend)

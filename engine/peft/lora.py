@@ -6,15 +6,17 @@ Attention projections (nn.Linear) become `LoraLinear`, which takes over the Line
 and `bias` (same names, so checkpoints and the HF export see the usual keys) and adds `lora_A`
 [r, in] and `lora_B` [out, r] (nn.Linear orientation, as peft stores them).
 
-Experts get an `ExpertLoRA` holding, per adapted projection, A [E, in, r] and B [E, r, out]. It runs
-on the rows the experts already grouped, as two grouped products x_e A_e then (.) B_e of the experts'
-own backend: a weight delta is never built in the forward. Under expert parallelism a rank holds the
-adapters of its experts (E = E_local, rows [expert_offset, expert_offset + E_local) of the full
-model's), registered under `...mlp.experts.lora.*` so that the expert gradient sync treats them as
-expert parameters. With `share_expert_adapters` a single A [in, r], B [r, out] serves every expert;
-as it learns from the tokens of every rank's experts it is a dense parameter, registered on the MoE
-block (`...mlp.shared_expert_lora.*`) where the dense gradient sync reaches it, and only referenced
-by the experts.
+Experts (GroupedExperts) become `LoraExperts`, a wrapper that, like LoraLinear, takes over the
+experts' own parameters (same names) and adds an `ExpertLoRA` holding, per adapted projection,
+A [E, in, r] and B [E, r, out]. The experts' backend computes the adapted MLP (`lora_mlp`): the
+Triton backend accumulates the adapter's product inside the expert GEMMs, before the SwiGLU epilogue;
+a weight delta is never built in the forward. Under expert parallelism a rank holds the adapters of
+its experts (E = E_local, rows [expert_offset, expert_offset + E_local) of the full model's),
+registered under `...mlp.experts.lora.*` so that the expert gradient sync treats them as expert
+parameters. With `share_expert_adapters` a single A [in, r], B [r, out] serves every expert; as it
+learns from the tokens of every rank's experts it is a dense parameter, registered on the MoE block
+(`...mlp.shared_expert_lora.*`) where the dense gradient sync reaches it, and only referenced by the
+wrapper.
 
 Every base parameter is frozen (requires_grad False): autograd computes and stores no gradient for it.
 """
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.gpt_oss.config import ConfigError
-from ..moe.experts import GroupedExperts
+from ..moe.backends import ExpertAdapters
+from ..moe.experts import EXPERT_PARAMS, GroupedExperts, compute_weights, recast_in_backward
 from .config import ATTENTION_TARGETS, EXPERT_TARGETS, LoraConfig
 
 _SHORT = {"gate_up_proj": "gate_up", "down_proj": "down"}  # parameter name stems inside ExpertLoRA
@@ -88,25 +91,13 @@ class ExpertLoRA(nn.Module):
     def factors(self, proj: str) -> tuple[nn.Parameter, nn.Parameter]:
         return getattr(self, f"{_SHORT[proj]}_A"), getattr(self, f"{_SHORT[proj]}_B")
 
-    def delta(self, proj: str, x: torch.Tensor, counts: torch.Tensor, gather_idx: torch.Tensor | None,
-              linear) -> torch.Tensor | int:
-        """The adapter's output for `proj` on grouped rows: [M, out], or 0 when `proj` is not adapted.
-        x, counts, gather_idx as in GroupedExperts.forward; `linear` is the backend's grouped product."""
-        if proj not in self.projections:
-            return 0
-        a, b = self.factors(proj)
-        if self.training and self.cfg.dropout and gather_idx is not None:
-            x, gather_idx = x[gather_idx], None  # one dropout mask per grouped row, whatever the backend
-        x = self.dropout(x)
-        if self.shared:
-            z = x @ a  # [rows, r]; with gather_idx the T tokens are projected before the k-fold gather
-            if gather_idx is not None:
-                z = z[gather_idx]
-            return (z * self.scaling) @ b
-        z = linear(x, counts, a, None, gather_idx) * self.scaling  # [M, r]
-        return linear(z, counts, b)  # [M, out]
+    def adapters(self) -> ExpertAdapters:
+        """The factors as the experts' backend takes them (dropout only when it can act)."""
+        pair = {p: self.factors(p) if p in self.projections else None for p in _SHORT}
+        dropout = self.dropout if self.training and self.cfg.dropout else None
+        return ExpertAdapters(pair["gate_up_proj"], pair["down_proj"], self.scaling, dropout)
 
-    def fold(self, experts: GroupedExperts, sign: int) -> None:
+    def fold(self, experts: nn.Module, sign: int) -> None:
         for proj in self.projections:
             w, (a, b) = getattr(experts, proj), self.factors(proj)
             for e in range(w.shape[0]):  # one expert at a time: a temporary of one expert's size
@@ -115,6 +106,35 @@ class ExpertLoRA(nn.Module):
     def extra_repr(self) -> str:
         kind = "shared" if self.shared else "per expert"
         return f"{', '.join(self.projections)}, rank={self.cfg.rank}, {kind}, merged={self.merged}"
+
+
+class LoraExperts(nn.Module):
+    """GroupedExperts plus low-rank adapters; the experts' parameters are taken over, not copied."""
+
+    def __init__(self, base: GroupedExperts, lora: ExpertLoRA, register_lora: bool = True):
+        super().__init__()
+        for name in EXPERT_PARAMS:
+            setattr(self, name, getattr(base, name))
+        self.total_experts, self.num_experts = base.total_experts, base.num_experts
+        self.expert_offset = base.expert_offset
+        self.alpha, self.limit, self.backend = base.alpha, base.limit, base.backend
+        if register_lora:
+            self.lora = lora  # named ...experts.lora.*: an expert parameter
+        else:
+            object.__setattr__(self, "lora", lora)  # shared: registered on the MoE block, referenced here
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, gather_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """As GroupedExperts.forward, with each adapted projection's output x W + scaling * (x A) B."""
+        x, weights = compute_weights(self, x)
+        with recast_in_backward(self, weights):
+            if self.lora.merged:
+                return self.backend.mlp(x, counts, *weights, alpha=self.alpha, limit=self.limit, gather_idx=gather_idx)
+            return self.backend.lora_mlp(x, counts, *weights, self.lora.adapters(), alpha=self.alpha,
+                                         limit=self.limit, gather_idx=gather_idx)
+
+    def extra_repr(self) -> str:
+        e, h, i2 = self.gate_up_proj.shape
+        return f"experts={e} (offset {self.expert_offset}), hidden={h}, intermediate={i2 // 2}, backend={self.backend}"
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -153,7 +173,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> dict:
         raise RuntimeError("LoRA is already applied to this model")
     chosen, linears, experts = _targets(model, cfg)
     for name, ex in experts.items():
-        if ex.backend == "grouped_mm" and any(name + "." + p in chosen for p in EXPERT_TARGETS):
+        if ex.backend.name == "grouped_mm" and any(name + "." + p in chosen for p in EXPERT_TARGETS):
             itemsize = ex.gate_up_proj.element_size()
             if cfg.rank * itemsize % 16:
                 raise ConfigError(f"peft.rank={cfg.rank} with model.experts_backend=grouped_mm: torch._grouped_mm "
@@ -161,8 +181,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
 
-    # The full model's expert count (a bare experts module outside a model: what this one holds).
-    total_experts = getattr(getattr(model, "config", None), "num_local_experts", None)
     gen = torch.Generator().manual_seed(seed)
     for name in [n for n, _ in model.named_modules()]:
         parent_name, _, child = name.rpartition(".")
@@ -175,11 +193,12 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> dict:
             ex = experts[name]
             projs = [p for p in EXPERT_TARGETS if f"{name}.{p}" in chosen]
             if projs:
-                _attach_expert_lora(model.get_submodule(parent_name), ex, projs, cfg, gen, total_experts)
+                wrapped = _wrap_experts(model.get_submodule(parent_name), ex, projs, cfg, gen)
+                setattr(model.get_submodule(parent_name), child, wrapped)
     return lora_report(model)
 
 
-def _attach_expert_lora(block, experts, projs, cfg, gen, total_experts) -> None:
+def _wrap_experts(block, experts, projs, cfg, gen) -> LoraExperts:
     shared = cfg.share_expert_adapters
     lora = ExpertLoRA(experts, projs, cfg, shared=shared).train(experts.training)
     for proj in projs:
@@ -191,22 +210,20 @@ def _attach_expert_lora(block, experts, projs, cfg, gen, total_experts) -> None:
             a.data.copy_(_draw_a(tuple(a.shape), fan_in, cfg, gen))
         else:  # draw every expert's A, keep this rank's: the same adapters whatever the EP layout
             n, off = experts.num_experts, experts.expert_offset
-            full = _draw_a((total_experts or off + n, *a.shape[1:]), fan_in, cfg, gen)
+            full = _draw_a((experts.total_experts, *a.shape[1:]), fan_in, cfg, gen)
             a.data.copy_(full[off : off + n])
     if shared:
         block.shared_expert_lora = lora  # registered here: a dense parameter (see the module docstring)
-        object.__setattr__(experts, "lora", lora)  # referenced, not registered a second time
-    else:
-        experts.lora = lora  # registered: named ...experts.lora.*, an expert parameter
+    return LoraExperts(experts, lora, register_lora=not shared).train(experts.training)
 
 
 def adapter_modules(model: nn.Module):
     """Yield (module name, adapter, base) for every adapter: base is the LoraLinear itself or the
-    GroupedExperts an ExpertLoRA serves."""
+    LoraExperts an ExpertLoRA serves."""
     for name, m in model.named_modules():
         if isinstance(m, LoraLinear):
             yield name, m, m
-        elif isinstance(m, GroupedExperts) and isinstance(m.lora, ExpertLoRA):
+        elif isinstance(m, LoraExperts):
             yield name, m.lora, m
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
+from engine.moe.experts import shard_model_experts
 from engine.parallel.grad_sync import is_expert_param
 
 GLOBAL_BATCH, SEQ = 8, 6  # 8 sequences: one per rank at world 8
@@ -61,9 +62,9 @@ def _configure(model: GptOssForCausalLM, spec: dict) -> None:
 def expert_parallel_model(case: str, ep: int, ep_rank: int, seed: int = 0) -> GptOssForCausalLM:
     """This rank's model: the full model's weights with only experts [ep_rank*E/ep, ...) kept."""
     full = full_model(case, seed)
-    opts = ModelOptions(experts_backend=full.options.experts_backend, attn_backend="eager", ep_size=ep,
-                        ep_rank=ep_rank)
+    opts = ModelOptions(experts_backend=full.options.experts_backend, attn_backend="eager")
     model = GptOssForCausalLM(full.config, opts)
+    shard_model_experts(model, ep, ep_rank)
     local = full.config.num_local_experts // ep
     state = {name: (t[ep_rank * local : (ep_rank + 1) * local] if is_expert_param(name) else t)
              for name, t in full.state_dict().items()}

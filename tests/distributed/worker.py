@@ -97,7 +97,7 @@ def round_trip(mesh: Mesh, hidden: int = 5, k: int = 2, num_experts: int = 8) ->
     rows = torch.randn(indices.numel(), hidden)
     rows[:, 0] = indices.reshape(-1)[plan.perm.order].float()  # tag each row with its expert
     rows.requires_grad_(True)
-    y = disp.dispatch(rows, plan)[plan.regroup]  # what the experts see
+    y = disp.exchange(rows, plan)[plan.regroup]  # what the experts see
     back = disp.undispatch(y, plan)
     g = torch.randn_like(back)
     (back * g).sum().backward()
@@ -132,8 +132,8 @@ def dispatcher_vs_local(mesh: Mesh, n_per_rank: list[int], autocast: bool, hidde
     x_ref, x = x_all.clone().requires_grad_(True), x_all[rows].clone().requires_grad_(True)
     disp = AllToAllDispatcher(mesh.ep_group, mesh.ep, mesh.ep_rank, num_experts)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out_ref, _ = LocalDispatcher()(x_ref, w_all, torch.cat(all_idx), full)
-        out, _ = disp(x, w_all[rows], indices, mine)
+        out_ref = _dispatch_experts_combine(LocalDispatcher(num_experts), x_ref, w_all, torch.cat(all_idx), full)
+        out = _dispatch_experts_combine(disp, x, w_all[rows], indices, mine)
     (out_ref.float() * g_all).sum().backward()
     (out.float() * g_all[rows]).sum().backward()
     diffs = {"out": _max_diff(out, out_ref[rows]), "x_grad": _max_diff(x.grad, x_ref.grad[rows])}
@@ -141,6 +141,12 @@ def dispatcher_vs_local(mesh: Mesh, n_per_rank: list[int], autocast: bool, hidde
         diffs[name] = _max_diff(p.grad, q.grad[mine_e])
     sent_rows = int((indices // local_count != mesh.ep_rank).sum())
     return {"diffs": diffs, "bytes_per_value": disp.last_traffic["dispatch_bytes_out"] / max(sent_rows, 1) / hidden}
+
+
+def _dispatch_experts_combine(dispatcher, x, weights, indices, experts):
+    """The MoE block's phases after the route, with the given dispatcher and experts."""
+    d = dispatcher.dispatch(x, weights, indices)
+    return dispatcher.combine(experts(d.x, d.counts, gather_idx=d.gather_idx), d, experts.backend)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -76,6 +76,19 @@ def test_bf16_gpu(case, gather):
     _run(GROUP_CASES[case], dtype=torch.bfloat16, gather=gather)
 
 
+PRODUCTION_SIZES = [130, 0, 257, 128, 200]  # >= 128 rows per expert: 128-row tiles, as training at 20B shapes
+
+
+@needs_cuda
+@pytest.mark.parametrize("gather", [False, True])
+def test_bf16_gpu_production_tiles(gather):
+    # The 128-row tiles (wgmma on Hopper) that training uses, forward and backward, against fp64.
+    from kernels.tile_map import choose_block_m
+
+    assert choose_block_m(sum(PRODUCTION_SIZES), len(PRODUCTION_SIZES)) == 128
+    _run(PRODUCTION_SIZES, dtype=torch.bfloat16, gather=gather)
+
+
 def test_no_rows_at_all():
     # Every expert empty: an empty output, and exact-zero gradients (every buffer still written).
     inputs, _ = _inputs([0, 0, 0], torch.float32, False)
@@ -103,6 +116,24 @@ def test_clamp_boundaries_match_torch_clamp():
     y_ref = _call(expert_mlp_reference, ref_inputs, counts.cpu(), None)
     assert_close(y, y_ref, torch.float32, "y")
     check_grads(y, inputs, y_ref, ref_inputs, torch.float32)
+
+
+def test_nan_propagates_through_the_clamp():
+    # torch.clamp keeps NaN; a clamp built from min/max would turn it into +-limit and hide a
+    # diverged pre-activation from the trainer's NaN guard. Row 0 of x carries a NaN; rows 1.. not.
+    torch.manual_seed(0)
+    sizes = [3, 2]
+    inputs, _ = _inputs(sizes, torch.float32, False, trainable=())
+    x = inputs["x"].detach().clone()
+    x[0, 0] = float("nan")
+    inputs["x"] = x
+    counts = counts_of(sizes)
+    with _runtime.force_blocks(**SMALL_BLOCKS):
+        y = _call(expert_mlp, inputs, counts, None)
+    y_ref = _call(expert_mlp_reference, inputs, counts.cpu(), None)
+    assert torch.isnan(y_ref[0]).all() and torch.isnan(y[0]).all(), "a NaN input row must give a NaN output row"
+    assert not torch.isnan(y[1:]).any()
+    assert_close(y[1:], y_ref[1:], torch.float32, "y")
 
 
 @pytest.mark.parametrize("gather", [False, True])

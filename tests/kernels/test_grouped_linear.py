@@ -67,6 +67,13 @@ def test_bf16_gpu(case, gather):
     _run(GROUP_CASES[case], dtype=torch.bfloat16, gather=gather)
 
 
+@needs_cuda
+@pytest.mark.parametrize("gather", [False, True])
+def test_bf16_gpu_production_tiles(gather):
+    # >= 128 rows per expert: the 128-row tiles training runs (wgmma on Hopper), with the backward.
+    _run([130, 0, 257, 128, 200], dtype=torch.bfloat16, gather=gather)
+
+
 @pytest.mark.parametrize("bias_trainable", [False, True])
 def test_frozen_weight_computes_no_dw(monkeypatch, bias_trainable):
     spy = LaunchSpy(grouped_dw._grouped_dw_kernel)

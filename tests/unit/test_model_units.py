@@ -9,6 +9,7 @@ from engine.loss import linear_cross_entropy
 from engine.models.gpt_oss import ConfigError, GptOssConfig, GptOssForCausalLM
 from engine.models.gpt_oss.attention import dense_mask
 from engine.models.gpt_oss.rope import inv_freq
+from engine.moe.experts import shard_model_experts
 
 
 def test_sliding_window_sees_exactly_window_keys():
@@ -104,7 +105,10 @@ def test_expert_parallel_rank_builds_only_its_experts():
     cfg = GptOssConfig.tiny()
     full = GptOssForCausalLM(cfg)
     full.init_weights(3)
-    part = GptOssForCausalLM(cfg, ep_size=4, ep_rank=2)
+    with torch.device("meta"):
+        part = GptOssForCausalLM(cfg)
+    assert shard_model_experts(part, 4, 2) == cfg.num_hidden_layers  # applied from outside, on meta
+    part.to_empty(device="cpu")
     part.init_weights(3)
     e = cfg.num_local_experts // 4
     for name, p in part.named_parameters():

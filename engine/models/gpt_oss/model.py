@@ -33,8 +33,6 @@ class ModelOptions:
 
     experts_backend: str = "auto"  # auto | loop | grouped_mm | triton
     attn_backend: str = "auto"  # auto | eager | flex
-    ep_size: int = 1  # expert-parallel ranks; this rank builds num_experts / ep_size experts
-    ep_rank: int = 0
     ce_chunk_size: int = 512  # rows of fp32 logits alive at once in the loss
 
 
@@ -57,8 +55,7 @@ class GptOssDecoderLayer(nn.Module):
         self.self_attn = GptOssAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoEBlock(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                            alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, experts_backend=opts.experts_backend,
-                            ep_size=opts.ep_size, ep_rank=opts.ep_rank)
+                            alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, experts_backend=opts.experts_backend)
         self.activation_checkpointing = False
 
     def _forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -103,15 +100,14 @@ class GptOssForCausalLM(nn.Module):
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
                 p.fill_(1.0)
             elif name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-                self._init_expert_rows(p, gen, std)
+                self._init_expert_rows(p, gen, std, self.get_submodule(name.rpartition(".")[0]).expert_offset)
             elif name.endswith("_bias") or (name.endswith(".bias") and ".router." not in name):
                 p.zero_()
             else:
                 normal_(p)
 
-    def _init_expert_rows(self, p: torch.Tensor, gen: torch.Generator, std: float) -> None:
+    def _init_expert_rows(self, p: torch.Tensor, gen: torch.Generator, std: float, offset: int) -> None:
         # Draw all experts' rows in order, keep ours: identical weights whatever the EP layout.
-        offset = self.options.ep_rank * p.shape[0]
         for e in range(self.config.num_local_experts):
             rows = torch.randn(p.shape[1:], generator=gen, dtype=torch.float32).mul_(std)
             if offset <= e < offset + p.shape[0]:

@@ -6,7 +6,6 @@ import torch
 from engine.checkpoint import load_hf
 from engine.checkpoint.hf_layout import is_expert_tensor
 from engine.checkpoint.safetensors_io import SafetensorsIndex
-from engine.models.gpt_oss import ModelOptions
 from tests.unit.checkpoint.builders import tiny_hf, write_mxfp4_checkpoint
 
 
@@ -27,7 +26,7 @@ def test_rank_slice_equals_rows_of_full_load(checkpoint, dtype, monkeypatch):
     original_read = SafetensorsIndex.read
     monkeypatch.setattr(SafetensorsIndex, "read",
                         lambda self, name, rows=None: reads.append((name, rows)) or original_read(self, name, rows))
-    rank = load_hf(checkpoint, dtype=dtype, options=ModelOptions(ep_size=2, ep_rank=1))
+    rank = load_hf(checkpoint, dtype=dtype, ep_size=2, ep_rank=1)
 
     e = rank.config.num_local_experts
     for block in rank.moe_blocks():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from engine.models.gpt_oss import ConfigError, GptOssConfig, GptOssForCausalLM
+from engine.moe.experts import shard_model_experts
 from engine.peft import (LoraConfig, apply_lora, format_report, load_lora_state_dict, lora_state_dict, merge_lora,
                          unmerge_lora)
 from tests.unit.peft.helpers import randomize_adapters, tiny_pair, token_ids
@@ -160,7 +161,8 @@ def test_expert_parallel_slice_names_and_init(shared):
     apply_lora(full, lora, seed=3)
     full_sd = lora_state_dict(full)
     for ep_rank in range(2):
-        part = GptOssForCausalLM(cfg, ep_size=2, ep_rank=ep_rank)
+        part = GptOssForCausalLM(cfg)
+        shard_model_experts(part, 2, ep_rank)
         apply_lora(part, lora, seed=3)
         e = part.model.layers[0].mlp.experts.num_experts
         for name, t in lora_state_dict(part).items():

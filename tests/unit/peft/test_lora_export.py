@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
+from engine.moe.experts import shard_model_experts
 from engine.peft import LoraConfig, apply_lora, lora_state_dict
 from engine.peft import peft_export
 from engine.peft.peft_export import export_merged, export_peft
@@ -18,8 +19,8 @@ peft = pytest.importorskip("peft", reason="the PEFT export is checked by loading
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _adapted(cfg: LoraConfig):
-    hf, ours = tiny_pair(experts_backend="grouped_mm")
+def _adapted(cfg: LoraConfig, backend: str = "grouped_mm"):
+    hf, ours = tiny_pair(experts_backend=backend)
     apply_lora(ours, cfg)
     randomize_adapters(ours)
     return hf, ours
@@ -50,6 +51,19 @@ def test_peft_export_loads_in_peft_with_our_logits(cfg, tmp_path):
         got = _peft_logits(hf, tmp_path, ids)
     assert not [str(w.message) for w in caught if "missing" in str(w.message) or "unexpected" in str(w.message)]
     torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_triton_lora_matches_peft(shared, tmp_path):
+    # The Triton backend runs the adapters inside its expert GEMMs (the interpreter, fp32): the logits
+    # equal transformers + peft's on the exported adapter.
+    pytest.importorskip("triton")
+    hf, ours = _adapted(LoraConfig(rank=4, alpha=8, share_expert_adapters=shared), backend="triton")
+    ids = token_ids()
+    with torch.no_grad():
+        want = ours(ids)
+    export_peft(ours, tmp_path, base_model_name_or_path="tiny-gpt-oss")
+    torch.testing.assert_close(_peft_logits(hf, tmp_path, ids), want, rtol=1e-4, atol=1e-4)
 
 
 def test_partial_targets_are_written_by_full_name(tmp_path):
@@ -94,7 +108,8 @@ def test_merged_export_loads_in_transformers_alone(tmp_path):
 
 
 def test_expert_parallel_slice_refuses_peft_export(tmp_path):
-    model = GptOssForCausalLM(GptOssConfig.tiny(num_hidden_layers=1), ep_size=2, ep_rank=1)
+    model = GptOssForCausalLM(GptOssConfig.tiny(num_hidden_layers=1))
+    shard_model_experts(model, 2, 1)
     apply_lora(model, LoraConfig(rank=4))
     with pytest.raises(ValueError, match="gather every expert"):
         export_peft(model, tmp_path, base_model_name_or_path="x")
