@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .build import Runtime, build_loaders, build_model, seed_everything, setup_runtime
 from .checkpoint import state as ckpt
 from .config import TrainConfig
+from .evaluate import validation_loss
 from .models.gpt_oss.config import ConfigError
 from .memory_plan import arch_of_run, check_fits, plan_for_run
 from .metrics import MetricsWriter, active_lora_params, expert_load, flops_per_token, peak_flops, peak_memory_gb
@@ -47,21 +48,6 @@ def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     if rt.mesh.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=rt.mesh.dp_group)
     return t
-
-
-@torch.no_grad()
-def evaluate(model, loader, rt: Runtime) -> float:
-    """Mean token loss over one pass of the validation data, all ranks (summed, divided once). Every
-    rank gets the same number of batches, so the expert all-to-all stays in step."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # [loss sum, target tokens]
-    for b in loader:
-        with rt.autocast():
-            total[0] += model(**_model_inputs(b, rt.device), loss_normalizer=1.0).double()
-        total[1] += int(b["num_target_tokens"])
-    model.train()
-    total = _all_sum(total, rt)
-    return float(total[0] / total[1].clamp(min=1))
 
 
 def _rng_state() -> dict:
@@ -184,7 +170,7 @@ def run(cfg: TrainConfig) -> dict:
             record["peak_memory_gb"] = mem
         record.update(expert_load(model, rt.mesh))
         if val_loader is not None and ((step + 1) % cfg.trainer.val_every == 0 or step + 1 == cfg.trainer.max_steps):
-            record["val_loss"] = evaluate(model, val_loader, rt)
+            record["val_loss"] = validation_loss(model, val_loader, rt)
         if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
             writer.write(record)
         progress(record)
