@@ -33,6 +33,7 @@ from .models.gpt_oss.config import ConfigError
 from .memory_plan import arch_of_run, check_fits, plan_for_run
 from .metrics import MetricsWriter, active_lora_params, expert_load, flops_per_token, peak_flops, peak_memory_gb
 from .optim import build_optimizer, build_scheduler
+from .sampling import build_sampler
 from .parallel import clip_grad_norm, global_token_count, sync_gradients
 
 log = logging.getLogger("engine")
@@ -128,6 +129,7 @@ def run(cfg: TrainConfig) -> dict:
     fpt = flops_per_token(model.config, cfg.data.max_seq_len, lora_params)
     losses: list[float] = []
     progress = _progress(cfg, rt, start_step)
+    sampler = build_sampler(cfg, rt, out)
     for step in range(start_step, cfg.trainer.max_steps):
         t0 = time.perf_counter()
         batches = [next(loader) for _ in range(accum)]
@@ -174,6 +176,8 @@ def run(cfg: TrainConfig) -> dict:
         if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
             writer.write(record)
         progress(record)
+        if sampler is not None and (step + 1) % cfg.trainer.sample_every == 0:
+            sampler(model, step + 1)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
             _save(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps)
     final = _save(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps)
