@@ -8,8 +8,9 @@ every row has stopped. The prompt is read in one forward (`prefill`), then one t
 against the cache (engine.models.gpt_oss.kv_cache). LoRA adapters take part whether applied or
 merged: decoding calls the model's own modules.
 
-Under expert parallelism every rank of the expert group must run the same number of forwards (each
-one is an all-to-all), so when torch.distributed is initialised the ranks agree on stopping.
+Under expert parallelism every rank of the expert group calls `generate` (its own prompts, any batch
+size, the same max_new_tokens) and must run the same number of forwards, each one an all-to-all: the
+ranks agree on stopping, and a rank whose rows are done keeps stepping (adding padding) until all are.
 """
 
 from __future__ import annotations
@@ -56,11 +57,18 @@ def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float = 1
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _all_ranks_done(done: bool, device: torch.device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
+def _expert_group(model):
+    """The process group of the model's expert all-to-all, or None when its experts are all local."""
+    return getattr(model.moe_blocks()[0].dispatcher, "group", None) if hasattr(model, "moe_blocks") else None
+
+
+def _group_done(done: bool, group, device: torch.device) -> bool:
+    """Stop only when every rank of the expert group is done: a rank that stopped alone would leave
+    the others waiting in their next all-to-all."""
+    if group is None:
         return done
     flag = torch.tensor([0 if done else 1], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # any rank still going keeps every rank going
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return int(flag) == 0
 
 
@@ -96,6 +104,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
         else:
             step_logits = _recompute(model, ids, valid)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
+        group = _expert_group(model)
         out, new, new_valid = [ids], ids, valid
         for _ in range(max_new_tokens):
             logits = step_logits(new, new_valid)  # [B, V]
@@ -108,7 +117,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
             if stops.numel():
                 finished |= torch.isin(token, stops)
             new, new_valid = token[:, None], torch.ones(b, 1, dtype=torch.bool, device=device)
-            if stops.numel() and _all_ranks_done(bool(finished.all()), device):
+            if _group_done(bool(stops.numel()) and bool(finished.all()), group, device):
                 break
         return torch.cat(out, dim=1)
     finally:
