@@ -124,6 +124,7 @@ def plot_expert_heatmap(run: Run, key: str, label: str):
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
                       extent=(steps[0] - 0.5, steps[-1] + 0.5, grid.shape[0] - 0.5, -0.5))
     fig.colorbar(image, ax=ax, label=label)
+    ax.set_yticks(range(grid.shape[0]))
     ax.set(title=f"Expert load per layer: {run.name}", xlabel="step", ylabel="layer")
     fig.tight_layout()
     return fig
