@@ -77,9 +77,9 @@ def main(argv=None) -> None:
         if batch in shape["hf_batches"]:
             def run_hf():
                 hf = hf_twin(model, device, shape["dtype"])
-                gen = lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,  # noqa: E731
-                                          min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
-                out, t = timed(gen, device)
+                out, t = timed(lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                   max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                                   pad_token_id=0, eos_token_id=None), device)
                 return batch * new / t, bool(torch.equal(out, cached))
 
             hf_result, error = common.attempt(run_hf)

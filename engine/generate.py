@@ -25,7 +25,8 @@ from .models.gpt_oss.kv_cache import KVCache, cached_forward
 
 def _check_args(input_ids, max_new_tokens, temperature, top_p, top_k) -> None:
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}")
+        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got shape "
+                         f"{tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature <= 0:
@@ -98,11 +99,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     was_training = model.training
     model.eval()
     try:
-        if use_cache:
-            cache = KVCache(model, b, t + max_new_tokens)
-            step_logits = lambda new, new_valid: cached_forward(model, new, cache, new_valid, last_only=True)[:, -1]  # noqa: E731
-        else:
-            step_logits = _recompute(model, ids, valid)
+        step_logits = _cached(model, b, t + max_new_tokens) if use_cache else _recompute(model, ids, valid)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         group = _expert_group(model)
         out, new, new_valid = [ids], ids, valid
@@ -122,6 +119,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
         return torch.cat(out, dim=1)
     finally:
         model.train(was_training)
+
+
+def _cached(model, batch: int, capacity: int):
+    """A step function over a KV cache: the first call reads the prompt, each later one a new token."""
+    cache = KVCache(model, batch, capacity)
+    return lambda new, new_valid: cached_forward(model, new, cache, new_valid, last_only=True)[:, -1]
 
 
 def _recompute(model, ids: torch.Tensor, valid: torch.Tensor):

