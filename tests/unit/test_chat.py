@@ -104,3 +104,16 @@ def test_output_that_is_not_harmony_is_shown_raw():
     stream = HarmonyStream(tok)
     assert [e for t in tok.encode(" hello there") for e in stream.feed(t)] == []
     assert stream.flush() == [Event("text", "unparsed", " hello there"), Event("end", "unparsed")]
+
+
+def test_tools_are_never_dropped_silently():
+    # Whichever renderer is installed: the tool definitions reach the prompt, or chat refuses.
+    tok = load_tokenizer()
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    try:
+        ids = prompt_ids([{"role": "user", "content": "Weather?"}], tok, tools=tools)
+    except ValueError as e:
+        assert "--tools" in str(e)
+    else:
+        assert "get_weather" in tok.decode(ids)
