@@ -31,8 +31,9 @@ SMALL = dict(arch=dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, nu
 
 def build(shape: dict, device: torch.device) -> GptOssForCausalLM:
     cfg = GptOssConfig.gpt_oss_20b(**shape["arch"]) if shape is FULL else GptOssConfig.tiny(**shape["arch"])
-    with torch.device(device):
+    with torch.device("meta"):  # shapes first, then memory in the final dtype: no fp32 copy of 20B
         model = GptOssForCausalLM(cfg, experts_backend="auto", attn_backend="eager").to(shape["dtype"])
+    model.to_empty(device=device)
     common.random_init_(model, seed=0, std=0.05)
     return model.eval()
 
