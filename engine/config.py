@@ -66,6 +66,9 @@ class TrainerConfig:
     resume: str = "auto"  # auto | none | PATH
     progress: bool = True  # a progress bar on rank 0 when the output is a terminal (else log lines)
     tensorboard: bool = False  # also write the metrics to OUTPUT/tensorboard
+    sample_every: int = 0  # greedy generations for sample_prompts every N steps (0 = never)
+    sample_prompts: str | None = None  # JSONL ({"prompt"} / {"messages"}) or text, one prompt per line
+    sample_max_new_tokens: int = 64
 
 
 @dataclass
@@ -116,6 +119,11 @@ class TrainConfig:
                 raise ConfigError(f"{key}={value!r} must be a positive integer")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr={self.optim.lr!r} must be > 0")
+        if self.trainer.sample_every < 0 or self.trainer.sample_max_new_tokens < 1:
+            raise ConfigError("trainer.sample_every must be >= 0 and trainer.sample_max_new_tokens >= 1")
+        if self.trainer.sample_every and not self.trainer.sample_prompts:
+            raise ConfigError(f"trainer.sample_every={self.trainer.sample_every} needs trainer.sample_prompts=FILE "
+                              "(JSONL of {\"prompt\": ...} records, or text with one prompt per line)")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
         try:

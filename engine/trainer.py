@@ -30,10 +30,12 @@ from .build import Runtime, build_loaders, build_model, seed_everything, setup_r
 from .checkpoint import state as ckpt
 from .checkpoint.errors import CheckpointError
 from .config import TrainConfig
+from .evaluate import validation_loss
 from .models.gpt_oss.config import ConfigError
 from .memory_plan import arch_of_run, check_fits, plan_for_run
 from .metrics import MetricsWriter, active_lora_params, expert_load, flops_per_token, peak_flops, peak_memory_gb
 from .optim import build_optimizer, build_scheduler
+from .sampling import build_sampler
 from .parallel import clip_grad_norm, global_token_count, sync_gradients
 
 log = logging.getLogger("engine")
@@ -49,21 +51,6 @@ def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     if rt.mesh.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=rt.mesh.dp_group)
     return t
-
-
-@torch.no_grad()
-def evaluate(model, loader, rt: Runtime) -> float:
-    """Mean token loss over one pass of the validation data, all ranks (summed, divided once). Every
-    rank gets the same number of batches, so the expert all-to-all stays in step."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # [loss sum, target tokens]
-    for b in loader:
-        with rt.autocast():
-            total[0] += model(**_model_inputs(b, rt.device), loss_normalizer=1.0).double()
-        total[1] += int(b["num_target_tokens"])
-    model.train()
-    total = _all_sum(total, rt)
-    return float(total[0] / total[1].clamp(min=1))
 
 
 def _rng_state() -> dict:
@@ -162,6 +149,7 @@ def run(cfg: TrainConfig) -> dict:
     fpt = flops_per_token(model.config, cfg.data.max_seq_len, lora_params)
     losses: list[float] = []
     progress = _progress(cfg, rt, start_step)
+    sampler = build_sampler(cfg, rt, out)
     for step in range(start_step, cfg.trainer.max_steps):
         t0 = time.perf_counter()
         batches = [next(loader) for _ in range(accum)]
@@ -204,10 +192,12 @@ def run(cfg: TrainConfig) -> dict:
             record["peak_memory_gb"] = mem
         record.update(expert_load(model, rt.mesh))
         if val_loader is not None and ((step + 1) % cfg.trainer.val_every == 0 or step + 1 == cfg.trainer.max_steps):
-            record["val_loss"] = evaluate(model, val_loader, rt)
+            record["val_loss"] = validation_loss(model, val_loader, rt)
         if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
             writer.write(record)
         progress(record)
+        if sampler is not None and (step + 1) % cfg.trainer.sample_every == 0:
+            sampler(model, step + 1)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
             _save(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps)
     final = _save(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps)
