@@ -3,10 +3,12 @@
     python benchmarks/bench_data.py           # seq 4096, 2 s per measurement
     python benchmarks/bench_data.py --cpu     # seq 1024, 0.2 s per measurement (smoke run)
 
-Three figures on the shipped sample chats and tokenizer (or --file / --tokenizer): encoding alone
-(JSON parse, validation, harmony rendering, tokenizing, loss mask), then the whole training
-stream with packing and without (encoding + packing + collating into batch tensors, in the calling
-thread, no prefetch), with the packing efficiency (share of non-padding tokens).
+Figures on the shipped sample chats and tokenizer (or --file / --tokenizer): encoding alone
+(JSON parse, validation, harmony rendering, tokenizing, loss mask) in one thread; preparing a
+store (engine.data.prepare) with one worker and with one per core; the training stream read from
+the store with packing and without (packing + collating into batch tensors, in the calling thread,
+no prefetch), with the packing efficiency (share of non-padding tokens); and the start-up of a run
+on a prepared store of 100k (--cpu) or 1M (full) documents, up to its first batch.
 This runs on the CPU in both modes, so the full mode needs no GPU: in the GPU suite it measures the
 GPU machine's host, which must keep up with the step's tokens/s (bench_train_step).
 """
@@ -16,10 +18,10 @@ from __future__ import annotations
 import argparse
 
 import common
-from engine.data.bench import bench_encode, bench_stream
-from engine.data.config import DataConfig
+from engine.data.bench import run
 
-MODES = {"cpu": dict(max_seq_len=1024, seconds=0.2), "full": dict(max_seq_len=4096, seconds=2.0)}
+MODES = {"cpu": dict(max_seq_len=1024, seconds=0.2, startup_docs=100_000, min_records=2_000),
+         "full": dict(max_seq_len=4096, seconds=2.0, startup_docs=1_000_000, min_records=20_000)}
 
 
 def main(argv=None) -> None:
@@ -28,18 +30,16 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", default=None, help="model directory or tokenizer.json (default: shipped)")
     args = common.parse_args(parser, argv, needs_cuda=False)
     mode = MODES[args.mode]
-    cfg = DataConfig(train_path=args.file, tokenizer=args.tokenizer, max_seq_len=mode["max_seq_len"],
-                     micro_batch_size=1, global_batch_size=1, prefetch=0).validate()
-    results = {
-        "encode": bench_encode(cfg, mode["seconds"]),
-        "pack": bench_stream(cfg, mode["seconds"]),
-        "unpacked": bench_stream(DataConfig(**{**vars(cfg), "pack": False}), mode["seconds"]),
-    }
-    rows = [{"stage": name, **figures} for name, figures in results.items()]
+    results = run(args.file, args.tokenizer, mode["max_seq_len"], 1, mode["seconds"], mode["startup_docs"],
+                  mode["min_records"])
+    rows = [{"stage": name, **figures} for name, figures in results.items() if name != "startup"]
     common.print_table(rows, [
         ("stage", "stage", ""), ("examples_per_s", "examples/s", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"),
         ("rows_per_s", "rows/s", ",.1f"), ("packing_efficiency", "packing efficiency", ".1%")],
-        title=f"data pipeline, one thread, seq {mode['max_seq_len']}, {mode['seconds']} s per figure")
+        title=f"data pipeline, seq {mode['max_seq_len']}, {mode['seconds']} s per stream figure")
+    s = results["startup"]
+    print(f"start-up on a prepared store of {s['documents']:,} documents: mapped in {s['open_s']:.2f} s, "
+          f"first batch after {s['first_batch_s']:.2f} s")
     common.write_json("data", args, {"max_seq_len": mode["max_seq_len"], "seconds": mode["seconds"],
                                      "file": args.file or "shipped sample", "results": results})
 

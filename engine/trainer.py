@@ -142,6 +142,8 @@ def run(cfg: TrainConfig) -> dict:
     fpt = flops_per_token(model.config, cfg.data.max_seq_len, lora_params)
     losses: list[float] = []
     progress = _progress(cfg, rt, start_step)
+    # What the data preparation kept, skipped and dropped goes into the first metrics line.
+    data_report = {**getattr(loader, "report", {}), **getattr(val_loader, "report", {})}
     for step in range(start_step, cfg.trainer.max_steps):
         t0 = time.perf_counter()
         batches = [next(loader) for _ in range(accum)]
@@ -186,7 +188,8 @@ def run(cfg: TrainConfig) -> dict:
         if val_loader is not None and ((step + 1) % cfg.trainer.val_every == 0 or step + 1 == cfg.trainer.max_steps):
             record["val_loss"] = evaluate(model, val_loader, rt)
         if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
-            writer.write(record)
+            writer.write({**record, **data_report})
+            data_report = {}
         progress(record)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
             _save(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps)
