@@ -130,3 +130,17 @@ def test_reloading_a_state_mid_stream_rewinds_it(tokenizer, stores):
     assert same_batches([next(loader) for _ in range(4)], expected)
     loader.close()
     assert not any(t.name == "data-prefetch" for t in threading.enumerate()), "close() stops the thread"
+
+
+def test_errors_in_the_prefetch_thread_reach_the_consumer():
+    from engine.data.loader import prefetch
+
+    def items():
+        yield 1
+        yield 2
+        raise DataError("store.bin: read failed")
+
+    stream = prefetch(items(), depth=2)
+    assert [next(stream), next(stream)] == [1, 2]
+    with pytest.raises(DataError, match="read failed"):
+        next(stream)
