@@ -79,8 +79,10 @@ def why_stale(manifest: dict, key: dict) -> str | None:
             return f"{new['name']} changed"
     if manifest.get("tokenizer_sha256") != key["tokenizer_sha256"]:
         return "another tokenizer"
+    # on_error matters only when the store left records out: a store without skips serves both.
+    skipped = manifest.get("counts", {}).get("skipped_invalid", 1)
     changed = [f"{k} {manifest.get('render', {}).get(k)!r} -> {v!r}" for k, v in key["render"].items()
-               if manifest.get("render", {}).get(k) != v]
+               if manifest.get("render", {}).get(k) != v and (k != "on_error" or skipped)]
     if changed:
         return "render options changed: " + ", ".join(changed)
     if manifest.get("code_sha256") != key["code_sha256"]:

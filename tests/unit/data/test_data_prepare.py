@@ -160,6 +160,7 @@ def test_stale_stores_are_made_again_never_reused(tmp_path, tokenizer, write_jso
     assert fingerprint == first.fingerprint and "is current" in logged
     os.utime(path, ns=(1, 1))  # touched, same bytes: hashed again, still current
     assert "is current" in again()[1]
+    assert "is current" in again(DataConfig(on_error="skip"))[1], "nothing was skipped: the store serves both"
     assert "loss_mask 'assistant' -> 'last_turn'" in again(DataConfig(loss_mask="last_turn"))[1]
     path.write_text(path.read_text() + json.dumps(GOOD) + "\n")
     fingerprint, logged = again()
@@ -194,3 +195,10 @@ def test_unreachable_hub_id_is_a_clear_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no-such-owner/no-such-dataset:train: cannot load the Hub dataset" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_store_that_skipped_records_is_not_reused_under_raise(tmp_path, tokenizer, write_jsonl):
+    path = write_jsonl([*records(3), NO_ASSISTANT])
+    assert len(ensure_store(path, tmp_path / "store", DataConfig(on_error="skip"), tokenizer, workers=1)) == 3
+    with pytest.raises(DataError, match=re.escape(f"{path}:4: nothing to train")):
+        ensure_store(path, tmp_path / "store", DataConfig(on_error="raise"), tokenizer, workers=1)
