@@ -10,7 +10,6 @@ from engine.data.dataset import DataError, DataStats, Document, DocumentEncoder,
 from engine.data.harmony import HARMONY_SPECIAL_TOKENS, Segment, render, render_segments, system_content
 from engine.data.loader import TrainLoader, ValLoader, build_train_loader, build_val_loader, open_store
 from engine.data.packing import IGNORE_INDEX, collate, row_starts
-from engine.data.prepare import ensure_store
 from engine.data.records import Conversation, Message, RecordError, parse_record
 from engine.data.sampler import Cursor, GlobalOrder
 from engine.data.store import StoreWriter, TokenStore
@@ -42,7 +41,6 @@ __all__ = [
     "collate",
     "default_sample_paths",
     "default_tokenizer_path",
-    "ensure_store",
     "load_tokenizer",
     "open_store",
     "parse_record",

@@ -203,7 +203,7 @@ def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: Harmon
     """The prepared store of `inputs`: a prepared folder given as the input is used as it is; else
     rank 0 makes or reuses the store at `store_dir` (validating every record) while the other ranks
     wait, then every rank maps the same files."""
-    from engine.data.prepare import check_prepared, ensure_store
+    from engine.data.prepare import check_prepared, ensure_store, summary
 
     if isinstance(inputs, (str, Path)) and (Path(inputs) / MANIFEST).is_file():
         return check_prepared(TokenStore(inputs), cfg, tokenizer)
@@ -227,6 +227,8 @@ def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: Harmon
     if outcome[1] is not None and store.fingerprint != outcome[1]:
         raise DataError(f"rank {rank} reads another store at {store_dir} than rank 0 wrote; data.prepared_dir "
                         "must be a folder every rank sees (a shared filesystem)")
+    if rank != 0:  # rank 0 logged it while preparing; the other ranks' logs say what they train on
+        log.info("data store %s: %s", store_dir, summary(store.manifest))
     return store
 
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 LISTED = 20  # bad records named one by one; the rest are counted
 _CHUNK = 256  # records per task handed to a worker
+_SMALL_INPUT = 4 << 20  # bytes; smaller inputs are prepared in this process
 # The code that turns a record into tokens: a store made by other code is made again.
 _RENDER_CODE = ("records.py", "harmony.py", "tokenizer.py", "dataset.py")
 
@@ -169,7 +170,9 @@ def prepare(inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenize
     """Validate, render and tokenize every record of `inputs` into a new store at `out`."""
     sources = resolve_sources(inputs)
     key = key or expected_key(sources, cfg, tokenizer)
-    workers = workers or default_workers()
+    if not workers:  # auto: one per core, but a small input is done before a pool would start
+        small = all(s.path is not None and s.path.is_file() and s.path.stat().st_size < _SMALL_INPUT for s in sources)
+        workers = 1 if small else default_workers()
     start = time.perf_counter()
     writer = StoreWriter(out)
     errors: list[str] = []
