@@ -1,4 +1,5 @@
-"""Next-fit packing (row boundaries) and the batch tensors: positions, doc ids, shifted labels, no cross-document targets."""
+"""Next-fit packing (row boundaries) and the batch tensors: positions, doc ids, shifted labels, no
+cross-document targets."""
 
 import numpy as np
 import torch

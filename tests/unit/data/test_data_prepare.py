@@ -19,7 +19,8 @@ from engine.data.prepare import LISTED, ensure_store, main, prepare
 from engine.data.store import MANIFEST, TokenStore
 from engine.data.tokenizer import load_tokenizer
 
-GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "thinking": "Greet."}]}
+GOOD = {"messages": [{"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Hello.", "thinking": "Greet."}]}
 NO_ASSISTANT = {"messages": [{"role": "user", "content": "Hi"}]}
 
 
