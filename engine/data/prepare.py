@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -32,7 +33,7 @@ from engine.data.config import LOSS_MASKS, ON_ERROR, OVERLONG, REASONING_EFFORTS
 from engine.data.dataset import DataError, DataStats, Document, DocumentEncoder, decode_json_line
 from engine.data.records import RecordError
 from engine.data.sources import Source, resolve_sources
-from engine.data.store import MANIFEST, StoreWriter, TokenStore
+from engine.data.store import FORMAT, MANIFEST, StoreWriter, TokenStore
 from engine.data.tokenizer import HarmonyTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ def expected_key(sources: list[Source], cfg: DataConfig, tokenizer: HarmonyToken
 
 def why_stale(manifest: dict, key: dict) -> str | None:
     """None when the manifest matches `key`, else what changed, for the log."""
+    if manifest.get("format") != FORMAT:
+        return f"store format {manifest.get('format')!r}, this engine writes {FORMAT}"
     if [s["name"] for s in manifest.get("sources", [])] != [s["name"] for s in key["sources"]]:
         return "other input files"
     for old, new in zip(manifest["sources"], key["sources"]):
@@ -245,7 +248,10 @@ def ensure_store(inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTok
     sources = resolve_sources(inputs)
     previous = None
     if (out / MANIFEST).is_file():
-        previous = TokenStore(out).manifest
+        try:
+            previous = json.loads((out / MANIFEST).read_text())
+        except ValueError:  # unreadable: made again like any stale store
+            previous = {}
     key = expected_key(sources, cfg, tokenizer, previous)
     if previous is not None:
         reason = why_stale(previous, key)

@@ -167,6 +167,11 @@ def test_stale_stores_are_made_again_never_reused(tmp_path, tokenizer, write_jso
     fingerprint, logged = again()
     assert f"{path} changed" in logged and fingerprint != first.fingerprint
     assert len(TokenStore(out)) == 13
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "format": 0}))
+    assert "store format 0" in again()[1]
+    (out / MANIFEST).write_text("{not json")
+    assert "is stale" in again()[1] and TokenStore(out).manifest["format"] == 1
     other = tmp_path / "tokenizer.json"  # the same tokenizer in other bytes: another hash
     other.write_text(json.dumps(json.loads(load_tokenizer().backend.to_str()), indent=1))
     assert "another tokenizer" in again(tok=load_tokenizer(other))[1]
