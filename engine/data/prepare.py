@@ -99,10 +99,10 @@ def why_stale(manifest: dict, key: dict) -> str | None:
 _ENCODER: DocumentEncoder | None = None
 
 
-def _init_worker(cfg: DataConfig, tokenizer_path: str) -> None:
+def _init_worker(cfg: DataConfig, tokenizer_path: str, pooled: bool = True) -> None:
     global _ENCODER
-    # One process per core already; the tokenizer's own thread pool would only oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if pooled:  # one process per core already; the tokenizer's own threads would only oversubscribe
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _ENCODER = DocumentEncoder(cfg, load_tokenizer(tokenizer_path))
 
 
@@ -150,7 +150,7 @@ def _chunks(sources: list[Source]) -> Iterator[list[tuple[int, int, object]]]:
 def _results(sources, cfg: DataConfig, tokenizer_path: str, workers: int) -> Iterator[dict]:
     """Chunk results in source order; at most 2 chunks per worker in flight (bounded memory)."""
     if workers <= 1:
-        _init_worker(cfg, tokenizer_path)
+        _init_worker(cfg, tokenizer_path, pooled=False)
         yield from map(_encode_chunk, _chunks(sources))
         return
     # fork: workers start in milliseconds and need nothing from the parent but the config.
