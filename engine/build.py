@@ -9,6 +9,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,8 +164,12 @@ def build_loaders(cfg: TrainConfig, model: GptOssForCausalLM, rt: Runtime):
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
                          f"{model.config.vocab_size}; use the model's own tokenizer (data.tokenizer=...)")
-    train = build_train_loader(d, tok, rank=rt.rank, world_size=rt.world_size, seed=cfg.trainer.seed)
-    val = build_val_loader(d, tok, rank=rt.rank, world_size=rt.world_size) if cfg.trainer.val_every else None
+    # Every record is validated (and the stores made, on rank 0) here, before step 1.
+    root = Path(d.prepared_dir or Path(cfg.trainer.output_dir) / "data")
+    train = build_train_loader(d, tok, store_dir=root / "train", rank=rt.rank, world_size=rt.world_size,
+                               seed=cfg.trainer.seed)
+    val = (build_val_loader(d, tok, store_dir=root / "val", rank=rt.rank, world_size=rt.world_size)
+           if cfg.trainer.val_every else None)
     return train, val
 
 

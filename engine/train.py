@@ -57,6 +57,11 @@ def setup_logging(output_dir: str | None = None) -> None:
         logs.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logs / f"rank{rank}.log"))
     root = logging.getLogger("engine")
+    # Hydra's logging setup (dictConfig) disables every logger that existed before it ran, which
+    # includes the module loggers of engine.* imported above; they log through `root` again.
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("engine.") and isinstance(logger, logging.Logger):
+            logger.disabled = False
     for h in handlers:
         h.setFormatter(fmt)
     root.handlers[:] = handlers

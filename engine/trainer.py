@@ -150,6 +150,8 @@ def run(cfg: TrainConfig) -> dict:
     losses: list[float] = []
     progress = _progress(cfg, rt, start_step)
     sampler = build_sampler(cfg, rt, out)
+    # What the data preparation kept, skipped and dropped goes into the first metrics line.
+    data_report = {**getattr(loader, "report", {}), **getattr(val_loader, "report", {})}
     for step in range(start_step, cfg.trainer.max_steps):
         t0 = time.perf_counter()
         batches = [next(loader) for _ in range(accum)]
@@ -194,7 +196,8 @@ def run(cfg: TrainConfig) -> dict:
         if val_loader is not None and ((step + 1) % cfg.trainer.val_every == 0 or step + 1 == cfg.trainer.max_steps):
             record["val_loss"] = validation_loss(model, val_loader, rt)
         if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
-            writer.write(record)
+            writer.write({**record, **data_report})
+            data_report = {}
         progress(record)
         if sampler is not None and (step + 1) % cfg.trainer.sample_every == 0:
             sampler(model, step + 1)

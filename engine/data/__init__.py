@@ -1,4 +1,5 @@
-"""Data pipeline: JSONL chats -> harmony text -> tokens + loss mask -> (packed) batches.
+"""Data pipeline: records (JSONL, JSON, Parquet, datasets) -> validated, rendered, tokenized once into a
+memory-mapped store (prepare.py, store.py) -> one global packed order (sampler.py) -> each rank's batches.
 
 The batch contract is documented in engine/data/packing.py; the rendering choices in
 engine/data/harmony.py.
@@ -7,10 +8,11 @@ engine/data/harmony.py.
 from engine.data.config import DataConfig, default_sample_paths, default_tokenizer_path
 from engine.data.dataset import DataError, DataStats, Document, DocumentEncoder, JsonlFile
 from engine.data.harmony import HARMONY_SPECIAL_TOKENS, Segment, render, render_segments, system_content
-from engine.data.loader import TrainLoader, ValLoader, build_train_loader, build_val_loader
-from engine.data.packing import IGNORE_INDEX, collate, pack_rows
+from engine.data.loader import TrainLoader, ValLoader, build_train_loader, build_val_loader, open_store
+from engine.data.packing import IGNORE_INDEX, collate, row_starts
 from engine.data.records import Conversation, Message, RecordError, parse_record
-from engine.data.sampler import Cursor, ShardedSampler
+from engine.data.sampler import Cursor, GlobalOrder
+from engine.data.store import StoreWriter, TokenStore
 from engine.data.tokenizer import HarmonyTokenizer, TokenizerError, load_tokenizer
 
 __all__ = [
@@ -28,7 +30,9 @@ __all__ = [
     "Message",
     "RecordError",
     "Segment",
-    "ShardedSampler",
+    "StoreWriter",
+    "GlobalOrder",
+    "TokenStore",
     "TokenizerError",
     "TrainLoader",
     "ValLoader",
@@ -38,9 +42,10 @@ __all__ = [
     "default_sample_paths",
     "default_tokenizer_path",
     "load_tokenizer",
-    "pack_rows",
+    "open_store",
     "parse_record",
     "render",
+    "row_starts",
     "render_segments",
     "system_content",
 ]

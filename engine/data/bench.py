@@ -1,10 +1,14 @@
 """Measure the CPU cost of the data pipeline on this machine.
 
     python -m engine.data.bench [--file FILE] [--tokenizer PATH] [--max-seq-len N] [--seconds S]
+        [--startup-docs N]
 
-Two figures: encoding alone (JSON parse + validate + render + tokenize + mask), and the whole
-training stream (encoding + packing + collating into batch tensors, in the calling thread, no
-prefetch), with the packing efficiency (share of non-padding tokens in the rows).
+Figures: encoding alone in this thread (JSON parse + validate + render + tokenize + mask);
+preparation of a store with the worker pool (the file repeated until it holds at least 20k
+records); the training stream read from the store (packing + collating into batch tensors, in the
+calling thread, no prefetch) with the packing efficiency (share of non-padding tokens in the rows);
+and, with --startup-docs, the start-up of a run on an already prepared store of that many
+documents (manifest check, mapping, the epoch's global order, the first batch).
 
 `bench_harmony` measures render + tokenize of tool-calling conversations with the real
 o200k_harmony tokenizer, on the shipped agentic sample and on the same records with every message
@@ -16,21 +20,28 @@ figure that does not depend on what else the machine runs.
 import argparse
 import json
 import random
+import shutil
+import tempfile
 import time
 from itertools import islice
 from pathlib import Path
+
+import numpy as np
 
 from engine.data.agentic_sample import agentic_sample_paths
 from engine.data.config import DataConfig
 from engine.data.dataset import DocumentEncoder, JsonlFile
 from engine.data.harmony import render_segments
-from engine.data.records import parse_record
 from engine.data.loader import build_train_loader
+from engine.data.prepare import default_workers, expected_key, prepare
+from engine.data.records import parse_record
+from engine.data.sources import resolve_sources
+from engine.data.store import StoreWriter
 from engine.data.tokenizer import load_tokenizer
 
 
 def bench_encode(cfg: DataConfig, seconds: float) -> dict:
-    """Encode every record of the file again and again for about `seconds`."""
+    """Encode every record of the file again and again for about `seconds`, in this thread."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     file = JsonlFile(cfg.resolved_train_path())
     lines = file.read(range(len(file)))
@@ -88,9 +99,25 @@ def bench_harmony(tokenizer_path: str | Path, seconds: float, *, file: Path | No
             "tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / cpu}
 
 
-def bench_stream(cfg: DataConfig, seconds: float) -> dict:
+def bench_prepare(cfg: DataConfig, workers: int, min_records: int = 20_000) -> dict:
+    """Prepare the file (repeated up to `min_records` records) into a fresh store, timed end to end."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    try:
+        lines = [line for line in Path(cfg.resolved_train_path()).read_bytes().splitlines() if line.strip()]
+        big = tmp / "data.jsonl"
+        big.write_bytes(b"\n".join(lines * max(1, -(-min_records // len(lines)))) + b"\n")
+        start = time.perf_counter()
+        store = prepare(big, tmp / "store", cfg, load_tokenizer(cfg.tokenizer), workers=workers)
+        elapsed = time.perf_counter() - start
+        return {"workers": workers, "examples_per_s": len(store) / elapsed,
+                "tokens_per_s": store.manifest["tokens"] / elapsed}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_stream(cfg: DataConfig, seconds: float, store_dir: Path) -> dict:
     """Pull micro-batches from the training loader for about `seconds`."""
-    loader = build_train_loader(cfg, load_tokenizer(cfg.tokenizer), seed=0)
+    loader = build_train_loader(cfg, load_tokenizer(cfg.tokenizer), store_dir=store_dir, seed=0)
     batches = iter(loader)
     rows = real_tokens = 0
     start = time.perf_counter()
@@ -100,11 +127,44 @@ def bench_stream(cfg: DataConfig, seconds: float) -> dict:
             real_tokens += int((batch["input_ids"] != loader.pad_id).sum())
     elapsed = time.perf_counter() - start
     return {
-        "examples_per_s": loader.stats.documents / elapsed,
         "tokens_per_s": real_tokens / elapsed,
         "rows_per_s": rows / elapsed,
         "packing_efficiency": real_tokens / (rows * cfg.max_seq_len),
     }
+
+
+def bench_startup(cfg: DataConfig, num_docs: int, workdir: Path) -> dict:
+    """Start-up of a run on an already prepared store of `num_docs` documents.
+
+    The store holds synthetic token ids with the sample's document lengths (preparing a million
+    real conversations would take this machine many minutes and measure preparation, not start-up);
+    its manifest matches a real source file, so the start-up does what the trainer's does: check the
+    manifest against the sources and the config, map the arrays, order and pack the first epoch,
+    and read the first batch."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    source = workdir / "source.jsonl"
+    sample = Path(DataConfig().resolved_train_path()).read_bytes()
+    source.write_bytes(sample)
+    store_dir = workdir / "store"
+    sample_store = prepare(source, workdir / "sample_store", cfg, tokenizer, workers=1)
+    lengths = np.resize(sample_store.lengths, num_docs)  # [num_docs] the sample's lengths, repeated
+    rng = np.random.default_rng(0)
+    writer = StoreWriter(store_dir)
+    for first in range(0, num_docs, 100_000):
+        chunk = lengths[first : first + 100_000]
+        total = int(chunk.sum())
+        writer.add(rng.integers(0, 256, total, dtype=np.uint32), rng.random(total) < 0.3, chunk,
+                   np.zeros((len(chunk), 2), np.int64))
+    key = expected_key(resolve_sources(source), cfg, tokenizer)
+    writer.finish({**key, **{k: sample_store.manifest[k] for k in ("counts", "token_stats")}})
+    start = time.perf_counter()
+    loader = build_train_loader(DataConfig(**{**vars(cfg), "train_path": str(source)}), tokenizer,
+                                store_dir=store_dir, seed=0)
+    opened = time.perf_counter()
+    next(loader)
+    first = time.perf_counter()
+    loader.close()
+    return {"documents": num_docs, "open_s": opened - start, "first_batch_s": first - start}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,19 +174,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seq-len", type=int, default=4096)
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=3.0, help="time spent on each measurement")
+    parser.add_argument("--startup-docs", type=int, default=0, help="also time a run's start on a store this big")
     args = parser.parse_args(argv)
-    cfg = DataConfig(
-        train_path=args.file, tokenizer=args.tokenizer, max_seq_len=args.max_seq_len,
-        micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size, prefetch=0,
-    ).validate()
-    results = {
-        "encode": bench_encode(cfg, args.seconds),
-        "pack": bench_stream(cfg, args.seconds),
-        "unpacked": bench_stream(DataConfig(**{**vars(cfg), "pack": False}), args.seconds),
-    }
-    for name, figures in results.items():
-        print(f"{name:>9}: " + ", ".join(f"{key} {value:,.2f}" for key, value in figures.items()))
-    print(json.dumps({"max_seq_len": args.max_seq_len, **results}))
+    print(json.dumps(run(args.file, args.tokenizer, args.max_seq_len, args.micro_batch_size, args.seconds,
+                         args.startup_docs), indent=1))
+
+
+def run(file, tokenizer, max_seq_len: int, micro_batch_size: int, seconds: float, startup_docs: int = 0,
+        min_records: int = 20_000) -> dict:
+    cfg = DataConfig(train_path=file, tokenizer=tokenizer, max_seq_len=max_seq_len, micro_batch_size=micro_batch_size,
+                     global_batch_size=micro_batch_size, prefetch=0).validate()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    try:
+        results = {
+            "encode": bench_encode(cfg, seconds),
+            "prepare_1_worker": bench_prepare(cfg, 1, min_records),
+            "prepare": bench_prepare(cfg, default_workers(), min_records),
+            "pack": bench_stream(cfg, seconds, tmp / "packed"),
+            "unpacked": bench_stream(DataConfig(**{**vars(cfg), "pack": False}), seconds, tmp / "unpacked"),
+        }
+        if startup_docs:
+            results["startup"] = bench_startup(cfg, startup_docs, tmp)
+        return results
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ typo in a recipe fails before any data is read, with a message naming the key an
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LOSS_MASKS = ("assistant", "final_only", "last_turn")
 ON_ERROR = ("raise", "skip")
 OVERLONG = ("drop", "truncate")
 REASONING_EFFORTS = ("low", "medium", "high")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -36,8 +39,11 @@ class DataConfig:
     a model directory or a tokenizer.json path selects another one.
     """
 
-    train_path: str | None = None
-    val_path: str | None = None
+    # A .jsonl/.json/.parquet file, a save_to_disk folder, a Hub id owner/name[:split], a list of
+    # these, or a folder made by `python -m engine.data.prepare` (used as it is). Typed Any
+    # because OmegaConf cannot hold a union of a string and a list; validate() checks them.
+    train_path: Any = None
+    val_path: Any = None
     tokenizer: str | None = None
     max_seq_len: int = 4096
     # Rows (sequences of max_seq_len tokens) per optimizer step, fixed whatever the world size.
@@ -56,6 +62,10 @@ class DataConfig:
     prefetch: int = 4
     # Seed of the data order; None uses the trainer's seed.
     seed: int | None = None
+    # Where the trainer keeps the prepared stores (train/, val/); None = OUTPUT_DIR/data.
+    prepared_dir: str | None = None
+    # Processes that render and tokenize; 0 = one per core (at most 8).
+    prepare_workers: int = 0
 
     def validate(self, world_size: int | None = None) -> "DataConfig":
         """Raise ValueError naming the first bad key; with `world_size`, check the batch split."""
@@ -67,6 +77,7 @@ class DataConfig:
         _at_least("global_batch_size", self.global_batch_size, 1)
         _at_least("micro_batch_size", self.micro_batch_size, 1)
         _at_least("prefetch", self.prefetch, 0)
+        _at_least("prepare_workers", self.prepare_workers, 0)
         for key in ("pack", "shuffle"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"data.{key} = {getattr(self, key)!r} must be true or false")
@@ -74,10 +85,13 @@ class DataConfig:
             raise ValueError(f"data.seed = {self.seed!r} must be an integer or null")
         if self.current_date is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(self.current_date)):
             raise ValueError(f"data.current_date = {self.current_date!r} must look like YYYY-MM-DD or be null")
-        for key in ("train_path", "val_path", "tokenizer"):
+        if self.tokenizer is not None and not Path(self.tokenizer).exists():
+            raise ValueError(f"data.tokenizer = {self.tokenizer!r} does not exist")
+        for key in ("train_path", "val_path"):
             value = getattr(self, key)
-            if value is not None and not Path(value).exists():
-                raise ValueError(f"data.{key} = {value!r} does not exist")
+            for item in [] if value is None else [value] if isinstance(value, str) else value:
+                if not isinstance(item, str) or not (Path(item).exists() or is_hub_id(item)):
+                    raise ValueError(f"data.{key} = {item!r} does not exist (and is not a Hub id owner/name[:split])")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"data.global_batch_size = {self.global_batch_size} must be a multiple of "
@@ -97,13 +111,18 @@ class DataConfig:
             )
         return self.global_batch_size // rows_per_round
 
-    def resolved_train_path(self) -> Path:
-        return Path(self.train_path) if self.train_path is not None else default_sample_paths()[0]
+    def resolved_train_path(self) -> str | list[str]:
+        return self.train_path if self.train_path is not None else str(default_sample_paths()[0])
 
-    def resolved_val_path(self) -> Path | None:
+    def resolved_val_path(self) -> str | list[str] | None:
         if self.val_path is not None:
-            return Path(self.val_path)
-        return default_sample_paths()[1] if self.train_path is None else None
+            return self.val_path
+        return str(default_sample_paths()[1]) if self.train_path is None else None
+
+
+def is_hub_id(spec: str) -> bool:
+    """`owner/name` or `owner/name:split` that is not a local path."""
+    return bool(_HUB_ID.match(spec)) and not Path(spec).exists()
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:

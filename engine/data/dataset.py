@@ -1,9 +1,9 @@
-"""JSONL records -> validated, rendered, tokenized documents, with file:line in every error.
+"""Records -> validated, rendered, tokenized documents, with file:line in every error.
 
-A JSONL file is indexed once (byte offset of every non-blank line, no parsing), so the sampler can
-shuffle and shard record indices and records are read on demand: memory grows with the number of
-lines, not with the text. `DocumentEncoder` turns raw lines into `Document`s and applies the
-`on_error` and `overlong` policies, keeping counts in `DataStats`.
+`DocumentEncoder` validates and renders one record (`render_record`, or `render_line` for a raw
+JSONL line) and applies `overlong` (`fit`), keeping counts in `DataStats`; prepare.py runs it over
+every record once, in worker processes. `JsonlFile` gives random access to a JSONL file's lines
+(byte offsets, no parsing), for previewing records.
 """
 
 import json
@@ -68,6 +68,16 @@ class DataStats:
         return text
 
 
+def decode_json_line(raw: bytes) -> object:
+    """One JSONL line -> the decoded record; DataError saying what is wrong with the bytes."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
+
+
 class JsonlFile:
     """Random access to the non-blank lines of a JSONL file."""
 
@@ -123,17 +133,15 @@ class DocumentEncoder:
                 self._skip(error)
         out: list[Document | None] = [None] * len(lines)
         for k, (ids, trained) in zip(positions, self.tokenizer.encode_segments_batch(segments)):
-            out[k] = self._fit(Document(ids, trained))
+            out[k] = self.fit(Document(ids, trained))
         return out
 
     def render_line(self, raw: bytes) -> list[Segment]:
         """Decode, validate and render one raw JSONL line; raise DataError or RecordError."""
-        try:
-            record = json.loads(raw)
-        except UnicodeDecodeError as exc:
-            raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
+        return self.render_record(decode_json_line(raw))
+
+    def render_record(self, record: object) -> list[Segment]:
+        """Validate and render one decoded record; raise DataError or RecordError."""
         conversation = parse_record(record)
         for i, message in enumerate(conversation.messages):
             for key in ("content", "thinking"):
@@ -150,7 +158,8 @@ class DocumentEncoder:
             current_date=self.cfg.current_date,
         )
 
-    def _fit(self, doc: Document) -> Document | None:
+    def fit(self, doc: Document) -> Document | None:
+        """Apply data.overlong to one document (None: dropped), counting it in the stats."""
         limit = self.cfg.max_seq_len
         if len(doc) > limit:
             cut = Document(doc.input_ids[:limit], doc.trained[:limit])

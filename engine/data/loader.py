@@ -1,41 +1,39 @@
-"""Training and validation loaders: sampler -> encoder -> packer -> batches (see packing.py).
+"""Training and validation loaders: prepared store -> global row order -> this rank's batches.
 
 The training loader is an endless iterator of micro-batches (`next(loader)`; epochs roll over by
 themselves, so every rank always has a next batch and no rank waits on another at an epoch end);
-the trainer stops after max_steps and calls `close()`. Its state is one Cursor per rank: the first
-record not yet in a yielded batch.
-Because packing is next-fit and the record order is a pure function of (seed, epoch, rank), the
-batches that follow a cursor are always the same, so `load_state_dict` resumes exactly.
+the trainer stops after max_steps and calls `close()`. Micro-round k of the run covers rows
+[k * W * B, (k + 1) * W * B) of the global stream (sampler.py; W ranks, B rows per micro-batch), and
+rank r reads rows r * B ... r * B + B - 1 of it. A global batch is then always the same rows in the
+same order, whatever W and B, and the trainer's loss (summed over the global batch, divided by its
+target-token count) is the same number at any layout, up to the order of fp32 sums.
 
-A background thread (`prefetch`) renders, tokenizes and packs ahead into a bounded queue, so the
-training step does not wait on the CPU; the state reported is that of the last batch handed out,
-not of the batches waiting in the queue.
+The state is the global position of the next micro-round, a `Cursor` (epoch, row), saved as a
+small JSON-able dict; at a step boundary it names the first row of the next global batch, so a
+checkpoint resumes at any world size. A background thread (`prefetch`) reads and collates ahead
+into a bounded queue; the state reported is that of the last batch handed out.
 """
 
 import logging
 import queue
 import threading
 from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
 from typing import TypeVar
 
 from engine.data.config import DataConfig
-from engine.data.dataset import DataError, DataStats, Document, DocumentEncoder, JsonlFile
-from engine.data.packing import collate, pack_rows
-from engine.data.sampler import Cursor, ShardedSampler
+from engine.data.dataset import DataError, Document
+from engine.data.packing import collate, row_starts
+from engine.data.sampler import Cursor, GlobalOrder
+from engine.data.store import MANIFEST, TokenStore
 from engine.data.tokenizer import HarmonyTokenizer
 
 log = logging.getLogger(__name__)
 
-# Records handed to the tokenizer per call: large enough to amortise the call, small enough that
-# the first batch comes quickly.
-_CHUNK = 64
-
 T = TypeVar("T")
 Batch = dict
-
-
+# What a cursor is only meaningful with: the same stored data, packed and ordered the same way.
+_ORDER_KEYS = ("store", "seed", "shuffle", "pack", "max_seq_len")
 def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
     """Run `items` in a daemon thread, at most `depth` ahead; re-raise its errors here."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
@@ -76,57 +74,47 @@ def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
 
 
 class TrainLoader:
-    """Endless, sharded, resumable micro-batches for one rank: an iterator (`next(loader)`)."""
+    """Endless, resumable micro-batches of one rank's share of the global batches."""
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        tokenizer: HarmonyTokenizer,
-        *,
-        rank: int,
-        world_size: int,
-        micro_batch_size: int,
-        seed: int,
-    ) -> None:
-        self.cfg = cfg
-        self.pad_id = tokenizer.pad_id
-        self.micro_batch_size = micro_batch_size
-        self.path = cfg.resolved_train_path()
-        self.file = JsonlFile(self.path)
-        self.sampler = ShardedSampler(len(self.file), rank=rank, world_size=world_size, shuffle=cfg.shuffle, seed=seed)
-        self.encoder = DocumentEncoder(cfg, tokenizer)
+    def __init__(self, store: TokenStore, cfg: DataConfig, pad_id: int, *, rank: int, world_size: int,
+                 micro_batch_size: int, seed: int) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
+        self.store, self.cfg, self.pad_id = store, cfg, pad_id
+        self.rank, self.world_size, self.micro_batch_size, self.seed = rank, world_size, micro_batch_size, seed
+        self.order = GlobalOrder(store.lengths, max_seq_len=cfg.max_seq_len, pack=cfg.pack, shuffle=cfg.shuffle,
+                                 seed=seed)
         self._cursor = Cursor()
         # (batch, cursor after it) pairs, opened lazily at the cursor by the first next().
         self._stream: Iterator[tuple[Batch, Cursor]] | None = None
 
     @property
-    def stats(self) -> DataStats:
-        return self.encoder.stats
+    def cursor(self) -> Cursor:
+        return self._cursor
+
+    def _order_state(self) -> dict:
+        return {"store": self.store.fingerprint, "seed": self.seed, "shuffle": self.cfg.shuffle,
+                "pack": self.cfg.pack, "max_seq_len": self.cfg.max_seq_len}
 
     def state_dict(self) -> dict:
-        """JSON-serialisable; one per rank (ranks pack different documents, so cursors differ)."""
-        s = self.sampler
-        return {
-            "epoch": self._cursor.epoch,
-            "position": self._cursor.position,
-            "rank": s.rank,
-            "world_size": s.world_size,
-            "seed": s.seed,
-            "shuffle": s.shuffle,
-            "num_records": s.num_records,
-        }
+        """JSON-able and the same on every rank: the global position plus what it depends on."""
+        return {"epoch": self._cursor.epoch, "row": self._cursor.row, **self._order_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        s = self.sampler
-        for key, now in (("rank", s.rank), ("world_size", s.world_size), ("seed", s.seed),
-                         ("shuffle", s.shuffle), ("num_records", s.num_records)):
-            if state.get(key) != now:
-                raise ValueError(
-                    f"cannot resume the data order exactly: the checkpoint has {key} = {state.get(key)!r}, "
-                    f"this run has {now!r} ({self.path})"
+        now = self._order_state()
+        for key in _ORDER_KEYS:
+            if state.get(key) != now[key]:
+                raise DataError(
+                    f"cannot resume the data order: the checkpoint has data {key} = {state.get(key)!r}, this run "
+                    f"has {now[key]!r} ({self.store.path}); resume with the same data and data options"
                 )
         self.close()
-        self._cursor = Cursor(int(state["epoch"]), int(state["position"]))
+        self._cursor = Cursor(int(state["epoch"]), int(state["row"]))
+
+    @property
+    def report(self) -> dict:
+        """Counts of the prepared data, for the first line of metrics.jsonl."""
+        return data_report(self.store, "data", self.order.packing_efficiency(0))
 
     def __iter__(self) -> "TrainLoader":
         return self
@@ -150,116 +138,126 @@ class TrainLoader:
             self._stream.close()
             self._stream = None
 
-    def _documents(self, start: Cursor) -> Iterator[tuple[Cursor, Document]]:
-        records = self.sampler.iterate(start)
-        reported = False
-        since_last_kept = 0
-        while True:
-            chunk = list(islice(records, _CHUNK))
-            lines = self.file.read([index for _, index in chunk])
-            for (cursor, _), doc in zip(chunk, self.encoder.encode(self.path, lines)):
-                if cursor.epoch > start.epoch and not reported:
-                    log.info("data rank %d, end of epoch %d: %s", self.sampler.rank, start.epoch, self.stats.summary())
-                    reported = True
-                if doc is None:
-                    since_last_kept += 1
-                    if since_last_kept >= self.sampler.per_rank:
-                        raise DataError(f"{self.path}: a whole epoch without a usable record: {self.stats.summary()}")
-                    continue
-                since_last_kept = 0
-                yield cursor, doc
+    def rows_at(self, cursor: Cursor) -> list[list[Document]]:
+        """This rank's rows of the micro-round that starts at `cursor`."""
+        first = self.order.advance(cursor, self.rank * self.micro_batch_size)
+        rows = []
+        for k in range(self.micro_batch_size):
+            docs = self.order.docs(self.order.advance(first, k))
+            rows.append([self.store.document(int(i)) for i in docs])
+        return rows
 
     def _batches(self, start: Cursor) -> Iterator[tuple[Batch, Cursor]]:
-        rows = pack_rows(self._documents(start), self.cfg.max_seq_len, self.cfg.pack)
+        cursor = start
         while True:
-            group = list(islice(rows, self.micro_batch_size))
-            batch = collate([row for row, _ in group], self.cfg.max_seq_len, self.pad_id)
-            yield batch, group[-1][1]
+            batch = collate(self.rows_at(cursor), self.cfg.max_seq_len, self.pad_id)
+            cursor = self.order.advance(cursor, self.world_size * self.micro_batch_size)
+            yield batch, cursor
 
 
 class ValLoader:
-    """One pass over a validation file in file order, the same number of batches on every rank.
+    """One pass over the validation store in store order, the same number of batches on every rank.
 
-    Rows are built once and cached (validation sets are small). They are dealt out round-robin and
-    the last round is topped up with all-padding rows (no targets), so that collective ops per
-    batch stay matched across ranks; sum losses and target counts, then divide once.
+    Rows are packed next-fit in store order and dealt out round-robin; the last round is topped up
+    with all-padding rows (no targets), so that collective ops per batch stay matched across ranks;
+    sum losses and target counts, then divide once.
     """
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        tokenizer: HarmonyTokenizer,
-        path: Path,
-        *,
-        rank: int,
-        world_size: int,
-        micro_batch_size: int,
-    ) -> None:
-        self.cfg = cfg
-        self.pad_id = tokenizer.pad_id
-        self.path = Path(path)
-        self.rank = rank
-        self.world_size = world_size
-        self.micro_batch_size = micro_batch_size
-        self.file = JsonlFile(self.path)
-        self.encoder = DocumentEncoder(cfg, tokenizer)
-        self._rows: list[list[Document]] | None = None
+    def __init__(self, store: TokenStore, cfg: DataConfig, pad_id: int, *, rank: int, world_size: int,
+                 micro_batch_size: int) -> None:
+        self.store, self.cfg, self.pad_id = store, cfg, pad_id
+        self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
+        self.starts = row_starts(store.lengths, cfg.max_seq_len, cfg.pack)  # [R + 1]
 
     @property
-    def stats(self) -> DataStats:
-        return self.encoder.stats
-
-    def _all_rows(self) -> list[list[Document]]:
-        if self._rows is None:
-            indices = range(len(self.file))
-            docs = self.encoder.encode(self.path, self.file.read(indices))
-            kept = ((i, doc) for i, doc in zip(indices, docs) if doc is not None)
-            self._rows = [row for row, _ in pack_rows(kept, self.cfg.max_seq_len, self.cfg.pack)]
-            log.info("validation data %s: %s", self.path, self.stats.summary())
-        return self._rows
+    def report(self) -> dict:
+        efficiency = float(self.store.lengths.sum()) / ((len(self.starts) - 1) * self.cfg.max_seq_len)
+        return data_report(self.store, "val_data", efficiency)
 
     def __len__(self) -> int:
         per_round = self.micro_batch_size * self.world_size
-        return -(-len(self._all_rows()) // per_round)
+        return -(-(len(self.starts) - 1) // per_round)
+
+    def _row(self, r: int) -> list[Document]:
+        if r >= len(self.starts) - 1:
+            return []
+        return [self.store.document(i) for i in range(int(self.starts[r]), int(self.starts[r + 1]))]
 
     def __iter__(self) -> Iterator[Batch]:
-        rows = self._all_rows()
         mb = self.micro_batch_size
         for j in range(len(self)):
-            start = (j * self.world_size + self.rank) * mb
-            group = rows[start : start + mb]
-            yield collate(group + [[] for _ in range(mb - len(group))], self.cfg.max_seq_len, self.pad_id)
+            first = (j * self.world_size + self.rank) * mb
+            yield collate([self._row(first + k) for k in range(mb)], self.cfg.max_seq_len, self.pad_id)
 
 
-def build_train_loader(
-    cfg: DataConfig,
-    tokenizer: HarmonyTokenizer,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    micro_batch_size: int | None = None,
-    seed: int | None = None,
-) -> TrainLoader:
-    """The training stream of this rank. `micro_batch_size` defaults to the config's; the data
-    order seed is `cfg.seed` when set, else `seed` (the trainer's), else 0."""
+def data_report(store: TokenStore, prefix: str, packing_efficiency: float) -> dict:
+    c = store.manifest["counts"]
+    out = {f"{prefix}_{k}": c[k] for k in ("records", "documents", "skipped_invalid", "dropped_overlong", "truncated")}
+    out[f"{prefix}_tokens"] = store.manifest["token_stats"]["tokens"]
+    out[f"{prefix}_packing_efficiency"] = packing_efficiency
+    return out
+
+
+def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, rank: int = 0,
+               world_size: int = 1) -> TokenStore:
+    """The prepared store of `inputs`: a prepared folder given as the input is used as it is; else
+    rank 0 makes or reuses the store at `store_dir` (validating every record) while the other ranks
+    wait, then every rank maps the same files."""
+    from engine.data.prepare import check_prepared, ensure_store, summary
+
+    if isinstance(inputs, (str, Path)) and (Path(inputs) / MANIFEST).is_file():
+        return check_prepared(TokenStore(inputs), cfg, tokenizer)
+    outcome: list = [None, None]  # [error message, store fingerprint] from rank 0
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            outcome[1] = ensure_store(inputs, store_dir, cfg, tokenizer, workers=cfg.prepare_workers).fingerprint
+        except (ValueError, OSError) as exc:  # DataError, TokenizerError, unreadable files
+            error, outcome[0] = exc, f"{type(exc).__name__}: {exc}"
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise DataError(f"rank 0 could not prepare the data: {outcome[0]}")
+    store = TokenStore(store_dir)
+    if outcome[1] is not None and store.fingerprint != outcome[1]:
+        raise DataError(f"rank {rank} reads another store at {store_dir} than rank 0 wrote; data.prepared_dir "
+                        "must be a folder every rank sees (a shared filesystem)")
+    if rank != 0:  # rank 0 logged it while preparing; the other ranks' logs say what they train on
+        log.info("data store %s: %s", store_dir, summary(store.manifest))
+    return store
+
+
+def build_train_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_dir: str | Path | None = None,
+                       rank: int = 0, world_size: int = 1, micro_batch_size: int | None = None,
+                       seed: int | None = None) -> TrainLoader:
+    """This rank's training stream. The store goes to `store_dir` (default data.prepared_dir/train);
+    `micro_batch_size` defaults to the config's; the order seed is data.seed, else `seed`, else 0."""
     cfg.validate()
+    root = store_dir or (Path(cfg.prepared_dir) / "train" if cfg.prepared_dir else None)
+    if root is None:
+        raise ValueError("no folder for the prepared data: set data.prepared_dir")
+    store = open_store(cfg.resolved_train_path(), root, cfg, tokenizer, rank=rank, world_size=world_size)
     order_seed = cfg.seed if cfg.seed is not None else (seed if seed is not None else 0)
-    return TrainLoader(cfg, tokenizer, rank=rank, world_size=world_size,
+    return TrainLoader(store, cfg, tokenizer.pad_id, rank=rank, world_size=world_size,
                        micro_batch_size=micro_batch_size or cfg.micro_batch_size, seed=order_seed)
 
 
-def build_val_loader(
-    cfg: DataConfig,
-    tokenizer: HarmonyTokenizer,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    micro_batch_size: int | None = None,
-) -> ValLoader | None:
-    """The validation pass of this rank, or None when the config has no validation file."""
+def build_val_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_dir: str | Path | None = None,
+                     rank: int = 0, world_size: int = 1, micro_batch_size: int | None = None) -> ValLoader | None:
+    """The validation pass of this rank (prepared and validated like the training data), or None
+    when the config has no validation data."""
     cfg.validate()
-    path = cfg.resolved_val_path()
-    if path is None:
+    inputs = cfg.resolved_val_path()
+    if inputs is None:
         return None
-    return ValLoader(cfg, tokenizer, path, rank=rank, world_size=world_size,
+    root = store_dir or (Path(cfg.prepared_dir) / "val" if cfg.prepared_dir else None)
+    if root is None:
+        raise ValueError("no folder for the prepared data: set data.prepared_dir")
+    store = open_store(inputs, root, cfg, tokenizer, rank=rank, world_size=world_size)
+    return ValLoader(store, cfg, tokenizer.pad_id, rank=rank, world_size=world_size,
                      micro_batch_size=micro_batch_size or cfg.micro_batch_size)

@@ -1,9 +1,9 @@
 """Documents -> rows of max_seq_len tokens -> batch tensors (the batch contract).
 
-Packing is next-fit: documents fill a row in stream order and a document that does not fit
-closes the row and opens the next one. Unlike first-fit over a buffer, a row then depends only on
-the documents from its first one onward, so the key of "the first document not yet in a row" is
-an exact resume point (see loader.py).
+Packing is next-fit over the global document order of an epoch (sampler.py): documents fill a
+row in order and a document that does not fit closes the row and opens the next one. It needs
+only the documents' lengths, so every rank computes the same rows of the whole epoch in well under
+a second for a million documents, and then reads only its own.
 
 Batch contract, every tensor [B, T] on the CPU with T == max_seq_len:
 - input_ids  int64, padding = the tokenizer's pad id (<|endoftext|>)
@@ -15,9 +15,6 @@ Batch contract, every tensor [B, T] on the CPU with T == max_seq_len:
 - num_target_tokens  python int, labels != -100 in this batch
 """
 
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
-
 import numpy as np
 import torch
 
@@ -25,28 +22,24 @@ from engine.data.dataset import Document
 
 IGNORE_INDEX = -100
 
-K = TypeVar("K")
 
-
-def pack_rows(
-    documents: Iterable[tuple[K, Document]], max_seq_len: int, pack: bool
-) -> Iterator[tuple[list[Document], K | None]]:
-    """Yield (row, key of the first document after it); the key is None after the last row.
-
-    A row is emitted only when the next document arrives, so its key is known; documents must
-    already fit max_seq_len (the encoder drops or truncates longer ones).
-    """
-    row: list[Document] = []
+def row_starts(lengths: np.ndarray, max_seq_len: int, pack: bool) -> np.ndarray:
+    """Next-fit packing of documents of these lengths, in this order: [R + 1] int64 indices into the
+    order, row r holding documents [starts[r], starts[r + 1]). Without `pack`, one document per row.
+    Documents must already fit max_seq_len (preparation drops or truncates longer ones)."""
+    n = len(lengths)
+    if not pack:
+        return np.arange(n + 1, dtype=np.int64)
+    assert n == 0 or int(np.max(lengths)) <= max_seq_len, "documents longer than max_seq_len must be cut first"
+    starts = [0]
     used = 0
-    for key, doc in documents:
-        assert len(doc) <= max_seq_len, "documents longer than max_seq_len must be dropped or truncated first"
-        if row and (not pack or used + len(doc) > max_seq_len):
-            yield row, key
-            row, used = [], 0
-        row.append(doc)
-        used += len(doc)
-    if row:
-        yield row, None
+    for i, length in enumerate(lengths.tolist()):
+        if used + length > max_seq_len:
+            starts.append(i)
+            used = 0
+        used += length
+    starts.append(n)
+    return np.asarray(starts, dtype=np.int64)
 
 
 def document_labels(doc: Document) -> np.ndarray:

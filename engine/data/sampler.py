@@ -1,58 +1,70 @@
-"""Deterministic, distributed, resumable order of record indices.
+"""One global order of packed rows, the same for every layout; a Cursor is a position in it.
 
-Epoch e's global order is a permutation seeded by (seed, e), or the file order without shuffle.
-Rank r takes every world_size-th record of it, after cutting the tail so that every rank gets
-the same count: the ranks are disjoint and their epochs stay aligned. The tail that is cut
-changes from epoch to epoch when shuffling, so no record is left out for good.
+Epoch e's documents are permuted by a generator seeded with (seed, e) (or kept in store order
+without shuffle) and packed next-fit into rows (packing.row_starts). The epochs follow one another
+into one endless stream of rows, so the stream, and with it every global batch, is a function of
+the prepared data and the seed only: it knows nothing of ranks. A global batch is the next
+`global_batch_size` rows of the stream; each rank reads its share of them (loader.py).
 
-A `Cursor` (epoch, position in this rank's order) is the whole state: the order is a pure
-function of (seed, epoch, rank, world_size), so iteration from a cursor replays exactly.
+`Cursor(epoch, row)` is the whole state of the stream, and it is layout-free: a cursor saved by a
+run on 2 ranks is the same position for a run on 4 ranks or on one.
 """
 
-from collections.abc import Iterator
+from __future__ import annotations
+
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+
+from engine.data.packing import row_starts
 
 
 @dataclass(frozen=True, order=True)
 class Cursor:
     epoch: int = 0
-    position: int = 0
+    row: int = 0
 
 
-class ShardedSampler:
-    def __init__(self, num_records: int, *, rank: int, world_size: int, shuffle: bool, seed: int) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
-        if num_records < world_size:
-            raise ValueError(
-                f"the data has {num_records} records, fewer than the world size {world_size}: "
-                "every rank needs at least one"
-            )
-        self.num_records = num_records
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.per_rank = num_records // world_size
+class GlobalOrder:
+    """Rows of the endless stream: `docs(cursor)` is the document indices of the row at `cursor`."""
 
-    def order(self, epoch: int) -> np.ndarray:
-        """This rank's record indices for `epoch`: [per_rank] int64."""
-        if self.shuffle:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
-            everything = rng.permutation(self.num_records)
-        else:
-            everything = np.arange(self.num_records)
-        return everything[: self.per_rank * self.world_size][self.rank :: self.world_size]
+    def __init__(self, lengths: np.ndarray, *, max_seq_len: int, pack: bool, shuffle: bool, seed: int) -> None:
+        if len(lengths) == 0:
+            raise ValueError("no documents to order")
+        self.lengths = np.asarray(lengths)
+        self.max_seq_len, self.pack, self.shuffle, self.seed = max_seq_len, pack, shuffle, seed
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
-    def iterate(self, start: Cursor) -> Iterator[tuple[Cursor, int]]:
-        """(cursor of the record, record index), forever, from `start` on."""
-        epoch, position = start.epoch, start.position
-        while True:
-            if position >= self.per_rank:
-                epoch, position = epoch + 1, 0
-            order = self.order(epoch)
-            for p in range(position, self.per_rank):
-                yield Cursor(epoch, p), int(order[p])
-            position = self.per_rank
+    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document order [N] int64, row starts [R + 1] int64 into that order) of epoch e."""
+        if e not in self._epochs:
+            if self.shuffle:
+                rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, e])))
+                order = rng.permutation(len(self.lengths))
+            else:
+                order = np.arange(len(self.lengths))
+            self._epochs[e] = (order, row_starts(self.lengths[order], self.max_seq_len, self.pack))
+            # A batch spans at most two epochs; keep a few for cursors that look back.
+            while len(self._epochs) > 3:
+                self._epochs.popitem(last=False)
+        return self._epochs[e]
+
+    def rows_in(self, e: int) -> int:
+        return len(self.epoch(e)[1]) - 1
+
+    def advance(self, cursor: Cursor, n: int) -> Cursor:
+        """The cursor n rows further on, across epoch ends."""
+        epoch, row = cursor.epoch, cursor.row + n
+        while row >= self.rows_in(epoch):
+            row -= self.rows_in(epoch)
+            epoch += 1
+        return Cursor(epoch, row)
+
+    def docs(self, cursor: Cursor) -> np.ndarray:
+        order, starts = self.epoch(cursor.epoch)
+        return order[starts[cursor.row] : starts[cursor.row + 1]]
+
+    def packing_efficiency(self, e: int = 0) -> float:
+        """Share of the rows' token slots that hold tokens (not padding) in epoch e."""
+        return float(self.lengths.sum()) / (self.rows_in(e) * self.max_seq_len)

@@ -35,6 +35,7 @@ SCRIPTS = {
         "lora.rows.*.tokens_per_s", "sft.rows.*.tokens_per_s", "lora.rows.*.loss", "lora.x_hf_best",
         "sft.x_hf_best", "lora.rows.0.trainable_params"]),
     "bench_data.py": ("data_cpu.json", ["results.encode.tokens_per_s", "results.pack.tokens_per_s",
+                                        "results.prepare.tokens_per_s", "results.startup.first_batch_s",
                                         "results.pack.packing_efficiency", "results.unpacked.rows_per_s"]),
     "bench_generate.py": ("generate_cpu.json", ["results.*.cache_tokens_per_s", "results.*.no_cache_tokens_per_s",
                                                 "results.*.hf_tokens_per_s"]),

@@ -39,7 +39,7 @@ def test_batch_split_over_ranks():
 def test_default_paths_are_the_shipped_sample():
     train, val = default_sample_paths()
     cfg = DataConfig().validate()
-    assert cfg.resolved_train_path() == train and cfg.resolved_val_path() == val
+    assert cfg.resolved_train_path() == str(train) and cfg.resolved_val_path() == str(val)
     user = DataConfig(train_path=str(train))
     assert user.resolved_val_path() is None
 

@@ -1,4 +1,4 @@
-"""Loaders: the batch contract on real data, exact resume, sharding, prefetch, validation pass."""
+"""Loaders: the batch contract on real data, exact resume, prefetch, the validation pass."""
 
 import json
 import threading
@@ -11,6 +11,13 @@ from engine.data.config import DataConfig
 from engine.data.dataset import DataError
 from engine.data.loader import build_train_loader, build_val_loader
 from engine.data.packing import IGNORE_INDEX
+
+
+@pytest.fixture
+def stores(tmp_path):
+    """stores() -> a fresh folder for a prepared store, so each call prepares again."""
+    count = iter(range(1000))
+    return lambda: tmp_path / f"store{next(count)}"
 
 
 def numbered_records(n: int) -> list[dict]:
@@ -32,9 +39,9 @@ def same_batches(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in keys) for x, y in zip(a, b))
 
 
-def test_batch_contract_on_sample_data(tokenizer):
+def test_batch_contract_on_sample_data(tokenizer, stores):
     cfg = DataConfig(max_seq_len=256, micro_batch_size=2, global_batch_size=2)
-    for batch in take(build_train_loader(cfg, tokenizer, seed=0), 8):
+    for batch in take(build_train_loader(cfg, tokenizer, store_dir=stores(), seed=0), 8):
         ids, labels, pos, docs = (batch[k] for k in ("input_ids", "labels", "position_ids", "doc_ids"))
         for t in (ids, labels, pos, docs):
             assert t.shape == (2, 256) and t.dtype == torch.int64 and t.device.type == "cpu"
@@ -52,86 +59,69 @@ def test_batch_contract_on_sample_data(tokenizer):
 
 
 @pytest.mark.parametrize("pack", [True, False])
-def test_resume_reproduces_the_following_batches_exactly(tokenizer, write_jsonl, pack):
+def test_resume_reproduces_the_following_batches_exactly(tokenizer, write_jsonl, pack, stores):
     # 30 records of 75-95 tokens, 2 rows per batch: packed, an epoch is about 6 batches; unpacked, 15.
     cfg = DataConfig(train_path=str(write_jsonl(numbered_records(30))), max_seq_len=256, micro_batch_size=2,
                      global_batch_size=2, pack=pack, prefetch=3)
+    store = stores()
     for stop_at in (3, 11):
-        first = build_train_loader(cfg, tokenizer, seed=5)
+        first = build_train_loader(cfg, tokenizer, store_dir=store, seed=5)
         it = iter(first)
         list(islice(it, stop_at))
         state = json.loads(json.dumps(first.state_dict()))
         expected = list(islice(it, 9))
         it.close()
-        resumed = build_train_loader(cfg, tokenizer, seed=5)
+        resumed = build_train_loader(cfg, tokenizer, store_dir=store, seed=5)
         resumed.load_state_dict(state)
         assert same_batches(take(resumed, 9), expected)
 
 
-def test_prefetch_does_not_change_the_batches(tokenizer):
+def test_prefetch_does_not_change_the_batches(tokenizer, stores):
     cfg = DataConfig(max_seq_len=256, micro_batch_size=2, global_batch_size=2, prefetch=0)
-    eager = take(build_train_loader(cfg, tokenizer, seed=1), 6)
-    ahead = take(build_train_loader(DataConfig(**{**vars(cfg), "prefetch": 4}), tokenizer, seed=1), 6)
+    store = stores()
+    eager = take(build_train_loader(cfg, tokenizer, store_dir=store, seed=1), 6)
+    ahead = take(build_train_loader(DataConfig(**{**vars(cfg), "prefetch": 4}), tokenizer, store_dir=store, seed=1), 6)
     assert same_batches(eager, ahead)
 
 
-def test_ranks_see_disjoint_records_covering_the_epoch(tokenizer, write_jsonl):
-    cfg = DataConfig(train_path=str(write_jsonl(numbered_records(12))), max_seq_len=128, pack=False, prefetch=0)
-    seen = []
-    for rank in range(3):
-        batches = take(build_train_loader(cfg, tokenizer, rank=rank, world_size=3, seed=2), 4)
-        seen.append({tokenizer.decode(b["input_ids"][0][b["doc_ids"][0] == 0].tolist()) for b in batches})
-    assert all(len(s) == 4 for s in seen)
-    assert len(seen[0] | seen[1] | seen[2]) == 12
-
-
-def test_resume_state_must_match_the_run(tokenizer):
-    loader = build_train_loader(DataConfig(max_seq_len=256), tokenizer, seed=0)
-    state = loader.state_dict()
-    for key, value in (("seed", 1), ("world_size", 2), ("num_records", 3)):
-        other = build_train_loader(DataConfig(max_seq_len=256), tokenizer, seed=0)
-        with pytest.raises(ValueError, match=f"checkpoint has {key} = {value}"):
+def test_resume_state_must_match_the_run(tokenizer, stores, write_jsonl):
+    store = stores()
+    loader = build_train_loader(DataConfig(max_seq_len=256), tokenizer, store_dir=store, seed=0)
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert set(state) == {"epoch", "row", "store", "seed", "shuffle", "pack", "max_seq_len"}
+    for key, value in (("seed", 1), ("shuffle", False), ("store", "0" * 64), ("max_seq_len", 128)):
+        other = build_train_loader(DataConfig(max_seq_len=256), tokenizer, store_dir=store, seed=0)
+        with pytest.raises(DataError, match=f"checkpoint has data {key} = {value!r}"):
             other.load_state_dict({**state, key: value})
-
-
-def test_errors_in_the_prefetch_thread_reach_the_trainer(tokenizer, write_jsonl):
-    path = write_jsonl([*numbered_records(3), '{"broken'])
-    cfg = DataConfig(train_path=str(path), max_seq_len=128, shuffle=False, prefetch=2)
-    with pytest.raises(DataError, match=f"{path}:4: invalid JSON"):
-        take(build_train_loader(cfg, tokenizer, seed=0), 10)
-
-
-def test_skip_policy_through_the_loader(tokenizer, write_jsonl):
-    path = write_jsonl([*numbered_records(4), '{"broken', {"messages": []}])
-    loader = build_train_loader(DataConfig(train_path=str(path), max_seq_len=128, pack=False, on_error="skip"),
-                                tokenizer, seed=0)
-    take(loader, 8)
-    assert loader.stats.skipped_invalid >= 2 and loader.stats.documents >= 8
-    only_bad = write_jsonl(['{"broken', {"messages": []}], "bad.jsonl")
-    loader = build_train_loader(DataConfig(train_path=str(only_bad), on_error="skip", prefetch=0), tokenizer, seed=0)
-    with pytest.raises(DataError, match="a whole epoch without a usable record"):
-        take(loader, 1)
+    # Other data behind the same folder: the store's content hash differs.
+    changed = build_train_loader(DataConfig(train_path=str(write_jsonl(numbered_records(9))), max_seq_len=256),
+                                 tokenizer, store_dir=store, seed=0)
+    with pytest.raises(DataError, match="checkpoint has data store"):
+        changed.load_state_dict(state)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_validation_pass_equal_lengths_and_full_coverage(tokenizer, world_size):
+def test_validation_pass_equal_lengths_and_full_coverage(tokenizer, world_size, stores):
     cfg = DataConfig(max_seq_len=256, micro_batch_size=2)
-    whole = build_val_loader(cfg, tokenizer)
+    store = stores()
+    whole = build_val_loader(cfg, tokenizer, store_dir=store)
     total = sum(b["num_target_tokens"] for b in whole)
-    loaders = [build_val_loader(cfg, tokenizer, rank=r, world_size=world_size) for r in range(world_size)]
+    assert total == whole.store.manifest["token_stats"]["target_tokens"] > 0
+    loaders = [build_val_loader(cfg, tokenizer, store_dir=store, rank=r, world_size=world_size)
+               for r in range(world_size)]
     assert len({len(loader) for loader in loaders}) == 1
     assert sum(b["num_target_tokens"] for loader in loaders for b in loader) == total
     assert all(b["input_ids"].shape == (2, 256) for b in loaders[-1])
 
 
-def test_no_validation_for_user_data_without_val_path(tokenizer, write_jsonl):
+def test_no_validation_for_user_data_without_val_path(tokenizer, write_jsonl, stores):
     cfg = DataConfig(train_path=str(write_jsonl(numbered_records(2))))
-    assert build_val_loader(cfg, tokenizer) is None
+    assert build_val_loader(cfg, tokenizer, store_dir=stores()) is None
 
 
-def test_reloading_a_state_mid_stream_rewinds_it(tokenizer):
+def test_reloading_a_state_mid_stream_rewinds_it(tokenizer, stores):
     # The trainer's way: next(loader) throughout, load_state_dict on the same object.
-    loader = build_train_loader(DataConfig(max_seq_len=256, prefetch=2), tokenizer, seed=3)
+    loader = build_train_loader(DataConfig(max_seq_len=256, prefetch=2), tokenizer, store_dir=stores(), seed=3)
     next(loader)
     state = loader.state_dict()
     expected = [next(loader) for _ in range(4)]
@@ -140,3 +130,17 @@ def test_reloading_a_state_mid_stream_rewinds_it(tokenizer):
     assert same_batches([next(loader) for _ in range(4)], expected)
     loader.close()
     assert not any(t.name == "data-prefetch" for t in threading.enumerate()), "close() stops the thread"
+
+
+def test_errors_in_the_prefetch_thread_reach_the_consumer():
+    from engine.data.loader import prefetch
+
+    def items():
+        yield 1
+        yield 2
+        raise DataError("store.bin: read failed")
+
+    stream = prefetch(items(), depth=2)
+    assert [next(stream), next(stream)] == [1, 2]
+    with pytest.raises(DataError, match="read failed"):
+        next(stream)

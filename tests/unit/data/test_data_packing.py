@@ -1,10 +1,11 @@
-"""Next-fit packing and the batch tensors: positions, doc ids, shifted labels, no cross-document targets."""
+"""Next-fit packing (row boundaries) and the batch tensors: positions, doc ids, shifted labels, no
+cross-document targets."""
 
 import numpy as np
 import torch
 
 from engine.data.dataset import Document
-from engine.data.packing import IGNORE_INDEX, collate, pack_rows
+from engine.data.packing import IGNORE_INDEX, collate, row_starts
 
 PAD = 99
 
@@ -18,18 +19,26 @@ B = doc([20, 21, 22], [0, 1, 1])
 C = doc([30, 31, 32, 33, 34], [0, 0, 0, 1, 1])
 
 
-def test_next_fit_rows_and_resume_keys():
-    rows = list(pack_rows([("a", A), ("b", B), ("c", C)], max_seq_len=8, pack=True))
-    assert [[len(d) for d in row] for row, _ in rows] == [[4, 3], [5]]
-    # Each row's key is the first document not in it: where a resumed stream must start.
-    assert [key for _, key in rows] == ["c", None]
+def test_next_fit_row_starts():
+    # Lengths 4, 3, 5 into rows of 8: [A B] [C]; an exact fill closes the row; unpacked: one per row.
+    assert row_starts(np.array([4, 3, 5]), max_seq_len=8, pack=True).tolist() == [0, 2, 3]
+    assert row_starts(np.array([4, 4, 3]), max_seq_len=8, pack=True).tolist() == [0, 2, 3]
+    assert row_starts(np.array([8, 1, 7, 2]), max_seq_len=8, pack=True).tolist() == [0, 1, 3, 4]
+    assert row_starts(np.array([4, 3]), max_seq_len=8, pack=False).tolist() == [0, 1, 2]
 
 
-def test_exact_fill_and_unpacked_rows():
-    rows = list(pack_rows([(0, A), (1, A), (2, B)], max_seq_len=8, pack=True))
-    assert [[len(d) for d in row] for row, _ in rows] == [[4, 4], [3]] and rows[0][1] == 2
-    rows = list(pack_rows([(0, A), (1, B)], max_seq_len=8, pack=False))
-    assert [[len(d) for d in row] for row, _ in rows] == [[4], [3]] and [k for _, k in rows] == [1, None]
+def test_next_fit_against_a_plain_reference():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 65, size=500)
+    rows, row = [], []
+    for i, n in enumerate(lengths):  # the textbook next-fit, one document at a time
+        if row and sum(lengths[row]) + n > 64:
+            rows.append(row)
+            row = []
+        row.append(i)
+    rows.append(row)
+    starts = row_starts(lengths, max_seq_len=64, pack=True)
+    assert [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])] == rows
 
 
 def test_collate_packed_row():
