@@ -18,6 +18,7 @@ setup(
         "hydra-core>=1.3.2",
         "omegaconf>=2.3",
         "tokenizers>=0.21",
+        "regex",  # the o200k pre-tokenizer split of the word cache (engine/data/word_cache.py)
         "numpy",
         "tqdm",
     ],
