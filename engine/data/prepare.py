@@ -42,7 +42,7 @@ LISTED = 20  # bad records named one by one; the rest are counted
 _CHUNK = 256  # records per task handed to a worker
 _SMALL_INPUT = 4 << 20  # bytes; smaller inputs are prepared in this process
 # The code that turns a record into tokens: a store made by other code is made again.
-_RENDER_CODE = ("records.py", "harmony.py", "tokenizer.py", "dataset.py")
+_RENDER_CODE = ("records.py", "harmony.py", "tools.py", "tokenizer.py", "word_cache.py", "dataset.py")
 
 
 def render_options(cfg: DataConfig) -> dict:
