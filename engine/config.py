@@ -22,7 +22,7 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields, e.g. num_hidden_layers
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
     experts_backend: str = "auto"  # auto | loop | grouped_mm | triton
-    attn_backend: str = "auto"  # auto | eager | flex
+    attn_backend: str = "auto"  # auto (flex on CUDA, blockwise on CPU) | eager | flex | blockwise | triton
     activation_checkpointing: Any = False  # false | true | list of layer indices
     ce_chunk_size: int = 512
 
@@ -97,7 +97,7 @@ class TrainConfig:
         checks = [
             ("model.dtype", self.model.dtype, ("auto", "bfloat16", "float32")),
             ("model.experts_backend", self.model.experts_backend, ("auto", "loop", "grouped_mm", "triton")),
-            ("model.attn_backend", self.model.attn_backend, ("auto", "eager", "flex")),
+            ("model.attn_backend", self.model.attn_backend, ("auto", "eager", "flex", "blockwise", "triton")),
             ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
             ("optim.impl", self.optim.impl, ("auto", "torch", "apex")),
             ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")),

@@ -112,7 +112,7 @@ def arch_of_run(cfg) -> GptOssConfig:
 
 def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> MemoryPlan:
     lora = cfg.peft.method == "lora"
-    eager = cfg.model.attn_backend == "eager" or (cfg.model.attn_backend == "auto" and device_type != "cuda")
+    eager = cfg.model.attn_backend == "eager"  # auto is flex (CUDA) or blockwise (CPU): linear in T
     return plan_memory(arch, ep=cfg.parallel.ep, lora_rank=cfg.peft.rank if lora else None,
                        lora_targets=list(cfg.peft.target_modules), shared_expert_adapters=cfg.peft.share_expert_adapters,
                        seq_len=cfg.data.max_seq_len, micro_batch=cfg.data.micro_batch_size, eager_attention=eager,

@@ -32,7 +32,7 @@ class ModelOptions:
     """Runtime choices that do not change the weights."""
 
     experts_backend: str = "auto"  # auto | loop | grouped_mm | triton
-    attn_backend: str = "auto"  # auto | eager | flex
+    attn_backend: str = "auto"  # auto (flex on CUDA, blockwise on CPU) | eager | flex | blockwise | triton
     ep_size: int = 1  # expert-parallel ranks; this rank builds num_experts / ep_size experts
     ep_rank: int = 0
     ce_chunk_size: int = 512  # rows of fp32 logits alive at once in the loss
