@@ -22,7 +22,7 @@ CONFIGS = {
 }
 
 BACKENDS = [("loop", "eager"), ("grouped_mm", "eager"), ("triton", "eager"),  # triton: interpreter on CPU
-            ("loop", "blockwise")]
+            ("loop", "blockwise"), ("loop", "triton")]
 
 
 def _inputs(cfg, batch, seq, seed=1):
