@@ -242,6 +242,11 @@ def suite_summary(directory: Path, mode: str = "full") -> list[dict]:
         for x in r["results"]:
             peak = _cell(x.get("fwd_bwd_peak_gib"), ".2f")
             add("attention", f"{x['layer']} {x['backend']} fwd+bwd ms (peak GiB {peak})", x.get("fwd_bwd_ms"), ".2f")
+    if (r := _load(directory, "attention", "long")) is not None:
+        for x in r["results"]:
+            peak = _cell(x.get("fwd_bwd_peak_gib"), ".2f")
+            add("attention_long", f"{x['seq']} {x['layer']} {x['backend']} fwd+bwd ms (peak GiB {peak})",
+                x.get("fwd_bwd_ms"), ".2f")
     if r := section("memory"):
         for layer, e in r["summary"].items():
             for key in (k for k in e if k.startswith("ratio_vs_")):

@@ -48,9 +48,12 @@ step gpu_tests 110 python -m pytest tests/gpu -q -rs
 step bench_grouped_gemm 40 python benchmarks/bench_grouped_gemm.py
 # MoE layer vs transformers' GptOssMLP, random and skewed routing -> moe_layer_full.json
 step bench_moe_layer 45 python benchmarks/bench_moe_layer.py
-# Attention backends at seq 4096, sliding and full layers -> attention_full.json. Before the
-# training steps: its FlexAttention compilations land in the inductor cache they then reuse.
-step bench_attention 30 python benchmarks/bench_attention.py
+# Attention backends (eager, flex, blockwise, triton) at seq 4096, sliding and full layers ->
+# attention_full.json. Before the training steps: its FlexAttention compilations land in the
+# inductor cache they then reuse.
+step bench_attention 45 python benchmarks/bench_attention.py
+# Long context: flex vs our triton flash attention at 32K and 128K tokens -> attention_long.json
+step bench_attention_long 90 python benchmarks/bench_attention.py --long
 # LoRA step (4 layers) vs transformers + peft, 30 s for its implementations -> train_step_lora_full.json
 step train_step_lora 70 python benchmarks/bench_train_step.py --step lora --budget-s 25
 # gpt-oss-20b LoRA, all 24 layers, seq 4096, checkpointing: peak memory -> train_step_20b_lora_memory_full.json
