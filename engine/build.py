@@ -83,7 +83,8 @@ def build_model(cfg: TrainConfig, rt: Runtime, arch: GptOssConfig | None = None,
     (the same seed on every rank gives every rank the rows of the one-rank model), LoRA applied.
     `weights=False` (a dry run) builds it all on the meta device from `arch`: shapes, no memory."""
     opts = ModelOptions(experts_backend=cfg.model.experts_backend, attn_backend=cfg.model.attn_backend,
-                        ce_chunk_size=cfg.model.ce_chunk_size, ep_size=rt.mesh.ep, ep_rank=rt.mesh.ep_rank)
+                        ce_chunk_size=cfg.model.ce_chunk_size, ep_size=rt.mesh.ep, ep_rank=rt.mesh.ep_rank,
+                        activation_offload=cfg.model.activation_offload)
     if not weights:
         with torch.device("meta"):
             model = GptOssForCausalLM(arch, opts)

@@ -24,6 +24,7 @@ class ModelConfig:
     experts_backend: str = "auto"  # auto | loop | grouped_mm | triton
     attn_backend: str = "auto"  # auto (flex on CUDA, blockwise on CPU) | eager | flex | blockwise | triton
     activation_checkpointing: Any = False  # false | true | list of layer indices
+    activation_offload: bool = False  # checkpointed layers keep their inputs in pinned host memory
     ce_chunk_size: int = 512
 
 
@@ -112,6 +113,9 @@ class TrainConfig:
         for key, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{key}={value!r} must be a positive integer")
+        if self.model.activation_offload and not self.model.activation_checkpointing:
+            raise ConfigError("model.activation_offload=true offloads the inputs of checkpointed layers; "
+                              "set model.activation_checkpointing=true (or a list of layers) as well")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr={self.optim.lr!r} must be > 0")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 1:

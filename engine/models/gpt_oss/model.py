@@ -24,6 +24,7 @@ from ...loss import linear_cross_entropy
 from ...moe.layer import MoEBlock
 from .attention import AttentionContext, GptOssAttention, resolve_attn_backend
 from .config import GptOssConfig
+from .offload import OffloadChain
 from .rope import cos_sin
 
 
@@ -36,6 +37,7 @@ class ModelOptions:
     ep_size: int = 1  # expert-parallel ranks; this rank builds num_experts / ep_size experts
     ep_rank: int = 0
     ce_chunk_size: int = 512  # rows of fp32 logits alive at once in the loss
+    activation_offload: bool = False  # checkpointed layers keep their input in host memory (offload.py)
 
 
 class RMSNorm(nn.Module):
@@ -65,8 +67,10 @@ class GptOssDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, offload: OffloadChain | None = None) -> torch.Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():
+            if offload is not None:
+                return offload.run(lambda h: self._forward(h, ctx), x, self)
             return activation_ckpt.checkpoint(self._forward, x, ctx, use_reentrant=False)
         return self._forward(x, ctx)
 
@@ -138,8 +142,9 @@ class GptOssForCausalLM(nn.Module):
         cos, sin = cos_sin(self.config, position_ids)
         ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, window=self.config.sliding_window,
                                backend=resolve_attn_backend(self.options.attn_backend, x.device))
+        offload = OffloadChain() if self.options.activation_offload else None
         for layer in self.model.layers:
-            x = layer(x, ctx)
+            x = layer(x, ctx, offload)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
