@@ -64,9 +64,10 @@ step bench_memory 30 python benchmarks/bench_memory.py
 step train_step_sft 35 python benchmarks/bench_train_step.py --step sft --budget-s 10
 # Host-side data pipeline at seq 4096 (CPU work; the host must keep up) -> data_full.json
 step bench_data 10 python benchmarks/bench_data.py
-# Long context: gpt-oss-20b LoRA step (24 layers, checkpointing, triton attention) at 32K / 64K / 128K
+# Long context: gpt-oss-20b LoRA step as recipe gptoss20b_lora_128k runs it (24 layers, checkpointing,
+# inputs offloaded to the host; triton attention) at 32K / 64K / 128K
 # tokens: peak memory, tokens/s, MFU -> long_context_full.json
-step long_context_20b 150 python benchmarks/bench_long_context.py
+step long_context_20b 150 python benchmarks/bench_long_context.py --offload
 
 python benchmarks/common.py "$OUT" --mode full
 if [ ${#failed[@]} -gt 0 ]; then
