@@ -4,8 +4,8 @@
 # Each step writes its log (and its JSON, if it makes one) into $OUT, default benchmarks/results/,
 # and ends with a summary table of the JSONs against the targets (benchmarks/README.md).
 # Each step has its own time limit (seconds, below), so a hang costs that step only; the limits
-# add up to 7 min 55 s, startup included. A failing or timed-out step is reported and the others
-# still run; the exit status is 1 if any step failed. To add a benchmark, add one `step` line.
+# add up to 8 min 10 s, startup included (LONG=1 adds the long-context steps: 12 min 10 s). A failing
+# or timed-out step is reported and the others still run; the exit status is 1 if any step failed. To add a benchmark, add one `step` line.
 # Needs no Hydra: the benchmarks import engine.models / engine.moe / engine.peft / kernels directly.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,8 +52,6 @@ step bench_moe_layer 45 python benchmarks/bench_moe_layer.py
 # attention_full.json. Before the training steps: its FlexAttention compilations land in the
 # inductor cache they then reuse.
 step bench_attention 45 python benchmarks/bench_attention.py
-# Long context: flex vs our triton flash attention at 32K and 128K tokens -> attention_long.json
-step bench_attention_long 90 python benchmarks/bench_attention.py --long
 # LoRA step (4 layers) vs transformers + peft, 30 s for its implementations -> train_step_lora_full.json
 step train_step_lora 70 python benchmarks/bench_train_step.py --step lora --budget-s 25
 # gpt-oss-20b LoRA, all 24 layers, seq 4096, checkpointing: peak memory -> train_step_20b_lora_memory_full.json
@@ -64,10 +62,14 @@ step bench_memory 30 python benchmarks/bench_memory.py
 step train_step_sft 35 python benchmarks/bench_train_step.py --step sft --budget-s 10
 # Host-side data pipeline at seq 4096 (CPU work; the host must keep up) -> data_full.json
 step bench_data 10 python benchmarks/bench_data.py
-# Long context: gpt-oss-20b LoRA step as recipe gptoss20b_lora_128k runs it (24 layers, checkpointing,
-# inputs offloaded to the host; triton attention) at 32K / 64K / 128K
-# tokens: peak memory, tokens/s, MFU -> long_context_full.json
-step long_context_20b 150 python benchmarks/bench_long_context.py --offload
+# Long context, only with LONG=1 (adds up to 4 min): flex vs our triton flash attention at 32K and
+# 128K tokens -> attention_long.json; the gpt-oss-20b LoRA step as recipe gptoss20b_lora_128k runs
+# it (24 layers, checkpointing, inputs offloaded to the host) with our triton attention at 32K /
+# 64K / 128K tokens: peak memory, tokens/s, MFU -> long_context_full.json
+if [ "${LONG:-0}" = 1 ]; then
+    step bench_attention_long 90 python benchmarks/bench_attention.py --long
+    step long_context_20b 150 python benchmarks/bench_long_context.py --offload
+fi
 
 python benchmarks/common.py "$OUT" --mode full
 if [ ${#failed[@]} -gt 0 ]; then
