@@ -95,3 +95,25 @@ def test_gqa_heads_must_divide():
     q, k, v, sinks = _inputs(1, 3, 2, 4, 4)
     with pytest.raises(ValueError, match="not a multiple"):
         blockwise_attention(q, k, v, sinks, None, None, 0.5)
+
+
+@pytest.mark.parametrize("window,docs", [(None, True), (5, False)])
+def test_query_slices_at_an_offset_equal_rows_of_the_full_attention(window, docs):
+    # Two query slices (as a context-parallel rank holds them) against all keys: the rows of the full
+    # attention, and the gradients of k, v, sinks summed over the slices equal the full ones.
+    b, h, kv, t, d = 2, 4, 2, 32, 8
+    q, k, v, sinks = _inputs(b, h, kv, t, d, seed=4)
+    doc_ids = _docs(b, t, seed=2) if docs else None
+    grad = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(6))
+    mask = dense_mask(b, t, window, doc_ids, "cpu")
+    ref, ref_grads = _run(lambda q, k, v, s: eager_attention(q, k, v, s, mask, d**-0.5), [q, k, v, sinks], grad)
+    slices = [(0, 8), (24, 32), (8, 24)]
+    outs = [blockwise_attention(q[:, :, a:e], k, v, sinks, window, doc_ids, d**-0.5, 4, 8, q_offset=a)
+            for a, e in slices]
+    grads = torch.autograd.grad(outs, [q, k, v, sinks], [grad[:, :, a:e] for a, e in slices])
+    for (a, e), out in zip(slices, outs):
+        torch.testing.assert_close(out, ref[:, :, a:e], **TOL)
+    for name_, g, r in zip("q k v sinks".split(), grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL, msg=name_)
+    with pytest.raises(ValueError, match="outside the 32 keys"):
+        blockwise_attention(q[:, :, :8], k, v, sinks, window, doc_ids, 0.5, q_offset=30)

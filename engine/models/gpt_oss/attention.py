@@ -39,6 +39,7 @@ class AttentionContext:
     doc_ids: torch.Tensor | None  # [B, T] or None (one document per row)
     window: int
     backend: str
+    cp: Any = None  # engine.parallel.context_parallel.ContextParallel: this rank holds T/N of the tokens
     _masks: dict[str, Any] = field(default_factory=dict)
 
     def window_of(self, layer_type: str) -> int | None:
@@ -141,7 +142,9 @@ class GptOssAttention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if ctx.backend == "eager":
+        if ctx.cp is not None:
+            out = self._context_parallel(q, k, v, ctx)
+        elif ctx.backend == "eager":
             out = eager_attention(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
         elif ctx.backend == "flex":
             out = flex_attention_with_sinks(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
@@ -154,6 +157,19 @@ class GptOssAttention(nn.Module):
                                   scale=self.scale)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+    def _context_parallel(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
+        """This rank's queries (two chunks of the row) against all keys, gathered from the group."""
+        if ctx.backend != "blockwise":
+            raise ValueError(f"context parallelism runs the blockwise attention, not {ctx.backend!r}: "
+                             "set model.attn_backend=blockwise")
+        k_all, v_all = ctx.cp.gather_seq(k), ctx.cp.gather_seq(v)  # [B, KV, T, D]
+        outs, offset = [], 0
+        for start, end in ctx.cp.chunks(k_all.shape[2]):
+            outs.append(blockwise_attention(q[:, :, offset:offset + end - start], k_all, v_all, self.sinks,
+                                            ctx.window_of(self.layer_type), ctx.doc_ids, self.scale, q_offset=start))
+            offset += end - start
+        return torch.cat(outs, dim=2)
 
 
 def resolve_attn_backend(name: str, device: torch.device) -> str:
