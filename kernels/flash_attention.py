@@ -281,6 +281,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
             raise ValueError(f"flash_attention: {name}={size} must be a power of two >= 16")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type == "cpu" and not _runtime.INTERPRETED:
+        raise RuntimeError("flash_attention got CPU tensors but Triton is not in interpreter mode: use "
+                           "model.attn_backend=blockwise on CPU, or set TRITON_INTERPRET=1 before importing kernels")
     _runtime.check_tensors(q, k, v, sinks, doc_ids)
     doc_ids = doc_ids.contiguous() if doc_ids is not None else None
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))

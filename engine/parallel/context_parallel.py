@@ -48,7 +48,7 @@ class _GatherSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cp: ContextParallel):
         ctx.cp = cp
-        parts = [torch.empty_like(x) for _ in range(cp.size)]
+        parts = [x.new_empty(x.shape) for _ in range(cp.size)]  # contiguous, as all_gather wants
         dist.all_gather(parts, x.contiguous(), group=cp.group)
         t = x.shape[2] * cp.size
         full = x.new_empty(x.shape[0], x.shape[1], t, x.shape[3])
