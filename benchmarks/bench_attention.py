@@ -1,33 +1,47 @@
-"""GPT-OSS attention layers (GQA with sinks): the eager and flex backends, time and peak memory.
+"""GPT-OSS attention layers (GQA with sinks): the eager, flex, blockwise and triton backends, time and peak memory.
 
     python benchmarks/bench_attention.py          # GPU: GPT-OSS-20B attention (64 q heads, 8 kv heads,
-                                                  # head 64), 1 x 4096 tokens, bf16
+                                                  # head 64), 1 x 4096 tokens, bf16, all four backends
+    python benchmarks/bench_attention.py --long   # GPU: 1 x 32K and 1 x 128K tokens, flex vs triton
+                                                  # (eager needs T x T memory; blockwise is a CPU path)
     python benchmarks/bench_attention.py --cpu    # a small config, 1 x 128 tokens, fp32, seconds
+                                                  # (triton under the interpreter: correctness, not speed)
 
 The whole attention layer (q/k/v/o projections with biases, YaRN rotary, attention with the learned
 sinks), for a sliding-window layer (128 keys) and a full causal layer, forward and forward+backward
 (gradients for the input and every weight). `eager` materialises the [T, T] scores; `flex` is
-FlexAttention with block masks, compiled on GPU by the model itself. Peak memory is
-torch.cuda.max_memory_allocated during one call, and the part of it above what was allocated
-before (weights and input). On CPU PyTorch has no FlexAttention backward, so flex runs its
-forward only, under no_grad, and CPU has no allocator statistics (memory columns empty).
+FlexAttention with block masks, compiled on GPU by the model itself; `blockwise` is the plain-torch
+flash schedule with its own backward; `triton` our flash-attention kernel. Before timing, each
+backend's output and input gradient are compared with the first backend's (`max_err_*` columns).
+Peak memory is torch.cuda.max_memory_allocated during one call, and the part of it above what was
+allocated before (weights and input). On CPU PyTorch has no FlexAttention backward, so flex runs
+its forward only, under no_grad, and CPU has no allocator statistics (memory columns empty).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 
 import torch
 
 import common
-from engine.models.gpt_oss import GptOssConfig
-from engine.models.gpt_oss.attention import AttentionContext, GptOssAttention
-from engine.models.gpt_oss.rope import cos_sin
 
-FULL = dict(seq=4096, arch=dict(), dtype=torch.bfloat16, warmup=3, iters=10)
-SMALL = dict(seq=128, arch=dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                                sliding_window=32), dtype=torch.float32, warmup=1, iters=3)
+if "--cpu" in sys.argv:  # before triton is first imported: the triton backend runs interpreted on CPU
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from engine.models.gpt_oss import GptOssConfig  # noqa: E402
+from engine.models.gpt_oss.attention import AttentionContext, GptOssAttention  # noqa: E402
+from engine.models.gpt_oss.rope import cos_sin  # noqa: E402
+
+FULL = dict(seqs=[4096], arch=dict(), dtype=torch.bfloat16, warmup=3, iters=10,
+            backends=("eager", "flex", "blockwise", "triton"))
+LONG = dict(seqs=[32768, 131072], arch=dict(), dtype=torch.bfloat16, warmup=1, iters=2, backends=("flex", "triton"))
+SMALL = dict(seqs=[128], arch=dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                                   sliding_window=32), dtype=torch.float32, warmup=1, iters=3,
+             backends=("eager", "flex", "blockwise", "triton"))
 LAYERS = {"sliding_attention": 0, "full_attention": 1}  # GPT-OSS alternates, sliding first
 
 
@@ -45,7 +59,7 @@ def measure_backend(attn, cfg, x, backend: str, shape: dict, device: torch.devic
     ctx = AttentionContext(cos=cos, sin=sin, doc_ids=None, window=cfg.sliding_window, backend=backend)
     grad_ok = not (backend == "flex" and device.type == "cpu")
     inputs = [x, *attn.parameters()]
-    g = torch.randn_like(x)
+    g = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(2), device=x.device, dtype=x.dtype)
 
     def fwd():
         if grad_ok:
@@ -57,6 +71,10 @@ def measure_backend(attn, cfg, x, backend: str, shape: dict, device: torch.devic
         torch.autograd.grad(attn(x, ctx), inputs, g)
 
     row = {"fwd_with_grad": grad_ok}
+    if grad_ok:  # what the check against the first backend compares
+        out = attn(x, ctx)
+        row["_out"], row["_dx"] = out.detach(), torch.autograd.grad(out, x, g)[0]
+        del out
     passes = [("fwd", fwd)] + ([("fwd_bwd", fwd_bwd)] if grad_ok else [])
     for name, fn in passes:
         ms, err = common.attempt(lambda: common.time_ms(fn, device, warmup=shape["warmup"], iters=shape["iters"]))
@@ -71,44 +89,68 @@ def measure_backend(attn, cfg, x, backend: str, shape: dict, device: torch.devic
     return row
 
 
+def check(rows: list[dict]) -> None:
+    """Each backend's output and input gradient against the first backend's, on the same layer input."""
+    base = rows[0]
+    for r in rows:
+        for key in ("_out", "_dx"):
+            if key in r and key in base:
+                r[f"max_err{key}"] = (r[key].float() - base[key].float()).abs().max().item()
+    for r in rows:
+        r.pop("_out", None)
+        r.pop("_dx", None)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--long", action="store_true", help="32K and 128K tokens, flex vs triton (GPU)")
     args = common.parse_args(parser, argv)
-    shape = SMALL if args.cpu else FULL
+    shape = SMALL if args.cpu else LONG if args.long else FULL
+    if args.long:
+        args.mode = "long"
     if args.cpu:  # uncompiled flex (CPU) warns that it materialises the scores: known, and said below
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     cfg = GptOssConfig.gpt_oss_20b(num_hidden_layers=2, **shape["arch"])
-    rows = common.LiveRows("attention", args)  # the JSON is rewritten after each measurement
-    for layer_type, idx in LAYERS.items():
-        attn = build(cfg, idx, args.device, shape["dtype"])
-        torch.manual_seed(1)
-        x = torch.randn(1, shape["seq"], cfg.hidden_size, device=args.device, dtype=shape["dtype"],
-                        requires_grad=True)
-        for backend in ("eager", "flex"):
-            row = dict(layer=layer_type, backend=backend, **measure_backend(attn, cfg, x, backend, shape, args.device))
-            rows.append(row)
-        eager, flex = rows[-2], rows[-1]
-        same_work = eager["fwd_with_grad"] == flex["fwd_with_grad"]  # a no_grad forward saves nothing
-        for key in ("fwd_ms", "fwd_bwd_ms"):
-            flex[f"x_eager_{key[:-3]}"] = common.ratio(eager.get(key), flex.get(key)) if same_work else None
-        del attn, x
-        common.free_memory(args.device)
+    rows = []
+    for seq in shape["seqs"]:
+        for layer_type, idx in LAYERS.items():
+            attn = build(cfg, idx, args.device, shape["dtype"])
+            torch.manual_seed(1)
+            x = torch.randn(1, seq, cfg.hidden_size, device=args.device, dtype=shape["dtype"], requires_grad=True)
+            group = []
+            for backend in shape["backends"]:
+                row = dict(seq=seq, layer=layer_type, backend=backend)
+                result, err = common.attempt(lambda: measure_backend(attn, cfg, x, backend, shape, args.device))
+                row.update(result or {"error": err})
+                group.append(row)
+            check(group)
+            base = group[0]
+            for row in group[1:]:
+                same_work = base.get("fwd_with_grad") == row.get("fwd_with_grad")  # no_grad saves nothing
+                for key in ("fwd_ms", "fwd_bwd_ms"):
+                    row[f"x_base_{key[:-3]}"] = common.ratio(base.get(key), row.get(key)) if same_work else None
+            rows += group
+            del attn, x
+            common.free_memory(args.device)
+            common.write_json("attention", args, {"shapes": {}, "results": rows}, quiet=True)
     common.print_table(rows, [
-        ("layer", "layer", ""), ("backend", "backend", ""), ("fwd_ms", "fwd ms", ".3f"),
-        ("fwd_bwd_ms", "fwd+bwd ms", ".3f"), ("x_eager_fwd", "x eager fwd", ".2f"),
-        ("x_eager_fwd_bwd", "x eager f+b", ".2f"),
+        ("seq", "seq", "d"), ("layer", "layer", ""), ("backend", "backend", ""), ("fwd_ms", "fwd ms", ".3f"),
+        ("fwd_bwd_ms", "fwd+bwd ms", ".3f"), ("x_base_fwd", f"x {shape['backends'][0]} fwd", ".2f"),
+        ("x_base_fwd_bwd", f"x {shape['backends'][0]} f+b", ".2f"),
+        ("max_err_out", "max err out", ".1e"), ("max_err_dx", "max err dx", ".1e"),
         ("fwd_peak_gib", "fwd peak GiB", ".2f"), ("fwd_bwd_peak_gib", "f+b peak GiB", ".2f"),
         ("fwd_bwd_above_start_gib", "f+b above start GiB", ".2f")],
-        title=f"attention layer, 1 x {shape['seq']} tokens, {cfg.num_attention_heads} q heads / "
+        title=f"attention layer, 1 x {shape['seqs']} tokens, {cfg.num_attention_heads} q heads / "
               f"{cfg.num_key_value_heads} kv heads x {cfg.head_dim}, window {cfg.sliding_window}, "
-              f"{str(shape['dtype']).replace('torch.', '')}")
+              f"{str(shape['dtype']).replace('torch.', '')}; ratios and errors against {shape['backends'][0]}")
     for r in rows:
-        for key in [k for k in r if k.endswith("_error")]:
-            print(f"{r['layer']} {r['backend']} {key}: {r[key]}")
+        for key in [k for k in r if k.endswith("error")]:
+            print(f"{r['seq']} {r['layer']} {r['backend']} {key}: {r[key]}")
     if args.cpu:
-        print("flex on CPU: forward only, under no_grad (PyTorch has no CPU FlexAttention backward)")
+        print("flex on CPU: forward only, under no_grad (PyTorch has no CPU FlexAttention backward); "
+              "triton on CPU: the interpreter")
     common.write_json("attention", args, {
-        "shapes": {"batch": 1, "seq": shape["seq"], "hidden": cfg.hidden_size, "q_heads": cfg.num_attention_heads,
+        "shapes": {"batch": 1, "seqs": shape["seqs"], "hidden": cfg.hidden_size, "q_heads": cfg.num_attention_heads,
                    "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "window": cfg.sliding_window,
                    "dtype": str(shape["dtype"])},
         "results": rows})

@@ -268,6 +268,15 @@ def suite_summary(directory: Path, mode: str = "full") -> list[dict]:
         for x in r["results"]:
             peak = _cell(x.get("fwd_bwd_peak_gib"), ".2f")
             add("attention", f"{x['layer']} {x['backend']} fwd+bwd ms (peak GiB {peak})", x.get("fwd_bwd_ms"), ".2f")
+    if (r := _load(directory, "attention", "long")) is not None:
+        for x in r["results"]:
+            peak = _cell(x.get("fwd_bwd_peak_gib"), ".2f")
+            add("attention_long", f"{x['seq']} {x['layer']} {x['backend']} fwd+bwd ms (peak GiB {peak})",
+                x.get("fwd_bwd_ms"), ".2f")
+    if mode == "full" and (r := _load(directory, "long_context", mode)) is not None:  # LONG=1 steps only
+        for x in r["results"]:
+            add("long_context", f"20b LoRA {x['seq']} tokens: peak GiB (tokens/s {_cell(x.get('tokens_per_s'), ',.0f')})",
+                x.get("peak_gib"), ".1f", "< 76 (80 GB GPU)", lambda v: v < 76)
     if r := section("memory"):
         for layer, e in r["summary"].items():
             for key in (k for k in e if k.startswith("ratio_vs_")):

@@ -74,6 +74,13 @@ else
     step bench_memory 6 "$PY" benchmarks/bench_memory.py
     step train_step_sft 8 "$PY" benchmarks/bench_train_step.py --step sft --budget-s 10
     step bench_data 2 "$PY" benchmarks/bench_data.py
+    # Long context, only with LONG=1 (give it SUITE_BUDGET_S=700): flex vs our triton flash attention
+    # at 32K and 128K tokens, and the gpt-oss-20b LoRA step as recipe gptoss20b_lora_128k runs it
+    # (24 layers, checkpointing, inputs offloaded to the host) at 32K / 64K / 128K tokens.
+    if [ "${LONG:-0}" = 1 ]; then
+        step bench_attention_long 13 "$PY" benchmarks/bench_attention.py --long
+        step long_context_20b 21 "$PY" benchmarks/bench_long_context.py --offload
+    fi
 fi
 
 "$PY" benchmarks/common.py "$WORK" --mode "$MODE" >"$WORK/summary.txt" 2>&1

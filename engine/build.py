@@ -96,7 +96,7 @@ def build_model(cfg: TrainConfig, rt: Runtime, arch: GptOssConfig | None = None,
     (the same seed on every rank gives every rank the rows of the one-rank model), LoRA applied.
     `weights=False` (a dry run) builds it all on the meta device from `arch`: shapes, no memory."""
     opts = ModelOptions(experts_backend=cfg.model.experts_backend, attn_backend=cfg.model.attn_backend,
-                        ce_chunk_size=cfg.model.ce_chunk_size)
+                        ce_chunk_size=cfg.model.ce_chunk_size, activation_offload=cfg.model.activation_offload)
     # Expert parallelism is applied from outside the model: each rank keeps only its experts' rows,
     # sliced on the meta device (or read from the checkpoint) before any memory is taken.
     from .moe.alltoall import apply_expert_parallel

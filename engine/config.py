@@ -22,8 +22,9 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields, e.g. num_hidden_layers
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
     experts_backend: str = "auto"  # auto | loop | grouped_mm | triton
-    attn_backend: str = "auto"  # auto | eager | flex
+    attn_backend: str = "auto"  # auto (flex on CUDA, blockwise on CPU) | eager | flex | blockwise | triton
     activation_checkpointing: Any = False  # false | true | list of layer indices
+    activation_offload: bool = False  # checkpointed layers keep their inputs in pinned host memory
     ce_chunk_size: int = 512
 
 
@@ -102,7 +103,7 @@ class TrainConfig:
         checks = [
             ("model.dtype", self.model.dtype, ("auto", "bfloat16", "float32")),
             ("model.experts_backend", self.model.experts_backend, ("auto", "loop", "grouped_mm", "triton")),
-            ("model.attn_backend", self.model.attn_backend, ("auto", "eager", "flex")),
+            ("model.attn_backend", self.model.attn_backend, ("auto", "eager", "flex", "blockwise", "triton")),
             ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
             ("optim.impl", self.optim.impl, ("auto", "torch", "apex")),
             ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")),
@@ -117,6 +118,9 @@ class TrainConfig:
         for key, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{key}={value!r} must be a positive integer")
+        if self.model.activation_offload and not self.model.activation_checkpointing:
+            raise ConfigError("model.activation_offload=true offloads the inputs of checkpointed layers; "
+                              "set model.activation_checkpointing=true (or a list of layers) as well")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr={self.optim.lr!r} must be > 0")
         if self.trainer.sample_every < 0 or self.trainer.sample_max_new_tokens < 1:

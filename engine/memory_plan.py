@@ -8,6 +8,7 @@ Estimates, in bytes per rank:
                itself is not fp32)
   activations  what the backward keeps per micro-batch (see `activation_bytes_per_token`)
   loss         the chunked cross-entropy's fp32 logits and probabilities for one chunk
+  host         (not GPU memory) the checkpointed layers' inputs under model.activation_offload
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class MemoryPlan:
     optimizer: float
     activations: float
     loss: float
+    host: float = 0.0  # pinned host memory, not counted in the GPU total
 
     @property
     def total(self) -> float:
@@ -33,7 +35,8 @@ class MemoryPlan:
 
     def rows(self) -> list[tuple[str, float]]:
         return [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
-                ("activations / micro-batch", self.activations), ("loss chunk", self.loss), ("total", self.total)]
+                ("activations / micro-batch", self.activations), ("loss chunk", self.loss), ("total", self.total)] + \
+            ([("host: offloaded inputs", self.host)] if self.host else [])
 
     def format(self) -> str:
         return "\n".join(f"  {name:<28}{value / GiB:9.2f} GiB" for name, value in self.rows())
@@ -54,11 +57,13 @@ def lora_param_count(cfg: GptOssConfig, rank: int, targets: list[str], ep: int, 
 
 
 def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention: bool, checkpointing: bool,
-                               act_bytes: int = 2) -> float:
+                               act_bytes: int = 2, offload: bool = False) -> float:
     """Bytes the backward keeps per token: per layer, the saved inputs/outputs of each matmul and
     elementwise op (attention projections, rotary q/k, attention output and log-sum-exp, the k routed
     copies of the token through the expert MLP, norms and residuals). With activation checkpointing
-    only each layer's input is kept, plus one layer's worth during its recompute."""
+    only each layer's input is kept, plus one layer's worth during its recompute; offloaded, the inputs
+    wait in host memory and the GPU holds two of them (the layer's own and the next one, prefetched).
+    Only the eager attention has a term in seq_len: every other backend is linear in T."""
     h, i, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
     attn = h + cfg.q_width + 2 * cfg.kv_width + cfg.q_width + cfg.q_width + h  # norm out, q, k, v, out, o_in, res
     moe = h + h + k * (h + 2 * i + i + h)  # norm out, residual, per routed copy: x, h, act, y
@@ -67,14 +72,14 @@ def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention:
         per_layer += 4 * cfg.num_attention_heads * seq_len
     layers = cfg.num_hidden_layers
     if checkpointing:
-        return layers * h * act_bytes + per_layer
+        return (2 if offload else layers) * h * act_bytes + per_layer
     return layers * per_layer
 
 
 def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targets: list[str] | None = None,
                 shared_expert_adapters: bool = False, seq_len: int, micro_batch: int, eager_attention: bool,
                 checkpointing: bool, ce_chunk: int = 512, train_bytes: int = 2, world_size: int | None = None,
-                shard_state: bool = False, master_weights: bool = False) -> MemoryPlan:
+                shard_state: bool = False, master_weights: bool = False, offload: bool = False) -> MemoryPlan:
     counts = cfg.param_counts()
     dense = counts["total"] - counts["experts"]
     local = dense + counts["experts"] // ep
@@ -95,9 +100,11 @@ def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targe
         else:
             optim = local * state_bytes
     tokens = seq_len * micro_batch
-    acts = tokens * activation_bytes_per_token(cfg, seq_len, eager_attention, checkpointing, train_bytes)
+    offload = offload and checkpointing
+    acts = tokens * activation_bytes_per_token(cfg, seq_len, eager_attention, checkpointing, train_bytes, offload)
     loss = 2 * min(ce_chunk, tokens) * cfg.vocab_size * 4 + tokens * cfg.hidden_size * 4
-    return MemoryPlan(weights, grads, optim, acts, loss)
+    host = tokens * cfg.num_hidden_layers * cfg.hidden_size * train_bytes if offload else 0.0
+    return MemoryPlan(weights, grads, optim, acts, loss, host)
 
 
 def arch_of_run(cfg) -> GptOssConfig:
@@ -112,14 +119,14 @@ def arch_of_run(cfg) -> GptOssConfig:
 
 def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> MemoryPlan:
     lora = cfg.peft.method == "lora"
-    eager = cfg.model.attn_backend == "eager" or (cfg.model.attn_backend == "auto" and device_type != "cuda")
+    eager = cfg.model.attn_backend == "eager"  # auto is flex (CUDA) or blockwise (CPU): linear in T
     return plan_memory(arch, ep=cfg.parallel.ep, lora_rank=cfg.peft.rank if lora else None,
                        lora_targets=list(cfg.peft.target_modules), shared_expert_adapters=cfg.peft.share_expert_adapters,
                        seq_len=cfg.data.max_seq_len, micro_batch=cfg.data.micro_batch_size, eager_attention=eager,
                        checkpointing=bool(cfg.model.activation_checkpointing), ce_chunk=cfg.model.ce_chunk_size,
                        train_bytes=4 if cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device_type != "cuda")
                        else 2, world_size=world_size, shard_state=cfg.optim.shard_state,
-                       master_weights=cfg.optim.master_weights)
+                       master_weights=cfg.optim.master_weights, offload=cfg.model.activation_offload)
 
 
 def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:
@@ -128,5 +135,5 @@ def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:
         return
     raise MemoryError(
         f"memory plan {plan.total / GiB:.1f} GiB per GPU exceeds this GPU's {capacity / GiB:.1f} GiB:\n{plan.format()}\n"
-        "to fit: model.activation_checkpointing=true, a smaller data.micro_batch_size or data.max_seq_len, "
+        "to fit: model.activation_checkpointing=true (and model.activation_offload=true), a smaller data.micro_batch_size or data.max_seq_len, "
         "a larger parallel.ep (more GPUs), or peft.method=lora; trainer.memory_check=false starts anyway")

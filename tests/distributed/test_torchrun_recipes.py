@@ -105,7 +105,8 @@ def test_sharded_optimizer_state_gives_the_same_run(tmp_path, extra):
 
 
 @pytest.mark.parametrize("recipe,preset,nproc", [("gptoss20b_lora", "gpt_oss_20b", 4),
-                                                  ("gptoss120b_lora", "gpt_oss_120b", 8)])
+                                                  ("gptoss120b_lora", "gpt_oss_120b", 8),
+                                                  ("gptoss20b_lora_128k", "gpt_oss_20b", 1)])
 def test_real_recipe_dry_run_at_full_scale(tmp_path, recipe, preset, nproc):
     # The real recipe at its real layout, on the meta device: mesh, 20B/120B shapes, LoRA targets,
     # the batch split and one batch of data, with a checkpoint folder that has no weights at all.

@@ -21,7 +21,8 @@ CONFIGS = {
                                      num_hidden_layers=3, sliding_window=5), batch=2, seq=16, dead=2),
 }
 
-BACKENDS = [("loop", "eager"), ("grouped_mm", "eager"), ("triton", "eager")]  # triton: interpreter on CPU
+BACKENDS = [("loop", "eager"), ("grouped_mm", "eager"), ("triton", "eager"),  # triton: interpreter on CPU
+            ("loop", "blockwise"), ("loop", "triton")]
 
 
 def _inputs(cfg, batch, seq, seed=1):

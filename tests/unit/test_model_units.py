@@ -38,7 +38,7 @@ def test_sliding_window_boundary_in_the_model():
         assert not torch.allclose(model(near)[0, q], base)
 
 
-@pytest.mark.parametrize("backend", ["eager", "flex"])
+@pytest.mark.parametrize("backend", ["eager", "flex", "blockwise", "triton"])
 def test_packed_documents_equal_separate_runs(backend):
     cfg = GptOssConfig.tiny(sliding_window=4)
     model = GptOssForCausalLM(cfg, attn_backend=backend)

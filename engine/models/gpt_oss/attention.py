@@ -4,6 +4,10 @@ Backends (`attn_backend`):
 - `eager`: the reference. Materialises the [T, T] scores, appends the sink column, softmaxes, drops it.
 - `flex`: FlexAttention with block masks (causal / sliding window / documents); the sink enters as a
   rescale of the sink-free output by sigmoid(lse - sink), with the gradient flowing through lse.
+- `blockwise`: plain-torch flash-attention schedule with its own backward (`blockwise_attention.py`);
+  memory linear in T on any device; the CPU default.
+- `triton`: our fused flash-attention kernel, forward and backward (`kernels/flash_attention.py`);
+  CUDA, or CPU under TRITON_INTERPRET=1.
 
 Which keys a query sees (`allowed(i, j)` for row positions i, j of one sequence row):
     j <= i  and  (full layer or i - j < window)  and  doc[i] == doc[j]
@@ -19,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blockwise_attention import blockwise_attention
 from .config import GptOssConfig
 from .rope import apply_rotary
 
-ATTN_BACKENDS = ("eager", "flex")
+ATTN_BACKENDS = ("eager", "flex", "blockwise", "triton")
 
 
 @dataclass
@@ -34,7 +39,11 @@ class AttentionContext:
     doc_ids: torch.Tensor | None  # [B, T] or None (one document per row)
     window: int
     backend: str
+    cp: Any = None  # engine.parallel.context_parallel.ContextParallel: this rank holds T/N of the tokens
     _masks: dict[str, Any] = field(default_factory=dict)
+
+    def window_of(self, layer_type: str) -> int | None:
+        return self.window if layer_type == "sliding_attention" else None
 
     def mask(self, layer_type: str) -> Any:
         if layer_type not in self._masks:
@@ -101,7 +110,7 @@ def flex_attention_with_sinks(q, k, v, sinks, block_mask, scale):
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError(
-            "attn_backend='flex' has no backward on CPU in PyTorch; train on CPU with model.attn_backend=eager"
+            "attn_backend='flex' has no backward on CPU in PyTorch; train on CPU with model.attn_backend=blockwise"
         )
     fn = _compiled_flex() if q.device.type == "cuda" else fa.flex_attention
     if hasattr(fa, "AuxRequest"):
@@ -133,18 +142,39 @@ class GptOssAttention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        mask = ctx.mask(self.layer_type)
-        if ctx.backend == "eager":
-            out = eager_attention(q, k, v, self.sinks, mask, self.scale)
+        if ctx.cp is not None:
+            out = self._context_parallel(q, k, v, ctx)
+        elif ctx.backend == "eager":
+            out = eager_attention(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
+        elif ctx.backend == "flex":
+            out = flex_attention_with_sinks(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
+        elif ctx.backend == "blockwise":
+            out = blockwise_attention(q, k, v, self.sinks, ctx.window_of(self.layer_type), ctx.doc_ids, self.scale)
         else:
-            out = flex_attention_with_sinks(q, k, v, self.sinks, mask, self.scale)
+            from kernels.flash_attention import flash_attention
+
+            out = flash_attention(q, k, v, self.sinks, window=ctx.window_of(self.layer_type), doc_ids=ctx.doc_ids,
+                                  scale=self.scale)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
+    def _context_parallel(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
+        """This rank's queries (two chunks of the row) against all keys, gathered from the group."""
+        if ctx.backend != "blockwise":
+            raise ValueError(f"context parallelism runs the blockwise attention, not {ctx.backend!r}: "
+                             "set model.attn_backend=blockwise")
+        k_all, v_all = ctx.cp.gather_seq(k), ctx.cp.gather_seq(v)  # [B, KV, T, D]
+        outs, offset = [], 0
+        for start, end in ctx.cp.chunks(k_all.shape[2]):
+            outs.append(blockwise_attention(q[:, :, offset:offset + end - start], k_all, v_all, self.sinks,
+                                            ctx.window_of(self.layer_type), ctx.doc_ids, self.scale, q_offset=start))
+            offset += end - start
+        return torch.cat(outs, dim=2)
+
 
 def resolve_attn_backend(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "flex" if device.type == "cuda" else "eager"
+    if name == "auto":  # memory linear in T everywhere; eager stays the reference
+        return "flex" if device.type == "cuda" else "blockwise"
     if name not in ATTN_BACKENDS:
         raise ValueError(f"model.attn_backend={name!r} is not one of {('auto',) + ATTN_BACKENDS}")
     return name

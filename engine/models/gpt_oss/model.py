@@ -24,6 +24,7 @@ from ...loss import linear_cross_entropy
 from ...moe.layer import MoEBlock
 from .attention import AttentionContext, GptOssAttention, resolve_attn_backend
 from .config import GptOssConfig
+from .offload import OffloadChain
 from .rope import cos_sin
 
 
@@ -32,8 +33,9 @@ class ModelOptions:
     """Runtime choices that do not change the weights."""
 
     experts_backend: str = "auto"  # auto | loop | grouped_mm | triton
-    attn_backend: str = "auto"  # auto | eager | flex
+    attn_backend: str = "auto"  # auto (flex on CUDA, blockwise on CPU) | eager | flex | blockwise | triton
     ce_chunk_size: int = 512  # rows of fp32 logits alive at once in the loss
+    activation_offload: bool = False  # checkpointed layers keep their input in host memory (offload.py)
 
 
 class RMSNorm(nn.Module):
@@ -62,8 +64,10 @@ class GptOssDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, offload: OffloadChain | None = None) -> torch.Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():
+            if offload is not None:
+                return offload.run(lambda h: self._forward(h, ctx), x, self)
             return activation_ckpt.checkpoint(self._forward, x, ctx, use_reentrant=False)
         return self._forward(x, ctx)
 
@@ -124,27 +128,39 @@ class GptOssForCausalLM(nn.Module):
             layer.activation_checkpointing = i in chosen
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      doc_ids: torch.Tensor | None = None, cp=None) -> torch.Tensor:
         """Final normed hidden states [B, T, H]. position_ids [B, T] default to 0..T-1; doc_ids [B, T]
-        (packed documents) restrict attention to tokens of the same document."""
+        (packed documents) restrict attention to tokens of the same document. With `cp` (context
+        parallelism, engine.parallel.context_parallel) the inputs are full rows and the result holds
+        this rank's tokens only, [B, T/N, H], in `cp.local_index` order."""
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        if cp is not None:
+            mine = cp.local_index(t, input_ids.device)
+            input_ids, position_ids = input_ids[:, mine], position_ids[:, mine]
         x = self.model.embed_tokens(input_ids)
         cos, sin = cos_sin(self.config, position_ids)
         ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, window=self.config.sliding_window,
-                               backend=resolve_attn_backend(self.options.attn_backend, x.device))
+                               backend=resolve_attn_backend(self.options.attn_backend, x.device), cp=cp)
+        offload = OffloadChain() if self.options.activation_offload else None
         for layer in self.model.layers:
-            x = layer(x, ctx)
+            x = layer(x, ctx, offload)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                loss_normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+                loss_normalizer: float | torch.Tensor | None = None, cp=None) -> torch.Tensor:
         """Without labels: logits [B, T, V]. With labels [B, T] (already shifted: labels[b, t] is the
         target at position t, -100 = ignored): the summed token loss divided by `loss_normalizer`
-        (default: the number of target tokens), computed in chunks without full logits."""
-        h = self.hidden_states(input_ids, position_ids, doc_ids)
+        (default: the number of target tokens), computed in chunks without full logits. With `cp`,
+        this rank's tokens only: their logits, or their share of the loss (summed over the group, the
+        shares make the loss of the whole rows)."""
+        h = self.hidden_states(input_ids, position_ids, doc_ids, cp)
+        if cp is not None and labels is not None:
+            if loss_normalizer is None:
+                loss_normalizer = (labels != -100).sum().clamp(min=1)
+            labels = labels[:, cp.local_index(labels.shape[1], labels.device)]
         if labels is None:
             return self.lm_head(h)
         loss_sum = linear_cross_entropy(h, self.lm_head.weight, labels, self.options.ce_chunk_size)

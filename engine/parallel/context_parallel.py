@@ -1,0 +1,68 @@
+"""Context parallelism: one sequence split over the ranks of a group, balanced for the causal mask.
+
+The row of T tokens is cut into 2N equal chunks; rank r holds chunks r and 2N-1-r, so every rank
+gets one early (cheap) and one late (expensive) chunk of the causal attention. Embeddings, norms,
+projections, the MoE layer and the loss see only the rank's T/N tokens. Attention needs every key:
+k and v ([B, KV, T/N, D], small for GPT-OSS's 8 KV heads) are all-gathered into sequence order,
+and the gradient of the gathered keys comes back summed over the ranks (all-reduce, then each
+rank keeps its chunks). Each rank's loss is its own tokens' share of the global mean; the caller
+sums the gradients over the group as for data parallelism.
+
+    cp = ContextParallel(group)                   # a torch.distributed group (gloo or nccl)
+    loss = model(ids, labels=labels, position_ids=pos, doc_ids=docs, cp=cp)   # full rows in
+    loss.backward(); all_reduce every grad over the group; all_reduce loss.detach() to log it
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class ContextParallel:
+    def __init__(self, group=None):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def chunks(self, t: int, rank: int | None = None) -> list[tuple[int, int]]:
+        """The [start, end) positions of `rank`'s two chunks of a T-token row."""
+        if t % (2 * self.size):
+            raise ValueError(f"context parallelism over {self.size} ranks cuts a row into {2 * self.size} equal "
+                             f"chunks: the sequence length {t} must be a multiple of {2 * self.size} "
+                             "(pad the rows, e.g. data.max_seq_len to a multiple)")
+        r = self.rank if rank is None else rank
+        c = t // (2 * self.size)
+        return [(r * c, (r + 1) * c), ((2 * self.size - 1 - r) * c, (2 * self.size - r) * c)]
+
+    def local_index(self, t: int, device) -> torch.Tensor:
+        """Positions [T/N] of this rank's tokens, in the order the rank holds them."""
+        return torch.cat([torch.arange(s, e, device=device) for s, e in self.chunks(t)])
+
+    def gather_seq(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, heads, T/N, D] local -> [B, heads, T, D] in sequence order, with its backward."""
+        return _GatherSeq.apply(x, self)
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cp: ContextParallel):
+        ctx.cp = cp
+        parts = [x.new_empty(x.shape) for _ in range(cp.size)]  # contiguous, as all_gather wants
+        dist.all_gather(parts, x.contiguous(), group=cp.group)
+        t = x.shape[2] * cp.size
+        full = x.new_empty(x.shape[0], x.shape[1], t, x.shape[3])
+        for r, part in enumerate(parts):
+            offset = 0
+            for s, e in cp.chunks(t, r):
+                full[:, :, s:e] = part[:, :, offset:offset + e - s]
+                offset += e - s
+        return full
+
+    @staticmethod
+    def backward(ctx, grad):
+        cp = ctx.cp
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=cp.group)  # every rank's queries contributed to every key
+        mine = torch.cat([grad[:, :, s:e] for s, e in cp.chunks(grad.shape[2])], dim=2)
+        return mine, None
