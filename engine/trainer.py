@@ -72,9 +72,13 @@ def run(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
     plan = plan_for_run(cfg, arch, rt.device.type, rt.world_size)
-    log.info("memory plan per %s (estimate):\n%s", "GPU" if rt.device.type == "cuda" else "process", plan.format())
+    log.info("memory plan per %s (estimate; %d ranks, ep %d x expert-dp %d, parallel.shard=%s):\n%s",
+             "GPU" if rt.device.type == "cuda" else "process", rt.world_size, rt.mesh.ep, rt.mesh.edp_size,
+             cfg.parallel.shard, plan.format())
     capacity = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else None
     check_fits(plan, capacity, cfg.trainer.memory_check)
+    if capacity:
+        log.info("memory plan %.1f GiB of this GPU's %.1f GiB: fits", plan.total / 2**30, capacity / 2**30)
 
     if cfg.trainer.dry_run:
         return _dry_run(cfg, rt, arch)
@@ -152,18 +156,20 @@ def run(cfg: TrainConfig) -> dict:
         record.update(expert_load(model, rt.mesh))
         if val_loader is not None and ((step + 1) % cfg.trainer.val_every == 0 or step + 1 == cfg.trainer.max_steps):
             record["val_loss"] = evaluate(model, val_loader, rt)
-        if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
-            writer.write(record)
-        progress(record)
         if pending is not None:
             pending.poll()
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
+            t_save = time.perf_counter()
             if pending is not None:
                 pending.wait()
             pending = save_run(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps,
                                asynchronous=cfg.checkpoint.async_)
             if not cfg.checkpoint.async_:
                 pending = None
+            record["checkpoint_s"] = time.perf_counter() - t_save  # what the save held the training thread
+        if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
+            writer.write(record)
+        progress(record)
     if pending is not None:
         pending.wait()
     final = save_run(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps)
