@@ -112,21 +112,33 @@ def test_bad_layout_fails_fast_on_every_rank(tmp_path):
         assert f"error (rank {rank}): LayoutError: parallel.ep=3 does not divide the world size 4" in proc.stderr
 
 
+BF16_MASTERS = ["model.dtype=bfloat16", "optim.master_weights=true"]
+
+
 @pytest.mark.parametrize("recipe,extra,shard", [
     ("tiny_sft", [], "full"),
     ("tiny_lora", [], "full"),
     ("tiny_sft", [], "optimizer"),
+    ("tiny_sft", BF16_MASTERS, "full"),
 ])
 def test_fsdp_at_ep2_x_expert_dp2_matches_one_process(tmp_path, recipe, extra, shard):
     # EP2 x expert-DP2 on 4 ranks under FSDP2: dense weights sharded over 4 ranks, experts over 2.
     # fp32: the ranks sum in another order than one process, nothing else differs.
+    # bf16 compute + fp32 masters: one process keeps bf16 weights (fp32 masters in the optimizer) and
+    # accumulates bf16 gradients over its 4 micro-batches; FSDP2 keeps the fp32 masters as the sharded
+    # weights and sums each rank's bf16 gradient in fp32. Not the same rounding: measured on CPU, losses
+    # agree to 3.5e-4 relative and grad norms to 1.2 % over 6 steps; checked at 1e-3 and 3e-2 (an
+    # averaged instead of summed gradient would be off by 4x).
+    bf16 = extra == BF16_MASTERS
     common = [f"recipe={recipe}", *SYNTH, "checkpoint.every=3", *extra]
     one = _run(tmp_path / "one", 1, *common)
     fsdp = _run(tmp_path / "fsdp", 4, *common, f"parallel.shard={shard}", ep=2)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in fsdp]), torch.tensor([r["loss"] for r in one]),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-3 if bf16 else 1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in fsdp]),
-                               torch.tensor([r["grad_norm"] for r in one]), rtol=1e-4, atol=1e-6)
+                               torch.tensor([r["grad_norm"] for r in one]), rtol=3e-2 if bf16 else 1e-4, atol=1e-6)
+    if bf16:
+        return
     a = gather_trained_weights(tmp_path / "one" / "checkpoints" / "step_0000006")
     b = gather_trained_weights(tmp_path / "fsdp" / "checkpoints" / "step_0000006")
     assert a.keys() == b.keys()
