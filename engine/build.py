@@ -71,7 +71,11 @@ def setup_runtime(cfg: TrainConfig, arch: GptOssConfig) -> Runtime:
     # Full training keeps fp32 weights and computes in bf16 under autocast, or (optim.master_weights)
     # keeps bf16 weights with fp32 masters in the optimizer; LoRA keeps the frozen base in the compute
     # dtype (its adapters in fp32, see build_model).
-    param = torch.float32 if cfg.peft.method == "none" and not cfg.optim.master_weights else compute
+    # Under FSDP2 (parallel.shard=optimizer|full) the sharded weights themselves are the fp32 masters and
+    # FSDP casts them to the compute dtype when it gathers them.
+    fsdp = cfg.parallel.shard != "none" and mesh.distributed
+    masters_in_optimizer = cfg.optim.master_weights and not fsdp
+    param = torch.float32 if cfg.peft.method == "none" and not masters_in_optimizer else compute
     return Runtime(mesh, param, compute)
 
 
@@ -132,6 +136,10 @@ def build_model(cfg: TrainConfig, rt: Runtime, arch: GptOssConfig | None = None,
                 p.data = p.data.float()
         if rt.is_main:
             log.info("LoRA adapters:\n%s", format_report(report))
+    if weights:
+        from .parallel.fsdp import parallelize
+
+        parallelize(model, rt.mesh, cfg.parallel.shard, rt.compute_dtype)
     return model
 
 

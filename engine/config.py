@@ -7,6 +7,7 @@ Every section is a dataclass; `build_config(dict)` turns the composed Hydra dict
 from __future__ import annotations
 
 import dataclasses
+import keyword
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -34,6 +35,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     timeout_s: int = 600  # a rank that stops answering fails the others after this long
+    shard: str = "none"  # none | optimizer | full: what FSDP2 shards over the data-parallel ranks
 
 
 @dataclass
@@ -46,7 +48,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    shard_state: bool = False  # ZeRO-1: split AdamW state of replicated weights across their ranks
+    shard_state: bool = False  # replaced by parallel.shard (FSDP2); true is refused with a message
     master_weights: bool = False  # bf16 weights in the model, fp32 masters in the optimizer (full training)
     impl: str = "auto"  # auto (apex FusedAdam when importable on CUDA, else torch) | torch | apex
 
@@ -76,6 +78,7 @@ class TrainerConfig:
 class CheckpointConfig:
     every: int = 0  # 0 = only at the end
     keep: int = 2
+    async_: bool = False  # `checkpoint.async`: write in the background while the next steps run
 
 
 @dataclass
@@ -109,6 +112,7 @@ class TrainConfig:
             ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")),
             ("peft.method", self.peft.method, ("none", "lora")),
             ("data.source", self.data.source, ("jsonl", "synthetic")),
+            ("parallel.shard", self.parallel.shard, ("none", "optimizer", "full")),
         ]
         for key, value, allowed in checks:
             if value not in allowed:
@@ -161,6 +165,8 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         return cls()
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    # A key that is a Python keyword (checkpoint.async) is the field with a trailing underscore.
+    values = {(k + "_" if keyword.iskeyword(k) else k): v for k, v in values.items()}
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)

@@ -10,36 +10,38 @@
 
 The checkpoint's meta.json holds the run's config, so the model is rebuilt exactly as trained: the
 base from `model.path` (or the same seeded random init), then the trained weights from every rank's
-file, expert slices concatenated back in expert order.
+file, read from the torch.distributed.checkpoint folder whatever layout wrote it (expert tensors
+are stored as the whole model's; nothing in it is unpickled with code).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from .checkpoint import state as ckpt
+from .checkpoint.errors import CheckpointError
 from .config import build_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def gather_trained_weights(path: Path, ep: int) -> dict[str, torch.Tensor]:
-    """One full state of the trained weights from a (possibly expert-parallel) checkpoint. Ranks
-    0..ep-1 form the first expert-parallel group: together they hold every expert once."""
-    meta = json.loads((path / "meta.json").read_text())
-    ranks = [ckpt.load_checkpoint(path, r, meta["world_size"])["model"] for r in range(min(ep, meta["world_size"]))]
-    full = {}
-    for name, tensor in ranks[0].items():
-        if ".experts." in name and ep > 1:
-            full[name] = torch.cat([r[name] for r in ranks], dim=0)
-        else:
-            full[name] = tensor
-    return full
+def _meta(path: Path) -> dict:
+    return ckpt.read_meta(path)
+
+
+def gather_trained_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The whole model's trained weights from a checkpoint written at any layout, read in this one
+    process (DCP assembles each expert tensor from the chunks the ranks wrote)."""
+    shapes = ckpt.tensor_shapes(path)
+    full = {key: torch.empty(size, dtype=dtype) for key, (size, dtype) in shapes.items() if key.startswith("model.")}
+    if not full:
+        raise ckpt.CheckpointCorruptError(path, "holds no trained weights; the checkpoint is corrupt")
+    ckpt.load_tensors(path, full, alone=True)
+    return {key[len("model."):]: t for key, t in full.items()}
 
 
 def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -49,11 +51,10 @@ def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
     from .build import Runtime, build_model
     from .parallel import Mesh
 
-    meta = json.loads((path / "meta.json").read_text())
-    cfg = build_config(meta["config"])
+    cfg = build_config(_meta(path)["config"])
     rt = Runtime(Mesh.single("cpu"), param_dtype=dtype, compute_dtype=dtype)
     model = build_model(cfg, rt)
-    trained = gather_trained_weights(path, cfg.parallel.ep)
+    trained = gather_trained_weights(path)
     params = dict(model.named_parameters())
     unknown = sorted(set(trained) - set(params))
     if unknown:
@@ -75,11 +76,11 @@ def load_adapters_only(path: Path):
     from .models.gpt_oss import GptOssForCausalLM
     from .peft import apply_lora
 
-    cfg = build_config(json.loads((path / "meta.json").read_text())["config"])
+    cfg = build_config(_meta(path)["config"])
     with torch.device("meta"):
         model = GptOssForCausalLM(arch_of_run(cfg))
     apply_lora(model, lora_config(cfg), seed=cfg.trainer.seed)
-    trained = gather_trained_weights(path, cfg.parallel.ep)
+    trained = gather_trained_weights(path)
     model.load_state_dict(trained, strict=False, assign=True)
     still_meta = [n for n, p in model.named_parameters() if "lora" in n and p.is_meta]
     if still_meta:
@@ -133,7 +134,7 @@ def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: 
     if not ckpt.is_complete(path):
         raise FileNotFoundError(f"{path}: not a complete training checkpoint (no meta.json); "
                                 "pass a checkpoints/step_XXXXXXX directory")
-    meta = json.loads((path / "meta.json").read_text())
+    meta = _meta(path)
     lora = build_config(meta["config"]).peft.method == "lora"
     fmt = fmt or ("peft" if lora else "hf")
     if fmt in ("peft", "merged") and not lora:
@@ -169,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export error: {args.out} already exists; pass another --out, or --overwrite to replace it",
               file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
     fmt = args.format or ("peft" if (out / "adapter_config.json").is_file() else "hf")
     said = "" if fmt == "peft" else (f" in {args.dtype}" if args.dtype else
-                                     f" in {run_dtype(json.loads((Path(args.checkpoint) / 'meta.json').read_text()))}"
+                                     f" in {run_dtype(_meta(Path(args.checkpoint)))}"
                                      " (the run's dtype; --dtype to choose)")
     print(f"exported {args.checkpoint} -> {out} ({fmt}{said})")
     return 0

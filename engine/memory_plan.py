@@ -9,6 +9,13 @@ Estimates, in bytes per rank:
   activations  what the backward keeps per micro-batch (see `activation_bytes_per_token`)
   loss         the chunked cross-entropy's fp32 logits and probabilities for one chunk
   host         (not GPU memory) the checkpointed layers' inputs under model.activation_offload
+
+`parallel.shard` (FSDP2, engine.parallel.fsdp) divides what it shards by the number of ranks holding
+copies: the dense weights' share by the world size, the experts' by the expert-DP size (world / EP):
+  none       nothing sharded (the fp32 masters of optim.master_weights sit in the optimizer)
+  optimizer  gradients (fp32) and AdamW state (+ the fp32 weights themselves, the masters) sharded; a whole
+             compute-dtype copy of this rank's weights is gathered per step and kept through the backward
+  full       weights too; only two decoder blocks are gathered at a time (one computing, one prefetched)
 """
 
 from __future__ import annotations
@@ -79,26 +86,36 @@ def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention:
 def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targets: list[str] | None = None,
                 shared_expert_adapters: bool = False, seq_len: int, micro_batch: int, eager_attention: bool,
                 checkpointing: bool, ce_chunk: int = 512, train_bytes: int = 2, world_size: int | None = None,
-                shard_state: bool = False, master_weights: bool = False, offload: bool = False) -> MemoryPlan:
+                shard: str = "none", master_weights: bool = False, offload: bool = False) -> MemoryPlan:
     counts = cfg.param_counts()
     dense = counts["total"] - counts["experts"]
     local = dense + counts["experts"] // ep
+    world = world_size or ep
+    if world == 1:
+        shard = "none"
+    # This rank's share of its weights when sharded: dense over the world, experts over expert-DP.
+    share = dense / world + counts["experts"] / ep / max(1, world // ep)
+    # What FSDP gathers at a time under `full`: two decoder blocks (one computing, one prefetched).
+    block = 2 * (dense - 2 * cfg.vocab_size * cfg.hidden_size + counts["experts"] / ep) / cfg.num_hidden_layers
     if lora_rank:
         lora = lora_param_count(cfg, lora_rank, lora_targets or [], ep, shared_expert_adapters)
-        weights = local * train_bytes + lora * train_bytes
-        grads = lora * train_bytes
-        optim = lora * (8 + (4 if train_bytes != 4 else 0))
-    else:
+        base = {"none": local, "optimizer": local + share, "full": share + block}[shard]
+        weights = base * train_bytes + lora * 4
+        grads = lora * 4
+        optim = lora * 8
+    elif shard == "none":
         # fp32 weights with bf16 compute under autocast, or bf16 weights with fp32 masters
         # (4 bytes) beside the two fp32 moments in the optimizer
         weight_bytes, state_bytes = (train_bytes, 12) if master_weights else (4, 8)
         weights = local * weight_bytes
         grads = local * weight_bytes
-        world = world_size or ep
-        if shard_state:  # dense state split over all ranks, expert state over the expert-DP group
-            optim = (dense / world + counts["experts"] // ep / max(1, world // ep)) * state_bytes
-        else:
-            optim = local * state_bytes
+        optim = local * state_bytes
+    else:
+        # The sharded fp32 weights are the masters; FSDP gathers them in the compute dtype.
+        gathered = local if shard == "optimizer" else block
+        weights = share * 4 + gathered * train_bytes
+        grads = share * 4 + gathered * train_bytes  # sharded fp32 + the unsharded ones being reduced
+        optim = share * 8
     tokens = seq_len * micro_batch
     offload = offload and checkpointing
     acts = tokens * activation_bytes_per_token(cfg, seq_len, eager_attention, checkpointing, train_bytes, offload)
@@ -125,7 +142,7 @@ def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> 
                        seq_len=cfg.data.max_seq_len, micro_batch=cfg.data.micro_batch_size, eager_attention=eager,
                        checkpointing=bool(cfg.model.activation_checkpointing), ce_chunk=cfg.model.ce_chunk_size,
                        train_bytes=4 if cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device_type != "cuda")
-                       else 2, world_size=world_size, shard_state=cfg.optim.shard_state,
+                       else 2, world_size=world_size, shard=cfg.parallel.shard,
                        master_weights=cfg.optim.master_weights, offload=cfg.model.activation_offload)
 
 
@@ -135,5 +152,6 @@ def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:
         return
     raise MemoryError(
         f"memory plan {plan.total / GiB:.1f} GiB per GPU exceeds this GPU's {capacity / GiB:.1f} GiB:\n{plan.format()}\n"
-        "to fit: model.activation_checkpointing=true (and model.activation_offload=true), a smaller data.micro_batch_size or data.max_seq_len, "
-        "a larger parallel.ep (more GPUs), or peft.method=lora; trainer.memory_check=false starts anyway")
+        "to fit: model.activation_checkpointing=true (and model.activation_offload=true), a smaller "
+        "data.micro_batch_size or data.max_seq_len, parallel.shard=optimizer or full, a larger parallel.ep (more "
+        "GPUs), or peft.method=lora; trainer.memory_check=false starts anyway")

@@ -3,11 +3,9 @@
 AdamW with fp32 state, fused on CUDA. Biases, norms, sinks and embeddings get no weight decay
 (decaying them hurts and buys nothing).
 
-`ShardedAdamW` (optim.shard_state=true) is ZeRO stage 1: every replicated weight's AdamW state
-lives on one rank only. Gradients are already summed everywhere (engine.parallel.sync_gradients),
-so each rank updates the weights it owns and broadcasts them to the others: same update, 1/N of
-the dense optimizer memory. Expert weights are replicated only across their expert-data-parallel
-group, so they are sharded over that group.
+Sharding the optimizer state over the data-parallel ranks is FSDP2's job (parallel.shard=optimizer
+or full, engine.parallel.fsdp): the optimizer then sees each rank's shards as DTensors and updates
+only those.
 """
 
 from __future__ import annotations
@@ -60,9 +58,12 @@ def _make(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.Op
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, mesh=None) -> torch.optim.Optimizer:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters: check peft.method / peft.target_modules")
+    if cfg.shard_state:
+        from .models.gpt_oss.config import ConfigError
+
+        raise ConfigError("optim.shard_state=true: the optimizer state is now sharded by FSDP2; use "
+                          "parallel.shard=optimizer (gradients + optimizer state) or parallel.shard=full")
     on_cuda = next(model.parameters()).is_cuda
-    if cfg.shard_state and mesh is not None and mesh.distributed:
-        return ShardedAdamW(model, cfg, mesh, on_cuda)
     return _make(param_groups(model, cfg.weight_decay), cfg, on_cuda)
 
 
@@ -127,65 +128,6 @@ class MasterWeightAdamW(_Wrapper):
         with torch.no_grad():
             for (_, m), saved in zip(self.pairs, state_dict["masters"]):
                 m.copy_(saved)
-
-
-def _owners(params: list[tuple[str, torch.Tensor]], n: int) -> dict[str, int]:
-    """Deterministic size-balanced assignment of weights to n owners (largest first)."""
-    load = [0] * n
-    owner = {}
-    for name, p in sorted(params, key=lambda item: (-item[1].numel(), item[0])):
-        r = min(range(n), key=lambda i: (load[i], i))
-        owner[name] = r
-        load[r] += p.numel()
-    return owner
-
-
-class ShardedAdamW(_Wrapper):
-    """AdamW whose state is split across the ranks that hold copies of the same weights."""
-
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, mesh, on_cuda: bool):
-        import torch.distributed as dist
-
-        from .parallel import is_expert_param
-
-        self._dist = dist
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        dense = [(n, p) for n, p in named if not is_expert_param(n)]
-        expert = [(n, p) for n, p in named if is_expert_param(n)]
-        # (weight, owner's rank within its group, that group, the owner's global rank)
-        self._plan: list[tuple[torch.Tensor, int, object, int]] = []
-        mine: set[str] = set()
-        for params, size, my_index, group, to_global in (
-            (dense, mesh.world_size, mesh.rank, mesh.dp_group, lambda i: i),
-            (expert, mesh.edp_size, mesh.edp_rank, mesh.edp_group, lambda i: i * mesh.ep + mesh.ep_rank),
-        ):
-            owner = _owners(params, size)
-            for n, p in params:
-                self._plan.append((p, owner[n], group, to_global(owner[n])))
-                if owner[n] == my_index:
-                    mine.add(n)
-        self._wrap(_make(param_groups(model, cfg.weight_decay, keep=lambda n: n in mine), cfg, on_cuda))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.inner.step()
-        # Owners send their updated weights, bucketed per (group, owner) to keep collectives few.
-        buckets: dict[tuple[int, int], list[torch.Tensor]] = {}
-        groups = {}
-        for p, _, group, src in self._plan:
-            if group is None:  # a group of one rank: nothing to share
-                continue
-            buckets.setdefault((id(group), src), []).append(p)
-            groups[id(group)] = group
-        for (gid, src), params in buckets.items():
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            self._dist.broadcast(flat, src=src, group=groups[gid])
-            for p, part in zip(params, flat.split([p.numel() for p in params])):
-                p.copy_(part.view_as(p))
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p, *_ in self._plan:
-            p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):

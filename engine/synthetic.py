@@ -43,7 +43,17 @@ class SyntheticLoader:
                 "num_target_tokens": b * t}
 
     def state_dict(self) -> dict:
-        return {"next_micro_batch": self.next_micro_batch}
+        # The global row count is what is layout-free: a resume on another number of ranks continues
+        # the same stream from it.
+        return {"next_micro_batch": self.next_micro_batch,
+                "rows_consumed": self.next_micro_batch * self.micro_batch_size * self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.next_micro_batch = int(state["next_micro_batch"])
+        if "rows_consumed" not in state:
+            self.next_micro_batch = int(state["next_micro_batch"])
+            return
+        rows, per_micro_batch = int(state["rows_consumed"]), self.micro_batch_size * self.world_size
+        if rows % per_micro_batch:
+            raise ValueError(f"cannot continue the synthetic stream: {rows} rows were consumed, not a multiple of "
+                             f"data.micro_batch_size x world size = {per_micro_batch}")
+        self.next_micro_batch = rows // per_micro_batch

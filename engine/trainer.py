@@ -8,7 +8,8 @@ One optimizer step:
      batch, independent of how tokens fall on ranks and micro-batches
   3. backward per micro-batch; gradients SUMMED across ranks (dense over all ranks, experts over
      their expert-data-parallel group); global-norm clip; NaN guard; AdamW step
-  4. log, checkpoint every N steps (atomic, one file per rank), export at the end
+  4. log, checkpoint every N steps (torch.distributed.checkpoint: atomic, reshardable, optionally
+     written in the background), export at the end
 """
 
 from __future__ import annotations
@@ -16,19 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from .build import Runtime, build_loaders, build_model, seed_everything, setup_runtime
 from .checkpoint import state as ckpt
 from .checkpoint.errors import CheckpointError
+from .checkpoint.run_state import resume_run, save_run
 from .config import TrainConfig
 from .evaluate import validation_loss
 from .models.gpt_oss.config import ConfigError
@@ -37,6 +36,7 @@ from .metrics import MetricsWriter, active_lora_params, expert_load, flops_per_t
 from .optim import build_optimizer, build_scheduler
 from .sampling import build_sampler
 from .parallel import clip_grad_norm, global_token_count, sync_gradients
+from .parallel.fsdp import clip_sharded, is_sharded
 
 log = logging.getLogger("engine")
 
@@ -53,56 +53,20 @@ def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of the model: the trained weights only (adapters for LoRA); under
-    expert parallelism each rank's file holds its own expert slice."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _check_resume_target(path: Path, cfg: TrainConfig, world_size: int) -> None:
-    """Refuse, in one line and before any weights load, a checkpoint this run cannot continue."""
-    meta = json.loads((path / "meta.json").read_text())
-    elsewhere = (f"write this run elsewhere with trainer.output_dir=..., or start over in "
-                 f"{cfg.trainer.output_dir} with trainer.resume=none")
-    if cfg.trainer.resume == "auto" and meta["step"] >= cfg.trainer.max_steps:
-        raise CheckpointError(path, f"trainer.output_dir holds a finished run (step {meta['step']}, "
-                              f"trainer.max_steps={cfg.trainer.max_steps}): {elsewhere}, or raise trainer.max_steps "
-                              "to train it further")
-    if meta["world_size"] != world_size:
-        raise CheckpointError(path, f"saved by a run of {meta['world_size']} process(es), this run has {world_size}: "
-                              f"{elsewhere}")
-
-
-def _resume(path: Path, rt: Runtime, model, opt, sched, loader) -> tuple[int, int]:
-    state = ckpt.load_checkpoint(path, rt.rank, rt.world_size)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(state["model"]))
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks trained weights {missing[:5]}; was it written by another recipe?")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state["model"][n])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["data"])
-    _set_rng_state(state["rng"])
-    log.info("resumed from %s at step %d", path, state["step"])
-    return state["step"], state.get("bad_steps", 0)
+def _check_resume_target(out: Path, cfg: TrainConfig) -> None:
+    """Refuse, in one line and before any weights load, to auto-resume a finished run."""
+    if cfg.trainer.resume != "auto":
+        return
+    newest = ckpt.resolve_resume(out, "auto")
+    try:
+        step = ckpt.read_meta(newest)["step"] if newest is not None else None
+    except CheckpointError:
+        return  # unreadable: resume_run names it and falls back to an earlier checkpoint
+    if step is not None and step >= cfg.trainer.max_steps:
+        raise CheckpointError(newest, f"trainer.output_dir holds a finished run (step {step}, "
+                              f"trainer.max_steps={cfg.trainer.max_steps}): write this run elsewhere with "
+                              f"trainer.output_dir=..., start over in {cfg.trainer.output_dir} with trainer.resume=none, "
+                              "or raise trainer.max_steps to train it further")
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -116,13 +80,15 @@ def run(cfg: TrainConfig) -> dict:
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
-    resume_from = ckpt.resolve_resume(out, cfg.trainer.resume)
-    if resume_from is not None:
-        _check_resume_target(resume_from, cfg, rt.world_size)
+    _check_resume_target(out, cfg)
     plan = plan_for_run(cfg, arch, rt.device.type, rt.world_size)
-    log.info("memory plan per %s (estimate):\n%s", "GPU" if rt.device.type == "cuda" else "process", plan.format())
+    log.info("memory plan per %s (estimate; %d ranks, ep %d x expert-dp %d, parallel.shard=%s):\n%s",
+             "GPU" if rt.device.type == "cuda" else "process", rt.world_size, rt.mesh.ep, rt.mesh.edp_size,
+             cfg.parallel.shard, plan.format())
     capacity = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else None
     check_fits(plan, capacity, cfg.trainer.memory_check)
+    if capacity:
+        log.info("memory plan %.1f GiB of this GPU's %.1f GiB: fits", plan.total / 2**30, capacity / 2**30)
 
     model = build_model(cfg, rt, arch)
     model.train()
@@ -138,9 +104,12 @@ def run(cfg: TrainConfig) -> dict:
              "per rank per step", cfg.model.path or cfg.model.preset, model.num_parameters() / 1e6, n_trainable / 1e6,
              str(rt.param_dtype).replace("torch.", ""), rt.device, rt.mesh, accum, cfg.data.micro_batch_size)
 
-    start_step, bad_steps = 0, 0
-    if resume_from is not None:
-        start_step, bad_steps = _resume(resume_from, rt, model, opt, sched, loader)
+    if rt.is_main:
+        for debris in ckpt.remove_debris(out):
+            log.info("removed %s, left by an interrupted save", debris)
+    rt.barrier()
+    start_step, bad_steps = resume_run(cfg, rt, out, model, opt, sched, loader)
+    pending = None  # a checkpoint being written in the background (checkpoint.async_)
 
     writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard)
     peak = peak_flops(rt.device)
@@ -163,8 +132,11 @@ def run(cfg: TrainConfig) -> dict:
                 loss = model(**_model_inputs(b, rt.device), loss_normalizer=normalizer)
             loss.backward()
             loss_total += loss.detach().float()
-        sync_gradients(model, rt.mesh)
-        grad_norm = float(clip_grad_norm(model, rt.mesh, cfg.optim.grad_clip))
+        if is_sharded(model):  # FSDP2 reduced the gradients in the backward
+            grad_norm = float(clip_sharded(model, rt.mesh, cfg.optim.grad_clip))
+        else:
+            sync_gradients(model, rt.mesh)
+            grad_norm = float(clip_grad_norm(model, rt.mesh, cfg.optim.grad_clip))
         loss_value = float(_all_sum(loss_total, rt))  # the global batch's mean token loss
         lr = sched.get_last_lr()[0]
         if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
@@ -195,15 +167,26 @@ def run(cfg: TrainConfig) -> dict:
         record.update(expert_load(model, rt.mesh))
         if val_loader is not None and ((step + 1) % cfg.trainer.val_every == 0 or step + 1 == cfg.trainer.max_steps):
             record["val_loss"] = validation_loss(model, val_loader, rt)
+        if pending is not None:
+            pending.poll()
+        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
+            t_save = time.perf_counter()
+            if pending is not None:
+                pending.wait()
+            pending = save_run(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps,
+                               asynchronous=cfg.checkpoint.async_)
+            if not cfg.checkpoint.async_:
+                pending = None
+            record["checkpoint_s"] = time.perf_counter() - t_save  # what the save held the training thread
         if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
             writer.write({**record, **data_report})
             data_report = {}
         progress(record)
         if sampler is not None and (step + 1) % cfg.trainer.sample_every == 0:
             sampler(model, step + 1)
-        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
-            _save(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps)
-    final = _save(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps)
+    if pending is not None:
+        pending.wait()
+    final = save_run(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps)
     if hasattr(loader, "close"):
         loader.close()
     export_dir = _export(cfg, rt, out, model, final)
@@ -213,17 +196,11 @@ def run(cfg: TrainConfig) -> dict:
     return {"losses": losses, "checkpoint": str(final), "export": str(export_dir) if export_dir else None}
 
 
-def _save(cfg, rt, out, step, model, opt, sched, loader, bad_steps) -> Path:
-    payload = {"step": step, "bad_steps": bad_steps, "model": trainable_state(model), "optimizer": opt.state_dict(),
-               "scheduler": sched.state_dict(), "data": loader.state_dict(), "rng": _rng_state()}
-    meta = {"recipe": cfg.recipe, "config": asdict(cfg), "compute_dtype": str(rt.compute_dtype).replace("torch.", "")}
-    return ckpt.save_checkpoint(out, step, payload, rank=rt.rank, world_size=rt.world_size, barrier=rt.barrier,
-                                keep=cfg.checkpoint.keep, extra_meta=meta)
 
 
 def _export(cfg: TrainConfig, rt: Runtime, out: Path, model, final: Path) -> Path | None:
     """LoRA: a PEFT adapter in out/adapter; full training: an HF checkpoint in out/hf. Rank 0 writes
-    it; under expert parallelism it rebuilds the whole model from the final checkpoint's rank files."""
+    it; under expert parallelism or FSDP it rebuilds the whole model from the final checkpoint."""
     if not rt.is_main:
         return None
     from .export import export, write_export
@@ -231,7 +208,7 @@ def _export(cfg: TrainConfig, rt: Runtime, out: Path, model, final: Path) -> Pat
     lora = cfg.peft.method == "lora"
     target = out / ("adapter" if lora else "hf")
     dtype = "fp32" if rt.compute_dtype == torch.float32 else "bf16"  # the run's own dtype
-    if rt.mesh.ep > 1:
+    if rt.mesh.ep > 1 or is_sharded(model):  # rank 0 does not hold the whole model: read it back
         return export(final, target, dtype=dtype, overwrite=True)
     return write_export(cfg, model, target, "peft" if lora else "hf", dtype=dtype, overwrite=True)
 

@@ -1,22 +1,46 @@
-"""Training checkpoints for exact resume: complete or absent, never half.
+"""Training checkpoints for exact resume: torch.distributed.checkpoint (DCP), complete or absent.
 
-Layout: OUTPUT/checkpoints/step_0000040/{meta.json, rank00000.pt, rank00001.pt, ...}
-Each rank writes its own file (its experts, its optimizer shard) into a hidden temporary folder;
-rank 0 writes meta.json last and renames the folder into place. A crash at any point leaves either
-the previous checkpoints untouched and no new one, or the new one complete.
+Layout: OUTPUT/checkpoints/step_0000040/
+    .metadata, __0_0.distcp, __1_0.distcp, ...   DCP: every tensor once, as global tensors; expert
+                                                 weights as chunks of the full [E, ...] tensor, so any
+                                                 world size / EP degree / sharding reads its own part
+    rank00000.json, rank00001.json, ...          per-rank JSON: data-loader position, RNG states
+    meta.json                                    written LAST: step, layout, scheduler, the run's config
+
+Nothing in a checkpoint is unpickled with code: tensors are read by torch's `weights_only` loader, DCP's
+`.metadata` by a restricted unpickler (engine.checkpoint.safe_reader), everything else is JSON.
+
+A save goes to a hidden `.tmp_step_*` folder; rank 0 writes meta.json after every rank's data is on disk
+and renames the folder into place, so a crash at any point leaves the previous checkpoints untouched and
+no half one (the leftover `.tmp_*` folder is removed at the next start). With `checkpoint.async=true`
+the tensors are copied to host memory at the save step and written by a background thread while the
+next steps run; rank 0 completes the checkpoint (meta.json + rename) when the write has finished.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
+from .errors import CheckpointError, CheckpointNotFoundError
+from .safe_reader import METADATA_FILE, _first_line, CheckpointCorruptError, SafeFileSystemReader, read_metadata_file
+
+log = logging.getLogger("engine")
+# One process without torch.distributed is a layout like any other here, not a mistake to warn about.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 STEP_PREFIX = "step_"
+FORMAT = "engine-dcp-1"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -25,6 +49,29 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    """JSON written to a temporary name, fsynced and renamed: the file is whole or absent."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointCorruptError(path, "missing; the checkpoint is incomplete, use an earlier one") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointCorruptError(path, f"not valid JSON ({e}); the checkpoint is corrupt, use an earlier one") \
+            from None
+    if not isinstance(value, dict):
+        raise CheckpointCorruptError(path, "not a JSON object; the checkpoint is corrupt, use an earlier one")
+    return value
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:
@@ -39,30 +86,69 @@ def is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file()
 
 
-def save_checkpoint(output_dir: str | Path, step: int, payload: dict, *, rank: int = 0, world_size: int = 1,
-                    barrier: Callable[[], None] = lambda: None, keep: int = 2, extra_meta: dict | None = None) -> Path:
+def rank_file(path: Path, rank: int) -> Path:
+    return path / f"rank{rank:05d}.json"
+
+
+def remove_debris(output_dir: str | Path) -> list[Path]:
+    """Delete what interrupted saves leave behind (`.tmp_*`, `.old_*` folders, `*.partial` files).
+    Call on rank 0 before the run's first save, when no save of this run is in flight."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        if p.name.startswith((".tmp_", ".old_")) or p.name.endswith(".partial"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+class PendingSave:
+    """A checkpoint being written in the background (checkpoint.async=true). `poll()` each step
+    completes it on rank 0 once written; `wait()` (every rank together) blocks until it is complete."""
+
+    def __init__(self, future, finalize: Callable[[], None], rank: int, barrier: Callable[[], None], path: Path):
+        self.future, self._finalize, self.rank, self._barrier, self.path = future, finalize, rank, barrier, path
+        self.finalized = False
+
+    def poll(self) -> bool:
+        if not self.finalized and self.future.done():
+            self.future.result()  # re-raises a failed write
+            if self.rank == 0:
+                self._finalize()
+            self.finalized = True
+        return self.finalized
+
+    def wait(self) -> Path:
+        self.future.result()
+        self._barrier()
+        self.poll()
+        self._barrier()
+        return self.path
+
+
+def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], rank_state: dict,
+                    meta: dict, *, rank: int = 0, barrier: Callable[[], None] = lambda: None, keep: int = 2,
+                    process_group=None, asynchronous: bool = False) -> Path | PendingSave:
+    """Write one checkpoint. `tensors`: FQN -> tensor or DTensor (global view; replicated entries are
+    written once by DCP's de-duplication); `rank_state`: this rank's JSON; `meta`: rank 0's JSON.
+    Every rank calls this together. Returns the final path (sync) or a PendingSave (async)."""
     root = checkpoints_root(output_dir)
     final = step_dir(output_dir, step)
     tmp = root / f".tmp_{final.name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
-            shutil.rmtree(tmp)  # debris of an earlier crashed save
+            shutil.rmtree(tmp)  # debris of an earlier crashed save of the same step
         tmp.mkdir()
     barrier()
-    part = tmp / f"rank{rank:05d}.pt"
-    with open(part.with_suffix(".pt.partial"), "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part.with_suffix(".pt.partial"), part)
-    barrier()
-    if rank == 0:
-        meta = {"step": step, "world_size": world_size, **(extra_meta or {})}
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+    _write_json(rank_file(tmp, rank), rank_state)
+    meta = {"format": FORMAT, "step": step, **meta}
+
+    def finalize() -> None:
+        _write_json(tmp / "meta.json", meta)
+        _fsync_dir(tmp)
         if final.exists():  # re-saving a step after a resume: swap atomically, then drop the old one
             old = root / f".old_{final.name}"
             if old.exists():
@@ -74,6 +160,16 @@ def save_checkpoint(output_dir: str | Path, step: int, payload: dict, *, rank: i
             os.replace(tmp, final)
         _fsync_dir(root)
         _prune(root, keep)
+
+    writer = FileSystemWriter(str(tmp), sync_files=True, thread_count=1)
+    alone = not (dist.is_available() and dist.is_initialized())
+    if asynchronous:
+        future = dcp.async_save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+        return PendingSave(future, finalize, rank, barrier, final)
+    dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+    barrier()
+    if rank == 0:
+        finalize()
     barrier()
     return final
 
@@ -92,25 +188,70 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
-def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
-    """`auto`: newest complete checkpoint of this run, if any; `none`: start fresh; else a checkpoint path."""
+def resume_candidates(output_dir: str | Path, resume: str) -> list[Path]:
+    """Checkpoints to try, in order: `auto` the complete ones of this run, newest first (the caller
+    falls back to the next when one cannot be read); `none` nothing; else exactly the given path."""
     if resume == "none":
-        return None
+        return []
     if resume == "auto":
-        done = complete_checkpoints(output_dir)
-        return done[-1] if done else None
+        return complete_checkpoints(output_dir)[::-1]
     path = Path(resume)
     if not path.is_dir():
-        raise FileNotFoundError(f"trainer.resume={resume!r}: no such checkpoint directory")
+        raise CheckpointNotFoundError(path, f"trainer.resume={resume!r}: no such checkpoint directory")
     if not is_complete(path):
-        raise FileNotFoundError(f"trainer.resume={resume!r}: checkpoint is incomplete (no meta.json); "
-                                "it was interrupted while saving, pick an earlier one")
-    return path
+        raise CheckpointNotFoundError(path, f"trainer.resume={resume!r}: the checkpoint is incomplete (no meta.json); "
+                                      "it was interrupted while saving, pick an earlier one")
+    return [path]
 
 
-def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> dict:
-    meta = json.loads((path / "meta.json").read_text())
-    if meta["world_size"] != world_size:
-        raise ValueError(f"{path}: saved with {meta['world_size']} ranks, resuming with {world_size}; "
-                         "resume with the same number of ranks and parallel.ep")
-    return torch.load(path / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
+    """The first candidate of `resume_candidates`, or None."""
+    found = resume_candidates(output_dir, resume)
+    return found[0] if found else None
+
+
+def read_meta(path: Path) -> dict:
+    meta = read_json(path / "meta.json")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(path / "meta.json", f"format {meta.get('format')!r} is not {FORMAT!r}: this "
+                              "checkpoint was written by another version of the engine and cannot be resumed")
+    return meta
+
+
+def read_rank_state(path: Path, rank: int, world_size: int) -> dict:
+    """This rank's JSON when the checkpoint has the same number of ranks, else rank 0's."""
+    meta = read_meta(path)
+    return read_json(rank_file(path, rank if meta["world_size"] == world_size else 0))
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Global shape and dtype of every tensor in a checkpoint, from its metadata (no data read)."""
+    md = read_metadata_file(path / METADATA_FILE)
+    out = {}
+    for key, item in md.state_dict_metadata.items():
+        if not hasattr(item, "size"):
+            raise CheckpointCorruptError(path / METADATA_FILE, f"entry {key!r} is not a tensor")
+        out[key] = (item.size, item.properties.dtype)
+    return out
+
+
+def load_tensors(path: Path, tensors: dict[str, torch.Tensor], process_group=None, *, alone: bool = False) -> None:
+    """Fill `tensors` (FQN -> tensor or DTensor, any layout) in place from the checkpoint at `path`;
+    every rank calls this together, or one process `alone` (plain tensors). Errors name the file."""
+    alone = alone or not (dist.is_available() and dist.is_initialized())
+    try:
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group,
+                 no_dist=alone)
+    except CheckpointException as e:
+        # DCP wraps each rank's failure as (exception, traceback); ours already name the file.
+        inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        for exc in inner:
+            if isinstance(exc, CheckpointError):
+                raise exc from None
+        first = inner[0] if inner else e
+        raise CheckpointCorruptError(path, f"cannot be loaded ({type(first).__name__}: {_first_line(first)})") \
+            from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a key missing from the checkpoint
+        raise CheckpointCorruptError(path, f"cannot be loaded ({type(e).__name__}: {_first_line(e)})") from None

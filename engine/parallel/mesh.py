@@ -26,6 +26,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 SUPPORTED = ("supported layouts: data parallel over all ranks for the dense weights, with expert "
              "parallelism parallel.ep dividing both the world size and the number of experts "
@@ -72,6 +73,14 @@ class Mesh:
     ep_group: dist.ProcessGroup | None = None
     edp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
+    # torch DeviceMeshes over the same grid, what DTensor, FSDP2 and the checkpoints speak (None without
+    # torch.distributed): dims ("ep", "edp") (expert tensors are split over ep, then over expert-DP),
+    # and the whole world as one dim ("dp", the dense weights' data-parallel group).
+    device_mesh: DeviceMesh | None = None
+    world_mesh: DeviceMesh | None = None
+    # A group of its own for checkpoint collectives: an async save runs them in a background thread,
+    # which must not share a communicator with the training step's collectives.
+    ckpt_group: dist.ProcessGroup | None = None
 
     # ------------------------------------------------------------------ coordinates
     @property
@@ -166,8 +175,13 @@ class Mesh:
                     edp_group = g
         elif edp == world_size:
             edp_group = dist.group.WORLD
+        grid = torch.arange(world_size).reshape(edp, ep).T  # [ep, edp]: grid[j, i] = i * ep + j
+        device_mesh = DeviceMesh(device.type, grid, mesh_dim_names=("ep", "edp"))
+        world_mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+        ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         return cls(world_size=world_size, rank=rank, ep=ep, device=device, ep_group=ep_group,
-                   edp_group=edp_group, dp_group=dist.group.WORLD)
+                   edp_group=edp_group, dp_group=dist.group.WORLD, device_mesh=device_mesh, world_mesh=world_mesh,
+                   ckpt_group=ckpt_group)
 
     def destroy(self) -> None:
         """Tear the process group down (a clean exit; NCCL warns when it is skipped)."""

@@ -53,7 +53,7 @@ def test_dry_run_plans_32_gpus_from_one_process_and_refuses_what_does_not_fit(tm
     assert "for 32 GPUs" in ok.stdout and _plan_total(ok.stdout) < 80
     # The same model on 8 GPUs with each one holding an eighth of the experts' state cannot fit.
     bad = _train("recipe=gptoss120b_sft", "trainer.dry_run=true", "trainer.dry_run_gpus=8", "parallel.ep=8",
-                 "optim.shard_state=false", f"trainer.output_dir={tmp_path}")
+                 "parallel.shard=none", f"trainer.output_dir={tmp_path}")
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "exceeds" in bad.stderr and "Traceback" not in bad.stderr
 

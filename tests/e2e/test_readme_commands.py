@@ -20,6 +20,8 @@ SKIP = {
     "python3 -m venv .venv && . .venv/bin/activate": "the set-up: .ci/run makes a fresh environment",
     'pip install -e ".[dev]"': "the set-up: .ci/run runs it in a fresh environment before these tests",
     "python -m pytest tests -q": "the test command itself, which runs this test",
+    "torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN_NAME "
+    "engine/train.py recipe=gptoss120b_sft": "needs 4 nodes of 8 GPUs; the dry run above plans that layout",
 }
 # Needs GPUs and the hub: run offline as its dry run, which is what a user can check without them.
 AS_DRY_RUN = {"torchrun --nproc_per_node 4 engine/train.py recipe=gptoss20b_lora"}
@@ -37,8 +39,10 @@ def readme_steps(text: str) -> list[tuple[str, str]]:
             if lang == "python":
                 steps.append(("py", "\n".join(block)))
             else:
-                for cmd in block:
+                joined = "\n".join(block).replace("\\\n", " ")  # shell line continuations
+                for cmd in joined.splitlines():
                     cmd = re.sub(r"\s+#.*$", "", cmd).strip()
+                    cmd = re.sub(r"\s+", " ", cmd)
                     if STARTS.match(cmd):
                         steps.append(("sh", cmd))
             block = None
