@@ -23,6 +23,8 @@ import torch
 
 from .checkpoint import state as ckpt
 from .config import build_config
+from .errors import EngineError, ExportError
+from .export_files import export_target
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -87,6 +89,19 @@ def load_adapters_only(path: Path):
 def write_export(cfg, model, out: str | Path, fmt: str, *, dtype: str = "bf16", attention_only: bool = False,
                  overwrite: bool = False) -> Path:
     """Write `model` (trained under `cfg`) as `fmt`: peft | merged | hf."""
+    with export_target(out, needs_bytes=_export_bytes(model, fmt, dtype)):
+        return _write(cfg, model, out, fmt, dtype=dtype, attention_only=attention_only, overwrite=overwrite)
+
+
+def _export_bytes(model, fmt: str, dtype: str) -> int:
+    """About what an export occupies on disk (said when the disk is full)."""
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    if fmt == "peft":
+        return sum(p.numel() * p.element_size() for p in lora)
+    return (sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lora)) * DTYPES[dtype].itemsize
+
+
+def _write(cfg, model, out, fmt: str, *, dtype: str, attention_only: bool, overwrite: bool) -> Path:
     if fmt == "peft":
         from .peft.peft_export import export_peft
 
@@ -112,7 +127,7 @@ def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: 
     lora = build_config(json.loads((path / "meta.json").read_text())["config"]).peft.method == "lora"
     fmt = fmt or ("peft" if lora else "hf")
     if fmt in ("peft", "merged") and not lora:
-        raise ValueError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")
+        raise ExportError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")
     # A PEFT adapter needs the adapters alone; hf / merged need the whole model, rebuilt on the CPU
     # in the export dtype.
     cfg, model = load_adapters_only(path) if fmt == "peft" else load_trained_model(path, DTYPES[dtype])
@@ -133,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export(args.checkpoint, args.out, args.format, dtype=args.dtype, attention_only=args.attention_only,
                      overwrite=args.overwrite)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError, EngineError) as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} -> {out}")

@@ -28,10 +28,10 @@ import torch.distributed as dist
 from .build import Runtime, build_loaders, build_model, seed_everything, setup_runtime
 from .checkpoint import state as ckpt
 from .config import TrainConfig
-from .models.gpt_oss.config import ConfigError
+from .errors import ConfigError, DivergenceError, ResumeError
 from .memory_plan import arch_of_run, check_fits, plan_for_run
 from .metrics import MetricsWriter, active_lora_params, expert_load, flops_per_token, peak_flops, peak_memory_gb
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, fresh_hyperparameters, replan_after_resume, schedule_settings
 from .parallel import clip_grad_norm, global_token_count, sync_gradients
 
 log = logging.getLogger("engine")
@@ -85,21 +85,41 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _resume(path: Path, rt: Runtime, model, opt, sched, loader) -> tuple[int, int]:
-    state = ckpt.load_checkpoint(path, rt.rank, rt.world_size)
+def _resume(cfg: TrainConfig, path: Path, rt: Runtime, model, opt, sched, loader) -> tuple[int, int]:
+    try:
+        state = ckpt.load_checkpoint(path, rt.rank, rt.world_size)
+    except ValueError as e:  # a layout the checkpoint was not written for
+        raise ResumeError(str(e)) from None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state["model"]))
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks trained weights {missing[:5]}; was it written by another recipe?")
+        raise ResumeError(f"{path}: checkpoint lacks trained weights {missing[:5]}; it was written by another recipe "
+                          "or peft setting: resume with that run's config, or start fresh with trainer.resume=none")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state["model"][n])
+    fresh = fresh_hyperparameters(opt)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["data"])
+    try:
+        loader.load_state_dict(state["data"])
+    except ValueError as e:
+        raise ResumeError(f"{path}: {e}; resume with the data and seed of that run, or start fresh with "
+                          "trainer.resume=none") from None
     _set_rng_state(state["rng"])
+    _say_schedule(cfg, state, replan_after_resume(opt, sched, fresh, cfg.optim.lr), rt)
     log.info("resumed from %s at step %d", path, state["step"])
     return state["step"], state.get("bad_steps", 0)
+
+
+def _say_schedule(cfg: TrainConfig, state: dict, next_lr: float, rt: Runtime) -> None:
+    """Say at startup which schedule keys differ from the checkpoint's: the current ones apply."""
+    now = schedule_settings(cfg.optim, cfg.trainer.max_steps)
+    saved = state.get("schedule") or {"optim.lr": state["scheduler"]["base_lrs"][0]}
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+    if changed and rt.is_main:
+        log.warning("resume: %s changed since the checkpoint; the schedule is re-planned with the current values "
+                    "from step %d on (lr %.3g next), not continued", ", ".join(changed), state["step"] + 1, next_lr)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -133,9 +153,12 @@ def run(cfg: TrainConfig) -> dict:
     start_step, bad_steps = 0, 0
     resume_from = ckpt.resolve_resume(out, cfg.trainer.resume)
     if resume_from is not None:
-        start_step, bad_steps = _resume(resume_from, rt, model, opt, sched, loader)
+        start_step, bad_steps = _resume(cfg, resume_from, rt, model, opt, sched, loader)
 
-    writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard)
+    writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard, start_step=start_step)
+    # NaN guard bookkeeping: a checkpoint whose interval had skipped steps is not saved (it would push
+    # good ones out); `last_good` is the newest checkpoint without any.
+    last_good, bad_at_boundary = resume_from, bad_steps
     peak = peak_flops(rt.device)
     lora_params = active_lora_params(model.config, cfg.peft.rank, list(cfg.peft.target_modules),
                                      cfg.peft.share_expert_adapters) if cfg.peft.method == "lora" else 0
@@ -164,9 +187,11 @@ def run(cfg: TrainConfig) -> dict:
             log.warning("step %d: non-finite loss/gradient (loss %s, grad_norm %s); update skipped (%d/%d allowed)",
                         step + 1, loss_value, grad_norm, bad_steps, cfg.trainer.max_bad_steps)
             if bad_steps > cfg.trainer.max_bad_steps:
-                raise FloatingPointError(f"{bad_steps} steps with non-finite loss or gradients (more than "
-                                         f"trainer.max_bad_steps={cfg.trainer.max_bad_steps}); lower optim.lr or "
-                                         "check the data; the last good checkpoint is kept")
+                where = (f"the last checkpoint saved without skipped steps is {last_good}: resume from it "
+                         f"(trainer.resume={last_good})" if last_good else "no checkpoint was saved")
+                raise DivergenceError(f"stopped at step {step + 1}: {bad_steps} steps with non-finite loss or "
+                                      f"gradients, more than trainer.max_bad_steps={cfg.trainer.max_bad_steps}; "
+                                      f"nothing was saved after them; {where} with a lower optim.lr, or check the data")
         else:
             opt.step()
         sched.step()
@@ -189,8 +214,21 @@ def run(cfg: TrainConfig) -> dict:
             writer.write(record)
         progress(record)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
-            _save(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps)
-    final = _save(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps)
+            if bad_steps > bad_at_boundary:
+                log.warning("step %d: checkpoint not saved: %d step(s) since the last checkpoint step were skipped "
+                            "as non-finite; the last good checkpoint stays %s", step + 1, bad_steps - bad_at_boundary,
+                            last_good or "none")
+            else:
+                last_good = _save(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps)
+            bad_at_boundary = bad_steps
+    dirty = bad_steps > bad_at_boundary
+    # A final state reached through skipped steps is still saved (the export needs it), said so, and
+    # never pushes the last good checkpoint out.
+    final = _save(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps,
+                  keep=cfg.checkpoint.keep + dirty)
+    if dirty:
+        log.warning("final checkpoint %s follows %d skipped non-finite step(s); the last checkpoint without any "
+                    "is %s", final, bad_steps - bad_at_boundary, last_good or "none (none was saved)")
     if hasattr(loader, "close"):
         loader.close()
     export_dir = _export(cfg, rt, out, model, final)
@@ -219,12 +257,13 @@ def _dry_run(cfg: TrainConfig, rt: Runtime, arch) -> dict:
     return info
 
 
-def _save(cfg, rt, out, step, model, opt, sched, loader, bad_steps) -> Path:
+def _save(cfg, rt, out, step, model, opt, sched, loader, bad_steps, keep: int | None = None) -> Path:
     payload = {"step": step, "bad_steps": bad_steps, "model": trainable_state(model), "optimizer": opt.state_dict(),
-               "scheduler": sched.state_dict(), "data": loader.state_dict(), "rng": _rng_state()}
+               "scheduler": sched.state_dict(), "data": loader.state_dict(), "rng": _rng_state(),
+               "schedule": schedule_settings(cfg.optim, cfg.trainer.max_steps)}
     meta = {"recipe": cfg.recipe, "config": asdict(cfg)}
     return ckpt.save_checkpoint(out, step, payload, rank=rt.rank, world_size=rt.world_size, barrier=rt.barrier,
-                                keep=cfg.checkpoint.keep, extra_meta=meta)
+                                keep=keep or cfg.checkpoint.keep, extra_meta=meta)
 
 
 def _export(cfg: TrainConfig, rt: Runtime, out: Path, model, final: Path) -> Path | None:

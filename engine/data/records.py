@@ -14,13 +14,14 @@ with `file:line`.
 from dataclasses import dataclass
 
 from engine.data.config import REASONING_EFFORTS
+from engine.errors import DataError
 
 ROLES = ("system", "developer", "user", "assistant")
 INSTRUCTION_ROLES = ("system", "developer")
 MESSAGE_KEYS = ("role", "content", "thinking")
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A record that does not follow the data format."""
 
 

@@ -15,9 +15,10 @@ from tokenizers import Tokenizer
 
 from engine.data.config import default_tokenizer_path
 from engine.data.harmony import ENDOFTEXT, HARMONY_SPECIAL_TOKENS, Segment
+from engine.errors import DataError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(DataError):
     """A tokenizer file that is missing, unreadable or unfit for harmony."""
 
 
