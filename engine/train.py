@@ -60,6 +60,7 @@ def setup_logging(output_dir: str | None = None) -> None:
     root.handlers[:] = handlers
     root.setLevel(logging.INFO)
     root.propagate = False
+    root.disabled = False  # Hydra's logging config disables loggers that existed before it ran
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
