@@ -131,7 +131,8 @@ def _number(key: str, value: Any, low: float, high: float = math.inf, *, low_ope
     if not ok:
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
         hi_text = "inf" if high == math.inf else f"{high:g}"
-        raise ConfigError(f"{key}={value!r} must be a number in {lo}{low:g}, {hi_text}{hi}" + (f"; {why}" if why else ""))
+        raise ConfigError(f"{key}={value!r} must be a number in {lo}{low:g}, {hi_text}{hi}"
+                          + (f"; {why}" if why else ""))
 
 
 def _check_ranges(cfg: "TrainConfig") -> None:
@@ -151,8 +152,9 @@ def _check_ranges(cfg: "TrainConfig") -> None:
     _number("optim.grad_clip", o.grad_clip, 0, low_open=True,
             why="the largest global gradient norm (1.0 is usual; inf turns clipping off)")
     for key, value, low in (("trainer.log_every", t.log_every, 1), ("trainer.val_every", t.val_every, 0),
-                            ("trainer.max_bad_steps", t.max_bad_steps, 0), ("checkpoint.every", cfg.checkpoint.every, 0),
-                            ("checkpoint.keep", cfg.checkpoint.keep, 1), ("parallel.timeout_s", cfg.parallel.timeout_s, 1),
+                            ("trainer.max_bad_steps", t.max_bad_steps, 0),
+                            ("checkpoint.every", cfg.checkpoint.every, 0), ("checkpoint.keep", cfg.checkpoint.keep, 1),
+                            ("parallel.timeout_s", cfg.parallel.timeout_s, 1),
                             ("model.ce_chunk_size", cfg.model.ce_chunk_size, 1)):
         if value < low:
             raise ConfigError(f"{key}={value!r} must be an integer >= {low}")

@@ -111,7 +111,8 @@ def storage_error(e: BaseException, path: str | Path, needs_bytes: int | None = 
         needs = f"needs about {size_text(needs_bytes)}, " if needs_bytes else ""
         room = f" ({needs}{size_text(free)} free)" if free is not None else ""
         return StorageError(errno.ENOSPC, f"no space left on the device mounted at {_mount_point(target)} while "
-                            f"writing {target}{room}; free some space or choose another folder" + (f"; {cleanup}" if cleanup else ""))
+                            f"writing {target}{room}; free some space or choose another folder"
+                            + (f"; {cleanup}" if cleanup else ""))
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(e.errno, f"cannot write {target}: {os.strerror(e.errno)}; choose a folder you can "
                             "write (trainer.output_dir=...) or fix its permissions")

@@ -115,7 +115,7 @@ def _resume(cfg: TrainConfig, path: Path, rt: Runtime, model, opt, sched, loader
 def _say_schedule(cfg: TrainConfig, state: dict, next_lr: float, rt: Runtime) -> None:
     """Say at startup which schedule keys differ from the checkpoint's: the current ones apply."""
     now = schedule_settings(cfg.optim, cfg.trainer.max_steps)
-    saved = state.get("schedule") or {"optim.lr": state["scheduler"]["base_lrs"][0]}
+    saved = state.get("schedule") or {"optim.lr": lr for lr in state["scheduler"].get("base_lrs", [])[:1]}
     changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
     if changed and rt.is_main:
         log.warning("resume: %s changed since the checkpoint; the schedule is re-planned with the current values "

@@ -1,7 +1,6 @@
 """The NaN guard never lets a state reached through skipped steps push a good checkpoint out, and
 says so; a resume truncates metrics.jsonl to its step and re-plans a changed schedule, saying so."""
 
-import json
 import math
 import shutil
 
