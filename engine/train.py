@@ -70,11 +70,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return EngineError, CheckpointError, CheckpointExistsError, FileNotFoundError, PermissionError
 
 
-def fail(e: BaseException) -> None:
-    """One line on stderr, exit code 2: what went wrong and what to do, no traceback."""
+def fail(e: BaseException, every_rank: bool = True) -> None:
+    """One line on stderr, exit code 2: what went wrong and what to do, no traceback. An error the
+    ranks of a node meet identically (`every_rank=False`: the config, the output folder) is printed
+    by the node's first rank alone."""
     rank = os.environ.get("RANK", "0")
-    message = " ".join(str(e).split())  # one line, whatever the message's own line breaks
-    print(f"error (rank {rank}): {type(e).__name__}: {message}", file=sys.stderr)
+    if every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
+        message = " ".join(str(e).split())  # one line, whatever the message's own line breaks
+        print(f"error (rank {rank}): {type(e).__name__}: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -118,7 +121,8 @@ def preflight(overrides: list[str]) -> None:
     for arg in overrides:
         name = re.fullmatch(r"\+?recipe=(.*)", arg)
         if name and name.group(1) not in recipes:
-            fail(ConfigError(f"recipe={name.group(1)!r} is not a recipe; choose one of {recipes} (recipes/NAME.yaml)"))
+            fail(ConfigError(f"recipe={name.group(1)!r} is not a recipe; choose one of {recipes} (recipes/NAME.yaml)"),
+                 every_rank=False)
     try:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             dcfg = compose("config", overrides=overrides)
@@ -126,7 +130,9 @@ def preflight(overrides: list[str]) -> None:
         check_writable(cfg.trainer.output_dir)
     except (HydraException, OmegaConfBaseException) as e:
         bad = re.search(r"Could not override '([^']+)'", str(e))
-        fail(_unknown_key(bad.group(1)) if bad else ConfigError(str(e)))
+        fail(_unknown_key(bad.group(1)) if bad else ConfigError(str(e)), every_rank=False)
+    except EngineError as e:  # the config and the output folder: the same on every rank of a node
+        fail(e, every_rank=False)
     except _user_errors() as e:
         fail(e)
 

@@ -150,3 +150,12 @@ def test_nan_guard_stop_is_one_line_and_names_the_last_good_checkpoint(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3] and records[2]["grad_norm"] is None
     assert [r["skipped_steps"] for r in records] == [0, 0, 1]
     assert "step 4: non-finite loss/gradient" in proc.stdout
+
+
+def test_under_torchrun_a_config_error_is_said_once(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "engine" / "train.py"), "recipe=tiny_sft", f"trainer.output_dir={tmp_path}", "optim.lr=nan"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    ours = [x for x in proc.stderr.splitlines() if x.startswith("error (rank")]
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # torchrun reports our exit code 2
+    assert ours == [ours[0]] and "optim.lr=nan" in ours[0], proc.stderr  # one line, not one per rank
