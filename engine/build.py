@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
+from .errors import ConfigError
 from .models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from .parallel import Mesh
 from .peft.config import LoraConfig
@@ -58,7 +59,8 @@ class Runtime:
 def setup_runtime(cfg: TrainConfig, arch: GptOssConfig) -> Runtime:
     """Process group and layout checks (on every rank, before any collective), device and dtypes."""
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+        raise ConfigError("trainer.device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                          "use trainer.device=cpu or auto, or check CUDA_VISIBLE_DEVICES and the driver")
     mesh = Mesh.from_env(ep=cfg.parallel.ep, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                          num_experts=arch.num_local_experts, timeout_s=cfg.parallel.timeout_s,
                          device=cfg.trainer.device)

@@ -7,12 +7,14 @@ Every section is a dataclass; `build_config(dict)` turns the composed Hydra dict
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import keyword
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .data.config import DataConfig as PipelineConfig
-from .models.gpt_oss.config import ConfigError
+from .errors import ConfigError
 from .peft.config import LoraConfig
 
 
@@ -134,12 +136,57 @@ class TrainConfig:
                               "(JSONL of {\"prompt\": ...} records, or text with one prompt per line)")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+        _check_ranges(self)
         try:
             self.data.validate()
             if self.peft.method == "lora":
                 self.peft.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def _number(key: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+            high_open: bool = False, why: str = "") -> None:
+    """`value` must be a real number in [low, high] (an open end where asked); nan never passes."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        hi_text = "inf" if high == math.inf else f"{high:g}"
+        raise ConfigError(f"{key}={value!r} must be a number in {lo}{low:g}, {hi_text}{hi}"
+                          + (f"; {why}" if why else ""))
+
+
+def _check_ranges(cfg: "TrainConfig") -> None:
+    """Every numeric key in its range, with the relations between keys; the first bad one is named."""
+    o, t = cfg.optim, cfg.trainer
+    _number("optim.lr", o.lr, 0, low_open=True, high_open=True, why="a finite learning rate such as 1e-4")
+    _number("optim.min_lr_ratio", o.min_lr_ratio, 0, 1, why="the cosine ends at lr * min_lr_ratio (0.1 is usual)")
+    if not 0 <= o.warmup_steps <= t.max_steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps!r} must be between 0 and trainer.max_steps="
+                          f"{t.max_steps}: the warmup must end within the run; set optim.warmup_steps=N to match")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas={list(o.betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
+    for i, beta in enumerate(o.betas):
+        _number(f"optim.betas[{i}]", beta, 0, 1, high_open=True, why="AdamW's moment decay, e.g. [0.9, 0.98]")
+    _number("optim.eps", o.eps, 0, low_open=True, high_open=True, why="AdamW's epsilon, e.g. 1e-8")
+    _number("optim.weight_decay", o.weight_decay, 0, high_open=True, why="0.0 or e.g. 0.1")
+    _number("optim.grad_clip", o.grad_clip, 0, low_open=True,
+            why="the largest global gradient norm (1.0 is usual; inf turns clipping off)")
+    for key, value, low in (("trainer.log_every", t.log_every, 1), ("trainer.val_every", t.val_every, 0),
+                            ("trainer.max_bad_steps", t.max_bad_steps, 0),
+                            ("checkpoint.every", cfg.checkpoint.every, 0), ("checkpoint.keep", cfg.checkpoint.keep, 1),
+                            ("parallel.timeout_s", cfg.parallel.timeout_s, 1),
+                            ("model.ce_chunk_size", cfg.model.ce_chunk_size, 1)):
+        if value < low:
+            raise ConfigError(f"{key}={value!r} must be an integer >= {low}")
+    for key in ("output_dir", "resume"):
+        if not str(getattr(t, key)).strip():
+            raise ConfigError(f"trainer.{key}={getattr(t, key)!r} must not be empty")
+    ac = cfg.model.activation_checkpointing
+    if not isinstance(ac, bool) and not (isinstance(ac, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ac)):
+        raise ConfigError(f"model.activation_checkpointing={ac!r} must be true, false or a list of layer indices")
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -155,8 +202,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if origin is None and typ in (int, float, str, bool) and value is not None:
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ConfigError(f"{key}={value!r} must be of type {typ.__name__}")
-    if type(None) in get_args(typ) and value is None:
-        return None
+    if value is None:
+        if typ is Any or type(None) in get_args(typ):
+            return None
+        raise ConfigError(f"{key}=null is not allowed; give a value (see conf/config.yaml for the default)")
     return value
 
 
@@ -172,7 +221,9 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; "
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        hint = f"did you mean {where + close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; {hint}"
                           f"valid keys under {prefix or 'the top level'}: {sorted(names)}")
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)

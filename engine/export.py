@@ -25,6 +25,8 @@ import torch
 from .checkpoint import state as ckpt
 from .checkpoint.errors import CheckpointError
 from .config import build_config
+from .errors import EngineError, ExportError
+from .export_files import export_target
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -111,6 +113,19 @@ def write_export(cfg, model, out: str | Path, fmt: str, *, dtype: str = "bf16", 
                  overwrite: bool = False) -> Path:
     """Write `model` (trained under `cfg`) as `fmt`: peft | merged | hf. hf and merged exports carry
     the tokenizer files and chat template the run used, so the folder loads on its own."""
+    with export_target(out, needs_bytes=_export_bytes(model, fmt, dtype)):
+        return _write(cfg, model, out, fmt, dtype=dtype, attention_only=attention_only, overwrite=overwrite)
+
+
+def _export_bytes(model, fmt: str, dtype: str) -> int:
+    """About what an export occupies on disk (said when the disk is full)."""
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    if fmt == "peft":
+        return sum(p.numel() * p.element_size() for p in lora)
+    return (sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lora)) * DTYPES[dtype].itemsize
+
+
+def _write(cfg, model, out, fmt: str, *, dtype: str, attention_only: bool, overwrite: bool) -> Path:
     if fmt == "peft":
         from .peft.peft_export import export_peft
 
@@ -138,10 +153,10 @@ def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: 
     lora = build_config(meta["config"]).peft.method == "lora"
     fmt = fmt or ("peft" if lora else "hf")
     if fmt in ("peft", "merged") and not lora:
-        raise ValueError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")
+        raise ExportError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")
     if fmt == "hf" and lora:
-        raise ValueError("--format hf writes a fully fine-tuned model; this checkpoint is a LoRA run: use --format "
-                         "merged (the adapters folded into the base, as an HF checkpoint) or --format peft (the adapter)")
+        raise ExportError("--format hf writes a fully fine-tuned model; this checkpoint is a LoRA run: use --format "
+                          "merged (the adapters folded into the base, as an HF checkpoint) or --format peft (the adapter)")
     dtype = dtype or run_dtype(meta)
     # A PEFT adapter needs the adapters alone; hf / merged need the whole model, rebuilt on the CPU
     # in the export dtype.
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export error: {args.out} already exists; pass another --out, or --overwrite to replace it",
               file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError, EngineError) as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
     fmt = args.format or ("peft" if (out / "adapter_config.json").is_file() else "hf")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import PlanError
 from .models.gpt_oss.config import GptOssConfig
 
 GiB = 2**30
@@ -150,8 +151,9 @@ def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:
     """Refuse a run whose plan exceeds 95% of the GPU's memory, with what to change."""
     if capacity is None or not enabled or plan.total <= 0.95 * capacity:
         return
-    raise MemoryError(
-        f"memory plan {plan.total / GiB:.1f} GiB per GPU exceeds this GPU's {capacity / GiB:.1f} GiB:\n{plan.format()}\n"
+    # The plan itself is in the log just above; the error stays one line.
+    raise PlanError(
+        f"memory plan {plan.total / GiB:.1f} GiB per GPU exceeds 95% of this GPU's {capacity / GiB:.1f} GiB; "
         "to fit: model.activation_checkpointing=true (and model.activation_offload=true), a smaller "
         "data.micro_batch_size or data.max_seq_len, parallel.shard=optimizer or full, a larger parallel.ep (more "
         "GPUs), or peft.method=lora; trainer.memory_check=false starts anyway")

@@ -11,6 +11,8 @@ MFU counts model FLOPs per token as follows (no recomputation counted):
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -71,29 +73,61 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return None
 
 
+def strict_json(value):
+    """`value` with every non-finite float as None: metrics.jsonl is strict JSON (null, never NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (the step a run resumes from, 0 for a fresh start), so
+    replayed steps are not logged twice; a torn last line of a killed run goes too. Atomic."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(json.dumps(strict_json(record), allow_nan=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to output_dir/metrics.jsonl (rank 0 only), and the
-    scalars to TensorBoard (output_dir/tensorboard) when asked for."""
+    scalars to TensorBoard (output_dir/tensorboard) when asked for. A run starting at `start_step`
+    (a resume) first drops the records of later steps."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False):
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False, start_step: int = 0):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.path, start_step)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard; "
                                   "metrics.jsonl is written either way") from e
-            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":

@@ -147,3 +147,32 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, max_steps))
+
+
+def schedule_settings(cfg: OptimConfig, max_steps: int) -> dict:
+    """The keys that shape the learning rate and the AdamW update, as plain numbers (kept in checkpoints
+    to say at resume what changed)."""
+    return {"optim.lr": cfg.lr, "optim.min_lr_ratio": cfg.min_lr_ratio, "optim.warmup_steps": cfg.warmup_steps,
+            "optim.schedule": cfg.schedule, "trainer.max_steps": max_steps, "optim.betas": list(cfg.betas),
+            "optim.eps": cfg.eps, "optim.weight_decay": cfg.weight_decay}
+
+
+def fresh_hyperparameters(opt: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings as the current config made them: take this before loading a
+    checkpoint's optimizer state, which brings back the old ones."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def replan_after_resume(opt: torch.optim.Optimizer, sched, fresh: list[dict], lr: float) -> float:
+    """Resume policy: the CURRENT config's schedule and AdamW settings apply from the resumed step on,
+    as if the run had been planned with them from the start (a longer trainer.max_steps stretches the
+    cosine; a new optim.lr scales it). The moments, the step count and the data order come from the
+    checkpoint. With unchanged keys this reproduces the loaded values exactly. Returns the next lr."""
+    step = sched.last_epoch
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for group, settings, fn in zip(opt.param_groups, fresh, sched.lr_lambdas):
+        group.update(settings)
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(step)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    return sched._last_lr[0]

@@ -14,8 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-# Unexpected failures show their whole traceback (Hydra trims it otherwise); user errors are ours.
-os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 REPO = Path(__file__).resolve().parents[1]
 # `python engine/train.py` puts engine/ itself on sys.path, where engine/peft would shadow the real
 # `peft` package (and engine/data any `data`); put the repository there instead.
@@ -29,7 +27,7 @@ from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from engine.config import build_config  # noqa: E402
-from engine.models.gpt_oss.config import ConfigError  # noqa: E402
+from engine.errors import ConfigError, EngineError, StorageError, check_writable, storage_error  # noqa: E402
 
 RECIPES = REPO / "recipes"
 
@@ -67,6 +65,81 @@ def setup_logging(output_dir: str | None = None) -> None:
     root.handlers[:] = handlers
     root.setLevel(logging.INFO)
     root.propagate = False
+    root.disabled = False  # Hydra's logging config disables loggers that existed before it ran
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix: ours, plus the builtins a bad path or permission raises."""
+    from engine.checkpoint.errors import CheckpointError, CheckpointExistsError
+
+    return EngineError, CheckpointError, CheckpointExistsError, FileNotFoundError, PermissionError
+
+
+def fail(e: BaseException, every_rank: bool = True) -> None:
+    """One line on stderr, exit code 2: what went wrong and what to do, no traceback. An error the
+    ranks of a node meet identically (`every_rank=False`: the config, the output folder) is printed
+    by the node's first rank alone."""
+    rank = os.environ.get("RANK", "0")
+    if every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
+        message = " ".join(str(e).split())  # one line, whatever the message's own line breaks
+        print(f"error (rank {rank}): {type(e).__name__}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_key(key: str) -> ConfigError:
+    """A misspelt command-line key, with the nearest valid one under the same section."""
+    import dataclasses
+    import difflib
+    from typing import get_type_hints
+
+    from engine.config import TrainConfig
+
+    cls, parts = TrainConfig, key.lstrip("+~").split(".")
+    for i, part in enumerate(parts):
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        hint = get_type_hints(cls).get(part)
+        if part in names and dataclasses.is_dataclass(hint) and i < len(parts) - 1:
+            cls = hint
+            continue
+        section = ".".join(parts[:i])
+        where = f"{section}." if section else ""
+        close = difflib.get_close_matches(part, names, n=1)
+        hint_text = f"did you mean {where + close[0]!r}? " if close else ""
+        return ConfigError(f"unknown config key {key!r}; {hint_text}valid keys under "
+                           f"{section or 'the top level'}: {names}")
+    return ConfigError(f"cannot override {key!r}")
+
+
+def preflight(overrides: list[str]) -> None:
+    """Compose and validate the config, and check the output folder, before Hydra's own run: a
+    misspelt key, an unknown recipe, a bad value or an unwritable folder is one line and exit code
+    2, not a Hydra traceback. Hydra's own flags (--help, --cfg, -m ...) are left to Hydra."""
+    if any(a.startswith("-") for a in overrides):
+        return
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    recipes = register_recipes()
+    for arg in overrides:
+        name = re.fullmatch(r"\+?recipe=(.*)", arg)
+        if name and name.group(1) not in recipes:
+            fail(ConfigError(f"recipe={name.group(1)!r} is not a recipe; choose one of {recipes} (recipes/NAME.yaml)"),
+                 every_rank=False)
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+            dcfg = compose("config", overrides=overrides)
+        cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
+        check_writable(cfg.trainer.output_dir)
+    except (HydraException, OmegaConfBaseException) as e:
+        bad = re.search(r"Could not override '([^']+)'", str(e))
+        fail(_unknown_key(bad.group(1)) if bad else ConfigError(str(e)), every_rank=False)
+    except EngineError as e:  # the config and the output folder: the same on every rank of a node
+        fail(e, every_rank=False)
+    except _user_errors() as e:
+        fail(e)
 
 
 register_recipes()
@@ -75,27 +148,25 @@ register_recipes()
 @hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
     setup_logging()
-    from engine.checkpoint.errors import CheckpointError, CheckpointExistsError
-    from engine.data.dataset import DataError
-    from engine.data.records import RecordError
-    from engine.data.tokenizer import TokenizerError
-    from engine.parallel.mesh import LayoutError
-
-    # Errors a user causes (config, layout, data, checkpoint, memory plan) end with our message and
-    # exit code 2 on every rank; anything else is a bug and keeps its full traceback.
-    user_errors = (ConfigError, LayoutError, DataError, RecordError, TokenizerError, CheckpointError,
-                   CheckpointExistsError, FileNotFoundError, MemoryError)
+    # Errors a user causes (config, layout, data, resume, checkpoint, memory plan, a full disk) end
+    # with our one-line message and exit code 2 on every rank; anything else is a bug and keeps its
+    # traceback.
     try:
         cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
+        check_writable(cfg.trainer.output_dir)
         setup_logging(cfg.trainer.output_dir)
         from engine.trainer import run
 
         run(cfg)
-    except user_errors as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"error (rank {rank}): {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+    except _user_errors() as e:
+        fail(e)
+    except Exception as e:  # noqa: BLE001 (a full disk or a permission problem, however reported; else re-raised)
+        err = storage_error(e, dcfg.trainer.output_dir)
+        if not isinstance(err, StorageError):
+            raise
+        fail(err)
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:])
     main()

@@ -14,7 +14,6 @@ One optimizer step:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -29,8 +28,8 @@ from .checkpoint import state as ckpt
 from .checkpoint.errors import CheckpointError
 from .checkpoint.run_state import resume_run, save_run
 from .config import TrainConfig
+from .errors import ConfigError, DivergenceError
 from .evaluate import validation_loss
-from .models.gpt_oss.config import ConfigError
 from .memory_plan import arch_of_run, check_fits, plan_for_run
 from .metrics import MetricsWriter, active_lora_params, expert_load, flops_per_token, peak_flops, peak_memory_gb
 from .optim import build_optimizer, build_scheduler
@@ -67,6 +66,16 @@ def _check_resume_target(out: Path, cfg: TrainConfig) -> None:
                               f"trainer.max_steps={cfg.trainer.max_steps}): write this run elsewhere with "
                               f"trainer.output_dir=..., start over in {cfg.trainer.output_dir} with trainer.resume=none, "
                               "or raise trainer.max_steps to train it further")
+
+
+def _say_schedule(cfg: TrainConfig, state: dict, next_lr: float, rt: Runtime) -> None:
+    """Say at startup which schedule keys differ from the checkpoint's: the current ones apply."""
+    now = schedule_settings(cfg.optim, cfg.trainer.max_steps)
+    saved = state.get("schedule") or {"optim.lr": lr for lr in state["scheduler"].get("base_lrs", [])[:1]}
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+    if changed and rt.is_main:
+        log.warning("resume: %s changed since the checkpoint; the schedule is re-planned with the current values "
+                    "from step %d on (lr %.3g next), not continued", ", ".join(changed), state["step"] + 1, next_lr)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -111,7 +120,11 @@ def run(cfg: TrainConfig) -> dict:
     start_step, bad_steps = resume_run(cfg, rt, out, model, opt, sched, loader)
     pending = None  # a checkpoint being written in the background (checkpoint.async_)
 
-    writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard)
+    writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard, start_step=start_step)
+    # NaN guard bookkeeping: a checkpoint whose interval had skipped steps is not saved (it would push
+    # good ones out); `last_good` is the newest checkpoint without any.
+    last_good = ckpt.step_dir(out, start_step) if start_step else None
+    bad_at_boundary = bad_steps
     peak = peak_flops(rt.device)
     lora_params = active_lora_params(model.config, cfg.peft.rank, list(cfg.peft.target_modules),
                                      cfg.peft.share_expert_adapters) if cfg.peft.method == "lora" else 0
@@ -146,9 +159,11 @@ def run(cfg: TrainConfig) -> dict:
             log.warning("step %d: non-finite loss/gradient (loss %s, grad_norm %s); update skipped (%d/%d allowed)",
                         step + 1, loss_value, grad_norm, bad_steps, cfg.trainer.max_bad_steps)
             if bad_steps > cfg.trainer.max_bad_steps:
-                raise FloatingPointError(f"{bad_steps} steps with non-finite loss or gradients (more than "
-                                         f"trainer.max_bad_steps={cfg.trainer.max_bad_steps}); lower optim.lr or "
-                                         "check the data; the last good checkpoint is kept")
+                where = (f"the last checkpoint saved without skipped steps is {last_good}: resume from it "
+                         f"(trainer.resume={last_good})" if last_good else "no checkpoint was saved")
+                raise DivergenceError(f"stopped at step {step + 1}: {bad_steps} steps with non-finite loss or "
+                                      f"gradients, more than trainer.max_bad_steps={cfg.trainer.max_bad_steps}; "
+                                      f"nothing was saved after them; {where} with a lower optim.lr, or check the data")
         else:
             opt.step()
         sched.step()
@@ -170,14 +185,21 @@ def run(cfg: TrainConfig) -> dict:
         if pending is not None:
             pending.poll()
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
-            t_save = time.perf_counter()
-            if pending is not None:
-                pending.wait()
-            pending = save_run(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps,
-                               asynchronous=cfg.checkpoint.async_)
-            if not cfg.checkpoint.async_:
-                pending = None
-            record["checkpoint_s"] = time.perf_counter() - t_save  # what the save held the training thread
+            if bad_steps > bad_at_boundary:
+                log.warning("step %d: checkpoint not saved: %d step(s) since the last checkpoint step were skipped "
+                            "as non-finite; the last good checkpoint stays %s", step + 1, bad_steps - bad_at_boundary,
+                            last_good or "none")
+            else:
+                t_save = time.perf_counter()
+                if pending is not None:
+                    pending.wait()
+                pending = save_run(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps,
+                                   asynchronous=cfg.checkpoint.async_)
+                if not cfg.checkpoint.async_:
+                    pending = None
+                last_good = ckpt.step_dir(out, step + 1)
+                record["checkpoint_s"] = time.perf_counter() - t_save  # what the save held the training thread
+            bad_at_boundary = bad_steps
         if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
             writer.write({**record, **data_report})
             data_report = {}
@@ -186,7 +208,14 @@ def run(cfg: TrainConfig) -> dict:
             sampler(model, step + 1)
     if pending is not None:
         pending.wait()
-    final = save_run(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps)
+    dirty = bad_steps > bad_at_boundary
+    # A final state reached through skipped steps is still saved (the export needs it), said so, and
+    # never pushes the last good checkpoint out.
+    final = save_run(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps,
+                     keep=cfg.checkpoint.keep + dirty)
+    if dirty:
+        log.warning("final checkpoint %s follows %d skipped non-finite step(s); the last checkpoint without any "
+                    "is %s", final, bad_steps - bad_at_boundary, last_good or "none (none was saved)")
     if hasattr(loader, "close"):
         loader.close()
     export_dir = _export(cfg, rt, out, model, final)

@@ -4,18 +4,7 @@ know the builtins still catch them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as GPT-OSS: bad layout, shape, dtype, header or quantization."""
-
-    def __init__(self, file: str | Path | None, message: str, tensor: str | None = None):
-        where = str(file) if file is not None else "checkpoint"
-        if tensor is not None:
-            where += f": tensor {tensor!r}"
-        super().__init__(f"{where}: {message}")
-        self.file, self.tensor = file, tensor
+from ..errors import CheckpointError  # noqa: F401  (one class for every checkpoint error)
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

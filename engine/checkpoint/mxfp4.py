@@ -6,8 +6,8 @@ Storage, for a weight whose last dimension has N = 32 * G values:
     scales uint8 [..., G]       value = FP4_VALUES[code] * 2 ** (scale - 127)
 
 `dequantize_mxfp4` is the loader's path and matches transformers' `convert_moe_packed_tensors` bit
-for bit (both compute `fp4 * 2**e` exactly in fp32, which holds every such product, and round once to
-the target dtype). `quantize_mxfp4` exists to build test checkpoints; it rounds to the nearest code.
+for bit, for every block and scale byte (both compute `fp4 * 2**e` exactly in fp32, which holds every
+finite such product, and round once to the target dtype). `quantize_mxfp4` exists to build test checkpoints; it rounds to the nearest code.
 """
 
 from __future__ import annotations
@@ -53,8 +53,14 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     # advanced indexing or two nibble passes.
     values = _byte_table(blocks.device).index_select(0, blocks.reshape(-1).int())  # [n_bytes, 2] fp32
     values = values.view(*prefix, g, GROUP)
-    scale = torch.ldexp(torch.ones(scales.shape, device=scales.device), scales.int() - SCALE_BIAS)  # [..., G]
+    # Byte 255 (E8M0's NaN) means 2**128, which overflows fp32: transformers' ldexp gives 0 for code 0,
+    # 2**127 for 0.5 and inf above. Scaling by 2**127 and then by 2 gives exactly that (never 0 * inf).
+    exponent = scales.int() - SCALE_BIAS  # [..., G]
+    scale = torch.ldexp(torch.ones(scales.shape, device=scales.device), exponent.clamp(max=127))
     values.mul_(scale.unsqueeze(-1))  # exact: a 2-bit mantissa times a power of two fits fp32
+    top = exponent == 128
+    if top.any():
+        values[top] *= 2
     return values.view(*prefix, g * GROUP).to(dtype)
 
 

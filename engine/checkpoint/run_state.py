@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from . import state as ckpt
 from . import train_state
+from ..errors import ResumeError
+from ..optim import fresh_hyperparameters, replan_after_resume, schedule_settings
 from .errors import CheckpointError
 from .safe_reader import CheckpointCorruptError
 
@@ -53,16 +55,17 @@ def set_rng_state(state: dict, source: Path) -> None:
 
 
 def save_run(cfg, rt, out: Path, step: int, model, opt, sched, loader, bad_steps: int,
-             asynchronous: bool = False):
+             asynchronous: bool = False, keep: int | None = None):
     """Checkpoint the run after `step` optimizer steps; every rank calls this together. Returns the
     checkpoint's path, or a PendingSave when `asynchronous`."""
     tensors = train_state.collect(model, opt, rt.mesh, copy=asynchronous)
     rank_state = {"rng": rng_state(), "data": loader.state_dict() if hasattr(loader, "state_dict") else None}
     meta = {"world_size": rt.world_size, "ep": rt.mesh.ep, "shard": getattr(cfg.parallel, "shard", "none"),
             "bad_steps": bad_steps, "scheduler": sched.state_dict(), "recipe": cfg.recipe, "config": asdict(cfg),
-            "compute_dtype": str(rt.compute_dtype).replace("torch.", "")}
+            "compute_dtype": str(rt.compute_dtype).replace("torch.", ""),
+            "schedule": schedule_settings(cfg.optim, cfg.trainer.max_steps)}
     return ckpt.save_checkpoint(out, step, tensors, rank_state, meta, rank=rt.rank, barrier=rt.barrier,
-                                keep=cfg.checkpoint.keep, process_group=rt.mesh.ckpt_group,
+                                keep=keep or cfg.checkpoint.keep, process_group=rt.mesh.ckpt_group,
                                 asynchronous=asynchronous)
 
 
@@ -75,7 +78,17 @@ def _agree(failed: bool, rt) -> bool:
     return bool(flag.item())
 
 
-def _load(path: Path, rt, model, opt, sched, loader) -> tuple[int, int]:
+def _say_schedule(cfg, meta: dict, next_lr: float, rt) -> None:
+    """Say at startup which schedule keys differ from the checkpoint's: the current ones apply."""
+    now = schedule_settings(cfg.optim, cfg.trainer.max_steps)
+    saved = meta.get("schedule") or {"optim.lr": lr for lr in meta["scheduler"].get("base_lrs", [])[:1]}
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+    if changed and rt.is_main:
+        log.warning("resume: %s changed since the checkpoint; the schedule is re-planned with the current values "
+                    "from step %d on (lr %.3g next), not continued", ", ".join(changed), meta["step"] + 1, next_lr)
+
+
+def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
     error: CheckpointError | None = None
     try:
         meta = ckpt.read_meta(path)
@@ -84,6 +97,7 @@ def _load(path: Path, rt, model, opt, sched, loader) -> tuple[int, int]:
         error = e
     if _agree(error is not None, rt):
         raise error or CheckpointCorruptError(path, "another rank could not read its part (see that rank's log)")
+    fresh = fresh_hyperparameters(opt)  # the current config's settings, before the checkpoint's come back
     train_state.restore(path, model, opt, rt.mesh)
     try:
         sched.load_state_dict(meta["scheduler"])
@@ -91,10 +105,15 @@ def _load(path: Path, rt, model, opt, sched, loader) -> tuple[int, int]:
         raise CheckpointCorruptError(path / "meta.json", f"bad scheduler state ({type(e).__name__}: {e})") from None
     for group, lr in zip(opt.param_groups, sched.get_last_lr()):
         group["lr"] = lr
+    _say_schedule(cfg, meta, replan_after_resume(opt, sched, fresh, cfg.optim.lr), rt)
     same_layout = meta["world_size"] == rt.world_size
     source = ckpt.rank_file(path, rt.rank if same_layout else 0)
     if mine.get("data") is not None and hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(mine["data"])
+        try:
+            loader.load_state_dict(mine["data"])
+        except ValueError as e:
+            raise ResumeError(f"{path}: {e}; resume with the data and seed of that run, or start fresh with "
+                              "trainer.resume=none") from None
     set_rng_state(mine["rng"], source)
     if not same_layout or meta["ep"] != rt.mesh.ep:
         log.info("resharded %s: written by %d ranks (ep %d, shard %s), resumed on %d (ep %d)", path,
@@ -109,7 +128,7 @@ def resume_run(cfg, rt, out: Path, model, opt, sched, loader) -> tuple[int, int]
     candidates = ckpt.resume_candidates(out, cfg.trainer.resume)
     for i, path in enumerate(candidates):
         try:
-            return _load(path, rt, model, opt, sched, loader)
+            return _load(path, cfg, rt, model, opt, sched, loader)
         except CheckpointCorruptError as e:
             if cfg.trainer.resume != "auto" or i + 1 == len(candidates):
                 raise

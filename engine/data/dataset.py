@@ -18,15 +18,12 @@ from engine.data.config import DataConfig
 from engine.data.harmony import Segment, render_segments
 from engine.data.records import RecordError, parse_record
 from engine.data.tokenizer import HarmonyTokenizer
+from engine.errors import DataError  # noqa: F401  (re-exported: a bad record, `file:line: ...`)
 
 log = logging.getLogger(__name__)
 
 # Skipped records reported one by one before the counts take over.
 _REPORTED_SKIPS = 5
-
-
-class DataError(ValueError):
-    """A bad record; the message starts with `file:line:`."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from engine.data.config import default_tokenizer_path
 from engine.data.harmony import ENDOFTEXT, HARMONY_SPECIAL_TOKENS, Segment
+from engine.errors import DataError
 from engine.data.word_cache import WordCacheEncoder
 
 
@@ -26,7 +27,7 @@ from engine.data.word_cache import WordCacheEncoder
 _CACHE_CHARS = 8_000_000
 
 
-class TokenizerError(ValueError):
+class TokenizerError(DataError):
     """A tokenizer file that is missing, unreadable or unfit for harmony."""
 
 

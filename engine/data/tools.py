@@ -13,6 +13,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.errors import DataError
+
 # Text that the tokenizer would read as harmony structure instead of text (o200k_harmony reserves
 # every <|reserved_N|> too). Refused wherever record text is rendered.
 _SPECIAL = re.compile(
@@ -23,7 +25,7 @@ _NAME = re.compile(r"[A-Za-z0-9_\-.]+")
 _MISSING = object()
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A record that does not follow the data format."""
 
 

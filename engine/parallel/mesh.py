@@ -28,13 +28,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from engine.errors import LayoutError  # noqa: F401  (re-exported)
+
 SUPPORTED = ("supported layouts: data parallel over all ranks for the dense weights, with expert "
              "parallelism parallel.ep dividing both the world size and the number of experts "
              "(parallel.tp=1, parallel.pp=1)")
-
-
-class LayoutError(ValueError):
-    """A parallel layout this engine cannot run (raised identically on every rank, before any collective)."""
 
 
 def _divisors_of_both(a: int, b: int | None) -> list[int]:

@@ -1,8 +1,8 @@
 """Every command of the README, in the order written, on a fresh copy of the repository.
 
-A line of a ``` block that starts a command (python, torchrun, pip, bash, or VAR=value before one)
+A line of a ``` (or ```bash) block that starts a command (python, torchrun, pip, bash, or VAR=value before one)
 runs as written, with the test's Python standing for `python` and `torchrun`; a ```python block
-runs as a script. Only the commands in SKIP are left out, each with the reason, so a command added
+runs as a script; ```text blocks (synopses with placeholders) are not run. Only the commands in SKIP are left out, each with the reason, so a command added
 to the README is tested from the moment it is written. They run offline (HF_HUB_OFFLINE=1).
 """
 
@@ -38,7 +38,7 @@ def readme_steps(text: str) -> list[tuple[str, str]]:
         elif fence:
             if lang == "python":
                 steps.append(("py", "\n".join(block)))
-            else:
+            elif lang in ("", "bash", "sh", "shell"):  # ```text blocks are synopses, not commands
                 joined = "\n".join(block).replace("\\\n", " ")  # shell line continuations
                 for cmd in joined.splitlines():
                     cmd = re.sub(r"\s+#.*$", "", cmd).strip()

@@ -96,8 +96,8 @@ def test_lora_export_matches_transformers_peft(tmp_path):
 
     hf_model(HFConfig(**hf_cfg)).save_pretrained(base_dir)
     out = tmp_path / "run"
-    _train("recipe=tiny_lora", *FAST, "trainer.max_steps=3", f"model.path={base_dir}", f"trainer.output_dir={out}",
-           "optim.lr=0.05")
+    _train("recipe=tiny_lora", *FAST, "trainer.max_steps=3", "optim.warmup_steps=1", f"model.path={base_dir}",
+           f"trainer.output_dir={out}", "optim.lr=0.05")
     assert (out / "adapter" / "adapter_config.json").is_file()
     _, ours = load_trained_model(out / "checkpoints" / "step_0000003", torch.float32)
     ours.eval()

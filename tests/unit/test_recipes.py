@@ -23,8 +23,8 @@ def test_recipe_composes_and_validates(name):
 
 
 def test_command_line_wins_over_recipe():
-    cfg = build_config(_compose("recipe=tiny_sft", "optim.lr=0.5", "trainer.max_steps=3"))
-    assert cfg.optim.lr == 0.5 and cfg.trainer.max_steps == 3
+    cfg = build_config(_compose("recipe=tiny_sft", "optim.lr=0.5", "trainer.max_steps=7"))
+    assert cfg.optim.lr == 0.5 and cfg.trainer.max_steps == 7
 
 
 def test_unknown_key_is_named():

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem (bad config.json, bad preset, bad option)."""
+from engine.errors import ConfigError  # noqa: F401  (re-exported: a bad config.json, preset or option)
 
 
 @dataclass
