@@ -16,7 +16,7 @@ import torch
 from engine.train import REPO
 
 ARGS = ["recipe=tiny_sft", "data.max_seq_len=256", "data.global_batch_size=8", "data.micro_batch_size=2",
-        "trainer.max_steps=3", "trainer.log_every=1", "trainer.val_every=0", "parallel.timeout_s=300"]
+        "trainer.max_steps=3", "optim.warmup_steps=2", "trainer.log_every=1", "trainer.val_every=0", "parallel.timeout_s=300"]
 
 
 def _run(out, nproc):

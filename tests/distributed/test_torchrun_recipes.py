@@ -95,7 +95,7 @@ def test_checkpoint_holds_each_tensor_once(tmp_path, ep):
     from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 
     wide = ["++model.overrides.hidden_size=128", "++model.overrides.intermediate_size=256"]
-    _run(tmp_path / "run", 2, "recipe=tiny_sft", *SYNTH, "trainer.max_steps=1", *wide, ep=ep)
+    _run(tmp_path / "run", 2, "recipe=tiny_sft", *SYNTH, "trainer.max_steps=1", "optim.warmup_steps=1", *wide, ep=ep)
     with torch.device("meta"):
         n = GptOssForCausalLM(GptOssConfig.tiny(hidden_size=128, intermediate_size=256)).num_parameters()
     expected = 3 * 4 * n

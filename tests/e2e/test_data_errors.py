@@ -11,7 +11,7 @@ from engine.data.config import default_sample_paths
 from engine.train import REPO
 
 NO_ASSISTANT = json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
-ONE_STEP = ["recipe=tiny_sft", "trainer.max_steps=1", "data.max_seq_len=256", "data.global_batch_size=2",
+ONE_STEP = ["recipe=tiny_sft", "trainer.max_steps=1", "optim.warmup_steps=1", "data.max_seq_len=256", "data.global_batch_size=2",
             "data.micro_batch_size=2", "trainer.progress=false"]
 
 

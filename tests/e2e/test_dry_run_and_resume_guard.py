@@ -59,7 +59,7 @@ def test_dry_run_plans_32_gpus_from_one_process_and_refuses_what_does_not_fit(tm
 
 
 def test_a_finished_run_is_not_resumed_by_accident(tmp_path):
-    common = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=32", "trainer.max_steps=2",
+    common = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=32", "trainer.max_steps=2", "optim.warmup_steps=1",
               "trainer.val_every=0", f"trainer.output_dir={tmp_path}"]
     first = _train(*common)
     assert first.returncode == 0, first.stderr[-3000:]

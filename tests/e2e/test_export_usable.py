@@ -11,7 +11,7 @@ import torch
 
 from engine.train import REPO
 
-SHORT = ["trainer.max_steps=2", "trainer.val_every=0", "trainer.log_every=1"]
+SHORT = ["trainer.max_steps=2", "optim.warmup_steps=1", "trainer.val_every=0", "trainer.log_every=1"]
 
 
 def _python(*args, check=True):

@@ -20,7 +20,7 @@ from engine.train import REPO, register_recipes
 
 register_recipes()
 TINY = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=32", "data.global_batch_size=4",
-        "data.micro_batch_size=2", "trainer.val_every=0", "trainer.log_every=1", "trainer.progress=false"]
+        "data.micro_batch_size=2", "trainer.val_every=0", "trainer.log_every=1", "trainer.progress=false", "optim.warmup_steps=2"]
 
 
 def _cfg(out, *overrides):
