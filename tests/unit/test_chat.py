@@ -106,14 +106,10 @@ def test_output_that_is_not_harmony_is_shown_raw():
     assert stream.flush() == [Event("text", "unparsed", " hello there"), Event("end", "unparsed")]
 
 
-def test_tools_are_never_dropped_silently():
-    # Whichever renderer is installed: the tool definitions reach the prompt, or chat refuses.
+def test_tools_reach_the_prompt_in_harmony_form():
     tok = load_tokenizer()
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                                "parameters": {"type": "object", "properties": {}}}}]
-    try:
-        ids = prompt_ids([{"role": "user", "content": "Weather?"}], tok, tools=tools)
-    except ValueError as e:
-        assert "--tools" in str(e)
-    else:
-        assert "get_weather" in tok.decode(ids)
+    text = tok.decode(prompt_ids([{"role": "user", "content": "Weather?"}], tok, tools=tools))
+    assert "namespace functions" in text and "type get_weather" in text
+    assert text.endswith("<|start|>assistant")
