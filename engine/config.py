@@ -124,19 +124,16 @@ class TrainConfig:
         for key, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{key}={value!r} must be a positive integer")
+        _check_ranges(self)
         if self.model.activation_offload and not self.model.activation_checkpointing:
             raise ConfigError("model.activation_offload=true offloads the inputs of checkpointed layers; "
                               "set model.activation_checkpointing=true (or a list of layers) as well")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr={self.optim.lr!r} must be > 0")
         if self.trainer.sample_every < 0 or self.trainer.sample_max_new_tokens < 1:
-            raise ConfigError("trainer.sample_every must be >= 0 and trainer.sample_max_new_tokens >= 1")
+            raise ConfigError(f"trainer.sample_every={self.trainer.sample_every} must be >= 0 and "
+                              f"trainer.sample_max_new_tokens={self.trainer.sample_max_new_tokens} >= 1")
         if self.trainer.sample_every and not self.trainer.sample_prompts:
             raise ConfigError(f"trainer.sample_every={self.trainer.sample_every} needs trainer.sample_prompts=FILE "
                               "(JSONL of {\"prompt\": ...} records, or text with one prompt per line)")
-        if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
-            raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
-        _check_ranges(self)
         try:
             self.data.validate()
             if self.peft.method == "lora":

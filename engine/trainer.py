@@ -52,20 +52,12 @@ def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t
 
 
-def _check_resume_target(out: Path, cfg: TrainConfig) -> None:
-    """Refuse, in one line and before any weights load, to auto-resume a finished run."""
-    if cfg.trainer.resume != "auto":
-        return
-    newest = ckpt.resolve_resume(out, "auto")
-    try:
-        step = ckpt.read_meta(newest)["step"] if newest is not None else None
-    except CheckpointError:
-        return  # unreadable: resume_run names it and falls back to an earlier checkpoint
-    if step is not None and step >= cfg.trainer.max_steps:
-        raise CheckpointError(newest, f"trainer.output_dir holds a finished run (step {step}, "
-                              f"trainer.max_steps={cfg.trainer.max_steps}): write this run elsewhere with "
-                              f"trainer.output_dir=..., start over in {cfg.trainer.output_dir} with trainer.resume=none, "
-                              "or raise trainer.max_steps to train it further")
+def _refuse_finished_run(out: Path, cfg: TrainConfig, step: int) -> None:
+    """Auto-resume reached a checkpoint at or past trainer.max_steps: a finished run, refused in one line."""
+    raise CheckpointError(ckpt.step_dir(out, step), f"trainer.output_dir holds a finished run (step {step}, "
+                          f"trainer.max_steps={cfg.trainer.max_steps}): write this run elsewhere with "
+                          f"trainer.output_dir=..., start over in {cfg.trainer.output_dir} with trainer.resume=none, "
+                          "or raise trainer.max_steps to train it further")
 
 
 def _say_schedule(cfg: TrainConfig, state: dict, next_lr: float, rt: Runtime) -> None:
@@ -89,7 +81,6 @@ def run(cfg: TrainConfig) -> dict:
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
-    _check_resume_target(out, cfg)
     plan = plan_for_run(cfg, arch, rt.device.type, rt.world_size)
     log.info("memory plan per %s (estimate; %d ranks, ep %d x expert-dp %d, parallel.shard=%s):\n%s",
              "GPU" if rt.device.type == "cuda" else "process", rt.world_size, rt.mesh.ep, rt.mesh.edp_size,
@@ -118,6 +109,8 @@ def run(cfg: TrainConfig) -> dict:
             log.info("removed %s, left by an interrupted save", debris)
     rt.barrier()
     start_step, bad_steps = resume_run(cfg, rt, out, model, opt, sched, loader)
+    if cfg.trainer.resume == "auto" and start_step >= cfg.trainer.max_steps > 0:
+        _refuse_finished_run(out, cfg, start_step)
     pending = None  # a checkpoint being written in the background (checkpoint.async_)
 
     writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard, start_step=start_step)

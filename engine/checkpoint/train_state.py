@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..parallel import is_expert_param
 from .errors import CheckpointError
+from ..errors import ResumeError
 from .state import load_tensors, tensor_shapes
 
 
@@ -103,8 +104,9 @@ def restore(path, model: nn.Module, opt: torch.optim.Optimizer, mesh) -> None:
     trained = _trained(model)
     missing = [f"model.{n}" for n, _ in trained if f"model.{n}" not in shapes]
     if missing:
-        raise CheckpointError(path, f"lacks the trained weights {missing[:3]} (and {max(0, len(missing) - 3)} "
-                              "more); was it written by another recipe (peft.method, target modules)?")
+        raise ResumeError(f"{path}: lacks trained weights {missing[:3]} (and {max(0, len(missing) - 3)} more): it "
+                          "was written by another recipe (peft.method, target modules); resume with that run's config, "
+                          "or start fresh with trainer.resume=none")
     held = optimizer_tensors(opt)
     by_param: dict[str, list[str]] = {}
     for key in shapes:

@@ -4,6 +4,7 @@ host, the 128K recipes fitting an 80 GB GPU only with offload (and refused witho
 import pytest
 
 from engine.config import build_config
+from engine.errors import PlanError
 from engine.memory_plan import activation_bytes_per_token, check_fits, plan_for_run
 from engine.models.gpt_oss import GptOssConfig
 from tests.unit.test_recipes import _compose
