@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from .checkpoint import state as ckpt
-from .checkpoint.errors import CheckpointError
 from .config import build_config
 from .errors import EngineError, ExportError
 from .export_files import export_target

@@ -60,16 +60,6 @@ def _refuse_finished_run(out: Path, cfg: TrainConfig, step: int) -> None:
                           "or raise trainer.max_steps to train it further")
 
 
-def _say_schedule(cfg: TrainConfig, state: dict, next_lr: float, rt: Runtime) -> None:
-    """Say at startup which schedule keys differ from the checkpoint's: the current ones apply."""
-    now = schedule_settings(cfg.optim, cfg.trainer.max_steps)
-    saved = state.get("schedule") or {"optim.lr": lr for lr in state["scheduler"].get("base_lrs", [])[:1]}
-    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
-    if changed and rt.is_main:
-        log.warning("resume: %s changed since the checkpoint; the schedule is re-planned with the current values "
-                    "from step %d on (lr %.3g next), not continued", ", ".join(changed), state["step"] + 1, next_lr)
-
-
 def run(cfg: TrainConfig) -> dict:
     if cfg.trainer.dry_run:
         from .dry_run import dry_run
