@@ -82,11 +82,14 @@ def validation_loss(model, loader, rt) -> float:
 
 
 def channel_tags(ids: list[int], tokenizer) -> list[str | None]:
-    """The channel of each token of assistant message bodies (closing token included), else None.
-    Read from the harmony structure: `<|start|>{header}<|message|>{body}{<|end|>|<|return|>|<|call|>}`."""
+    """The channel of each token an assistant message's author writes, else None: what the loss masks
+    train (engine.data.harmony): the header after `<|start|>assistant`, the body and the closing token,
+    and `<|start|>assistant` itself after the model's own `<|end|>`. Read from the harmony structure
+    `<|start|>{header}<|message|>{body}{<|end|>|<|return|>|<|call|>}`."""
     sp = tokenizer.special_ids
-    start, message = sp["<|start|>"], sp["<|message|>"]
+    start, message, end = sp["<|start|>"], sp["<|message|>"], sp["<|end|>"]
     ends = {sp[t] for t in END_TOKENS}
+    role = len(tokenizer.encode("assistant"))
     tags: list[str | None] = [None] * len(ids)
     i = 0
     while i < len(ids):
@@ -104,7 +107,8 @@ def channel_tags(ids: list[int], tokenizer) -> list[str | None]:
         k = j + 1
         while k < len(ids) and ids[k] not in ends:
             k += 1
-        for p in range(j + 1, min(k + 1, len(ids))):
+        continues = i > 0 and ids[i - 1] == end and tags[i - 1] is not None
+        for p in range(i if continues else i + 1 + role, min(k + 1, len(ids))):
             tags[p] = tag
         i = k + 1
     return tags

@@ -22,11 +22,14 @@ instructions and the function tools (`# Tools`), if any; then the turns. Choices
   keeps stale thinking of middle turns and drops the thinking between tool calls of the last turn.
 - The last message ends with `<|return|>` when it is a final answer, `<|call|>` when it is a call.
 - Loss masks (`loss_mask`): `assistant` trains every rendered assistant message (analysis,
-  preambles, tool calls, final answers), `final_only` trains final-channel content only, `last_turn`
-  trains every assistant message after the last user message. A tool call trains its recipient
-  (` to=functions.NAME`), its arguments and `<|call|>`. Headers (`<|start|>assistant`, channel,
-  `<|constrain|>json`, `<|message|>`) and tool results never train; the closing
-  `<|end|>` / `<|return|>` / `<|call|>` of a trained message does.
+  preambles, tool calls, final answers), `final_only` trains final-channel messages only, `last_turn`
+  trains every assistant message after the last user message. A trained message trains every token
+  the model itself writes at inference: everything after `<|start|>assistant` (recipient
+  ` to=functions.NAME`, `<|channel|>CHANNEL`, `<|constrain|>json`, `<|message|>`, the content and the
+  closing `<|end|>` / `<|return|>` / `<|call|>`), and `<|start|>assistant` too when the message
+  follows an assistant message closed by `<|end|>` (the model continues on its own there; after
+  user or tool messages, and after `<|call|>`, the caller writes `<|start|>assistant`). System,
+  developer, user and tool messages never train.
 
 Segment boundaries always fall next to a special token or at a header piece that openai-harmony
 also encodes on its own (` to=...`), so encoding the segments one by one gives exactly its tokens.
@@ -117,6 +120,9 @@ class _Writer:
 
     def __init__(self) -> None:
         self.segments: list[Segment] = []
+        # The last message was an assistant message closed by <|end|>: the model writes the next
+        # `<|start|>assistant` itself.
+        self.model_continues = False
 
     def add(self, text: str, trained: bool) -> None:
         segments = self.segments
@@ -162,53 +168,55 @@ def render_segments(
     return out.segments
 
 
+def _assistant(out: _Writer, header: str, body: str, end: str, trained: bool, author: str = "assistant") -> None:
+    """One assistant message: `header` follows `<|start|>assistant` (recipient first, if any)."""
+    out.add(f"{START}{author}", trained and out.model_continues)
+    out.add(header, trained)
+    out.add(body + end, trained)
+    out.model_continues = end == END
+
+
 def _chat(out: _Writer, m: Message, in_last_turn: bool, is_last: bool, train_any: bool, train_final: bool) -> None:
     if m.role == "user":
         out.add(f"{START}user{MESSAGE}{m.content}{END}", False)
+        out.model_continues = False
     elif m.role == "tool":
         out.add(f"{START}functions.{m.name} to=assistant{CHANNEL}commentary{MESSAGE}{m.content}{END}", False)
+        out.model_continues = False
     else:
         if m.thinking is not None and in_last_turn:
-            out.add(f"{START}assistant{CHANNEL}analysis{MESSAGE}", False)
-            out.add(m.thinking + END, train_any)
+            _assistant(out, f"{CHANNEL}analysis{MESSAGE}", m.thinking, END, train_any)
         if m.tool_calls:
             if m.content:
-                out.add(f"{START}assistant{CHANNEL}commentary{MESSAGE}", False)
-                out.add(m.content + END, train_any)
+                _assistant(out, f"{CHANNEL}commentary{MESSAGE}", m.content, END, train_any)
             for call in m.tool_calls:
-                out.add(f"{START}assistant", False)
-                out.add(f" to=functions.{call.name}", train_any)
-                out.add(f"{CHANNEL}commentary {CONSTRAIN}json{MESSAGE}", False)
-                out.add(call.arguments + CALL, train_any)
+                _assistant(out, f" to=functions.{call.name}{CHANNEL}commentary {CONSTRAIN}json{MESSAGE}",
+                           call.arguments, CALL, train_any)
         else:
-            out.add(f"{START}assistant{CHANNEL}final{MESSAGE}", False)
-            out.add(m.content + (RETURN if is_last else END), train_final)
+            _assistant(out, f"{CHANNEL}final{MESSAGE}", m.content, RETURN if is_last else END, train_final)
 
 
 def _native(out: _Writer, m: Message, in_last_turn: bool, is_last: bool, train_any: bool, train_final: bool) -> None:
     assistant = m.role == "assistant"
     if assistant and m.channel == "analysis" and m.recipient is None and not in_last_turn:
         return
-    author = m.name if m.role == "tool" else (m.role if m.name is None else f"{m.role}:{m.name}")
-    header = f"{START}{author}"
     recipient = f" to={m.recipient}" if m.recipient is not None else ""
-    trained = assistant and (train_final if m.channel == "final" else train_any)
-    if assistant and recipient:
-        out.add(header, False)
-        out.add(recipient, trained)
-        header = ""
-    else:
-        header += recipient
+    header = recipient
     if m.channel is not None:
         header += f"{CHANNEL}{m.channel}"
     if m.content_type is not None:
         header += f" {m.content_type}"
-    out.add(header + MESSAGE, False)
-    if assistant and m.recipient is not None:
-        end = CALL
-    else:
-        end = RETURN if is_last and assistant and m.channel == "final" else END
-    out.add(m.content + end, trained)
+    header += MESSAGE
+    author = m.name if m.role == "tool" else (m.role if m.name is None else f"{m.role}:{m.name}")
+    if assistant:
+        if m.recipient is not None:
+            end = CALL
+        else:
+            end = RETURN if is_last and m.channel == "final" else END
+        _assistant(out, header, m.content, end, train_final if m.channel == "final" else train_any, author)
+        return
+    out.add(f"{START}{author}{header}{m.content}{END}", False)
+    out.model_continues = False
 
 
 def render(

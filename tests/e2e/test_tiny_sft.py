@@ -1,6 +1,7 @@
 """The tiny SFT recipe end to end through engine/train.py, as a user runs it."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,26 @@ def test_tiny_sft_learns_and_exports(tmp_path):
     ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+    # The trained model answers in harmony: after the caller's `<|start|>assistant` it writes the
+    # message headers itself (the loss masks train them), and engine.chat parses every message.
+    from engine.chat import STOP_TOKENS, prompt_ids
+    from engine.generate import generate
+    from engine.loading import load_for_inference
+
+    loaded = load_for_inference(out / "hf", device="cpu")
+    tok = loaded.tokenizer
+    message = r"<\|channel\|>(analysis|commentary|final)<\|message\|>[^<]*"
+    harmony = re.compile(rf"({message}<\|end\|><\|start\|>assistant)*{message}<\|return\|>")
+    for question in ("What is 2 + 2?", "Name a colour."):
+        prompt = torch.tensor([prompt_ids([{"role": "user", "content": question}], tok)])
+        answer = generate(loaded.model, prompt, 96, stop_token_ids=[tok.special_ids[t] for t in STOP_TOKENS])
+        text = tok.decode(answer[0, prompt.shape[1]:].tolist())
+        assert harmony.fullmatch(text), f"not a harmony answer to {question!r}: {text!r}"
+    chat = subprocess.run([sys.executable, "-m", "engine.chat", str(out / "hf"), "--prompt", "What is 2 + 2?"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    assert "[unparsed]" not in chat.stdout, chat.stdout
 
 
 def test_bad_override_fails_fast_with_the_key(tmp_path):

@@ -40,8 +40,12 @@ def test_channel_tags_follow_the_harmony_structure(tiny):
     ids = tok.encode(text)
     tags = channel_tags(ids, tok)
     text_of = {name: tok.decode([i for i, t in zip(ids, tags) if t == name]) for name in set(tags) - {None}}
-    assert text_of == {"analysis": "Need a tool.<|end|>", "tool_calls": '{"city": "Paris"}<|call|>',
-                       "final": "Sunny.<|return|>"}
+    # What the model writes: headers after the caller's `<|start|>assistant`, and `<|start|>assistant`
+    # itself after its own `<|end|>` (not after `<|call|>`: the caller resumes there).
+    assert text_of == {"analysis": "<|channel|>analysis<|message|>Need a tool.<|end|>",
+                       "tool_calls": ('<|start|>assistant to=functions.get_weather<|channel|>commentary json'
+                                      '<|message|>{"city": "Paris"}<|call|>'),
+                       "final": "<|channel|>final<|message|>Sunny.<|return|>"}
 
 
 def test_groups_equal_a_full_logits_reference(tiny):

@@ -115,9 +115,11 @@ def render_tokens(encoding, messages: list[Message]) -> list[int]:
 
 
 def expected_mask(encoding, messages: list[Message], tokens: list[int], loss_mask: str) -> list[bool]:
-    """Which of harmony's tokens train, by the mask rules, read off harmony's own message layout."""
-    start, channel_id, message_id = (encoding.encode(t, allowed_special="all")[0]
-                                     for t in ("<|start|>", "<|channel|>", "<|message|>"))
+    """Which of harmony's tokens train, by the mask rules, read off harmony's own message layout: a
+    trained assistant message trains every token after its `<|start|>assistant` (what the model writes
+    at inference), and those two tokens too when the message before it is an assistant message closed
+    by `<|end|>` (the model goes on by itself there)."""
+    start, end = (encoding.encode(t, allowed_special="all")[0] for t in ("<|start|>", "<|end|>"))
     starts = [k for k, t in enumerate(tokens) if t == start] + [len(tokens)]
     assert len(starts) - 1 == len(messages)
     last_user = max((i for i, m in enumerate(messages) if m.author.role == Role.USER), default=-1)
@@ -131,10 +133,7 @@ def expected_mask(encoding, messages: list[Message], tokens: list[int], loss_mas
         if not trained:
             continue
         lo, hi = starts[i], starts[i + 1]
-        body = tokens.index(message_id, lo) + 1
-        for k in range(body, hi):
+        continues = i > 0 and messages[i - 1].author.role == Role.ASSISTANT and tokens[lo - 1] == end
+        for k in range(lo if continues else lo + 2, hi):
             mask[k] = True
-        if message.recipient:  # the recipient sits between the role token and <|channel|>
-            for k in range(lo + 2, tokens.index(channel_id, lo)):
-                mask[k] = True
     return mask

@@ -49,21 +49,30 @@ def test_sample_data_round_trips_and_segments_match_whole_text(tokenizer):
 @pytest.mark.parametrize(
     "loss_mask, trained_pieces",
     [
-        ("assistant", ["3 + 4 = 7.<|end|>", "Double 7.<|end|>", "7 * 2 = 14.<|return|>"]),
-        ("final_only", ["3 + 4 = 7.<|end|>", "7 * 2 = 14.<|return|>"]),
-        ("last_turn", ["Double 7.<|end|>", "7 * 2 = 14.<|return|>"]),
+        # Trained messages train what the model writes: the header after `<|start|>assistant`, and
+        # `<|start|>assistant` itself where it follows the model's own `<|end|>`.
+        ("assistant", ["<|channel|>final<|message|>3 + 4 = 7.<|end|>",
+                       "<|channel|>analysis<|message|>Double 7.<|end|>",
+                       "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>"]),
+        ("final_only", ["<|channel|>final<|message|>3 + 4 = 7.<|end|>",
+                        "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>"]),
+        ("last_turn", ["<|channel|>analysis<|message|>Double 7.<|end|>",
+                       "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>"]),
     ],
 )
 def test_mask_covers_exactly_the_intended_token_ids(tokenizer, loss_mask, trained_pieces):
     ids, trained = tokenizer.encode_segments(render_segments(RECORD, loss_mask=loss_mask))
     expected = [i for piece in trained_pieces for i in tokenizer.encode(piece)]
     assert ids[trained].tolist() == expected
-    # Everything else, headers included, is untrained: the untrained ids are the text between.
+    # Everything else (system, developer, user messages, the caller's `<|start|>assistant`) is untrained.
     assert len(ids) == len(tokenizer.encode(render(RECORD)))
     sid = tokenizer.special_ids
-    for header_token in ("<|start|>", "<|channel|>", "<|message|>"):
-        assert not trained[ids == sid[header_token]].any()
-    assert trained[ids == sid["<|return|>"]].all()
+    assert not trained[0] and trained[ids == sid["<|return|>"]].all()
+    # A trained <|start|> only where the model itself goes on after an <|end|>.
+    for k in np.flatnonzero(trained & (ids == sid["<|start|>"])):
+        assert ids[k - 1] == sid["<|end|>"]
+    # Every trained message trains its own <|message|> (its header).
+    assert trained[ids == sid["<|message|>"]].sum() == len(trained_pieces)
 
 
 def test_missing_special_token_is_named_with_the_file(tmp_path):

@@ -20,9 +20,10 @@ def test_preview_marks_trained_spans_and_counts_tokens(write_jsonl, tokenizer):
                              reasoning_effort="low", current_date=None, color=False, out=out)
     text = out.getvalue()
     assert "<|channel|>analysis<|message|>Greet back.<|end|>" in text
-    assert "<|channel|>final<|message|>[[Hello.<|return|>]]" in text
+    # The model goes on by itself after its analysis: `<|start|>assistant` of the answer trains too.
+    assert "<|end|>[[<|start|>assistant<|channel|>final<|message|>Hello.<|return|>]]" in text
     assert f"{path}:2: INVALID: nothing to train" in text
-    assert trained == len(tokenizer.encode("Hello.<|return|>"))
+    assert trained == len(tokenizer.encode("<|start|>assistant<|channel|>final<|message|>Hello.<|return|>"))
     assert f"{path}:1: {total} tokens, {trained} trained" in text
 
 
@@ -77,7 +78,7 @@ def test_preview_shows_tool_calls_results_and_what_trains(tokenizer):
     text = out.getvalue()
     assert "namespace functions {" in text
     # The call's recipient and arguments train, its headers do not; the tool's result never trains.
-    assert "<|start|>assistant[[ to=functions.get_weather]]<|channel|>commentary <|constrain|>json<|message|>[[{" in text
+    assert "<|start|>assistant[[ to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{" in text
     assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp_c"' in text
     assert "[[{\"temp_c\"" not in text
 

@@ -125,25 +125,35 @@ def trained_text(record: dict, loss_mask: str) -> list[str]:
 MASK_RECORD = {"messages": [{"role": "developer", "content": "Be terse."}, *MULTI_TURN]}
 
 
+FIRST_ANSWER = "<|channel|>final<|message|>3 + 4 = 7.<|end|>"
+LAST_ANSWER = "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>"
+
+
 def test_mask_assistant_trains_every_assistant_message():
-    assert trained_text(MASK_RECORD, "assistant") == ["3 + 4 = 7.<|end|>", "Double 7.<|end|>", "7 * 2 = 14.<|return|>"]
+    # Each trained message trains what the model writes after the caller's `<|start|>assistant`;
+    # after its own `<|end|>` the model writes `<|start|>assistant` too.
+    assert trained_text(MASK_RECORD, "assistant") == [
+        FIRST_ANSWER, "<|channel|>analysis<|message|>Double 7.<|end|>" + LAST_ANSWER]
 
 
 def test_mask_final_only_skips_analysis():
-    assert trained_text(MASK_RECORD, "final_only") == ["3 + 4 = 7.<|end|>", "7 * 2 = 14.<|return|>"]
+    assert trained_text(MASK_RECORD, "final_only") == [FIRST_ANSWER, LAST_ANSWER]
 
 
 def test_mask_last_turn_trains_only_the_last_answer():
-    assert trained_text(MASK_RECORD, "last_turn") == ["Double 7.<|end|>", "7 * 2 = 14.<|return|>"]
+    assert trained_text(MASK_RECORD, "last_turn") == ["<|channel|>analysis<|message|>Double 7.<|end|>" + LAST_ANSWER]
 
 
 @pytest.mark.parametrize("loss_mask", ["assistant", "final_only", "last_turn"])
-def test_segments_concatenate_to_render_and_never_train_headers(loss_mask):
+def test_segments_concatenate_to_render_and_train_no_caller_header(loss_mask):
     segments = render_segments(MASK_RECORD, loss_mask=loss_mask)
     assert "".join(s.text for s in segments) == render(MASK_RECORD)
-    for segment in segments:
-        if segment.trained:
-            assert "<|start|>" not in segment.text and "<|message|>" not in segment.text
+    for before, segment in zip([None, *segments], segments):
+        if segment.trained:  # never a system/developer/user message, nor the caller's <|start|>assistant
+            assert not segment.text.startswith("<|start|>") or before.text.endswith("<|end|>")
+            assert "<|start|>user" not in segment.text and "<|start|>system" not in segment.text
+        else:
+            assert segment.text.endswith("<|start|>assistant") or segment.text.endswith("<|end|>")
     assert all(a.trained != b.trained for a, b in zip(segments, segments[1:])), "adjacent segments are merged"
 
 
