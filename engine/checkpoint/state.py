@@ -33,6 +33,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
+from engine.errors import storage_error
+
 from .errors import CheckpointError, CheckpointNotFoundError
 from .safe_reader import METADATA_FILE, _first_line, CheckpointCorruptError, SafeFileSystemReader, read_metadata_file
 
@@ -104,24 +106,57 @@ def remove_debris(output_dir: str | Path) -> list[Path]:
     return removed
 
 
+def _local_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """What this rank writes: the local shard of each DTensor, plain tensors whole."""
+    local = (getattr(t, "_local_tensor", t) for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in local if isinstance(t, torch.Tensor))
+
+
+class _SaveFailure:
+    """Turns an error met while writing a checkpoint into the user's one line (a full disk, a folder
+    that cannot be written) after rank 0 has removed the unfinished `.tmp_*` folder, so a failed save
+    leaves nothing on the disk and the earlier checkpoints as they were."""
+
+    def __init__(self, tmp: Path, rank: int, needs_bytes: int):
+        self.tmp, self.rank, self.needs_bytes = tmp, rank, needs_bytes
+
+    def raise_(self, e: BaseException) -> None:
+        """Called in the `except` block that caught `e`; always raises."""
+        if self.rank == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        err = storage_error(e, self.tmp, self.needs_bytes,
+                            cleanup="the unfinished checkpoint was removed and the earlier ones are kept")
+        if err is e:
+            raise  # not the user's to fix: the original error, traceback and all
+        raise err from e
+
+
 class PendingSave:
     """A checkpoint being written in the background (checkpoint.async=true). `poll()` each step
     completes it on rank 0 once written; `wait()` (every rank together) blocks until it is complete."""
 
-    def __init__(self, future, finalize: Callable[[], None], rank: int, barrier: Callable[[], None], path: Path):
+    def __init__(self, future, finalize: Callable[[], None], rank: int, barrier: Callable[[], None], path: Path,
+                 failure: _SaveFailure):
         self.future, self._finalize, self.rank, self._barrier, self.path = future, finalize, rank, barrier, path
+        self._failure = failure
         self.finalized = False
 
     def poll(self) -> bool:
         if not self.finalized and self.future.done():
-            self.future.result()  # re-raises a failed write
-            if self.rank == 0:
-                self._finalize()
+            try:
+                self.future.result()  # re-raises a failed write
+                if self.rank == 0:
+                    self._finalize()
+            except BaseException as e:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
+                self._failure.raise_(e)
             self.finalized = True
         return self.finalized
 
     def wait(self) -> Path:
-        self.future.result()
+        try:
+            self.future.result()
+        except BaseException as e:  # noqa: BLE001
+            self._failure.raise_(e)
         self._barrier()
         self.poll()
         self._barrier()
@@ -133,17 +168,23 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, torch.
                     process_group=None, asynchronous: bool = False) -> Path | PendingSave:
     """Write one checkpoint. `tensors`: FQN -> tensor or DTensor (global view; replicated entries are
     written once by DCP's de-duplication); `rank_state`: this rank's JSON; `meta`: rank 0's JSON.
-    Every rank calls this together. Returns the final path (sync) or a PendingSave (async)."""
+    Every rank calls this together. Returns the final path (sync) or a PendingSave (async).
+    A write that fails (full disk, permissions) raises StorageError after removing the unfinished
+    checkpoint; the earlier checkpoints are untouched."""
     root = checkpoints_root(output_dir)
     final = step_dir(output_dir, step)
     tmp = root / f".tmp_{final.name}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # debris of an earlier crashed save of the same step
-        tmp.mkdir()
-    barrier()
-    _write_json(rank_file(tmp, rank), rank_state)
+    failure = _SaveFailure(tmp, rank, _local_bytes(tensors))
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # debris of an earlier crashed save of the same step
+            tmp.mkdir()
+        barrier()
+        _write_json(rank_file(tmp, rank), rank_state)
+    except BaseException as e:  # noqa: BLE001
+        failure.raise_(e)
     meta = {"format": FORMAT, "step": step, **meta}
 
     def finalize() -> None:
@@ -163,13 +204,16 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, torch.
 
     writer = FileSystemWriter(str(tmp), sync_files=True, thread_count=1)
     alone = not (dist.is_available() and dist.is_initialized())
-    if asynchronous:
-        future = dcp.async_save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
-        return PendingSave(future, finalize, rank, barrier, final)
-    dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
-    barrier()
-    if rank == 0:
-        finalize()
+    try:
+        if asynchronous:
+            future = dcp.async_save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+            return PendingSave(future, finalize, rank, barrier, final, failure)
+        dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+        barrier()
+        if rank == 0:
+            finalize()
+    except BaseException as e:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
+        failure.raise_(e)
     barrier()
     return final
 
