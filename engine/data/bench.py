@@ -19,6 +19,7 @@ figure that does not depend on what else the machine runs.
 
 import argparse
 import json
+import multiprocessing
 import random
 import shutil
 import tempfile
@@ -76,16 +77,17 @@ def _unique(record: dict, rng: random.Random, words: int) -> dict:
     return {**record, "messages": messages}
 
 
-def bench_harmony(tokenizer_path: str | Path, seconds: float, *, file: Path | None = None, unique_words: int = 0,
-                  batch: int = 64) -> dict:
-    """Render + tokenize (parse, validate, render segments, encode, mask) of tool-calling records."""
-    tokenizer = load_tokenizer(tokenizer_path)
+def _harmony_records(file: Path | None, unique_words: int) -> list[str]:
     with (file or agentic_sample_paths()[0]).open(encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     if unique_words:
         rng = random.Random(0)
         records = [_unique(r, rng, unique_words) for r in records for _ in range(4)]
-    raw = [json.dumps(r, ensure_ascii=False) for r in records]
+    return [json.dumps(r, ensure_ascii=False) for r in records]
+
+
+def _harmony_loop(tokenizer, raw: list[str], seconds: float, batch: int) -> dict:
+    """JSON lines -> parse, validate, render, encode, mask, again and again for about `seconds`."""
     tokens = passes = 0
     start, cpu_start = time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds or passes == 0:
@@ -94,9 +96,36 @@ def bench_harmony(tokenizer_path: str | Path, seconds: float, *, file: Path | No
             docs = [render_segments(parse_record(json.loads(line))) for line in raw[k : k + batch]]
             tokens += sum(len(ids) for ids, _ in tokenizer.encode_segments_batch(docs))
         passes += 1
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"records": len(raw), "tokens_per_record": tokens / (passes * len(raw)),
-            "tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / cpu}
+    end = time.perf_counter()
+    return {"tokens": tokens, "passes": passes, "start": start, "end": end, "cpu": time.process_time() - cpu_start}
+
+
+def _harmony_worker(tokenizer_path, raw, seconds, batch, barrier) -> dict:
+    tokenizer = load_tokenizer(tokenizer_path)  # loaded before the clock starts
+    barrier.wait()
+    return _harmony_loop(tokenizer, raw, seconds, batch)
+
+
+def bench_harmony(tokenizer_path: str | Path, seconds: float, *, file: Path | None = None, unique_words: int = 0,
+                  batch: int = 64, workers: int = 1) -> dict:
+    """Render + tokenize (parse, validate, render segments, encode, mask) of tool-calling records.
+
+    With `workers` > 1, that many processes (as `data.prepare_workers` runs them) each do the whole
+    loop at once; tokens/s is their sum over the wall-clock span from the common start to the last end."""
+    raw = _harmony_records(file, unique_words)
+    if workers == 1:
+        runs = [_harmony_loop(load_tokenizer(tokenizer_path), raw, seconds, batch)]
+    else:
+        ctx = multiprocessing.get_context("fork")
+        barrier = ctx.Manager().Barrier(workers)
+        with ctx.Pool(workers) as pool:
+            pending = [pool.apply_async(_harmony_worker, (tokenizer_path, raw, seconds, batch, barrier))
+                       for _ in range(workers)]
+            runs = [p.get() for p in pending]
+    tokens = sum(r["tokens"] for r in runs)
+    elapsed = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    return {"workers": workers, "records": len(raw), "tokens_per_record": tokens / sum(r["passes"] * len(raw) for r in runs),
+            "tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / sum(r["cpu"] for r in runs)}
 
 
 def bench_prepare(cfg: DataConfig, workers: int, min_records: int = 20_000) -> dict:
