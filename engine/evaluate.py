@@ -57,7 +57,9 @@ def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, position_
                  doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token loss [B, T] (0 where labels == -100), no gradients: the model's hidden states, then
     the chunked cross-entropy against lm_head."""
-    with torch.no_grad():
+    from .parallel.fsdp import gathered
+
+    with torch.no_grad(), gathered(model):  # under FSDP2 the root's embedding and head are gathered here
         h = model.hidden_states(input_ids, position_ids, doc_ids)
         return token_cross_entropy(h, model.lm_head.weight, labels, model.options.ce_chunk_size)
 

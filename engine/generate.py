@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .models.gpt_oss.kv_cache import KVCache, cached_forward
+from .parallel.fsdp import gathered, is_sharded
 
 
 def _check_args(input_ids, max_new_tokens, temperature, top_p, top_k) -> None:
@@ -59,7 +60,10 @@ def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float = 1
 
 
 def _expert_group(model):
-    """The process group of the model's expert all-to-all, or None when its experts are all local."""
+    """The ranks that must run every step together, or None when the model is all local: all of them
+    under FSDP2 (each block's weights are gathered from every rank), else the expert all-to-all's group."""
+    if is_sharded(model) and dist.is_initialized():
+        return dist.group.WORLD
     return getattr(model.moe_blocks()[0].dispatcher, "group", None) if hasattr(model, "moe_blocks") else None
 
 
@@ -99,24 +103,25 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     was_training = model.training
     model.eval()
     try:
-        step_logits = _cached(model, b, t + max_new_tokens) if use_cache else _recompute(model, ids, valid)
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        group = _expert_group(model)
-        out, new, new_valid = [ids], ids, valid
-        for _ in range(max_new_tokens):
-            logits = step_logits(new, new_valid)  # [B, V]
-            token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                                generator=generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            out.append(token[:, None])
-            if on_token is not None:
-                on_token(token)
-            if stops.numel():
-                finished |= torch.isin(token, stops)
-            new, new_valid = token[:, None], torch.ones(b, 1, dtype=torch.bool, device=device)
-            if _group_done(bool(stops.numel()) and bool(finished.all()), group, device):
-                break
-        return torch.cat(out, dim=1)
+        with gathered(model):  # under FSDP2: the root's embedding and head, for the whole generation
+            step_logits = _cached(model, b, t + max_new_tokens) if use_cache else _recompute(model, ids, valid)
+            finished = torch.zeros(b, dtype=torch.bool, device=device)
+            group = _expert_group(model)
+            out, new, new_valid = [ids], ids, valid
+            for _ in range(max_new_tokens):
+                logits = step_logits(new, new_valid)  # [B, V]
+                token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    generator=generator)
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                out.append(token[:, None])
+                if on_token is not None:
+                    on_token(token)
+                if stops.numel():
+                    finished |= torch.isin(token, stops)
+                new, new_valid = token[:, None], torch.ones(b, 1, dtype=torch.bool, device=device)
+                if _group_done(bool(stops.numel()) and bool(finished.all()), group, device):
+                    break
+            return torch.cat(out, dim=1)
     finally:
         model.train(was_training)
 

@@ -22,6 +22,9 @@ masters, cast when gathered).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -68,6 +71,23 @@ def parallelize(model: nn.Module, mesh: Mesh, shard: str, compute_dtype: torch.d
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
     return model
+
+
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[nn.Module]:
+    """The whole weights of one FSDP2 unit (its own parameters, not its sub-units') for code that uses
+    them outside the unit's forward: evaluation and generation read the root's embedding, norm and head
+    directly, and generation's cached path calls a block's submodules, not the block. A no-op on a module
+    that is not sharded. Sub-units called as modules inside still gather themselves, one at a time, so
+    `parallel.shard=full` never holds more than the training step does."""
+    if not isinstance(module, FSDPModule):
+        yield module
+        return
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

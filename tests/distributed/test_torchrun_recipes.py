@@ -146,6 +146,32 @@ def test_fsdp_at_ep2_x_expert_dp2_matches_one_process(tmp_path, recipe, extra, s
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
 
 
+@pytest.fixture(scope="module")
+def one_process_with_validation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("val") / "one"
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("What is 2 + 2?\nName a colour.\n")
+    common = ["recipe=tiny_sft", "trainer.max_steps=4", "optim.warmup_steps=1", "trainer.log_every=1",
+              "trainer.val_every=2", "trainer.sample_every=2", f"trainer.sample_prompts={prompts}",
+              "trainer.sample_max_new_tokens=6", "parallel.timeout_s=120"]
+    return common, _run(out, 1, *common), (out / "samples.jsonl").read_text()
+
+
+@pytest.mark.parametrize("shard", ["full", "optimizer"])
+def test_validation_and_samples_under_fsdp_match_one_process(tmp_path, one_process_with_validation, shard):
+    # Validation and generation read the root's embedding and head and (generation) call a block's
+    # submodules directly, outside FSDP2's forward hooks: they must gather those weights themselves.
+    # The training after them must go on as in one process (FSDP2's state left as it was).
+    common, one, samples = one_process_with_validation
+    fsdp = _run(tmp_path / "fsdp", 2, *common, f"parallel.shard={shard}", ep=1)
+    for key in ("loss", "val_loss"):
+        a = torch.tensor([r[key] for r in one if key in r])
+        b = torch.tensor([r[key] for r in fsdp if key in r])
+        assert len(a) == (4 if key == "loss" else 2)
+        assert_tensors_close(b, a, rtol=1e-5, atol=1e-5, where=f"{key}, FSDP2 shard={shard} on 2 ranks vs one process")
+    assert (tmp_path / "fsdp" / "samples.jsonl").read_text() == samples
+
+
 @pytest.mark.parametrize("recipe,preset,nproc", [("gptoss20b_lora", "gpt_oss_20b", 4),
                                                   ("gptoss120b_lora", "gpt_oss_120b", 8),
                                                   ("gptoss20b_lora_128k", "gpt_oss_20b", 1)])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .attention import eager_attention
+from ...parallel.fsdp import gathered
 from .rope import apply_rotary, cos_sin
 
 
@@ -123,8 +124,9 @@ def cached_forward(model, input_ids: torch.Tensor, cache: KVCache, valid: torch.
     x = model.model.embed_tokens(input_ids)
     cos, sin = cos_sin(model.config, positions)
     for layer, layer_cache in zip(model.model.layers, cache.layers):
-        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, layer_cache, cache, q_slots)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        with gathered(layer):  # its submodules are called here, not the block: gather its weights (FSDP2)
+            x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, layer_cache, cache, q_slots)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
     h = model.model.norm(x[:, -1:] if last_only else x)
     return model.lm_head(h)
 
