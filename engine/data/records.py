@@ -45,6 +45,7 @@ CHAT_KEYS = {
     "tool": ("role", "content", "name", "tool_call_id", *THINKING_KEYS),
 }
 NATIVE_KEYS = ("role", "content", "channel", "recipient", "content_type", "name")
+_KEY_SETS = {keys: frozenset(keys) for keys in (*CHAT_KEYS.values(), NATIVE_KEYS)}
 __all__ = ["Conversation", "Message", "RecordError", "ToolCall", "parse_record"]
 
 
@@ -80,7 +81,8 @@ class Conversation:
     tools: tuple[FunctionTool, ...] = ()
     builtin_tools: tuple[str, ...] = ()
     native: bool = False
-    # The record's `tools` as JSON text: the key under which their rendering is remembered.
+    # A text identifying the record's `tools` (engine.data.tools.parse_tools): their rendering is
+    # remembered under it.
     tools_json: str = ""
 
     @property
@@ -166,6 +168,8 @@ def _start(index: int, item: object, allowed: dict | tuple) -> tuple[str, str]:
     if role not in ROLES:
         raise RecordError(f"{where}.role: unknown role {role!r} (allowed: {', '.join(ROLES)})")
     keys = allowed[role] if isinstance(allowed, dict) else allowed
+    if item.keys() <= _KEY_SETS[keys]:  # the common case, in C
+        return where, role
     for key in item:
         if key not in keys:
             hint = " (only assistant messages make tool calls)" if key == "tool_calls" else ""

@@ -67,16 +67,23 @@ def check_name(where: str, name: object) -> str:
     return name
 
 
-def parse_tools(raw: object) -> tuple[tuple[FunctionTool, ...], str]:
-    """The record's `tools` list as FunctionTools, in order (names unique), and its JSON text.
+_PARSED: dict[str, tuple[tuple[FunctionTool, ...], str]] = {}
 
-    The JSON text identifies the tools: records of one dataset usually share them, and their
-    rendering is remembered under it.
+
+def parse_tools(raw: object) -> tuple[tuple[FunctionTool, ...], str]:
+    """The record's `tools` list as FunctionTools, in order (names unique), and a text identifying them.
+
+    Records of one dataset usually share their tools: a list seen before (same `repr`, which tells
+    every JSON value apart) is validated once, and its rendering is remembered under that text.
     """
     if raw is None:
         return (), ""
     if not isinstance(raw, list):
         raise RecordError(f"'tools' must be a list of function definitions, got {type_name(raw)}")
+    key = repr(raw)
+    seen = _PARSED.get(key)
+    if seen is not None:
+        return seen
     tools: list[FunctionTool] = []
     for k, item in enumerate(raw):
         where = f"tools[{k}]"
@@ -96,11 +103,13 @@ def parse_tools(raw: object) -> tuple[tuple[FunctionTool, ...], str]:
         if parameters is not None and not isinstance(parameters, dict):
             raise RecordError(f"{where}.parameters must be a JSON schema object, got {type_name(parameters)}")
         tools.append(FunctionTool(name, description, parameters))
-    text = json.dumps(raw, ensure_ascii=False)
-    if "<|" in text:
+    if "<|" in key:
         for k, tool in enumerate(tools):
             check_text(f"tools[{k}] parameters", json.dumps(tool.parameters, ensure_ascii=False))
-    return tuple(tools), text
+    if len(_PARSED) > 1024:
+        _PARSED.clear()
+    _PARSED[key] = result = (tuple(tools), key)
+    return result
 
 
 def parse_builtin_tools(raw: object) -> tuple[str, ...]:
