@@ -119,17 +119,22 @@ class _Writer:
     """Collects segments, merging neighbours with the same loss flag."""
 
     def __init__(self) -> None:
-        self.segments: list[Segment] = []
+        self._parts: list[list[str]] = []  # the texts of each segment, joined once at the end
+        self._flags: list[bool] = []
         # The last message was an assistant message closed by <|end|>: the model writes the next
         # `<|start|>assistant` itself.
         self.model_continues = False
 
     def add(self, text: str, trained: bool) -> None:
-        segments = self.segments
-        if segments and segments[-1].trained == trained:
-            segments[-1] = Segment(segments[-1].text + text, trained)
+        if self._flags and self._flags[-1] == trained:
+            self._parts[-1].append(text)
         else:
-            segments.append(Segment(text, trained))
+            self._parts.append([text])
+            self._flags.append(trained)
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [Segment("".join(parts), flag) for parts, flag in zip(self._parts, self._flags)]
 
 
 def render_segments(
