@@ -59,3 +59,19 @@ def test_context_parallel_run_matches_one_process(one, tmp_path, nproc, ep):
     assert_weights_close(gather_trained_weights(tmp_path / "checkpoints" / step),
                          gather_trained_weights(ref_dir / "checkpoints" / step), lr=LR, steps=STEPS,
                          where=f"weights after {STEPS} steps, CP2 x EP{ep} vs one process")
+
+
+def test_sample_chats_and_validation_under_cp2(tmp_path):
+    """The shipped harmony chats (packed rows: documents and restarting positions) at 256 tokens, with
+    the validation pass: CP 2 logs one process's losses, target counts and validation loss (the CP
+    ranks score their chunks of the shared rows; each token counts once)."""
+    real = ["data.source=jsonl", "data.max_seq_len=256", "trainer.max_steps=2", "trainer.val_every=2",
+            f"data.prepared_dir={tmp_path / 'data'}"]  # prepared once, by the first run
+    ref, _ = _run(tmp_path / "one", 1, *real)
+    got, _ = _run(tmp_path / "cp2", 2, *real, "parallel.cp=2")
+    assert [r["target_tokens"] for r in got] == [r["target_tokens"] for r in ref]
+    assert "val_loss" in got[-1] and "val_loss" in ref[-1]
+    for key in ("loss", "val_loss"):
+        assert_tensors_close(torch.tensor([r[key] for r in got if key in r], dtype=torch.float64),
+                             torch.tensor([r[key] for r in ref if key in r], dtype=torch.float64),
+                             rtol=1e-5, atol=0, where=f"{key} per step, CP2 vs one process")
