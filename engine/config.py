@@ -68,7 +68,7 @@ class TrainerConfig:
     max_bad_steps: int = 5  # steps with non-finite loss/gradients skipped before the run stops
     memory_check: bool = True  # refuse to start when the memory plan exceeds the GPU's memory
     dry_run: bool = False  # check layout, shapes, LoRA targets and data, print the plan, train nothing
-    dry_run_gpus: int = 0  # GPUs a dry run plans for (0: the processes at hand, or lcm(parallel.ep, parallel.cp) if larger)
+    dry_run_gpus: int = 0  # GPUs a dry run plans for (0: the processes at hand, or lcm(ep, cp) if larger)
     gpu_memory_gb: float = 80.0  # a dry run without a visible GPU checks its plan against this
     resume: str = "auto"  # auto | none | PATH
     progress: bool = True  # a progress bar on rank 0 when the output is a terminal (else log lines)
