@@ -1,8 +1,8 @@
 """`trainer.dry_run=true`: everything but the weights and the steps, for the GPUs a recipe targets.
 
 It plans memory as the run will be on its GPUs (the dtype and attention backend CUDA gets), for
-`trainer.dry_run_gpus` GPUs (default: the processes at hand, or lcm(parallel.ep, parallel.cp) if larger) against
-`trainer.gpu_memory_gb` when no GPU is visible, and refuses a plan that does not fit. With as many
+`trainer.dry_run_gpus` GPUs (default: the processes at hand, or lcm(parallel.ep, parallel.cp) if
+larger) against `trainer.gpu_memory_gb` when no GPU is visible, and refuses a plan that does not fit. With as many
 processes as planned GPUs it then builds the model's shapes on the meta device, applies LoRA,
 splits the batch and reads one batch of real data. A hub model that cannot be reached (offline) is
 planned with the built-in architecture of the same name, and the dry run says so.
