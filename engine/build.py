@@ -10,6 +10,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ class Runtime:
     mesh: Mesh
     param_dtype: torch.dtype  # dtype of the stored (frozen or master) weights
     compute_dtype: torch.dtype  # dtype of the matmuls (autocast on GPU)
+    # engine.parallel.context_parallel.ContextParallel over this rank's CP group when parallel.cp > 1
+    # (pass it to the model as cp=...), else None.
+    cp: Any = None
 
     @property
     def rank(self) -> int:
@@ -63,7 +67,7 @@ def setup_runtime(cfg: TrainConfig, arch: GptOssConfig) -> Runtime:
                           "use trainer.device=cpu or auto, or check CUDA_VISIBLE_DEVICES and the driver")
     mesh = Mesh.from_env(ep=cfg.parallel.ep, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                          num_experts=arch.num_local_experts, timeout_s=cfg.parallel.timeout_s,
-                         device=cfg.trainer.device)
+                         device=cfg.trainer.device, cp=cfg.parallel.cp)
     if mesh.device.type == "cpu":
         set_cpu_threads()
     dtype = cfg.model.dtype
@@ -78,7 +82,12 @@ def setup_runtime(cfg: TrainConfig, arch: GptOssConfig) -> Runtime:
     fsdp = cfg.parallel.shard != "none" and mesh.distributed
     masters_in_optimizer = cfg.optim.master_weights and not fsdp
     param = torch.float32 if cfg.peft.method == "none" and not masters_in_optimizer else compute
-    return Runtime(mesh, param, compute)
+    cp = None
+    if mesh.cp > 1:
+        from .parallel.context_parallel import ContextParallel
+
+        cp = ContextParallel(mesh.cp_group)
+    return Runtime(mesh, param, compute, cp)
 
 
 def set_cpu_threads() -> int:
@@ -102,7 +111,8 @@ def build_model(cfg: TrainConfig, rt: Runtime, arch: GptOssConfig | None = None,
     (the same seed on every rank gives every rank the rows of the one-rank model), LoRA applied.
     `weights=False` (a dry run) builds it all on the meta device from `arch`: shapes, no memory."""
     opts = ModelOptions(experts_backend=cfg.model.experts_backend, attn_backend=cfg.model.attn_backend,
-                        ce_chunk_size=cfg.model.ce_chunk_size, activation_offload=cfg.model.activation_offload)
+                        ce_chunk_size=cfg.model.ce_chunk_size, activation_offload=cfg.model.activation_offload,
+                        moe_chunk_tokens=cfg.model.moe_chunk_tokens or 0)
     # Expert parallelism is applied from outside the model: each rank keeps only its experts' rows,
     # sliced on the meta device (or read from the checkpoint) before any memory is taken.
     from .moe.alltoall import apply_expert_parallel
@@ -163,11 +173,13 @@ def resolve_tokenizer_path(cfg: TrainConfig) -> str | None:
 
 
 def build_loaders(cfg: TrainConfig, model: GptOssForCausalLM, rt: Runtime):
-    """(train loader, validation loader or None) for this rank."""
+    """(train loader, validation loader or None) for this rank. Rows are split over the data ranks
+    (world / parallel.cp): the ranks of a CP group read the same rows and each keeps its chunks."""
     d = cfg.data
+    rank, world = rt.mesh.data_rank, rt.mesh.data_size
     if d.source == "synthetic":
         return SyntheticLoader(model.config.vocab_size, d.max_seq_len, d.micro_batch_size, cfg.trainer.seed,
-                               rt.rank, rt.world_size), None
+                               rank, world), None
     from .data import build_train_loader, build_val_loader, load_tokenizer
 
     tok = load_tokenizer(resolve_tokenizer_path(cfg))
@@ -176,9 +188,16 @@ def build_loaders(cfg: TrainConfig, model: GptOssForCausalLM, rt: Runtime):
                          f"{model.config.vocab_size}; use the model's own tokenizer (data.tokenizer=...)")
     # Every record is validated (and the stores made, on rank 0) here, before step 1.
     root = Path(d.prepared_dir or Path(cfg.trainer.output_dir) / "data")
-    train = build_train_loader(d, tok, store_dir=root / "train", rank=rt.rank, world_size=rt.world_size,
-                               seed=cfg.trainer.seed)
-    val = (build_val_loader(d, tok, store_dir=root / "val", rank=rt.rank, world_size=rt.world_size)
+    if rt.mesh.cp > 1:
+        # Several ranks are data rank 0 under CP: the world's rank 0 alone prepares the stores first
+        # (the others wait), so the loaders below only ever find them current.
+        from .data.loader import open_store
+
+        open_store(d.resolved_train_path(), root / "train", d, tok, rank=rt.rank, world_size=rt.world_size)
+        if cfg.trainer.val_every and d.resolved_val_path() is not None:
+            open_store(d.resolved_val_path(), root / "val", d, tok, rank=rt.rank, world_size=rt.world_size)
+    train = build_train_loader(d, tok, store_dir=root / "train", rank=rank, world_size=world, seed=cfg.trainer.seed)
+    val = (build_val_loader(d, tok, store_dir=root / "val", rank=rank, world_size=world)
            if cfg.trainer.val_every else None)
     return train, val
 

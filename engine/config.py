@@ -29,6 +29,7 @@ class ModelConfig:
     activation_checkpointing: Any = False  # false | true | list of layer indices
     activation_offload: bool = False  # checkpointed layers keep their inputs in pinned host memory
     ce_chunk_size: int = 512
+    moe_chunk_tokens: int | None = None  # the MoE layer runs its tokens in chunks of at most this many (0/null: off)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ParallelConfig:
     ep: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallelism: each row split over cp ranks (engine.parallel.context_parallel)
     timeout_s: int = 600  # a rank that stops answering fails the others after this long
     shard: str = "none"  # none | optimizer | full: what FSDP2 shards over the data-parallel ranks
 
@@ -66,7 +68,7 @@ class TrainerConfig:
     max_bad_steps: int = 5  # steps with non-finite loss/gradients skipped before the run stops
     memory_check: bool = True  # refuse to start when the memory plan exceeds the GPU's memory
     dry_run: bool = False  # check layout, shapes, LoRA targets and data, print the plan, train nothing
-    dry_run_gpus: int = 0  # GPUs a dry run plans for (0: the processes at hand, or parallel.ep if larger)
+    dry_run_gpus: int = 0  # GPUs a dry run plans for (0: the processes at hand, or lcm(ep, cp) if larger)
     gpu_memory_gb: float = 80.0  # a dry run without a visible GPU checks its plan against this
     resume: str = "auto"  # auto | none | PATH
     progress: bool = True  # a progress bar on rank 0 when the output is a terminal (else log lines)
@@ -120,11 +122,12 @@ class TrainConfig:
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
         positive = {"trainer.max_steps": self.trainer.max_steps, "parallel.ep": self.parallel.ep,
-                    "parallel.tp": self.parallel.tp, "parallel.pp": self.parallel.pp}
+                    "parallel.tp": self.parallel.tp, "parallel.pp": self.parallel.pp, "parallel.cp": self.parallel.cp}
         for key, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{key}={value!r} must be a positive integer")
         _check_ranges(self)
+        _check_context_parallel(self)
         if self.model.activation_offload and not self.model.activation_checkpointing:
             raise ConfigError("model.activation_offload=true offloads the inputs of checkpointed layers; "
                               "set model.activation_checkpointing=true (or a list of layers) as well")
@@ -180,10 +183,26 @@ def _check_ranges(cfg: "TrainConfig") -> None:
     for key in ("output_dir", "resume"):
         if not str(getattr(t, key)).strip():
             raise ConfigError(f"trainer.{key}={getattr(t, key)!r} must not be empty")
+    chunk = cfg.model.moe_chunk_tokens
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+        raise ConfigError(f"model.moe_chunk_tokens={chunk!r} must be an integer >= 0 (tokens per MoE chunk, e.g. "
+                          "16384; 0 or null: no chunking)")
     ac = cfg.model.activation_checkpointing
     if not isinstance(ac, bool) and not (isinstance(ac, (list, tuple)) and all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ac)):
         raise ConfigError(f"model.activation_checkpointing={ac!r} must be true, false or a list of layer indices")
+
+
+def _check_context_parallel(cfg: "TrainConfig") -> None:
+    """parallel.cp cuts every row into 2*cp equal chunks and runs the blockwise attention."""
+    cp, seq = cfg.parallel.cp, cfg.data.max_seq_len
+    if cp > 1 and isinstance(seq, int) and seq % (2 * cp):
+        fits = (seq // (2 * cp)) * 2 * cp
+        raise ConfigError(f"data.max_seq_len={seq} must be a multiple of 2 x parallel.cp = {2 * cp} (each row is cut "
+                          f"into {2 * cp} equal chunks); set data.max_seq_len={fits or 2 * cp} or {fits + 2 * cp}")
+    if cp > 1 and cfg.model.attn_backend not in ("auto", "blockwise"):
+        raise ConfigError(f"model.attn_backend={cfg.model.attn_backend!r} has no context-parallel path; with "
+                          f"parallel.cp={cp} use model.attn_backend=blockwise (auto picks it)")
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

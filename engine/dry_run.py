@@ -1,8 +1,8 @@
 """`trainer.dry_run=true`: everything but the weights and the steps, for the GPUs a recipe targets.
 
 It plans memory as the run will be on its GPUs (the dtype and attention backend CUDA gets), for
-`trainer.dry_run_gpus` GPUs (default: the processes at hand, or parallel.ep if larger) against
-`trainer.gpu_memory_gb` when no GPU is visible, and refuses a plan that does not fit. With as many
+`trainer.dry_run_gpus` GPUs (default: the processes at hand, or lcm(parallel.ep, parallel.cp) if
+larger) against `trainer.gpu_memory_gb` when no GPU is visible, and refuses a plan that does not fit. With as many
 processes as planned GPUs it then builds the model's shapes on the meta device, applies LoRA,
 splits the batch and reads one batch of real data. A hub model that cannot be reached (offline) is
 planned with the built-in architecture of the same name, and the dry run says so.
@@ -11,6 +11,7 @@ planned with the built-in architecture of the same name, and the dry run says so
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def dry_run(cfg: TrainConfig) -> dict:
 
     arch, source = arch_for_dry_run(cfg)
     procs = int(os.environ.get("WORLD_SIZE", "1"))
-    gpus = cfg.trainer.dry_run_gpus or max(procs, cfg.parallel.ep)
+    gpus = cfg.trainer.dry_run_gpus or max(procs, math.lcm(cfg.parallel.ep, cfg.parallel.cp))
     device_type = "cpu" if cfg.trainer.device == "cpu" else "cuda"
     plan = plan_for_run(cfg, arch, device_type, gpus)
     if device_type == "cuda":
@@ -54,8 +55,8 @@ def dry_run(cfg: TrainConfig) -> dict:
     else:
         capacity, where = None, "CPU (no memory check)"
     unit = "GPU" if device_type == "cuda" else "process"
-    log.info("dry run: architecture from %s; memory plan per %s for %d %ss, parallel.ep=%d, against %s:\n%s",
-             source, unit, gpus, unit, cfg.parallel.ep, where, plan.format())
+    log.info("dry run: architecture from %s; memory plan per %s for %d %ss, parallel.ep=%d, parallel.cp=%d, "
+             "against %s:\n%s", source, unit, gpus, unit, cfg.parallel.ep, cfg.parallel.cp, where, plan.format())
     check_fits(plan, capacity, cfg.trainer.memory_check)
     info = {"architecture": source, "planned_gpus" if device_type == "cuda" else "planned_processes": gpus,
             "plan_gib_per_gpu" if device_type == "cuda" else "plan_gib_per_process": round(plan.total / GiB, 1)}
@@ -82,12 +83,12 @@ def _build_checks(cfg: TrainConfig, arch: GptOssConfig) -> dict:
 
     rt = setup_runtime(cfg, arch)
     model = build_model(cfg, rt, arch, weights=False)
-    accum = cfg.data.grad_accum_steps(rt.world_size)
+    accum = cfg.data.grad_accum_steps(rt.mesh.data_size)
     loader, _ = build_loaders(cfg, model, rt)
     batch = next(loader)
     if hasattr(loader, "close"):
         loader.close()
-    n_target = int(global_token_count(int(batch["num_target_tokens"]), rt.mesh))
+    n_target = int(global_token_count(int(batch["num_target_tokens"]), rt.mesh)) // rt.mesh.cp
     info = {"params_on_rank": model.num_parameters(), "trainable_on_rank": model.num_parameters(trainable_only=True),
             "micro_batches_per_rank": accum, "first_batch_shape": list(batch["input_ids"].shape),
             "first_batch_target_tokens_all_ranks": n_target}

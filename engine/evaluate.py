@@ -54,19 +54,24 @@ class Totals:
 
 
 def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                 doc_ids: torch.Tensor | None = None, cp=None) -> torch.Tensor:
     """Per-token loss [B, T] (0 where labels == -100), no gradients: the model's hidden states, then
-    the chunked cross-entropy against lm_head."""
+    the chunked cross-entropy against lm_head. With `cp` (context parallelism): this rank's tokens
+    only, [B, T/N] in `cp.local_index` order."""
     from .parallel.fsdp import gathered
 
     with torch.no_grad(), gathered(model):  # under FSDP2 the root's embedding and head are gathered here
-        h = model.hidden_states(input_ids, position_ids, doc_ids)
+        h = model.hidden_states(input_ids, position_ids, doc_ids, cp)
+        if cp is not None:
+            labels = labels[:, cp.local_index(labels.shape[1], labels.device)]
         return token_cross_entropy(h, model.lm_head.weight, labels, model.options.ce_chunk_size)
 
 
 def validation_loss(model, loader, rt) -> float:
     """Mean token loss over one pass of the validation loader, all ranks (summed, divided once). Every
-    rank gets the same number of batches, so the expert all-to-all stays in step."""
+    rank gets the same number of batches, so the expert all-to-all stays in step. Under context
+    parallelism each rank scores its chunks of its CP group's shared rows (each token once)."""
+    cp = getattr(rt, "cp", None)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # [loss sum, target tokens]
@@ -74,7 +79,9 @@ def validation_loss(model, loader, rt) -> float:
         labels = b["labels"].to(rt.device)
         with rt.autocast():
             losses = token_losses(model, b["input_ids"].to(rt.device), labels, b["position_ids"].to(rt.device),
-                                  None if b.get("doc_ids") is None else b["doc_ids"].to(rt.device))
+                                  None if b.get("doc_ids") is None else b["doc_ids"].to(rt.device), cp)
+        if cp is not None:
+            labels = labels[:, cp.local_index(labels.shape[1], labels.device)]
         total[0] += losses.double().sum()
         total[1] += int((labels != IGNORE_INDEX).sum())
     model.train(was_training)

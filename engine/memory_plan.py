@@ -6,7 +6,9 @@ Estimates, in bytes per rank:
   gradients    one per trainable weight, in its dtype
   optimizer    AdamW: two fp32 moments per trainable weight (+ an fp32 master copy when the weight
                itself is not fp32)
-  activations  what the backward keeps per micro-batch (see `activation_bytes_per_token`)
+  activations  what the backward keeps per micro-batch (see `activation_bytes_per_token`), for this
+               rank's 1/parallel.cp of each row, plus the keys/values gathered from the CP group; with
+               model.moe_chunk_tokens the routed copies through the experts for one chunk only
   loss         the chunked cross-entropy's fp32 logits and probabilities for one chunk
   host         (not GPU memory) the checkpointed layers' inputs under model.activation_offload
 
@@ -64,6 +66,26 @@ def lora_param_count(cfg: GptOssConfig, rank: int, targets: list[str], ep: int, 
     return per_layer * cfg.num_hidden_layers
 
 
+def routed_bytes_per_token(cfg: GptOssConfig, act_bytes: int = 2) -> float:
+    """Per token and layer, what the k routed copies through the expert MLP keep: x, h [2I], act [I], y."""
+    h, i, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    return k * (h + 2 * i + i + h) * act_bytes
+
+
+def activation_bytes(cfg: GptOssConfig, tokens: int, seq_len: int, eager_attention: bool, checkpointing: bool,
+                     act_bytes: int = 2, offload: bool = False, moe_chunk: int = 0) -> float:
+    """Activation bytes of `tokens` tokens. Without `moe_chunk` that is tokens x the per-token figure;
+    with it, each MoE layer keeps only its chunks' inputs and recomputes one chunk of routed copies at
+    a time in the backward: the routed term is paid once, for moe_chunk tokens (when there are more
+    tokens than that; else the layer runs unchunked)."""
+    per_token = activation_bytes_per_token(cfg, seq_len, eager_attention, checkpointing, act_bytes, offload)
+    if not moe_chunk or tokens <= moe_chunk:
+        return tokens * per_token
+    routed = routed_bytes_per_token(cfg, act_bytes)
+    per_token -= routed if checkpointing else cfg.num_hidden_layers * routed
+    return tokens * per_token + moe_chunk * routed
+
+
 def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention: bool, checkpointing: bool,
                                act_bytes: int = 2, offload: bool = False) -> float:
     """Bytes the backward keeps per token: per layer, the saved inputs/outputs of each matmul and
@@ -72,10 +94,11 @@ def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention:
     only each layer's input is kept, plus one layer's worth during its recompute; offloaded, the inputs
     wait in host memory and the GPU holds two of them (the layer's own and the next one, prefetched).
     Only the eager attention has a term in seq_len: every other backend is linear in T."""
-    h, i, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    h = cfg.hidden_size
     attn = h + cfg.q_width + 2 * cfg.kv_width + cfg.q_width + cfg.q_width + h  # norm out, q, k, v, out, o_in, res
-    moe = h + h + k * (h + 2 * i + i + h)  # norm out, residual, per routed copy: x, h, act, y
-    per_layer = (attn + moe) * act_bytes + 4 * cfg.num_attention_heads + 4 * cfg.num_local_experts
+    moe = h + h  # norm out, residual; + the routed copies
+    per_layer = ((attn + moe) * act_bytes + routed_bytes_per_token(cfg, act_bytes) + 4 * cfg.num_attention_heads
+                 + 4 * cfg.num_local_experts)
     if eager_attention:  # the reference attention materialises fp32 probabilities [heads, T, T]
         per_layer += 4 * cfg.num_attention_heads * seq_len
     layers = cfg.num_hidden_layers
@@ -87,7 +110,8 @@ def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention:
 def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targets: list[str] | None = None,
                 shared_expert_adapters: bool = False, seq_len: int, micro_batch: int, eager_attention: bool,
                 checkpointing: bool, ce_chunk: int = 512, train_bytes: int = 2, world_size: int | None = None,
-                shard: str = "none", master_weights: bool = False, offload: bool = False) -> MemoryPlan:
+                shard: str = "none", master_weights: bool = False, offload: bool = False, cp: int = 1,
+                moe_chunk: int = 0) -> MemoryPlan:
     counts = cfg.param_counts()
     dense = counts["total"] - counts["experts"]
     local = dense + counts["experts"] // ep
@@ -117,9 +141,11 @@ def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targe
         weights = share * 4 + gathered * train_bytes
         grads = share * 4 + gathered * train_bytes  # sharded fp32 + the unsharded ones being reduced
         optim = share * 8
-    tokens = seq_len * micro_batch
+    tokens = seq_len * micro_batch // cp  # this rank's chunks of its rows under context parallelism
     offload = offload and checkpointing
-    acts = tokens * activation_bytes_per_token(cfg, seq_len, eager_attention, checkpointing, train_bytes, offload)
+    acts = activation_bytes(cfg, tokens, seq_len, eager_attention, checkpointing, train_bytes, offload, moe_chunk)
+    if cp > 1:  # each attention layer gathers the whole rows' keys and values (kept for its backward)
+        acts += 2 * cfg.kv_width * seq_len * micro_batch * train_bytes * (1 if checkpointing else cfg.num_hidden_layers)
     loss = 2 * min(ce_chunk, tokens) * cfg.vocab_size * 4 + tokens * cfg.hidden_size * 4
     host = tokens * cfg.num_hidden_layers * cfg.hidden_size * train_bytes if offload else 0.0
     return MemoryPlan(weights, grads, optim, acts, loss, host)
@@ -144,7 +170,8 @@ def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> 
                        checkpointing=bool(cfg.model.activation_checkpointing), ce_chunk=cfg.model.ce_chunk_size,
                        train_bytes=4 if cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device_type != "cuda")
                        else 2, world_size=world_size, shard=cfg.parallel.shard,
-                       master_weights=cfg.optim.master_weights, offload=cfg.model.activation_offload)
+                       master_weights=cfg.optim.master_weights, offload=cfg.model.activation_offload,
+                       cp=getattr(cfg.parallel, "cp", 1), moe_chunk=cfg.model.moe_chunk_tokens or 0)
 
 
 def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:

@@ -3,7 +3,8 @@
 One optimizer step:
   1. draw this rank's micro-batches of the global batch (the global batch is fixed by the recipe,
      whatever the world size; gradient accumulation makes up the difference)
-  2. count the target tokens of the WHOLE global batch (all ranks): each micro-batch's summed loss is
+  2. count the target tokens of the WHOLE global batch (all ranks; under parallel.cp the ranks of a CP
+     group read the same rows, so each row is counted once): each micro-batch's summed loss is
      divided by that count, so the accumulated gradient is exactly d(mean token loss) of the global
      batch, independent of how tokens fall on ranks and micro-batches
   3. backward per micro-batch; gradients SUMMED across ranks (dense over all ranks, experts over
@@ -85,10 +86,12 @@ def run(cfg: TrainConfig) -> dict:
     opt = build_optimizer(model, cfg.optim, rt.mesh)
     sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
     loader, val_loader = build_loaders(cfg, model, rt)
+    data_ranks = rt.mesh.data_size  # world / parallel.cp: the ranks of a CP group share their rows
     try:
-        accum = cfg.data.grad_accum_steps(rt.world_size)
+        accum = cfg.data.grad_accum_steps(data_ranks)
     except ValueError as e:
-        raise ConfigError(f"{e}; adjust data.micro_batch_size or data.global_batch_size for {rt.world_size} ranks") from None
+        raise ConfigError(f"{e}; adjust data.micro_batch_size or data.global_batch_size for {data_ranks} data ranks "
+                          f"({rt.world_size} ranks / parallel.cp={rt.mesh.cp})") from None
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: %s, %.3fM params on this rank (%.3fM trainable), %s on %s, mesh %s, %d micro-batch(es) of %d "
              "per rank per step", cfg.model.path or cfg.model.preset, model.num_parameters() / 1e6, n_trainable / 1e6,
@@ -120,12 +123,13 @@ def run(cfg: TrainConfig) -> dict:
     for step in range(start_step, cfg.trainer.max_steps):
         t0 = time.perf_counter()
         batches = [next(loader) for _ in range(accum)]
-        n_target = global_token_count(sum(int(b["num_target_tokens"]) for b in batches), rt.mesh)
+        # Summed over the world, a CP group's shared rows count cp times: divided back (exact).
+        n_target = global_token_count(sum(int(b["num_target_tokens"]) for b in batches), rt.mesh) // rt.mesh.cp
         normalizer = n_target.clamp(min=1).to(torch.float32)
         loss_total = torch.zeros((), device=rt.device)
         for b in batches:
             with rt.autocast():
-                loss = model(**_model_inputs(b, rt.device), loss_normalizer=normalizer)
+                loss = model(**_model_inputs(b, rt.device), loss_normalizer=normalizer, cp=rt.cp)
             loss.backward()
             loss_total += loss.detach().float()
         if is_sharded(model):  # FSDP2 reduced the gradients in the backward
@@ -153,7 +157,7 @@ def run(cfg: TrainConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         losses.append(loss_value)
-        n_tokens = accum * cfg.data.micro_batch_size * cfg.data.max_seq_len * rt.world_size
+        n_tokens = accum * cfg.data.micro_batch_size * cfg.data.max_seq_len * data_ranks
         record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": n_tokens / dt, "step_time_s": dt, "target_tokens": int(n_target),
                   "skipped_steps": bad_steps}

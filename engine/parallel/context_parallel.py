@@ -8,6 +8,13 @@ and the gradient of the gathered keys comes back summed over the ranks (all-redu
 rank keeps its chunks). Each rank's loss is its own tokens' share of the global mean; the caller
 sums the gradients over the group as for data parallelism.
 
+Sliding-window layers need far less: a query at position i sees keys (i - window, i], so a chunk
+starting at s needs only the `window - 1` positions before s besides its own keys: the tail of the
+chunk before it. Each rank all-gathers just the tails of its two chunks ([B, KV, 2 x (window - 1), D]
+per rank, whatever T is) and attends each chunk to [previous chunk's tail, own keys]; the tails'
+gradients come back to their owners as for the full gather. When a chunk is shorter than the halo
+(short rows, many ranks) the layer falls back to the full gather.
+
     cp = ContextParallel(group)                   # a torch.distributed group (gloo or nccl)
     loss = model(ids, labels=labels, position_ids=pos, doc_ids=docs, cp=cp)   # full rows in
     loss.backward(); all_reduce every grad over the group; all_reduce loss.detach() to log it
@@ -24,6 +31,7 @@ class ContextParallel:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.last_sliding_exchange = ""  # "halo" or "full": what the last sliding layer gathered (for tests)
 
     def chunks(self, t: int, rank: int | None = None) -> list[tuple[int, int]]:
         """The [start, end) positions of `rank`'s two chunks of a T-token row."""
@@ -42,6 +50,42 @@ class ContextParallel:
     def gather_seq(self, x: torch.Tensor) -> torch.Tensor:
         """[B, heads, T/N, D] local -> [B, heads, T, D] in sequence order, with its backward."""
         return _GatherSeq.apply(x, self)
+
+    def halo(self, t: int, window: int | None) -> int | None:
+        """Keys a chunk needs from before its start on a layer with `window` (window - 1), or None
+        when the layer must gather every key (a full layer, or chunks shorter than the halo)."""
+        if window is None:
+            return None
+        c = t // (2 * self.size)
+        return window - 1 if c >= window - 1 else None
+
+    def gather_tails(self, x: torch.Tensor, halo: int) -> list[torch.Tensor]:
+        """x [B, heads, T/N, D] local -> per global chunk j of the row, its last `halo` positions
+        [B, heads, halo, D] (a list of 2N), gathered from their owners; differentiable."""
+        c = x.shape[2] // 2
+        mine = torch.stack([x[:, :, c - halo:c], x[:, :, 2 * c - halo:]])  # [2, B, heads, halo, D]
+        every = _GatherStack.apply(mine, self)  # [N, 2, B, heads, halo, D]
+        tails: list[torch.Tensor] = [None] * (2 * self.size)  # type: ignore[list-item]
+        for r in range(self.size):
+            tails[r], tails[2 * self.size - 1 - r] = every[r, 0], every[r, 1]
+        return tails
+
+
+class _GatherStack(torch.autograd.Function):
+    """x on every rank -> [N, *x.shape]; backward: the summed gradient of this rank's slot."""
+
+    @staticmethod
+    def forward(ctx, x, cp: ContextParallel):
+        ctx.cp = cp
+        parts = [torch.empty_like(x) for _ in range(cp.size)]
+        dist.all_gather(parts, x.contiguous(), group=cp.group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.cp.group)  # every rank's queries may have read this rank's tails
+        return grad[ctx.cp.rank], None
 
 
 class _GatherSeq(torch.autograd.Function):

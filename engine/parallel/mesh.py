@@ -1,4 +1,5 @@
-"""The process layout of a run: world, data-parallel, expert-parallel and expert-data-parallel groups.
+"""The process layout of a run: world, data-parallel, expert-parallel, expert-data-parallel and
+context-parallel groups.
 
 Ranks form a grid [edp, ep] with the expert-parallel index fastest:
 
@@ -12,6 +13,21 @@ replicated on every rank, so their data-parallel group is the whole world.
     world 4, ep 2:  EP groups {0,1} {2,3}   expert-DP groups {0,2} {1,3}   dense DP group {0,1,2,3}
     world 4, ep 4:  EP group  {0,1,2,3}     expert-DP groups {0} {1} {2} {3}
     world 4, ep 1:  EP groups {0} ... {3}   expert-DP group  {0,1,2,3}
+
+Context parallelism (`parallel.cp`, engine.parallel.context_parallel) is a second, independent
+split of the same ranks, also consecutive:
+
+    rank = data_rank * cp + cp_rank
+
+The `cp` ranks of a CP group read the SAME rows (the data is sliced over data_size = world / cp
+data ranks) and each keeps its two chunks of every row. No parameter lives differently under CP:
+each rank still holds its own tokens (chunks instead of rows), so the dense weights' gradients are
+summed over the whole world and the experts' over expert-DP exactly as without CP, and the MoE
+dispatch of an EP group sees whatever tokens its ranks hold.
+
+    world 4, cp 2, ep 2:  CP groups {0,1} {2,3} (rows: data ranks 0 and 1)   EP groups {0,1} {2,3}
+    world 4, cp 2, ep 1:  CP groups {0,1} {2,3}   expert-DP group {0,1,2,3}
+    world 4, cp 4:        one CP group: every rank reads the same rows
 
 The layout is checked on every rank before any collective, so a bad layout fails everywhere with
 the same message instead of leaving some ranks waiting in a collective. The mesh is passed
@@ -39,9 +55,10 @@ def _divisors_of_both(a: int, b: int | None) -> list[int]:
     return [d for d in range(1, a + 1) if a % d == 0 and (b is None or b % d == 0)]
 
 
-def check_layout(world_size: int, ep: int, tp: int = 1, pp: int = 1, num_experts: int | None = None) -> None:
-    """Raise LayoutError unless (world_size, ep, tp, pp, num_experts) is a layout we can run."""
-    for key, value in (("parallel.ep", ep), ("parallel.tp", tp), ("parallel.pp", pp)):
+def check_layout(world_size: int, ep: int, tp: int = 1, pp: int = 1, num_experts: int | None = None,
+                 cp: int = 1) -> None:
+    """Raise LayoutError unless (world_size, ep, tp, pp, num_experts, cp) is a layout we can run."""
+    for key, value in (("parallel.ep", ep), ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise LayoutError(f"{key}={value!r} must be a positive integer")
     if tp > 1 and ep > 1:
@@ -59,6 +76,10 @@ def check_layout(world_size: int, ep: int, tp: int = 1, pp: int = 1, num_experts
     if num_experts is not None and num_experts % ep:
         raise LayoutError(f"parallel.ep={ep} does not divide the number of experts ({num_experts}); "
                           f"choose parallel.ep in {choices}")
+    if world_size % cp:
+        how = "run with torchrun --nproc_per_node N" if world_size == 1 else "each CP group is cp ranks"
+        raise LayoutError(f"parallel.cp={cp} does not divide the world size {world_size} ({how}); "
+                          f"choose parallel.cp in {_divisors_of_both(world_size, None)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,8 +88,10 @@ class Mesh:
     rank: int
     ep: int
     device: torch.device
+    cp: int = 1
     # None when the group has one rank or when running without torch.distributed.
     ep_group: dist.ProcessGroup | None = None
+    cp_group: dist.ProcessGroup | None = None
     edp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     # torch DeviceMeshes over the same grid, what DTensor, FSDP2 and the checkpoints speak (None without
@@ -95,6 +118,21 @@ class Mesh:
         return self.rank // self.ep
 
     @property
+    def cp_rank(self) -> int:
+        """Which two chunks of each row this rank keeps (engine.parallel.context_parallel)."""
+        return self.rank % self.cp
+
+    @property
+    def data_size(self) -> int:
+        """How many ways the rows of a global batch are split: world / cp (the CP ranks share rows)."""
+        return self.world_size // self.cp
+
+    @property
+    def data_rank(self) -> int:
+        """Which slice of the global batch's rows this rank reads (the same for a whole CP group)."""
+        return self.rank // self.cp
+
+    @property
     def dp_size(self) -> int:
         """Every rank is a data-parallel rank for the dense weights and reads its own slice of the batch."""
         return self.world_size
@@ -113,8 +151,9 @@ class Mesh:
         return range(self.ep_rank * local, (self.ep_rank + 1) * local)
 
     def __repr__(self) -> str:
+        cp = f"cp={self.cp} (rank {self.cp_rank}), " if self.cp > 1 else ""
         return (f"Mesh(world={self.world_size}, rank={self.rank}, ep={self.ep} (rank {self.ep_rank}), "
-                f"expert_dp={self.edp_size} (rank {self.edp_rank}), device={self.device})")
+                f"expert_dp={self.edp_size} (rank {self.edp_rank}), {cp}device={self.device})")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -125,7 +164,7 @@ class Mesh:
     @classmethod
     def from_env(cls, ep: int = 1, tp: int = 1, pp: int = 1, num_experts: int | None = None,
                  timeout_s: float = 600.0, device: torch.device | str = "auto",
-                 backend: str | None = None) -> "Mesh":
+                 backend: str | None = None, cp: int = 1) -> "Mesh":
         """Build the mesh from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
         Without WORLD_SIZE: a single process (ep must then be 1). With a process group already
@@ -142,7 +181,7 @@ class Mesh:
             rank = _env_int("RANK", 0)
         # Check before the first collective (init_process_group is one): every rank has the same
         # arguments, so every rank raises the same error and none is left waiting.
-        check_layout(world_size, ep, tp, pp, num_experts)
+        check_layout(world_size, ep, tp, pp, num_experts, cp)
         if world_size == 1 and not dist.is_initialized():
             return cls.single(device)
 
@@ -173,11 +212,20 @@ class Mesh:
                     edp_group = g
         elif edp == world_size:
             edp_group = dist.group.WORLD
+        cp_group = None
+        if 1 < cp < world_size:
+            for i in range(world_size // cp):
+                g = dist.new_group(list(range(i * cp, (i + 1) * cp)), timeout=timeout)
+                if i == rank // cp:
+                    cp_group = g
+        elif cp == world_size:
+            cp_group = dist.group.WORLD
         grid = torch.arange(world_size).reshape(edp, ep).T  # [ep, edp]: grid[j, i] = i * ep + j
         device_mesh = DeviceMesh(device.type, grid, mesh_dim_names=("ep", "edp"))
         world_mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
         ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
-        return cls(world_size=world_size, rank=rank, ep=ep, device=device, ep_group=ep_group,
+        return cls(world_size=world_size, rank=rank, ep=ep, device=device, cp=cp, ep_group=ep_group,
+                   cp_group=cp_group,
                    edp_group=edp_group, dp_group=dist.group.WORLD, device_mesh=device_mesh, world_mesh=world_mesh,
                    ckpt_group=ckpt_group)
 

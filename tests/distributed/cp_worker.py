@@ -1,8 +1,9 @@
-"""One rank of the context-parallel test: `python -m tests.distributed.cp_worker RANK WORLD STORE OUT`.
+"""One rank of the context-parallel test: `python -m tests.distributed.cp_worker RANK WORLD STORE OUT [WINDOW]`.
 
 Full packed rows go in on every rank; the model keeps this rank's two chunks of each row. The loss
 shares and the gradients are summed over the group (as the trainer sums data-parallel gradients),
-and rank 0 saves them. WORLD 1 runs without context parallelism: the reference.
+and rank 0 saves them, with what the sliding layer exchanged ("halo" or "full"). WORLD 1 runs
+without context parallelism: the reference. WINDOW is the sliding layer's window (default 6).
 """
 
 from __future__ import annotations
@@ -31,21 +32,24 @@ def batch(vocab: int):
     return ids, labels, pos, doc_ids
 
 
-def main(rank: int, world: int, store: str, out: str) -> None:
+def main(rank: int, world: int, store: str, out: str, window: int = 6) -> None:
     torch.manual_seed(0)
-    cfg = GptOssConfig.tiny(num_hidden_layers=2, sliding_window=6)  # one sliding, one full layer
+    cfg = GptOssConfig.tiny(num_hidden_layers=2, sliding_window=window)  # one sliding, one full layer
     model = GptOssForCausalLM(cfg, attn_backend="blockwise", experts_backend="loop")
     model.init_weights(0)
     with torch.no_grad():
         model.model.layers[0].self_attn.sinks.normal_(0, 1, generator=torch.Generator().manual_seed(1))
         model.model.layers[1].self_attn.sinks.normal_(0, 1, generator=torch.Generator().manual_seed(2))
     ids, labels, pos, doc_ids = batch(cfg.vocab_size)
+    exchange = ""
     if world == 1:
         loss = model(ids, labels=labels, position_ids=pos, doc_ids=doc_ids)
         loss.backward()
     else:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        loss = model(ids, labels=labels, position_ids=pos, doc_ids=doc_ids, cp=ContextParallel())
+        cp = ContextParallel()
+        loss = model(ids, labels=labels, position_ids=pos, doc_ids=doc_ids, cp=cp)
+        exchange = cp.last_sliding_exchange
         loss.backward()
         for p in model.parameters():
             dist.all_reduce(p.grad)
@@ -53,8 +57,9 @@ def main(rank: int, world: int, store: str, out: str) -> None:
         dist.all_reduce(loss)
         dist.destroy_process_group()
     if rank == 0:
-        torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}, out)
+        torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()},
+                    "exchange": exchange}, out)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], *map(int, sys.argv[5:]))

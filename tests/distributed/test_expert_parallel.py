@@ -119,3 +119,15 @@ def test_adamw_steps_match_single_process(layout):
                 expected = expected[ep_rank * local : (ep_rank + 1) * local]
             _close(p, expected, f"rank {rank} param {name} after {STEPS['steps']} steps")
     assert ref["losses"][-1] < ref["losses"][0], "the steps should move the model"
+
+
+@pytest.mark.parametrize("layout", [lay for lay, spec in LAYOUTS.items() if spec.get("dispatcher_checks")])
+def test_moe_chunks_under_expert_parallelism_match_one_block(layout):
+    """model.moe_chunk_tokens=3 with 7 and 11 tokens on the two ranks of an EP group: both run 4 chunks
+    (the group's maximum; the all-to-all is collective) and equal one unchunked block on all 18 tokens
+    (fp32, rounding only: 1e-6 of each tensor's largest magnitude)."""
+    for rank, result in enumerate(ranks_of(layout)):
+        got = result["moe_chunks"]
+        assert got["chunks"] == 4, f"rank {rank}: {got}"
+        assert max(got["diffs"].values()) <= 1e-6, f"rank {rank}: {got}"
+    assert {r["moe_chunks"]["unchunked_would_be"] for r in ranks_of(layout)} == {3, 4}

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from engine.moe.alltoall import AllToAllDispatcher, apply_expert_parallel, global_expert_load
 from engine.moe.dispatch import LocalDispatcher
-from engine.moe.experts import GroupedExperts
+from engine.moe.experts import GroupedExperts, shard_experts
+from engine.moe.layer import MoEBlock
 from engine.parallel import (Mesh, clip_grad_norm, global_grad_norm, global_token_count, micro_batches_for,
                              rank_slice, sync_gradients)
 from tests.distributed.cases import GLOBAL_BATCH, expert_parallel_model, global_batch
@@ -143,6 +144,45 @@ def dispatcher_vs_local(mesh: Mesh, n_per_rank: list[int], autocast: bool, hidde
     return {"diffs": diffs, "bytes_per_value": disp.last_traffic["dispatch_bytes_out"] / max(sent_rows, 1) / hidden}
 
 
+def chunked_moe_vs_full(mesh: Mesh, chunk: int = 3, hidden: int = 16, inter: int = 8, k: int = 2,
+                        num_experts: int = 8) -> dict:
+    """model.moe_chunk_tokens under EP: ranks with 7, 11, ... tokens need 3, 4, ... chunks of 3; every
+    rank runs the group's maximum (4 at EP 2). Outputs, input, router and expert gradients against
+    one unchunked block with all experts on the whole EP group's tokens: max abs differences over
+    max(1, the reference's largest magnitude) (fp32: the chunks' matmuls round differently)."""
+    n_per_rank = [7 + 4 * r for r in range(mesh.ep)]
+    gen = torch.Generator().manual_seed(5)
+    x_all = torch.randn(sum(n_per_rank), hidden, generator=gen)
+    g_all = torch.randn(x_all.shape, generator=gen)
+    full = MoEBlock(hidden, inter, num_experts, k, alpha=1.702, limit=7.0, experts_backend="loop")
+    for p in full.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    mine = MoEBlock(hidden, inter, num_experts, k, alpha=1.702, limit=7.0, experts_backend="loop", chunk_tokens=chunk)
+    mine.load_state_dict(full.state_dict())
+    shard_experts(mine.experts, mesh.ep, mesh.ep_rank)
+    mine.dispatcher = AllToAllDispatcher(mesh.ep_group, mesh.ep, mesh.ep_rank, num_experts)
+    start = sum(n_per_rank[: mesh.ep_rank])
+    rows = slice(start, start + n_per_rank[mesh.ep_rank])
+    x_ref, x = x_all.clone().requires_grad_(True), x_all[rows].clone().requires_grad_(True)
+    out_ref, out = full(x_ref[None])[0], mine(x[None])[0]
+    (out_ref * g_all).sum().backward()
+    (out * g_all[rows]).sum().backward()
+    local = num_experts // mesh.ep
+    experts = slice(mesh.ep_rank * local, (mesh.ep_rank + 1) * local)
+
+    def rel(a, b):
+        return _max_diff(a, b) / max(1.0, float(b.abs().max()))
+
+    diffs = {"out": rel(out, out_ref[rows]), "x_grad": rel(x.grad, x_ref.grad[rows])}
+    for name, p in mine.router.named_parameters():  # replicated: the group's gradients summed
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=mesh.ep_group)
+        diffs[f"router.{name}"] = rel(grad, dict(full.router.named_parameters())[name].grad)
+    for name, p in mine.experts.named_parameters():
+        diffs[f"experts.{name}"] = rel(p.grad, dict(full.experts.named_parameters())[name].grad[experts])
+    return {"diffs": diffs, "chunks": mine.last_num_chunks, "unchunked_would_be": -(-n_per_rank[mesh.ep_rank] // chunk)}
+
+
 def _dispatch_experts_combine(dispatcher, x, weights, indices, experts):
     """The MoE block's phases after the route, with the given dispatcher and experts."""
     d = dispatcher.dispatch(x, weights, indices)
@@ -179,6 +219,7 @@ def main() -> None:
             # only rank 0 has tokens: rank 1 sends nothing, some experts get nothing
             result["empty_rank"] = dispatcher_vs_local(mesh, [6 if r == 0 else 0 for r in range(mesh.ep)], False)
             result["autocast"] = dispatcher_vs_local(mesh, [5 + r for r in range(mesh.ep)], True)
+            result["moe_chunks"] = chunked_moe_vs_full(mesh)
         if args.get("steps"):
             result["steps"] = run_steps(mesh, **args["steps"])
         result["mesh"] = {"ep_rank": mesh.ep_rank, "edp_rank": mesh.edp_rank, "ep": mesh.ep}

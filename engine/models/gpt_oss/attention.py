@@ -159,16 +159,35 @@ class GptOssAttention(nn.Module):
         return self.o_proj(out)
 
     def _context_parallel(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
-        """This rank's queries (two chunks of the row) against all keys, gathered from the group."""
+        """This rank's queries (two chunks of the row) against the keys they can see: all of them,
+        gathered from the group, on full layers; on sliding layers the chunk's own keys and the halo
+        (the `window - 1` keys before the chunk, from the rank holding them)."""
         if ctx.backend != "blockwise":
             raise ValueError(f"context parallelism runs the blockwise attention, not {ctx.backend!r}: "
                              "set model.attn_backend=blockwise")
-        k_all, v_all = ctx.cp.gather_seq(k), ctx.cp.gather_seq(v)  # [B, KV, T, D]
-        outs, offset = [], 0
-        for start, end in ctx.cp.chunks(k_all.shape[2]):
-            outs.append(blockwise_attention(q[:, :, offset:offset + end - start], k_all, v_all, self.sinks,
-                                            ctx.window_of(self.layer_type), ctx.doc_ids, self.scale, q_offset=start))
-            offset += end - start
+        cp, window = ctx.cp, ctx.window_of(self.layer_type)
+        t = q.shape[2] * cp.size
+        halo = cp.halo(t, window)
+        if window is not None:
+            cp.last_sliding_exchange = "full" if halo is None else "halo"
+        if halo is None:
+            k_all, v_all = cp.gather_seq(k), cp.gather_seq(v)  # [B, KV, T, D]
+        elif halo:
+            k_tails, v_tails = cp.gather_tails(k, halo), cp.gather_tails(v, halo)
+        outs, offset, c = [], 0, t // (2 * cp.size)
+        for start, end in cp.chunks(t):
+            n = end - start
+            qc = q[:, :, offset:offset + n]
+            if halo is None:
+                kc, vc, lo = k_all, v_all, 0
+            else:
+                kc, vc, lo = k[:, :, offset:offset + n], v[:, :, offset:offset + n], start
+                if halo and start:
+                    j = start // c  # the chunk before this one is j - 1
+                    kc, vc, lo = torch.cat([k_tails[j - 1], kc], 2), torch.cat([v_tails[j - 1], vc], 2), start - halo
+            docs = None if ctx.doc_ids is None else ctx.doc_ids[:, lo:lo + kc.shape[2]]
+            outs.append(blockwise_attention(qc, kc, vc, self.sinks, window, docs, self.scale, q_offset=start - lo))
+            offset += n
         return torch.cat(outs, dim=2)
 
 

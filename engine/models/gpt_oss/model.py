@@ -36,6 +36,7 @@ class ModelOptions:
     attn_backend: str = "auto"  # auto (flex on CUDA, blockwise on CPU) | eager | flex | blockwise | triton
     ce_chunk_size: int = 512  # rows of fp32 logits alive at once in the loss
     activation_offload: bool = False  # checkpointed layers keep their input in host memory (offload.py)
+    moe_chunk_tokens: int = 0  # the MoE layer runs at most this many tokens at a time (0: all at once)
 
 
 class RMSNorm(nn.Module):
@@ -57,7 +58,8 @@ class GptOssDecoderLayer(nn.Module):
         self.self_attn = GptOssAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoEBlock(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                            alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, experts_backend=opts.experts_backend)
+                            alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, experts_backend=opts.experts_backend,
+                            chunk_tokens=opts.moe_chunk_tokens)
         self.activation_checkpointing = False
 
     def _forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -141,8 +143,10 @@ class GptOssForCausalLM(nn.Module):
             input_ids, position_ids = input_ids[:, mine], position_ids[:, mine]
         x = self.model.embed_tokens(input_ids)
         cos, sin = cos_sin(self.config, position_ids)
+        # Context parallelism runs the blockwise attention; `auto` picks it on every device then.
+        backend = "blockwise" if cp is not None and self.options.attn_backend == "auto" else self.options.attn_backend
         ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, window=self.config.sliding_window,
-                               backend=resolve_attn_backend(self.options.attn_backend, x.device), cp=cp)
+                               backend=resolve_attn_backend(backend, x.device), cp=cp)
         offload = OffloadChain() if self.options.activation_offload else None
         for layer in self.model.layers:
             x = layer(x, ctx, offload)
