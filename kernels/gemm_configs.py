@@ -50,9 +50,10 @@ class TileConfig:
                 + ("-persistent" if self.persistent else "") + ("-tma" if self.tma else ""))
 
 
-# Hopper (bf16/fp16) candidates per (BLOCK_M, epilogue kind), best guess first. The SwiGLU backward
-# epilogue holds gate, up and d(act) tiles at once, so its tiles are narrower. Shared memory per
-# stage is (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes; all fit 227 KiB and none spills (sm90_aot.py).
+# Hopper (bf16/fp16) candidates per (BLOCK_M, epilogue kind), after the heuristic default. The SwiGLU
+# backward epilogue holds gate, up and d(act) tiles at once, so its tiles are narrower. Shared memory
+# per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes: all fit 227 KiB; the few that spill registers
+# in some epilogue or variant are dropped by _sm90_safe (found by sm90_aot.py --all-configs).
 _HOPPER = {
     (128, "fwd"): (TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 4), TileConfig(256, 64, 8, 3),
                    TileConfig(128, 64, 8, 4, group_m=16)),
@@ -147,6 +148,16 @@ def _sm90_safe(block_m: int, epilogue: int, c: TileConfig) -> TileConfig | None:
 
 def candidates(block_m: int, n: int, k: int, dtype: torch.dtype, epilogue: int) -> list[TileConfig]:
     """The configs worth timing for this bucket, the heuristic default first; fp32 (tests) gets only it."""
+    memo_key = (block_m, n, k, dtype, epilogue, _state["persistent"], _state["tma"])
+    if memo_key not in _candidates_memo:  # launches are hot: build each list once
+        _candidates_memo[memo_key] = _candidates(block_m, n, k, dtype, epilogue)
+    return _candidates_memo[memo_key]
+
+
+_candidates_memo: dict[tuple, list[TileConfig]] = {}
+
+
+def _candidates(block_m, n, k, dtype, epilogue) -> list[TileConfig]:
     out = [heuristic(block_m, n, k, dtype, epilogue)]
     if dtype.itemsize != 2:
         return out
@@ -186,10 +197,12 @@ def _choose(key, cands, device, launch) -> TileConfig:
         return _forced[-1]
     if _runtime.forced_any("block_n", "block_k"):
         return _forced_blocks_config(cands[0])
+    if not _state["autotune"] or len(cands) == 1:
+        return cands[0]  # the deterministic default, even where a tuned choice exists
     if key in _chosen:
-        return _chosen[key]
-    if not (_state["autotune"] and len(cands) > 1 and _can_tune(device)):
-        return cands[0]  # not remembered: autotuning switched on later may still tune this bucket
+        return _chosen[key]  # (also while a CUDA graph is captured)
+    if not _can_tune(device):
+        return cands[0]  # not remembered: on a GPU, a later launch may still tune this bucket
     by_name = {c.name: c for c in cands}
     cached = _read_disk().get(_device_tag(device), {}).get(key)
     if cached in by_name:
@@ -243,6 +256,8 @@ def _read_disk() -> dict:
             _disk = json.loads(path.read_text()) if path is not None and path.exists() else {}
         except (OSError, ValueError):
             _disk = {}  # an unreadable cache is only a lost speed-up: tune again, then rewrite it
+        if not isinstance(_disk, dict) or not all(isinstance(v, dict) for v in _disk.values()):
+            _disk = {}
     return _disk
 
 
@@ -257,7 +272,9 @@ def _write_disk(tag: str, key: str, name: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             current = json.loads(path.read_text())
-        except (OSError, ValueError):
+            if not isinstance(current.get(tag, {}), dict):
+                raise ValueError(tag)
+        except (OSError, ValueError, AttributeError):
             current = {}  # missing or unreadable: start it again
         current.setdefault(tag, {})[key] = name
         tmp = path.with_suffix(f".{os.getpid()}.part")

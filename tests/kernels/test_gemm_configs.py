@@ -156,6 +156,9 @@ def test_autotune_picks_the_fastest_and_caches_it(tuner, tmp_path):
     assert list(gemm_configs.used().values()) == [cands[1].name]
     grouped_matmul(x, layout, w)  # settled in this process: no more timing
     assert len(tuner) == len(cands)
+    with gemm_configs.settings(autotune=False):  # off means the default, whatever was tuned
+        grouped_matmul(x, layout, w)
+    assert list(gemm_configs.used().values()) == [cands[0].name]
     saved = json.loads((tmp_path / "gemm_configs.json").read_text())
     assert list(saved["Fake GPU|triton x"].values()) == [cands[1].name]
     gemm_configs.reset()  # a new process: the file answers, nothing is timed
@@ -218,3 +221,24 @@ def test_bf16_gpu_candidates(epilogue):
                 else:  # weight is w_d^T, [E, H, I]; the saved pre-activation is [M, 2I]
                     dh, _ = grouped_matmul_swiglu_bwd(x, layout, weight, pre, alpha=ALPHA, limit=LIMIT, want_act=False)
                     assert_close(dh, dh_ref, torch.bfloat16, f"{c.name} {name}")
+
+
+@needs_cuda
+def test_bf16_gpu_real_autotune(monkeypatch, tmp_path):
+    # The real timing path (CUDA events): every candidate runs, one is kept, the result is right.
+    monkeypatch.setenv("GPTOSS_KERNEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(gemm_configs._state, "autotune", True)
+    gemm_configs.reset()
+    try:
+        torch.manual_seed(0)
+        sizes = [300, 0, 129, 257]
+        m, k, n = sum(sizes), 256, 384
+        layout = build_layout(counts_of(sizes), m, 128)
+        x = randn(m, k, dtype=torch.bfloat16, grad=False)
+        w = randn(len(sizes), k, n, scale=k**-0.5, dtype=torch.bfloat16, grad=False)
+        assert_close(grouped_matmul(x, layout, w), _ref_rows(x.float(), sizes, w.float()), torch.bfloat16, "y")
+        (entry,) = gemm_configs.tuned_log
+        assert len(entry["ms"]) > 1 and all(ms > 0 for ms in entry["ms"].values())
+        assert json.loads((tmp_path / "gemm_configs.json").read_text())
+    finally:
+        gemm_configs.reset()
