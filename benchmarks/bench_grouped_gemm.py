@@ -6,8 +6,9 @@
 Full mode: 16k tokens x top-4 over 32 experts (65536 expert rows), the two expert GEMMs
 (K 2880 -> N 5760 gate/up, K 2880 -> N 2880 down), uniform and skewed routing (some experts hot,
 some empty), forward and forward+backward; our GEMM as the library runs it (autotuned on a GPU),
-with the heuristic config, and (forward only) its persistent-grid and TMA-weight variants; then the whole expert MLP (fused gather + SwiGLU
-epilogue) against the same math composed from torch._grouped_mm, with trainable and frozen
+with the heuristic config, and (forward only) its persistent-grid and TMA-weight variants; then
+the whole expert MLP (fused gather + SwiGLU epilogue) against the same math composed from
+torch._grouped_mm, with trainable and frozen
 weights; then scatter_combine against index_add. Prints a table and the tile config each bucket
 ran with (and the autotuner's timings), and writes every figure as JSON to $OUT (if set) or
 benchmarks/results/ (`tile_configs` in the header).
