@@ -5,10 +5,13 @@
 
 Full mode: 16k tokens x top-4 over 32 experts (65536 expert rows), the two expert GEMMs
 (K 2880 -> N 5760 gate/up, K 2880 -> N 2880 down), uniform and skewed routing (some experts hot,
-some empty), forward and forward+backward; then the whole expert MLP (fused gather + SwiGLU
-epilogue) against the same math composed from torch._grouped_mm, with trainable and frozen
-weights; then scatter_combine against index_add. Prints a table and writes every figure as JSON
-to $OUT (if set) or benchmarks/results/.
+some empty), forward and forward+backward; our GEMM as the library runs it (autotuned on a GPU),
+with the heuristic config, and (forward only) its persistent-grid and TMA-weight variants; then
+the whole expert MLP (fused gather + SwiGLU epilogue) against the same math composed from
+torch._grouped_mm, with trainable and frozen
+weights; then scatter_combine against index_add. Prints a table and the tile config each bucket
+ran with (and the autotuner's timings), and writes every figure as JSON to $OUT (if set) or
+benchmarks/results/ (`tile_configs` in the header).
 """
 
 import argparse
@@ -74,12 +77,26 @@ def gemm_methods(kernels, x, counts, w, counts_host):
         return torch.cat([xe @ w[e] for e, xe in enumerate(x.split(splits)) if splits[e]])
 
     w0 = w[0].detach().clone().requires_grad_(w.requires_grad)
+    settings = kernels["gemm_settings"]
+
+    def triton(**variant):  # the same op with the tile-config machinery set one way for the call
+        def run():
+            with settings(**variant):
+                return kernels["grouped_linear"](x, counts, w)
+        return run
+
     return {
-        "triton": lambda: kernels["grouped_linear"](x, counts, w),
+        "triton": triton(),  # the library default: autotuned on a GPU (GPTOSS_KERNEL_AUTOTUNE=0: heuristic)
+        "triton_heuristic": triton(autotune=False),
+        "triton_persistent": triton(autotune=False, persistent=True),  # the heuristic's tiles, persistent grid
+        "triton_tma": triton(autotune=False, tma=True),  # the heuristic's tiles, weight tiles through TMA
         "grouped_mm": lambda: torch._grouped_mm(x, w, offs=offs),
         "loop": loop,
         "dense": lambda: x @ w0,
     }, w0
+
+
+FWD_ONLY = {"triton_persistent", "triton_tma"}  # A/B rows of one variant: the forward is enough
 
 
 CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # max |out - ref| / max |ref|, ref in fp32
@@ -119,7 +136,7 @@ def run_gemms(kernels, cfg, device, bench, results):
             ok = check_methods(results, grouped, ref, cfg["dtype"], op=op, routing=routing) | {"dense"}
             for passes, flops in (("fwd", 2 * m * k * n), ("fwd+bwd", 6 * m * k * n)):
                 for method, fwd in methods.items():
-                    if method not in ok:
+                    if method not in ok or (passes != "fwd" and method in FWD_ONLY):
                         continue
                     fn = fwd if passes == "fwd" else with_backward(fwd, [x, w0 if method == "dense" else w])
                     record(results, bench, fn, flops, op=op, routing=routing,
@@ -204,14 +221,24 @@ def add_ratios(results):
 
 
 def print_table(results):
-    print(f"{'op':28s} {'routing':8s} {'passes':17s} {'method':10s} {'ms':>9s} {'TFLOP/s':>8s} {'triton x':>8s}")
+    print(f"{'op':28s} {'routing':8s} {'passes':17s} {'method':17s} {'ms':>9s} {'TFLOP/s':>8s} {'triton x':>8s}")
     for r in results:
         ms = f"{r['ms']:9.3f}" if r["ms"] else f"{'n/a':>9s}"
         tf = f"{r['tflops']:8.1f}" if r["tflops"] else f"{'':8s}"
         sp = f"{r['speedup_of_triton']:8.2f}" if r["speedup_of_triton"] else f"{'':8s}"
-        print(f"{r['op']:28s} {r['routing']:8s} {r['passes']:17s} {r['method']:10s} {ms} {tf} {sp}"
+        print(f"{r['op']:28s} {r['routing']:8s} {r['passes']:17s} {r['method']:17s} {ms} {tf} {sp}"
               + (f"  {r['error']}" if "error" in r else ""))
     print("triton x = that method's time / triton's time (> 1: triton is faster)")
+
+
+def print_configs(configs):
+    """Which tile config each grouped-GEMM bucket ran with, and the autotuner's timings (ms) where it tuned."""
+    print("tile configs (bucket: epilogue|BLOCK_M|M|N|K|dtype|gather,bias,low-rank,pre,act|persistent,tma):")
+    for key, name in configs["used"].items():
+        print(f"  {key}: {name}")
+    for entry in configs["tuned"]:
+        times = ", ".join(f"{n} {ms:.3f}" for n, ms in entry["ms"].items())
+        print(f"  tuned {entry['key']}: {entry['chosen']} ({times})")
 
 
 def main(argv=None):
@@ -226,12 +253,14 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT))
     import triton
 
+    from kernels import gemm_configs
     from kernels.grouped_linear import grouped_linear
     from kernels.moe_experts import expert_mlp
     from kernels.reference import scatter_combine_reference, swiglu_reference
     from kernels.scatter_combine import scatter_combine
 
     kernels = dict(grouped_linear=grouped_linear, expert_mlp=expert_mlp, scatter_combine=scatter_combine,
+                   gemm_settings=gemm_configs.settings,
                    scatter_combine_reference=scatter_combine_reference, swiglu_reference=swiglu_reference)
     cfg, device = (SMALL, "cpu") if args.cpu else (FULL, "cuda")
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
@@ -249,6 +278,9 @@ def main(argv=None):
     run_combine(kernels, cfg, device, bench, results)
     add_ratios(results)
     print_table(results)
+    results.header["tile_configs"] = dict(used=gemm_configs.used(), tuned=gemm_configs.tuned_log,
+                                          cache=str(gemm_configs.cache_path()))
+    print_configs(results.header["tile_configs"])
     results.flush(partial=False)
     print(f"wrote {path}")
 

@@ -253,6 +253,21 @@ def suite_summary(directory: Path, mode: str = "full") -> list[dict]:
         return report
 
     if r := section("grouped_gemm"):
+        fwd = {}  # (op, routing) -> method -> TFLOP/s of the forward GEMM
+        for x in r["results"]:
+            if x["op"].startswith("gemm") and x["passes"] == "fwd" and x.get("tflops"):
+                fwd.setdefault((x["op"], x["routing"]), {})[x["method"]] = x["tflops"]
+        for (op, routing), t in fwd.items():
+            if routing != "uniform" or "triton" not in t:
+                continue
+            ours = t["triton"]
+            add("grouped_gemm", f"{op} fwd: triton / dense", ours / t["dense"] if "dense" in t else None, ".0%",
+                ">= 85%", lambda v: v >= 0.85)
+            add("grouped_gemm", f"{op} fwd: triton x grouped_mm", ours / t["grouped_mm"] if "grouped_mm" in t else None,
+                ".2f", ">= 1.3", lambda v: v >= 1.3)
+            for variant in ("heuristic", "persistent", "tma"):  # A/B rows: > 1 = faster than the default's
+                other = t.get(f"triton_{variant}")
+                add("grouped_gemm", f"{op} fwd: triton_{variant} x triton", other / ours if other else None, ".2f")
         for x in r["results"]:
             if x["op"].startswith("expert_mlp") and x["passes"] == "fwd+bwd" and x["method"] == "grouped_mm":
                 add("grouped_gemm", f"expert MLP fwd+bwd {x['routing']}: triton x grouped_mm", x["speedup_of_triton"],

@@ -78,5 +78,10 @@ def block(name: str, default: int) -> int:
     return _forced_blocks.get(name, default)
 
 
+def forced_any(*names: str) -> bool:
+    """Whether `force_blocks` overrides any of these block sizes."""
+    return any(name in _forced_blocks for name in names)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()

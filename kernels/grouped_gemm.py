@@ -18,11 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _runtime
-from kernels.tile_map import GroupLayout
+from kernels import _runtime, gemm_configs
+from kernels.gemm_configs import PLAIN, SWIGLU, SWIGLU_BWD  # noqa: F401  (the epilogues)
 
-PLAIN, SWIGLU, SWIGLU_BWD = 0, 1, 2
-_GROUP_M = 8  # m-tiles that sweep the n-blocks together, so their weight tiles stay in L2
+try:  # host-side TMA descriptors (Triton >= 3.4); without them the weight uses pointer loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 
 def _torch_clamp_grad_at_bounds() -> bool:
@@ -74,31 +76,32 @@ def swiglu_bwd(d_act, gate_pre, up_pre, alpha, limit):
 
 
 @triton.jit
-def _grouped_gemm_kernel(
-    a_ptr, gather_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
-    offsets_ptr, tile_expert_ptr, tile_row_ptr,
-    max_tiles, N, K, R, alpha, limit,
+def _tile_coords(pid, num_tiles, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped-M swizzle: GROUP_M consecutive m-tiles (mostly one expert) sweep the n-blocks together,
+    so their weight tiles stay in L2. pid -> (tile, n-block) over num_tiles m-tiles."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_tile = (pid // group_size) * GROUP_M
+    tiles_in_group = tl.minimum(num_tiles - first_tile, GROUP_M)
+    tile = first_tile + (pid % group_size) % tiles_in_group
+    pid_n = (pid % group_size) // tiles_in_group
+    return tile, pid_n
+
+
+@triton.jit
+def _gemm_tile(
+    a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
+    offsets_ptr, tile_row_ptr, tile, pid_n, expert,
+    N, K, R, alpha, limit,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
     stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
     stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
     EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Swizzle: GROUP_M consecutive m-tiles (mostly one expert) sweep the n-blocks together.
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_tile = (pid // group_size) * GROUP_M
-    tiles_in_group = tl.minimum(max_tiles - first_tile, GROUP_M)
-    tile = first_tile + (pid % group_size) % tiles_in_group
-    pid_n = (pid % group_size) // tiles_in_group
-
-    expert = tl.load(tile_expert_ptr + tile)
-    if expert < 0:  # padding tile past the real tile count
-        return
+    """One [BLOCK_M, BLOCK_N] output tile of one expert: the K loop, the low-rank term, the epilogue."""
     row_end = tl.load(offsets_ptr + expert + 1)
     rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)  # [BLOCK_M] sorted-order rows
     row_mask = rows < row_end
@@ -117,10 +120,17 @@ def _grouped_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
         else:
             k_mask = ks < K - k0
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        # TMA zero-fills past the expert's own K and N (3-D descriptor), so it needs no mask.
+        if W_TMA == 1:  # w[e] is [K, N] with N contiguous
+            w = tl.reshape(w_desc.load([expert, k0, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
+        elif W_TMA == 2:  # a transposed view: the descriptor walks the stored [E, N, K]
+            w = tl.trans(tl.reshape(w_desc.load([expert, pid_n * BLOCK_N, k0]), (BLOCK_N, BLOCK_K)))
+        elif EVEN_K:
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
             w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -169,40 +179,119 @@ def _grouped_gemm_kernel(
             tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(layout: GroupLayout, n: int, k: int, dtype: torch.dtype, epilogue: int) -> dict:
-    """Tile shape and launch knobs; BLOCK_M comes from the layout (rows per expert)."""
-    wide = 128 if epilogue != SWIGLU_BWD else 64  # the bwd epilogue also holds gate and up tiles
-    block_n = _runtime.block("block_n", min(wide, max(16, _runtime.next_pow2(n))))
-    # fp32 tiles take twice the shared memory per stage; they only run in tests.
-    block_k = _runtime.block("block_k", min(64 if dtype.itemsize == 2 else 32, max(16, _runtime.next_pow2(k))))
-    big = layout.block_m * block_n >= 128 * 128
-    # The bwd epilogue holds gate, up and d(act) tiles at once: 4 warps spill at BLOCK_M >= 64.
-    heavy = epilogue == SWIGLU_BWD and layout.block_m >= 64
-    return dict(
-        BLOCK_M=layout.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M,
-        EVEN_K=k % block_k == 0, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        num_warps=8 if big or heavy else 4, num_stages=3 if big else 4,
-    )
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
+    offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
+    max_tiles, N, K, R, alpha, limit,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
+    stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
+    stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
+    EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One program per (m-tile, n-block) of the upper-bound grid; padding tiles exit at once."""
+    tile, pid_n = _tile_coords(tl.program_id(0), max_tiles, N, BLOCK_N, GROUP_M)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:  # padding tile past the real tile count
+        return
+    _gemm_tile(a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
+               offsets_ptr, tile_row_ptr, tile, pid_n, expert, N, K, R, alpha, limit,
+               stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
+               stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
+               stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
+               EPILOGUE, HAS_GATHER, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, EVEN_K,
+               W_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _grouped_gemm_persistent_kernel(
+    a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
+    offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
+    max_tiles, N, K, R, alpha, limit,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
+    stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
+    stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
+    EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """A fixed grid (about one program per SM) striding over the real tiles only: the tile count is
+    read on the device (tile map), so padding costs nothing and no host sync sizes the loop."""
+    num_tiles = tl.load(num_tiles_ptr)
+    total = num_tiles * tl.cdiv(N, BLOCK_N)
+    for pid in range(tl.program_id(0), total, tl.num_programs(0)):
+        tile, pid_n = _tile_coords(pid, num_tiles, N, BLOCK_N, GROUP_M)
+        expert = tl.load(tile_expert_ptr + tile)
+        _gemm_tile(a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
+                   offsets_ptr, tile_row_ptr, tile, pid_n, expert, N, K, R, alpha, limit,
+                   stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
+                   stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
+                   stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
+                   EPILOGUE, HAS_GATHER, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, EVEN_K,
+                   W_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+_NUM_SMS: dict[int, int] = {}
+INTERPRETER_PROGRAMS = 3  # the persistent grid under the interpreter: few, so each program loops
+
+
+def _num_programs(device: torch.device) -> int:
+    """The persistent grid: one program per SM (CUDA), a few under the interpreter."""
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def _weight_descriptor(w, cfg: gemm_configs.TileConfig):
+    """(W_TMA mode, host TMA descriptor) for the weight operand, or (0, None) where TMA cannot load it:
+    no config asks for it, the Triton build has no host descriptors, or strides/alignment do not allow it."""
+    if not cfg.tma or TensorDescriptor is None:
+        return 0, None
+    e, k, n = w.shape
+    item = w.element_size()
+    if w.data_ptr() % 16 or w.stride(0) * item % 16:
+        return 0, None
+    if w.stride(2) == 1 and w.stride(1) * item % 16 == 0:
+        return 1, TensorDescriptor(w, [e, k, n], [w.stride(0), w.stride(1), 1], [1, cfg.block_k, cfg.block_n])
+    if w.stride(1) == 1 and w.stride(2) * item % 16 == 0:  # a transposed view of a contiguous [E, N, K]
+        return 2, TensorDescriptor(w.transpose(1, 2), [e, n, k], [w.stride(0), w.stride(2), 1],
+                                   [1, cfg.block_n, cfg.block_k])
+    return 0, None
 
 
 def _launch(a, layout, w, bias, out, *, gather_idx=None, epilogue=PLAIN, pre=None, act=None,
             alpha=0.0, limit=0.0, low_rank=None):
     """Run the kernel; `w` is [E, K, N] (any strides, e.g. a transposed view); `low_rank`: (z [M, R],
-    L [E, R, N]) added to the product before the epilogue, or None."""
+    L [E, R, N]) added to the product before the epilogue, or None. The tile config comes from
+    gemm_configs (forced, cached, autotuned on CUDA, or the heuristic default)."""
     if layout.max_tiles == 0:  # no rows at all
         return
     z, low = low_rank if low_rank is not None else (out, None)
     r = low.shape[1] if low is not None else 0
     n, k = w.shape[2], w.shape[1]
-    cfg = _config(layout, n, k, a.dtype, epilogue)
-    grid = (layout.max_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)
+    flags = dict(
+        EPILOGUE=epilogue, HAS_GATHER=gather_idx is not None, HAS_BIAS=bias is not None,
+        HAS_LOW_RANK=low is not None, BLOCK_R=max(16, _runtime.next_pow2(r)),
+        STORE_PRE=epilogue == SWIGLU and pre is not None,
+        STORE_ACT=epilogue == SWIGLU_BWD and act is not None,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+    )
     # Unused pointers get `out`; constexpr flags keep the kernel from touching them.
-    _grouped_gemm_kernel[grid](
-        a, gather_idx if gather_idx is not None else out, w,
+    args = [
+        a, gather_idx if gather_idx is not None else out, w, None,
         bias if bias is not None else out, out,
         pre if pre is not None else out, act if act is not None else out,
         z, low if low is not None else out,
-        layout.offsets, layout.tile_expert, layout.tile_row,
+        layout.offsets, layout.tile_expert, layout.tile_row, layout.num_tiles,
         layout.max_tiles, n, k, r, alpha, limit,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
         *(bias.stride() if bias is not None else (0, 0)),
@@ -210,12 +299,23 @@ def _launch(a, layout, w, bias, out, *, gather_idx=None, epilogue=PLAIN, pre=Non
         *(pre.stride() if pre is not None else (0, 0)),
         *(act.stride() if act is not None else (0, 0)),
         *(z.stride() if low is not None else (0, 0)), *(low.stride() if low is not None else (0, 0, 0)),
-        EPILOGUE=epilogue, HAS_GATHER=gather_idx is not None, HAS_BIAS=bias is not None,
-        HAS_LOW_RANK=low is not None, BLOCK_R=max(16, _runtime.next_pow2(r)),
-        STORE_PRE=epilogue == SWIGLU and pre is not None,
-        STORE_ACT=epilogue == SWIGLU_BWD and act is not None,
-        **cfg,
-    )
+    ]
+
+    def run(cfg: gemm_configs.TileConfig):
+        w_tma, args[3] = _weight_descriptor(w, cfg)
+        meta = dict(flags, EVEN_K=k % cfg.block_k == 0, W_TMA=w_tma, BLOCK_M=layout.block_m,
+                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        tiles = layout.max_tiles * triton.cdiv(n, cfg.block_n)
+        if cfg.persistent:
+            _grouped_gemm_persistent_kernel[(min(_num_programs(a.device), tiles),)](*args, **meta)
+        else:
+            _grouped_gemm_kernel[(tiles,)](*args, **meta)
+
+    cands = gemm_configs.candidates(layout.block_m, n, k, a.dtype, epilogue)
+    flag_key = "".join(str(int(flags[f])) for f in ("HAS_GATHER", "HAS_BIAS", "HAS_LOW_RANK", "STORE_PRE", "STORE_ACT"))
+    key = gemm_configs.bucket_key(layout.block_m, layout.num_rows, n, k, a.dtype, epilogue, flag_key)
+    run(gemm_configs.choose(key, cands, a.device, run))
 
 
 def grouped_matmul(a, layout, w, bias=None, *, gather_idx=None, low_rank=None):

@@ -24,6 +24,7 @@ class GroupLayout:
     offsets: torch.Tensor  # [E+1] int32: expert e owns rows offsets[e]:offsets[e+1]
     tile_expert: torch.Tensor  # [max_tiles] int32: a tile's expert, -1 for padding tiles
     tile_row: torch.Tensor  # [max_tiles] int32: a tile's first row
+    num_tiles: torch.Tensor  # [1] int32: the real (non-padding) tile count, for persistent grids
     num_rows: int
     block_m: int
 
@@ -52,7 +53,7 @@ def choose_block_m(num_rows: int, num_experts: int) -> int:
 
 @triton.jit
 def _tile_map_kernel(
-    counts_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+    counts_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
     num_experts, num_rows, max_tiles,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
 ):
@@ -69,6 +70,7 @@ def _tile_map_kernel(
 
     tl.store(offsets_ptr + 1 + experts, row_end, mask=experts < num_experts)
     tl.store(offsets_ptr + experts, 0, mask=experts == 0)
+    tl.store(num_tiles_ptr, tl.sum(tiles, 0))
 
     for c0 in range(0, max_tiles, CHUNK):
         t = c0 + tl.arange(0, CHUNK)  # [CHUNK] tile ids
@@ -104,8 +106,9 @@ def build_layout(counts: torch.Tensor, num_rows: int, block_m: int) -> GroupLayo
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
     tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
     tile_row = torch.empty(max_tiles, dtype=torch.int32, device=device)
+    num_tiles = torch.empty(1, dtype=torch.int32, device=device)
     _tile_map_kernel[(1,)](
-        counts, offsets, tile_expert, tile_row, num_experts, num_rows, max_tiles,
+        counts, offsets, tile_expert, tile_row, num_tiles, num_experts, num_rows, max_tiles,
         BLOCK_M=block_m, BLOCK_E=max(_runtime.next_pow2(num_experts), 16), CHUNK=_CHUNK,
     )
-    return GroupLayout(offsets, tile_expert, tile_row, num_rows, block_m)
+    return GroupLayout(offsets, tile_expert, tile_row, num_tiles, num_rows, block_m)

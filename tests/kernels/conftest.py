@@ -10,7 +10,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import _runtime  # noqa: E402
+from kernels import _runtime, gemm_configs  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def heuristic_tile_configs():
+    """Tests run the deterministic default configs (no timing, no cache file); test_gemm_configs.py
+    forces every candidate itself and turns the autotuner on where it tests it."""
+    with gemm_configs.settings(autotune=False):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -15,8 +15,7 @@ import torch
 SCRIPT = Path(__file__).with_name("sm90_aot.py")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real instead")
-def test_kernels_compile_for_sm90():
+def _run_script(*args, timeout):
     libtriton = pytest.importorskip("triton._C.libtriton", reason="needs a Triton build with the CUDA backend")
     if not hasattr(libtriton, "native_specialize_impl"):
         pytest.skip("sm90_aot.py mirrors the argument specialization of Triton versions with native_specialize_impl")
@@ -26,5 +25,18 @@ def test_kernels_compile_for_sm90():
         pytest.skip("this Triton wheel ships no cuobjdump to read register spills with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real instead")
+def test_kernels_compile_for_sm90():
+    _run_script(timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real instead")
+def test_every_autotune_candidate_compiles_for_sm90():
+    # Every tile config the autotuner may time, persistent and TMA variants included (~150 compiles,
+    # a few minutes): none may spill, overflow shared memory, lose wgmma, or (TMA) lose the bulk copy.
+    _run_script("--all-configs", timeout=1200)

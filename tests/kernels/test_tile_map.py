@@ -16,6 +16,7 @@ def _check(counts, num_rows, block_m):
     n = len(tiles)
     assert list(zip(expert[:n], row[:n])) == tiles
     assert all(e == -1 for e in expert[n:]), "tiles past the real count must be padding"
+    assert layout.num_tiles.tolist() == [n], "the persistent grid loops over exactly the real tiles"
 
 
 @pytest.mark.parametrize("case", sorted(GROUP_CASES))
