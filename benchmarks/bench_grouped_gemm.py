@@ -86,7 +86,7 @@ def gemm_methods(kernels, x, counts, w, counts_host):
         return run
 
     return {
-        "triton": triton(),  # the library default: autotuned on a GPU (GPTOSS_KERNEL_AUTOTUNE=0: heuristic)
+        "triton": triton(),  # the library's setting: autotuned on a GPU with GPTOSS_KERNEL_AUTOTUNE=1 (the suite's)
         "triton_heuristic": triton(autotune=False),
         "triton_persistent": triton(autotune=False, persistent=True),  # the heuristic's tiles, persistent grid
         "triton_tma": triton(autotune=False, tma=True),  # the heuristic's tiles, weight tiles through TMA

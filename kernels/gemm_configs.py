@@ -5,12 +5,13 @@ which every GEMM of one MoE layer shares. A bucket is (epilogue, BLOCK_M, kernel
 the power-of-two buckets of M, N and K); each bucket has 1-5 candidates for the other knobs
 (BLOCK_N, BLOCK_K, GROUP_M, warps, stages, persistent grid), the first being the heuristic default.
 
-On CUDA, the first launch in a bucket times every candidate on the real arguments (every epilogue
+With autotuning on (GPTOSS_KERNEL_AUTOTUNE=1 or set_autotune(True); off by default until the GPU
+suite has timed it, so runs are deterministic), on CUDA the first launch in a bucket times every candidate on the real arguments (every epilogue
 only writes its outputs, so running it again is harmless) and keeps the fastest: in this process
 and, unless disabled, in a JSON file keyed by GPU name and Triton version
 (~/.cache/gptoss-engine/gemm_configs.json, or $GPTOSS_KERNEL_CACHE_DIR). Under the interpreter, while
-a CUDA graph is captured, with `force_blocks` / `use_config`, or with autotuning off
-(GPTOSS_KERNEL_AUTOTUNE=0 or set_autotune(False)) the default is used: deterministic, no timing.
+a CUDA graph is captured, with `force_blocks` / `use_config`, or with autotuning off (the default)
+the heuristic config is used: deterministic, no timing.
 The persistent grid (GPTOSS_KERNEL_PERSISTENT=1) and TMA weight loads (GPTOSS_KERNEL_TMA=1), or
 set_variants(...), add their variants to the candidates and the default: opt-in, because they are
 checked in the interpreter and compiled for sm_90 but not yet timed on a GPU.
@@ -67,7 +68,7 @@ _HOPPER = {
     (16, "bwd"): (TileConfig(64, 64, 4, 4), TileConfig(64, 128, 4, 3)),
 }
 
-_state = {"autotune": os.environ.get("GPTOSS_KERNEL_AUTOTUNE", "1") != "0",
+_state = {"autotune": os.environ.get("GPTOSS_KERNEL_AUTOTUNE", "0") == "1",
           "persistent": os.environ.get("GPTOSS_KERNEL_PERSISTENT", "0") == "1",
           "tma": os.environ.get("GPTOSS_KERNEL_TMA", "0") == "1"}
 _forced: list[TileConfig] = []
