@@ -43,10 +43,11 @@ def one(tmp_path_factory):
     return out, _run(out, 1)[0]
 
 
-@pytest.mark.parametrize("nproc,ep", [(2, 1), (4, 2)])
-def test_context_parallel_run_matches_one_process(one, tmp_path, nproc, ep):
+@pytest.mark.parametrize("nproc,ep,shard", [(2, 1, "none"), (4, 2, "none"), (2, 1, "full")])
+def test_context_parallel_run_matches_one_process(one, tmp_path, nproc, ep, shard):
+    # shard=full: FSDP2 over the CP group's two ranks, which hold different tokens of the same rows.
     ref_dir, ref = one
-    got, log = _run(tmp_path, nproc, "parallel.cp=2", f"parallel.ep={ep}")
+    got, log = _run(tmp_path, nproc, "parallel.cp=2", f"parallel.ep={ep}", f"parallel.shard={shard}")
     assert "cp=2 (rank 0)" in log and f"ep={ep}" in log
     assert [r["target_tokens"] for r in got] == [r["target_tokens"] for r in ref] == [4 * 64] * STEPS
     losses = torch.tensor([r["loss"] for r in ref])
