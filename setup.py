@@ -6,7 +6,7 @@ setup(
     description="A training engine for Mixture-of-Experts language models (GPT-OSS 20B / 120B): "
     "native MoE transformer, expert parallelism, Triton grouped-GEMM experts, LoRA, HF import/export.",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["engine", "engine.*", "gptoss_kernels", "gptoss_kernels.*"]),
     include_package_data=True,
     package_data={"engine": ["data/assets/*", "data/assets/**/*"]},
     install_requires=[

@@ -253,11 +253,11 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT))
     import triton
 
-    from kernels import gemm_configs
-    from kernels.grouped_linear import grouped_linear
-    from kernels.moe_experts import expert_mlp
-    from kernels.reference import scatter_combine_reference, swiglu_reference
-    from kernels.scatter_combine import scatter_combine
+    from gptoss_kernels import gemm_configs
+    from gptoss_kernels.grouped_linear import grouped_linear
+    from gptoss_kernels.moe_experts import expert_mlp
+    from gptoss_kernels.reference import scatter_combine_reference, swiglu_reference
+    from gptoss_kernels.scatter_combine import scatter_combine
 
     kernels = dict(grouped_linear=grouped_linear, expert_mlp=expert_mlp, scatter_combine=scatter_combine,
                    gemm_settings=gemm_configs.settings,

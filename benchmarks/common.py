@@ -3,7 +3,7 @@ timing, peak memory, random weights made on the device, JSON output and the prin
 
 Each script imports this first: it puts the repository root on sys.path, so the scripts run as
 `python benchmarks/bench_x.py` and import `engine.models`, `engine.moe`, `engine.peft` and
-`kernels` directly (never `engine.train`, which needs Hydra: the GPU machine has none).
+`gptoss_kernels` directly (never `engine.train`, which needs Hydra: the GPU machine has none).
 """
 
 from __future__ import annotations

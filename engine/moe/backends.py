@@ -7,10 +7,10 @@ optionally gathered from the token tensor through gather_idx [M]):
   linear    y = x_e W[e] + b[e]                                                   -> [M, N]
   combine   out[t] = sum of w_r * y_r over the rows r of token t, in fp32        -> [T, H]
 
-- `loop`: kernels.reference itself (one matmul per expert, a host sync for the group sizes): the
+- `loop`: gptoss_kernels.reference itself (one matmul per expert, a host sync for the group sizes): the
   reference the other backends are tested against, not a second copy of it.
 - `grouped_mm`: torch._grouped_mm; no host sync; frozen weights get no weight gradient.
-- `triton`: the project's Triton kernels (kernels/): gather fused into the first GEMM, SwiGLU in its
+- `triton`: the project's Triton kernels (gptoss_kernels/): gather fused into the first GEMM, SwiGLU in its
   epilogue, LoRA accumulated inside the same GEMMs, deterministic scatter-combine.
 - `auto`: triton for CUDA tensors, loop elsewhere (decided per call from the tensors' device, since a
   model is often built on the meta device and moved later).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import reference
+from gptoss_kernels import reference
 
 EXPERT_BACKENDS = ("loop", "grouped_mm", "triton")
 
@@ -154,12 +154,12 @@ class TritonBackend(ExpertsBackend):
     name = "triton"
 
     def mlp(self, x, counts, w_gu, b_gu, w_d, b_d, *, alpha, limit, gather_idx=None):
-        from kernels.moe_experts import expert_mlp
+        from gptoss_kernels.moe_experts import expert_mlp
 
         return expert_mlp(x, counts, w_gu, b_gu, w_d, b_d, alpha=alpha, limit=limit, gather_idx=gather_idx)
 
     def linear(self, x, counts, w, b=None, gather_idx=None):
-        from kernels.grouped_linear import grouped_linear
+        from gptoss_kernels.grouped_linear import grouped_linear
 
         return grouped_linear(x, counts, w, b, gather_idx)
 
@@ -168,7 +168,7 @@ class TritonBackend(ExpertsBackend):
             # One dropout mask on the adapter's input, another for the base: not one fused product.
             return super().lora_mlp(x, counts, w_gu, b_gu, w_d, b_d, adapters, alpha=alpha, limit=limit,
                                     gather_idx=gather_idx)
-        from kernels.moe_lora import expert_mlp_lora
+        from gptoss_kernels.moe_lora import expert_mlp_lora
 
         e = counts.numel()
 
@@ -183,7 +183,7 @@ class TritonBackend(ExpertsBackend):
                                gather_idx=gather_idx)
 
     def combine(self, y_rows, w_rows, token_of_row, num_tokens, token_rows=None):
-        from kernels.scatter_combine import scatter_combine
+        from gptoss_kernels.scatter_combine import scatter_combine
 
         return scatter_combine(y_rows, token_of_row, w_rows, num_tokens, token_rows=token_rows)
 

@@ -5,8 +5,8 @@ against its eager one. Run by benchmarks/gpu_suite.sh; skipped (and said so) wit
 import pytest
 import torch
 
-from kernels.flash_attention import flash_attention
-from kernels.flash_attention_reference import attention_reference
+from gptoss_kernels.flash_attention import flash_attention
+from gptoss_kernels.flash_attention_reference import attention_reference
 from tests.hf_reference import hf_config, hf_model, to_ours
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by gpu_suite.sh)")

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import _runtime, gemm_configs  # noqa: E402
+from gptoss_kernels import _runtime, gemm_configs  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -29,9 +29,9 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from kernels import _runtime, gemm_configs, grouped_dw, grouped_gemm, scatter_combine, tile_map  # noqa: E402
-from kernels.grouped_linear import grouped_linear  # noqa: E402
-from kernels.moe_experts import expert_mlp  # noqa: E402
+from gptoss_kernels import _runtime, gemm_configs, grouped_dw, grouped_gemm, scatter_combine, tile_map  # noqa: E402
+from gptoss_kernels.grouped_linear import grouped_linear  # noqa: E402
+from gptoss_kernels.moe_experts import expert_mlp  # noqa: E402
 
 HOPPER_SMEM = 227 * 1024  # opt-in shared memory per block on H100/H200
 OPTIONS = ("num_warps", "num_stages")

@@ -22,8 +22,8 @@ import triton  # noqa: E402
 from sm90_aot import CUOBJDUMP, HOPPER_SMEM, Recorder, to_source  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from kernels import _runtime  # noqa: E402
-from kernels import flash_attention as fa  # noqa: E402
+from gptoss_kernels import _runtime  # noqa: E402
+from gptoss_kernels import flash_attention as fa  # noqa: E402
 
 KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 

@@ -5,9 +5,9 @@ import torch
 from kernel_cases import (GROUP_CASES, SMALL_BLOCKS, LaunchSpy, as_f64, assert_close, check_grads,
                           counts_of, device, gather_for, needs_cuda, randn)
 
-from kernels import _runtime, grouped_dw
-from kernels.moe_experts import expert_mlp
-from kernels.reference import expert_mlp_reference
+from gptoss_kernels import _runtime, grouped_dw
+from gptoss_kernels.moe_experts import expert_mlp
+from gptoss_kernels.reference import expert_mlp_reference
 
 H, I = 32, 24  # hidden, expert width: w_gu is [E, 32, 48], w_d is [E, 24, 32]
 ALPHA, LIMIT = 1.702, 7.0
@@ -83,7 +83,7 @@ PRODUCTION_SIZES = [130, 0, 257, 128, 200]  # >= 128 rows per expert: 128-row ti
 @pytest.mark.parametrize("gather", [False, True])
 def test_bf16_gpu_production_tiles(gather):
     # The 128-row tiles (wgmma on Hopper) that training uses, forward and backward, against fp64.
-    from kernels.tile_map import choose_block_m
+    from gptoss_kernels.tile_map import choose_block_m
 
     assert choose_block_m(sum(PRODUCTION_SIZES), len(PRODUCTION_SIZES)) == 128
     _run(PRODUCTION_SIZES, dtype=torch.bfloat16, gather=gather)

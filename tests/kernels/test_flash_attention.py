@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.flash_attention import _forward, flash_attention
-from kernels.flash_attention_reference import attention_reference
+from gptoss_kernels.flash_attention import _forward, flash_attention
+from gptoss_kernels.flash_attention_reference import attention_reference
 
 # fp32 kernel vs the fp64 reference: a few fp32 ulps of the values' size
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from kernel_cases import assert_close, counts_of, device, gather_for, needs_cuda, randn
 
-from kernels import _runtime, gemm_configs, grouped_gemm
-from kernels.gemm_configs import SWIGLU_BWD, TileConfig
-from kernels.grouped_gemm import grouped_matmul, grouped_matmul_swiglu, grouped_matmul_swiglu_bwd
-from kernels.reference import grouped_linear_reference, swiglu_reference
-from kernels.tile_map import build_layout
+from gptoss_kernels import _runtime, gemm_configs, grouped_gemm
+from gptoss_kernels.gemm_configs import SWIGLU_BWD, TileConfig
+from gptoss_kernels.grouped_gemm import grouped_matmul, grouped_matmul_swiglu, grouped_matmul_swiglu_bwd
+from gptoss_kernels.reference import grouped_linear_reference, swiglu_reference
+from gptoss_kernels.tile_map import build_layout
 
 ALPHA, LIMIT = 1.702, 7.0
 K = 80  # a K tail for every BLOCK_K (64, 128): pointer loads mask it, TMA zero-fills it

@@ -5,11 +5,11 @@ import torch
 from kernel_cases import (GROUP_CASES, SMALL_BLOCKS, LaunchSpy, as_f64, assert_close, check_grads,
                           counts_of, device, gather_for, needs_cuda, randn)
 
-from kernels import _runtime, grouped_dw
-from kernels.grouped_gemm import grouped_matmul
-from kernels.grouped_linear import grouped_linear
-from kernels.reference import grouped_linear_reference
-from kernels.tile_map import build_layout
+from gptoss_kernels import _runtime, grouped_dw
+from gptoss_kernels.grouped_gemm import grouped_matmul
+from gptoss_kernels.grouped_linear import grouped_linear
+from gptoss_kernels.reference import grouped_linear_reference
+from gptoss_kernels.tile_map import build_layout
 
 K, N = 40, 48  # neither a multiple of the 16-wide test tiles' counts nor of 32/64
 

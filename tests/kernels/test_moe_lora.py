@@ -5,9 +5,9 @@ import torch
 from kernel_cases import (GROUP_CASES, SMALL_BLOCKS, LaunchSpy, as_f64, assert_close, check_grads, counts_of,
                           gather_for, needs_cuda, randn)
 
-from kernels import _runtime, grouped_gemm
-from kernels.moe_lora import expert_mlp_lora
-from kernels.reference import expert_mlp_lora_reference
+from gptoss_kernels import _runtime, grouped_gemm
+from gptoss_kernels.moe_lora import expert_mlp_lora
+from gptoss_kernels.reference import expert_mlp_lora_reference
 
 H, I, R = 32, 24, 4  # w_gu [E, 32, 48], w_d [E, 24, 32]; adapters of rank 4 (padded to 16 in the kernel)
 SCALING = 2.0

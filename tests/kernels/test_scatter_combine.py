@@ -4,9 +4,9 @@ import pytest
 import torch
 from kernel_cases import as_f64, assert_close, check_grads, device, needs_cuda, randn
 
-from kernels import _runtime
-from kernels.reference import scatter_combine_reference
-from kernels.scatter_combine import scatter_combine
+from gptoss_kernels import _runtime
+from gptoss_kernels.reference import scatter_combine_reference
+from gptoss_kernels.scatter_combine import scatter_combine
 
 H = 1100  # more than one 1024-wide column block, not a multiple of 256
 

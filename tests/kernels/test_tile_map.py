@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_cases import GROUP_CASES, counts_of
 
-from kernels.reference import tile_map_reference
-from kernels.tile_map import build_layout, choose_block_m
+from gptoss_kernels.reference import tile_map_reference
+from gptoss_kernels.tile_map import build_layout, choose_block_m
 
 
 def _check(counts, num_rows, block_m):

@@ -6,7 +6,7 @@ Backends (`attn_backend`):
   rescale of the sink-free output by sigmoid(lse - sink), with the gradient flowing through lse.
 - `blockwise`: plain-torch flash-attention schedule with its own backward (`blockwise_attention.py`);
   memory linear in T on any device; the CPU default.
-- `triton`: our fused flash-attention kernel, forward and backward (`kernels/flash_attention.py`);
+- `triton`: our fused flash-attention kernel, forward and backward (`gptoss_kernels/flash_attention.py`);
   CUDA, or CPU under TRITON_INTERPRET=1.
 
 Which keys a query sees (`allowed(i, j)` for row positions i, j of one sequence row):
@@ -151,7 +151,7 @@ class GptOssAttention(nn.Module):
         elif ctx.backend == "blockwise":
             out = blockwise_attention(q, k, v, self.sinks, ctx.window_of(self.layer_type), ctx.doc_ids, self.scale)
         else:
-            from kernels.flash_attention import flash_attention
+            from gptoss_kernels.flash_attention import flash_attention
 
             out = flash_attention(q, k, v, self.sinks, window=ctx.window_of(self.layer_type), doc_ids=ctx.doc_ids,
                                   scale=self.scale)

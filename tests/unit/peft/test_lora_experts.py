@@ -97,7 +97,7 @@ def test_dropout_is_inactive_in_eval():
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("gather", [False, True])
 def test_triton_backend_matches_reference(shared, gather):
-    # The adapters run fused into the expert GEMMs (kernels.moe_lora), under the interpreter in fp32.
+    # The adapters run fused into the expert GEMMs (gptoss_kernels.moe_lora), under the interpreter in fp32.
     pytest.importorskip("triton", reason="the triton backend needs triton (CPU: its interpreter, fp32)")
     _check("triton", shared, gather, torch.float32, dict(rtol=1e-5, atol=1e-4))
 

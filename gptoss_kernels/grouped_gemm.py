@@ -18,25 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _runtime, gemm_configs
-from kernels.gemm_configs import PLAIN, SWIGLU, SWIGLU_BWD  # noqa: F401  (the epilogues)
+from gptoss_kernels import _runtime, gemm_configs
+from gptoss_kernels.gemm_configs import PLAIN, SWIGLU, SWIGLU_BWD  # noqa: F401  (the epilogues)
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the weight uses pointer loads
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
-
-
-def _torch_clamp_grad_at_bounds() -> bool:
-    """Whether torch.clamp passes the gradient at exactly its bounds: PyTorch 2.13 and earlier do
-    (closed range), 2.14 does not (open range). The fused SwiGLU backward follows the installed torch,
-    so its gradients equal the torch model's (and transformers') even on +-limit exactly."""
-    x = torch.tensor([-1.0, 1.0], requires_grad=True)
-    x.clamp(min=-1.0, max=1.0).sum().backward()
-    return bool((x.grad == 1.0).all())
-
-
-CLAMP_GRAD_AT_BOUNDS = tl.constexpr(_torch_clamp_grad_at_bounds())
 
 
 @triton.jit
@@ -54,17 +42,18 @@ def swiglu_fwd(gate, up, alpha, limit):
 
 
 @triton.jit
-def swiglu_bwd(d_act, gate_pre, up_pre, alpha, limit):
+def swiglu_bwd(d_act, gate_pre, up_pre, alpha, limit, CLAMP_CLOSED: tl.constexpr):
     """Gradients w.r.t. the unclamped gate and up, and the activation itself (recomputed).
 
-    Clamps pass gradient inside their range, at the bounds exactly as the installed torch.clamp does.
+    Clamps pass gradient inside their range, and at the bounds exactly when CLAMP_CLOSED (as the installed
+    torch.clamp does: `_runtime.clamp_grad_at_bounds()`).
     """
     gate = clamp_keep_nan(gate_pre, -float("inf"), limit)
     up = clamp_keep_nan(up_pre, -limit, limit)
     sig = tl.sigmoid(alpha * gate)
     glu = gate * sig
     d_gate = d_act * (up + 1.0) * (sig + alpha * glu * (1.0 - sig))
-    if CLAMP_GRAD_AT_BOUNDS:
+    if CLAMP_CLOSED:
         gate_in = gate_pre <= limit
         up_in = (up_pre >= -limit) & (up_pre <= limit)
     else:
@@ -98,7 +87,7 @@ def _gemm_tile(
     stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
     EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
     BLOCK_R: tl.constexpr, STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile of one expert: the K loop, the low-rank term, the epilogue."""
@@ -168,7 +157,7 @@ def _gemm_tile(
         g_ptrs = pre_ptr + rows64[:, None] * stride_pm + (2 * cols)[None, :] * stride_pn
         gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_N]
         up = tl.load(g_ptrs + stride_pn, mask=mask, other=0.0).to(tl.float32)
-        d_gate, d_up, act = swiglu_bwd(acc, gate, up, alpha, limit)
+        d_gate, d_up, act = swiglu_bwd(acc, gate, up, alpha, limit, CLAMP_CLOSED)
         dh = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * BLOCK_N))  # interleave again
         h_cols = pid_n * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
         out_ptrs = out_ptr + rows64[:, None] * stride_om + h_cols[None, :] * stride_on
@@ -190,7 +179,7 @@ def _grouped_gemm_kernel(
     EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One program per (m-tile, n-block) of the upper-bound grid; padding tiles exit at once."""
@@ -204,7 +193,7 @@ def _grouped_gemm_kernel(
                stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
                stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
                EPILOGUE, HAS_GATHER, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, EVEN_K,
-               W_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+               W_TMA, DOT_PRECISION, CLAMP_CLOSED, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -218,7 +207,7 @@ def _grouped_gemm_persistent_kernel(
     EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """A fixed grid (about one program per SM) striding over the real tiles only: the tile count is
@@ -234,7 +223,7 @@ def _grouped_gemm_persistent_kernel(
                    stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
                    stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
                    EPILOGUE, HAS_GATHER, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, EVEN_K,
-                   W_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                   W_TMA, DOT_PRECISION, CLAMP_CLOSED, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -284,6 +273,7 @@ def _launch(a, layout, w, bias, out, *, gather_idx=None, epilogue=PLAIN, pre=Non
         STORE_PRE=epilogue == SWIGLU and pre is not None,
         STORE_ACT=epilogue == SWIGLU_BWD and act is not None,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        CLAMP_CLOSED=epilogue == SWIGLU_BWD and _runtime.clamp_grad_at_bounds(),
     )
     # Unused pointers get `out`; constexpr flags keep the kernel from touching them.
     args = [

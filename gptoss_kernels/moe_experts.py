@@ -15,12 +15,12 @@ The per-expert torch loop in reference.py is the slow reference these are tested
 
 import torch
 
-from kernels import _runtime
-from kernels.grouped_dw import grouped_weight_grad
-from kernels.grouped_gemm import grouped_matmul, grouped_matmul_swiglu, grouped_matmul_swiglu_bwd
-from kernels.grouped_linear import check_rows, check_weight
-from kernels.scatter_combine import scatter_rows
-from kernels.tile_map import build_layout, choose_block_m
+from gptoss_kernels import _runtime
+from gptoss_kernels.grouped_dw import grouped_weight_grad
+from gptoss_kernels.grouped_gemm import grouped_matmul, grouped_matmul_swiglu, grouped_matmul_swiglu_bwd
+from gptoss_kernels.grouped_linear import check_rows, check_weight
+from gptoss_kernels.scatter_combine import scatter_rows
+from gptoss_kernels.tile_map import build_layout, choose_block_m
 
 
 class _ExpertMLP(torch.autograd.Function):

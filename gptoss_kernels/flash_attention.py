@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _runtime
+from gptoss_kernels import _runtime
 
 LOG2E = 1.4426950408889634
 

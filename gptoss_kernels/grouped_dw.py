@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _runtime
+from gptoss_kernels import _runtime
 
 
 @triton.jit

@@ -4,6 +4,7 @@ Shared by every kernel family in this package; imports nothing but torch.
 """
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -16,6 +17,18 @@ _poison = False
 _forced_blocks: dict[str, int] = {}
 
 
+@functools.cache
+def clamp_grad_at_bounds() -> bool:
+    """Whether torch.clamp passes the gradient at exactly its bounds: PyTorch 2.13 and earlier do
+    (closed range), 2.14 does not (open range). The fused SwiGLU backward follows the installed torch,
+    so its gradients equal the torch model's (and transformers') even on +-limit exactly. Decided on
+    first use (never at import), under enable_grad so a caller's no_grad cannot break the probe."""
+    with torch.enable_grad():
+        x = torch.tensor([-1.0, 1.0], requires_grad=True)
+        x.clamp(min=-1.0, max=1.0).sum().backward()
+    return bool((x.grad == 1.0).all())
+
+
 def check_tensors(*tensors):
     """Raise if the tensors cannot be handed to a Triton kernel here (wrong device or mixed)."""
     present = [t for t in tensors if t is not None]
@@ -26,7 +39,7 @@ def check_tensors(*tensors):
     if device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "the Triton expert kernels got CPU tensors but Triton is not in interpreter mode: "
-            "use a torch backend (kernels.reference) on CPU, or set TRITON_INTERPRET=1 before "
+            "use a torch backend (gptoss_kernels.reference) on CPU, or set TRITON_INTERPRET=1 before "
             "importing the kernels package"
         )
     if device.type not in ("cpu", "cuda"):

@@ -6,11 +6,11 @@ with a small N = rank). Also holds the argument checks shared with moe_experts.p
 
 import torch
 
-from kernels import _runtime
-from kernels.grouped_dw import grouped_weight_grad
-from kernels.grouped_gemm import grouped_matmul
-from kernels.scatter_combine import scatter_rows
-from kernels.tile_map import build_layout, choose_block_m
+from gptoss_kernels import _runtime
+from gptoss_kernels.grouped_dw import grouped_weight_grad
+from gptoss_kernels.grouped_gemm import grouped_matmul
+from gptoss_kernels.scatter_combine import scatter_rows
+from gptoss_kernels.tile_map import build_layout, choose_block_m
 
 
 def check_rows(x, counts, gather_idx) -> int:

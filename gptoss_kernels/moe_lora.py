@@ -15,17 +15,17 @@ Backward, with the frozen base weights getting no gradient work unless they requ
   dB_gu = z1^T dh, dA_gu = x^T v      (x rows gathered through gather_idx)
   dx = dh W_gu^T + v A_gu^T           one GEMM; with gather_idx, summed back per token
 Saved for the backward: x (an input), h [M, 2I], z1 and z2 [M, r]. The torch reference is
-kernels.reference.expert_mlp_lora_reference.
+gptoss_kernels.reference.expert_mlp_lora_reference.
 """
 
 import torch
 
-from kernels import _runtime
-from kernels.grouped_dw import grouped_weight_grad
-from kernels.grouped_gemm import grouped_matmul, grouped_matmul_swiglu, grouped_matmul_swiglu_bwd
-from kernels.grouped_linear import check_rows, check_weight
-from kernels.scatter_combine import scatter_rows
-from kernels.tile_map import build_layout, choose_block_m
+from gptoss_kernels import _runtime
+from gptoss_kernels.grouped_dw import grouped_weight_grad
+from gptoss_kernels.grouped_gemm import grouped_matmul, grouped_matmul_swiglu, grouped_matmul_swiglu_bwd
+from gptoss_kernels.grouped_linear import check_rows, check_weight
+from gptoss_kernels.scatter_combine import scatter_rows
+from gptoss_kernels.tile_map import build_layout, choose_block_m
 
 
 def _t(w):
@@ -109,7 +109,7 @@ def _check_adapter(name, factors, x, num_experts, fan_in, fan_out):
 
 def expert_mlp_lora(x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *, alpha=1.702, limit=7.0,
                     gather_idx=None) -> torch.Tensor:
-    """kernels.moe_experts.expert_mlp with LoRA: lora_gu / lora_d are (A [E, in, r], B [E, r, out]) or None
+    """gptoss_kernels.moe_experts.expert_mlp with LoRA: lora_gu / lora_d are (A [E, in, r], B [E, r, out]) or None
     (a shared adapter can be passed as stride-0 expanded views). Differentiable w.r.t. x, the adapters
     and any base weight that requires grad; y [M, H] in sorted order."""
     _runtime.check_tensors(x, counts, w_gu, b_gu, w_d, b_d, gather_idx,

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from kernels import _runtime
+from gptoss_kernels import _runtime
 
 PLAIN, SWIGLU, SWIGLU_BWD = 0, 1, 2  # the epilogues of grouped_gemm (re-exported there)
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _runtime
+from gptoss_kernels import _runtime
 
 # Memory-bound kernels: wide enough for 16-byte loads in every thread and few, fat programs.
 _BLOCK_H = 1024  # forward: hidden columns per program (one token per program)
