@@ -141,9 +141,9 @@ def test_fsdp_at_ep2_x_expert_dp2_matches_one_process(tmp_path, recipe, extra, s
         return
     a = gather_trained_weights(tmp_path / "one" / "checkpoints" / "step_0000006")
     b = gather_trained_weights(tmp_path / "fsdp" / "checkpoints" / "step_0000006")
-    assert a.keys() == b.keys()
-    for k in a:  # as in the EP test above: Adam turns fp32 rounding of tiny gradients into ~lr * 1e-2
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
+    # As in the EP test above: Adam carries fp32 rounding of near-cancelled gradients into the weights,
+    # bounded by a fraction of the distance Adam can move them (tests/closeness.py).
+    assert_weights_close(b, a, lr=PEAK_LR[recipe], steps=6, where=f"{recipe} weights, FSDP2 {shard} vs one process")
 
 
 @pytest.fixture(scope="module")
