@@ -2,8 +2,9 @@
 
 Backends (`attn_backend`):
 - `eager`: the reference. Materialises the [T, T] scores, appends the sink column, softmaxes, drops it.
-- `flex`: FlexAttention with block masks (causal / sliding window / documents); the sink enters as a
-  rescale of the sink-free output by sigmoid(lse - sink), with the gradient flowing through lse.
+- `flex`: FlexAttention with block masks (causal / sliding window / documents, built tile by tile in
+  `flex_mask.py`: no T x T tensor); the sink enters as a rescale of the sink-free output by
+  sigmoid(lse - sink), with the gradient flowing through lse.
 - `blockwise`: plain-torch flash-attention schedule with its own backward (`blockwise_attention.py`);
   memory linear in T on any device; the CPU default.
 - `triton`: our fused flash-attention kernel, forward and backward (`gptoss_kernels/flash_attention.py`);
@@ -25,6 +26,7 @@ from torch import nn
 
 from .blockwise_attention import blockwise_attention
 from .config import GptOssConfig
+from .flex_mask import flex_block_mask
 from .rope import apply_rotary
 
 ATTN_BACKENDS = ("eager", "flex", "blockwise", "triton")
@@ -65,20 +67,6 @@ def dense_mask(b: int, t: int, window: int | None, doc_ids: torch.Tensor | None,
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])  # [B, 1, T, T]
     return allowed
-
-
-def flex_block_mask(b: int, t: int, window: int | None, doc_ids: torch.Tensor | None, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(bi, h, qi, ki):
-        keep = ki <= qi
-        if window is not None:
-            keep = keep & (qi - ki < window)
-        if doc_ids is not None:
-            keep = keep & (doc_ids[bi, qi] == doc_ids[bi, ki])
-        return keep
-
-    return create_block_mask(mask_mod, b if doc_ids is not None else None, None, t, t, device=device)
 
 
 @functools.cache
