@@ -130,21 +130,23 @@ class GptOssAttention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if ctx.cp is not None:
-            out = self._context_parallel(q, k, v, ctx)
-        elif ctx.backend == "eager":
-            out = eager_attention(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
-        elif ctx.backend == "flex":
-            out = flex_attention_with_sinks(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
-        elif ctx.backend == "blockwise":
-            out = blockwise_attention(q, k, v, self.sinks, ctx.window_of(self.layer_type), ctx.doc_ids, self.scale)
-        else:
-            from gptoss_kernels.flash_attention import flash_attention
-
-            out = flash_attention(q, k, v, self.sinks, window=ctx.window_of(self.layer_type), doc_ids=ctx.doc_ids,
-                                  scale=self.scale)
+        out = self._context_parallel(q, k, v, ctx) if ctx.cp is not None else self.attend(q, k, v, ctx)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """q [B, H, T, D], k/v [B, KV, T, D] of the same T positions -> [B, H, T, D], by `ctx.backend`
+        (also the KV cache's prefill of a prompt)."""
+        if ctx.backend == "eager":
+            return eager_attention(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
+        if ctx.backend == "flex":
+            return flex_attention_with_sinks(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
+        if ctx.backend == "blockwise":
+            return blockwise_attention(q, k, v, self.sinks, ctx.window_of(self.layer_type), ctx.doc_ids, self.scale)
+        from gptoss_kernels.flash_attention import flash_attention
+
+        return flash_attention(q, k, v, self.sinks, window=ctx.window_of(self.layer_type), doc_ids=ctx.doc_ids,
+                               scale=self.scale)
 
     def _context_parallel(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
         """This rank's queries (two chunks of the row) against the keys they can see: all of them,
