@@ -10,12 +10,12 @@ if not torch.cuda.is_available():
 
 def pytest_collection_modifyitems(config, items):
     """`gpu`: tests that need a CUDA GPU, the set benchmarks/gpu_suite.sh runs (`-m gpu`): every test
-    under tests/gpu/ and every test with a `gpu` word in its name (test_bf16_gpu_...), besides those
-    marked by hand. Without a GPU they skip, as their own skipif says."""
+    under tests/gpu/ and, under tests/kernels/, every test with a `gpu` word in its name
+    (test_bf16_gpu_...), besides those marked by hand. Without a GPU they skip, as their own skipif says."""
     import pytest
 
-    gpu_dir = config.rootpath / "tests" / "gpu"
+    tests = config.rootpath / "tests"
     for item in items:
-        name_words = item.originalname.split("_") if hasattr(item, "originalname") else item.name.split("_")
-        if "gpu" in name_words or gpu_dir in item.path.parents:
+        words = getattr(item, "originalname", item.name).split("_")
+        if tests / "gpu" in item.path.parents or ("gpu" in words and tests / "kernels" in item.path.parents):
             item.add_marker(pytest.mark.gpu)
