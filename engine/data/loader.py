@@ -10,8 +10,9 @@ target-token count) is the same number at any layout, up to the order of fp32 su
 
 The state is the global position of the next micro-round, a `Cursor` (epoch, row), saved as a
 small JSON-able dict with the options the order depends on; at a step boundary it names the first
-row of the next global batch, so a checkpoint resumes at any world size. A background thread (`prefetch`) reads and collates ahead
-into a bounded queue; the state reported is that of the last batch handed out.
+row of the next global batch, so a checkpoint resumes at any world size. A background thread
+(`prefetch`) reads and collates ahead into a bounded queue; the state reported is that of the last
+batch handed out.
 """
 
 import logging
