@@ -27,7 +27,7 @@ import numpy as np
 from engine.data.config import DataConfig
 from engine.data.dataset import DataError, Document
 from engine.data.packing import collate, pack_order
-from engine.data.sampler import Cursor, GlobalOrder, packing_report
+from engine.data.sampler import Cursor, GlobalOrder, describe_packing, packing_report
 from engine.data.store import MANIFEST, TokenStore
 from engine.data.tokenizer import HarmonyTokenizer
 
@@ -260,8 +260,11 @@ def build_train_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_di
         raise ValueError("no folder for the prepared data: set data.prepared_dir")
     store = open_store(cfg.resolved_train_path(), root, cfg, tokenizer, rank=rank, world_size=world_size)
     order_seed = cfg.seed if cfg.seed is not None else (seed if seed is not None else 0)
-    return TrainLoader(store, cfg, tokenizer.pad_id, rank=rank, world_size=world_size,
-                       micro_batch_size=micro_batch_size or cfg.micro_batch_size, seed=order_seed)
+    loader = TrainLoader(store, cfg, tokenizer.pad_id, rank=rank, world_size=world_size,
+                         micro_batch_size=micro_batch_size or cfg.micro_batch_size, seed=order_seed)
+    if rank == 0:
+        log.info("data order: %s", describe_packing(loader.order.packing_report(0), cfg, order_seed))
+    return loader
 
 
 def build_val_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_dir: str | Path | None = None,

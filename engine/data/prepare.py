@@ -35,7 +35,7 @@ import numpy as np
 from engine.data.config import LOSS_MASKS, ON_ERROR, OVERLONG, REASONING_EFFORTS, DataConfig
 from engine.data.dataset import DataError, DataStats, Document, DocumentEncoder, decode_json_line
 from engine.data.records import RecordError
-from engine.data.sampler import GlobalOrder
+from engine.data.sampler import GlobalOrder, describe_packing
 from engine.data.sources import Source, resolve_sources
 from engine.data.store import FORMAT, MANIFEST, StoreWriter, TokenStore
 from engine.data.tokenizer import HarmonyTokenizer, load_tokenizer
@@ -237,11 +237,7 @@ def packing_summary(store: TokenStore, cfg: DataConfig, seed: int = 0) -> str:
     """How the store's documents pack under cfg: the first epoch of `seed`, as a run reports it."""
     order = GlobalOrder(store.lengths, max_seq_len=cfg.max_seq_len, pack=cfg.pack, shuffle=cfg.shuffle, seed=seed,
                         window=cfg.pack_window)
-    r = order.packing_report(0)
-    how = {"best_fit": f"best_fit in windows of {cfg.pack_window} documents", "next_fit": "next_fit",
-           "none": "one document per row"}[cfg.packing]
-    return (f"packing ({how}, data seed {seed}, first epoch): {r['rows']} rows of {cfg.max_seq_len} tokens, "
-            f"{r['padding_tokens']} padding tokens, packing efficiency {r['packing_efficiency']:.1%}")
+    return describe_packing(order.packing_report(0), cfg, seed)
 
 
 def report_skips(manifest: dict) -> None:

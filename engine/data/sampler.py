@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.data.config import packing_mode
+from engine.data.config import DataConfig, packing_mode
 from engine.data.packing import PackedEpoch, pack_order
 
 
@@ -87,3 +87,11 @@ def packing_report(lengths: np.ndarray, rows: int, max_seq_len: int) -> dict:
     slots = rows * max_seq_len
     tokens = int(np.sum(lengths))
     return {"rows": rows, "padding_tokens": slots - tokens, "packing_efficiency": tokens / slots}
+
+
+def describe_packing(report: dict, cfg: DataConfig, seed: int) -> str:
+    """One line for the logs: how the first epoch of `seed` packs under cfg."""
+    how = {"best_fit": f"best_fit in windows of {cfg.pack_window} documents", "next_fit": "next_fit",
+           "none": "one document per row"}[cfg.packing]
+    return (f"packing ({how}, data seed {seed}, first epoch): {report['rows']} rows of {cfg.max_seq_len} tokens, "
+            f"{report['padding_tokens']} padding tokens, packing efficiency {report['packing_efficiency']:.1%}")

@@ -112,7 +112,21 @@ def test_rows_of_a_window_are_shuffled_by_epoch_and_seed():
     plain = GlobalOrder(lengths, max_seq_len=64, pack="best_fit", shuffle=False, seed=0, window=100)
     first = [[plain.docs(Cursor(e, r)).tolist() for r in range(5)] for e in (0, 1)]
     assert first[0] == first[1]
-    assert int(np.argmax(lengths[:100])) in plain.docs(Cursor(0, 0)).tolist()
+
+    def row_of_longest(order: GlobalOrder) -> list[int]:
+        """Per window, the row (counted from the window's first) holding its longest document."""
+        docs, starts, window_rows = order.epoch(0)
+        found = []
+        for w in range(len(window_rows) - 1):
+            held = docs[starts[window_rows[w]] : starts[window_rows[w + 1]]]
+            longest = held[np.argmax(lengths[held])]
+            found.append(int(np.searchsorted(starts, np.flatnonzero(docs == longest)[0], side="right")) - 1
+                         - int(window_rows[w]))
+        return found
+
+    assert row_of_longest(plain) == [0] * 5  # best fit opens its first row with the longest document
+    shuffled = GlobalOrder(lengths, max_seq_len=64, pack="best_fit", shuffle=True, seed=0, window=100)
+    assert len(set(row_of_longest(shuffled))) > 1, "a window's rows are shuffled"
 
 
 def long_document_store(path, lengths: np.ndarray):
