@@ -38,9 +38,9 @@ from engine.data.config import DataConfig
 from engine.data.dataset import DocumentEncoder, JsonlFile
 from engine.data.harmony import render_segments
 from engine.data.loader import build_train_loader
-from engine.data.sampler import GlobalOrder
 from engine.data.prepare import default_workers, expected_key, prepare
 from engine.data.records import parse_record
+from engine.data.sampler import GlobalOrder
 from engine.data.sources import resolve_sources
 from engine.data.store import StoreWriter
 from engine.data.tokenizer import load_tokenizer
