@@ -12,6 +12,8 @@ from typing import Any
 LOSS_MASKS = ("assistant", "final_only", "last_turn")
 ON_ERROR = ("raise", "skip")
 OVERLONG = ("drop", "truncate")
+# data.pack: best_fit (true means it too), next_fit, or false (one document per row).
+PACKINGS = ("best_fit", "next_fit")
 REASONING_EFFORTS = ("low", "medium", "high")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
@@ -49,7 +51,11 @@ class DataConfig:
     # Rows (sequences of max_seq_len tokens) per optimizer step, fixed whatever the world size.
     global_batch_size: int = 8
     micro_batch_size: int = 1
-    pack: bool = True
+    # best_fit | next_fit | false (one document per row); true means best_fit. Typed Any because
+    # OmegaConf cannot hold a union of a string and a bool; validate() checks it.
+    pack: Any = "best_fit"
+    # Documents of the epoch's order packed together by best_fit (a window); its rows are shuffled.
+    pack_window: int = 4096
     loss_mask: str = "assistant"
     on_error: str = "raise"
     overlong: str = "drop"
@@ -78,9 +84,12 @@ class DataConfig:
         _at_least("micro_batch_size", self.micro_batch_size, 1)
         _at_least("prefetch", self.prefetch, 0)
         _at_least("prepare_workers", self.prepare_workers, 0)
-        for key in ("pack", "shuffle"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"data.{key} = {getattr(self, key)!r} must be true or false")
+        _at_least("pack_window", self.pack_window, 1)
+        if not isinstance(self.pack, bool) and self.pack not in PACKINGS:
+            raise ValueError(f"data.pack = {self.pack!r} must be true or false, or one of: {', '.join(PACKINGS)} "
+                             "(true packs best_fit; false puts one document per row)")
+        if not isinstance(self.shuffle, bool):
+            raise ValueError(f"data.shuffle = {self.shuffle!r} must be true or false")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"data.seed = {self.seed!r} must be an integer or null")
         if self.current_date is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(self.current_date)):
@@ -101,6 +110,11 @@ class DataConfig:
             self.grad_accum_steps(world_size)
         return self
 
+    @property
+    def packing(self) -> str:
+        """The packing in effect: best_fit, next_fit or none."""
+        return packing_mode(self.pack)
+
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step, so that every step sees global_batch_size rows."""
         rows_per_round = self.micro_batch_size * world_size
@@ -118,6 +132,15 @@ class DataConfig:
         if self.val_path is not None:
             return self.val_path
         return str(default_sample_paths()[1]) if self.train_path is None else None
+
+
+def packing_mode(pack: object) -> str:
+    """data.pack -> best_fit, next_fit or none (false); each of these names maps to itself."""
+    if isinstance(pack, bool):
+        return "best_fit" if pack else "none"
+    if pack not in (*PACKINGS, "none"):
+        raise ValueError(f"data.pack = {pack!r} must be true or false, or one of: {', '.join(PACKINGS)}")
+    return pack
 
 
 def is_hub_id(spec: str) -> bool:

@@ -2,6 +2,7 @@
 
     python -m engine.data.prepare INPUT... --out DIR [--tokenizer PATH] [--max-seq-len N]
         [--on-error raise|skip] [--overlong drop|truncate] [--loss-mask ...] [--workers N]
+        [--pack best_fit|next_fit|false] [--pack-window N]
 
 INPUT is a .jsonl / .json / .parquet file, a folder written by `datasets`' save_to_disk, or a Hub
 dataset id `owner/name[:split]`. Every record is validated before anything trains: with
@@ -11,6 +12,8 @@ is written; with `on_error=skip` they are left out and counted. Over-long record
 of worker processes; the store (engine/data/store.py) keeps a manifest of what it was made from,
 and a store whose manifest does not match the sources, the tokenizer, the render options or the
 rendering code is made again, never silently reused. The trainer calls `ensure_store` itself.
+The summary ends with how the documents pack into rows of --max-seq-len tokens under --pack (the
+first epoch of seed 0): rows, padding tokens and the packing efficiency a run will report.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from engine.data.config import LOSS_MASKS, ON_ERROR, OVERLONG, REASONING_EFFORTS, DataConfig
 from engine.data.dataset import DataError, DataStats, Document, DocumentEncoder, decode_json_line
 from engine.data.records import RecordError
+from engine.data.sampler import GlobalOrder, describe_packing
 from engine.data.sources import Source, resolve_sources
 from engine.data.store import FORMAT, MANIFEST, StoreWriter, TokenStore
 from engine.data.tokenizer import HarmonyTokenizer, load_tokenizer
@@ -229,6 +233,13 @@ def summary(manifest: dict) -> str:
             f"invalid, dropped {c['dropped_overlong']} over-long, truncated {c['truncated']}")
 
 
+def packing_summary(store: TokenStore, cfg: DataConfig, seed: int = 0) -> str:
+    """How the store's documents pack under cfg: the first epoch of `seed`, as a run reports it."""
+    order = GlobalOrder(store.lengths, max_seq_len=cfg.max_seq_len, pack=cfg.pack, shuffle=cfg.shuffle, seed=seed,
+                        window=cfg.pack_window)
+    return describe_packing(order.packing_report(0), cfg, seed)
+
+
 def report_skips(manifest: dict) -> None:
     """Warn about every skipped or dropped record group: how many, and the first ones by file:line."""
     c = manifest["counts"]
@@ -292,18 +303,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--on-error", choices=ON_ERROR, default=defaults.on_error)
     p.add_argument("--overlong", choices=OVERLONG, default=defaults.overlong)
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core, at most 8)")
+    p.add_argument("--pack", choices=("best_fit", "next_fit", "false"), default=defaults.pack,
+                   help="packing the summary reports (data.pack; the store does not depend on it)")
+    p.add_argument("--pack-window", type=int, default=defaults.pack_window, help="data.pack_window for best_fit")
     p.add_argument("--force", action="store_true", help="prepare again even when the store is current")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         cfg = DataConfig(tokenizer=args.tokenizer, max_seq_len=args.max_seq_len, loss_mask=args.loss_mask,
                          reasoning_effort=args.reasoning_effort, current_date=args.current_date,
-                         on_error=args.on_error, overlong=args.overlong).validate()
+                         on_error=args.on_error, overlong=args.overlong,
+                         pack=False if args.pack == "false" else args.pack, pack_window=args.pack_window).validate()
         tokenizer = load_tokenizer(args.tokenizer)
         if args.force:
-            prepare(args.inputs, args.out, cfg, tokenizer, workers=args.workers)
+            store = prepare(args.inputs, args.out, cfg, tokenizer, workers=args.workers)
         else:
-            ensure_store(args.inputs, args.out, cfg, tokenizer, workers=args.workers)
+            store = ensure_store(args.inputs, args.out, cfg, tokenizer, workers=args.workers)
+        log.info("%s", packing_summary(store, cfg))
     except ValueError as exc:  # DataError, TokenizerError, config errors: the user's to fix
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -37,7 +37,9 @@ SCRIPTS = {
     "bench_data.py": ("data_cpu.json", ["results.encode.tokens_per_s", "results.pack.tokens_per_s",
                                         "results.prepare.tokens_per_s", "results.startup.first_batch_s",
                                         "results.pack.packing_efficiency", "results.unpacked.rows_per_s",
-                                        "results.harmony_agentic_sample.tokens_per_s"]),
+                                        "results.harmony_agentic_sample.tokens_per_s",
+                                        "results.packing.rows.*.packing_efficiency", "results.packing.rows.*.pack_s",
+                                        "results.packing.window_sweep.*.packing_efficiency"]),
     "bench_generate.py": ("generate_cpu.json", ["results.*.cache_tokens_per_s", "results.*.no_cache_tokens_per_s",
                                                 "results.*.hf_tokens_per_s"]),
 }
