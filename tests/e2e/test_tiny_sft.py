@@ -54,6 +54,7 @@ def test_tiny_sft_learns_and_exports(tmp_path):
     message = r"<\|channel\|>(analysis|commentary|final)<\|message\|>[^<]*"
     harmony = re.compile(rf"({message}<\|end\|><\|start\|>assistant)*{message}<\|return\|>")
     cut = re.compile(rf"({message}<\|end\|><\|start\|>assistant)*(<\|channel\|>[a-z]*(<\|message\|>[^<]*)?)?")
+    closing_probs = []
     for question in ("What is 2 + 2?", "Name a colour."):
         prompt = torch.tensor([prompt_ids([{"role": "user", "content": question}], tok)])
         answer = generate(loaded.model, prompt, 96, stop_token_ids=[tok.special_ids[t] for t in STOP_TOKENS])
@@ -61,10 +62,27 @@ def test_tiny_sft_learns_and_exports(tmp_path):
         text = tok.decode(new)
         assert harmony.fullmatch(text) or (len(new) == 96 and cut.fullmatch(text)), \
             f"not a harmony answer to {question!r}: {text!r}"
+        closing_probs += _return_probs_after_final(loaded.model, prompt[0].tolist(), new, tok)
+    # It has learned how an answer ends: where a final message closes, <|return|> is a likely next
+    # token (an untrained model gives it about 1/vocab).
+    assert closing_probs and min(closing_probs) > 0.1, closing_probs
     chat = subprocess.run([sys.executable, "-m", "engine.chat", str(out / "hf"), "--prompt", "What is 2 + 2?"],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
     assert "[unparsed]" not in chat.stdout, chat.stdout
+
+
+def _return_probs_after_final(model, prompt: list[int], new: list[int], tok) -> list[float]:
+    """P(<|return|>) at each place where the answer closes a final-channel message (<|end|> or <|return|>)."""
+    closing = {tok.special_ids["<|end|>"], tok.special_ids["<|return|>"]}
+    probs = []
+    for j, t in enumerate(new):
+        header = tok.decode(new[:j]).rsplit("<|channel|>", 1)
+        if t in closing and len(header) == 2 and header[1].startswith("final<|message|>"):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + new[:j]]))[0, -1]
+            probs.append(float(logits.float().softmax(-1)[tok.special_ids["<|return|>"]]))
+    return probs
 
 
 def test_bad_override_fails_fast_with_the_key(tmp_path):
