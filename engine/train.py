@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# `python engine/train.py` puts engine/ itself on sys.path, where engine/peft would shadow the real
-# `peft` package (and engine/data any `data`); put the repository there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if __name__ == "__main__":
+    # `python engine/train.py` puts engine/ itself on sys.path, where engine/peft would shadow the real
+    # `peft` package (and engine/data any `data`); put the repository there instead. Only as the entry
+    # script: importing engine.train changes nothing.
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
 
 import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
@@ -142,9 +144,6 @@ def preflight(overrides: list[str]) -> None:
         fail(e)
 
 
-register_recipes()
-
-
 @hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
     setup_logging()
@@ -168,5 +167,6 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_recipes()  # before Hydra composes `recipe=NAME`
     preflight(sys.argv[1:])
     main()

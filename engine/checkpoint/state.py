@@ -19,6 +19,7 @@ next steps run; rank 0 completes the checkpoint (meta.json + rename) when the wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,10 +40,19 @@ from .errors import CheckpointError, CheckpointNotFoundError
 from .safe_reader import METADATA_FILE, _first_line, CheckpointCorruptError, SafeFileSystemReader, read_metadata_file
 
 log = logging.getLogger("engine")
-# One process without torch.distributed is a layout like any other here, not a mistake to warn about.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+# DCP's warning when it runs in one process: a layout like any other here, not a mistake to warn about.
+_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
 STEP_PREFIX = "step_"
 FORMAT = "engine-dcp-1"
+
+
+@contextlib.contextmanager
+def _one_process_quiet(alone: bool):
+    """DCP's one-process warning silenced for the call inside (and nothing else, nowhere else)."""
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", message=_ONE_PROCESS)
+        yield
 
 
 def _fsync_dir(path: Path) -> None:
@@ -206,9 +216,12 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, torch.
     alone = not (dist.is_available() and dist.is_initialized())
     try:
         if asynchronous:
+            if alone:  # DCP warns from its own writer thread, which a scoped filter cannot reach
+                warnings.filterwarnings("ignore", message=_ONE_PROCESS)
             future = dcp.async_save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
             return PendingSave(future, finalize, rank, barrier, final, failure)
-        dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+        with _one_process_quiet(alone):
+            dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
         barrier()
         if rank == 0:
             finalize()
@@ -284,8 +297,9 @@ def load_tensors(path: Path, tensors: dict[str, torch.Tensor], process_group=Non
     every rank calls this together, or one process `alone` (plain tensors). Errors name the file."""
     alone = alone or not (dist.is_available() and dist.is_initialized())
     try:
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group,
-                 no_dist=alone)
+        with _one_process_quiet(alone):
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group,
+                     no_dist=alone)
     except CheckpointException as e:
         # DCP wraps each rank's failure as (exception, traceback); ours already name the file.
         inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
