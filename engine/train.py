@@ -44,6 +44,17 @@ def register_recipes() -> list[str]:
     return names
 
 
+def usage() -> str:
+    """`--help`: how to run, the recipes, and every key of the schema with its meaning, type, default and
+    allowed values (engine.schema.describe reads them from the dataclasses the config is checked against)."""
+    from engine.config import TrainConfig
+    from engine.schema import describe
+
+    head = [__doc__.strip(), "", f"Recipes (recipe=NAME, recipes/NAME.yaml): {', '.join(register_recipes())}", "",
+            "Keys (KEY=VALUE on the command line, over the recipe's values, over these defaults):"]
+    return "\n".join(head + describe(TrainConfig)) + "\n"
+
+
 def setup_logging(output_dir: str | None = None) -> None:
     """Rank 0 logs to the console; every rank also logs everything to OUTPUT/logs/rank{r}.log, and
     the other ranks put only warnings and errors on the console."""
@@ -133,7 +144,7 @@ def preflight(overrides: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             dcfg = compose("config", overrides=overrides)
-        cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
+        cfg = build_config(OmegaConf.to_container(dcfg, resolve=True), quiet=True)  # main() says what it adjusts
         check_writable(cfg.trainer.output_dir)
     except (HydraException, OmegaConfBaseException) as e:
         bad = re.search(r"Could not override '([^']+)'", str(e))
@@ -167,6 +178,9 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):  # Hydra's own help stays at --hydra-help
+        print(usage(), end="")
+        sys.exit(0)
     register_recipes()  # before Hydra composes `recipe=NAME`
     preflight(sys.argv[1:])
     main()

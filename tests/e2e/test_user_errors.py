@@ -61,7 +61,7 @@ CONFIG_ERRORS = [
     (["optim.betas=[2,0.5]"], ["optim.betas[0]=2"]),
     (["optim.lr=nan"], ["optim.lr=nan"]),
     (["trainer.log_every=0"], ["trainer.log_every=0"]),
-    (["trainer.max_steps=3"], ["optim.warmup_steps=5", "trainer.max_steps=3"]),
+    (["optim.warmup_steps=-1"], ["optim.warmup_steps=-1"]),
     (["trainer.max_stepz=3"], ["unknown config key 'trainer.max_stepz'", "did you mean 'trainer.max_steps'"]),
     (["optimm.lr=1"], ["unknown config key 'optimm.lr'", "'optim'"]),
     (["+trainer.max_stepz=3"], ["trainer.max_stepz", "trainer.max_steps"]),
