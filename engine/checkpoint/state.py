@@ -275,6 +275,25 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def intact_step(path: Path) -> int:
+    """The step of a checkpoint whose files are all there and whole, as far as can be told without reading
+    its tensors: meta.json, rank 0's JSON, the metadata, and each data file as long as the metadata needs;
+    CheckpointCorruptError naming the first that is not (what loading it would run into)."""
+    meta = read_meta(path)
+    read_json(rank_file(path, 0))
+    needs: dict[str, int] = {}
+    for info in (read_metadata_file(path / METADATA_FILE).storage_data or {}).values():
+        needs[info.relative_path] = max(needs.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needs.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else 0
+        if size < end:
+            raise CheckpointCorruptError(path / name, f"holds {size} bytes where the checkpoint's metadata needs "
+                                         f"{end}; the checkpoint is truncated, use an earlier one")
+    if not isinstance(meta.get("step"), int):
+        raise CheckpointCorruptError(path / "meta.json", f"step {meta.get('step')!r} is not an integer")
+    return meta["step"]
+
+
 def read_rank_state(path: Path, rank: int, world_size: int) -> dict:
     """This rank's JSON when the checkpoint has the same number of ranks, else rank 0's."""
     meta = read_meta(path)
