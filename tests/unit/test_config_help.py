@@ -2,6 +2,8 @@
 and allowed values, read from the schema the config is checked against: each listed choice is accepted
 and anything else refused, each listed integer bound is where the check starts refusing."""
 
+import copy
+import functools
 import re
 import subprocess
 import sys
@@ -56,8 +58,13 @@ def test_help_lists_every_key_of_the_base_config_with_its_default_and_meaning(he
     assert "tiny_sft" in help_text and "recipe=NAME" in help_text
 
 
+@functools.cache
+def _tiny_sft(method: str) -> dict:
+    return _compose("recipe=tiny_sft", f"peft.method={method}")
+
+
 def _with(key: str, value) -> dict:
-    values = _compose("recipe=tiny_sft", "peft.method=lora" if key.startswith("peft.") else "peft.method=none")
+    values = copy.deepcopy(_tiny_sft("lora" if key.startswith("peft.") else "none"))  # peft.* is checked for LoRA
     section, name = key.split(".")
     values[section][name] = value
     if key == "data.global_batch_size":  # tiny_sft's micro-batches of 2 would not divide a batch of 1
