@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -47,10 +48,12 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, *, needs_cuda: bool =
     return args
 
 
-def _version(module: str) -> str | None:
+def _version(package: str) -> str | None:
+    """The installed version, from the package's metadata (one that fails to import still has one; only
+    an absent package is None)."""
     try:
-        return __import__(module).__version__
-    except ImportError:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 

@@ -66,9 +66,11 @@ class DataStats:
 
 
 def decode_json_line(raw: bytes) -> object:
-    """One JSONL line -> the decoded record; DataError saying what is wrong with the bytes."""
+    """One JSONL line -> the decoded record; DataError saying what is wrong with the bytes. The line is
+    parsed without its line ending, so an error at its end is at the column Python's parser names for the
+    line alone (not "column 1" of the line after it)."""
     try:
-        return json.loads(raw)
+        return json.loads(raw.rstrip(b"\r\n"))
     except UnicodeDecodeError as exc:
         raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
