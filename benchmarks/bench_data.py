@@ -30,7 +30,7 @@ import argparse
 import common
 from engine.data.bench import bench_harmony, bench_packing, run
 from engine.data.prepare import default_workers
-from engine.data.o200k import cached_o200k_harmony
+from tools.o200k import cached_o200k_harmony
 
 MODES = {"cpu": dict(max_seq_len=1024, seconds=0.2, startup_docs=100_000, min_records=2_000, packing_docs=100_000),
          "full": dict(max_seq_len=4096, seconds=2.0, startup_docs=1_000_000, min_records=20_000,

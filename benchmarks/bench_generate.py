@@ -1,4 +1,4 @@
-"""Greedy generation throughput: engine.generate with the KV cache, without it, and transformers'.
+"""Greedy generation throughput: engine.inference.generate with the KV cache, without it, and transformers'.
 
     python benchmarks/bench_generate.py          # GPU: GPT-OSS-20B shapes (24 layers, random weights), bf16,
                                                  # prompts of 1024 tokens, 128 new tokens, batch 1 and 8
@@ -19,7 +19,7 @@ import time
 import torch
 
 import common
-from engine.generate import generate
+from engine.inference.generate import generate
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 
 FULL = dict(arch=dict(), dtype=torch.bfloat16, prompt=1024, new=128, batches=(1, 8), hf_batches=(1,))

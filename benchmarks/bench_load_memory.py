@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.checkpoint.hf import write_hf  # noqa: E402
-from engine.checkpoint.hf_layout import QUANTIZED_SUFFIXES, full_shapes  # noqa: E402
-from engine.checkpoint.safetensors_io import ShardWriter  # noqa: E402
+from engine.checkpoint.hf.layout import QUANTIZED_SUFFIXES, full_shapes  # noqa: E402
+from engine.checkpoint.hf.safetensors_io import ShardWriter  # noqa: E402
 from engine.models.gpt_oss import GptOssConfig  # noqa: E402
 
 CONFIG = GptOssConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=10, num_attention_heads=16,

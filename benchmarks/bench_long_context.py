@@ -18,7 +18,7 @@ GPU mode: gpt-oss-20b with LoRA (rank 32 on q/k/v/o and both expert projections,
 adapters), activation checkpointing on every layer (and `--offload`: their inputs in host memory),
 the attention backend of --attn (default triton), random weights, one row of T tokens. One
 untimed step at 4096 tokens compiles every kernel; then per length one step, timed, with
-torch.cuda.max_memory_allocated as its peak, tokens/s and MFU (engine.metrics' LoRA formula).
+torch.cuda.max_memory_allocated as its peak, tokens/s and MFU (engine.training.metrics' LoRA formula).
 """
 
 from __future__ import annotations
@@ -119,9 +119,9 @@ def run_cpu(args) -> dict:
 
 def run_gpu(args) -> dict:
     from engine.config import OptimConfig
-    from engine.metrics import active_lora_params, flops_per_token, peak_flops
+    from engine.training.metrics import active_lora_params, flops_per_token, peak_flops
     from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
-    from engine.optim import build_optimizer
+    from engine.training.optim import build_optimizer
     from engine.peft import LoraConfig, apply_lora
 
     cfg = GptOssConfig.gpt_oss_20b()

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sharding.py --cpu [--steps 8]
 
-Runs `engine.trainer.run` on 4 gloo processes at EP2 x expert-DP2 (a tiny GPT-OSS widened to hidden
+Runs `engine.training.trainer.run` on 4 gloo processes at EP2 x expert-DP2 (a tiny GPT-OSS widened to hidden
 128 / intermediate 256, synthetic data, fp32) and reports:
 1. the median step time of parallel.shard = none / optimizer / full (steps after the first two);
 2. checkpoint bytes on disk (all `.distcp` files) against the bytes of the model's weights and AdamW
@@ -42,7 +42,7 @@ def worker(values: dict) -> None:
     import torch
 
     from engine.config import build_config
-    from engine.trainer import run
+    from engine.training.trainer import run
 
     torch.set_num_threads(1)
     run(build_config(values))

@@ -16,7 +16,7 @@ weights), under each (attention, experts) implementation in --hf-impls, in that 
 --budget-s allows; its fastest is the baseline (which one is recorded).
 Figures: tokens/s, ours / transformers, MFU with the LoRA formula (4 x frozen active params + 6 x
 LoRA params + attention term; SFT: 6 x active + attention) for the layers benchmarked, against the
-GPU's dense bf16 peak (engine.metrics), and peak memory over the timed steps. JSON is rewritten
+GPU's dense bf16 peak (engine.training.metrics), and peak memory over the timed steps. JSON is rewritten
 after every measurement, so a step killed by a timeout still leaves what it measured.
 """
 
@@ -30,11 +30,11 @@ import torch
 
 import common
 from engine.config import OptimConfig
-from engine.metrics import active_lora_params, flops_per_token, peak_flops
+from engine.training.metrics import active_lora_params, flops_per_token, peak_flops
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from engine.models.gpt_oss.attention import resolve_attn_backend
 from engine.moe.backends import experts_backend
-from engine.optim import build_optimizer
+from engine.training.optim import build_optimizer
 from engine.peft import LoraConfig, apply_lora
 
 # transformers implementations to try, "attention/experts", cheapest to start first: flex_attention
@@ -56,7 +56,7 @@ def arch(args, layers: int) -> GptOssConfig:
 
 
 def dtypes(args, kind: str) -> tuple[torch.dtype, bool]:
-    """(stored weight dtype, autocast to bf16?) as engine.build sets them up."""
+    """(stored weight dtype, autocast to bf16?) as engine.training.build sets them up."""
     if args.cpu:
         return torch.float32, False
     return (torch.bfloat16 if kind == "lora" else torch.float32), True
@@ -73,7 +73,7 @@ def build_ours(cfg: GptOssConfig, kind: str, args, checkpointing: bool = False) 
         model.set_activation_checkpointing(True)
     if kind == "lora":
         apply_lora(model, LoraConfig(rank=args.rank, alpha=float(args.rank)))
-        for p in model.parameters():  # adapters and their AdamW state in fp32, as engine.build does
+        for p in model.parameters():  # adapters and their AdamW state in fp32, as engine.training.build does
             if p.requires_grad:
                 p.data = p.data.float()
     return model.train()
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
     args.seq, args.rank = args.shape["seq"], args.shape["rank"]
     args.budget_s = args.budget_s if args.budget_s is not None else args.shape["budget_s"]
     report: dict = {"lora_rank": args.rank, "mfu_formula": "LoRA: 4 x frozen active + 6 x LoRA params a token goes through (top-k experts' adapters) + attention; "
-                    "SFT: 6 x active + attention (engine.metrics.flops_per_token), no recompute counted",
+                    "SFT: 6 x active + attention (engine.training.metrics.flops_per_token), no recompute counted",
                     "targets": {"lora x_hf_best": ">= 3", "lora mfu": ">= 0.35", "lora_20b peak_gb": "< 60"}}
     if args.full_20b_lora_memory:
         args.json_name = "train_step_20b_lora_memory"

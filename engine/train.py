@@ -46,9 +46,9 @@ def register_recipes() -> list[str]:
 
 def usage() -> str:
     """`--help`: how to run, the recipes, and every key of the schema with its meaning, type, default and
-    allowed values (engine.schema.describe reads them from the dataclasses the config is checked against)."""
+    allowed values (engine.config.schema.describe reads them from the dataclasses the config is checked against)."""
     from engine.config import TrainConfig
-    from engine.schema import describe
+    from engine.config.schema import describe
 
     head = [__doc__.strip(), "", f"Recipes (recipe=NAME, recipes/NAME.yaml): {', '.join(register_recipes())}", "",
             "Keys (KEY=VALUE on the command line, over the recipe's values, over these defaults):"]
@@ -165,7 +165,7 @@ def main(dcfg: DictConfig) -> None:
         cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
         check_writable(cfg.trainer.output_dir)
         setup_logging(cfg.trainer.output_dir)
-        from engine.trainer import run
+        from engine.training.trainer import run
 
         run(cfg)
     except _user_errors() as e:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CheckpointExistsError
+from engine.checkpoint.errors import CheckpointExistsError
 
 
 def _sibling(target: Path, tag: str) -> Path:

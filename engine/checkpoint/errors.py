@@ -4,7 +4,7 @@ know the builtins still catch them."""
 
 from __future__ import annotations
 
-from ..errors import CheckpointError  # noqa: F401  (one class for every checkpoint error)
+from engine.errors import CheckpointError  # noqa: F401  (one class for every checkpoint error)
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.schema import Range, bounds, choices, setting
+from engine.config.schema import Range, bounds, choices, setting
 
 LOSS_MASKS = ("assistant", "final_only", "last_turn")
 ON_ERROR = ("raise", "skip")

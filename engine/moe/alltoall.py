@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..parallel.comm import all_to_all
-from .dispatch import Dispatched, Permutation, combine_rows, permute
-from .experts import shard_experts
+from engine.parallel.comm import all_to_all
+from engine.moe.dispatch import Dispatched, Permutation, combine_rows, permute
+from engine.moe.experts import shard_experts
 
 
 @dataclass

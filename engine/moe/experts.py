@@ -15,7 +15,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .backends import ExpertsBackend, experts_backend
+from engine.moe.backends import ExpertsBackend, experts_backend
 
 EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 

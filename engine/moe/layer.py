@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.utils.checkpoint as activation_ckpt
 from torch import nn
 
-from .dispatch import LocalDispatcher
-from .experts import GroupedExperts
-from .router import TopKRouter
+from engine.moe.dispatch import LocalDispatcher
+from engine.moe.experts import GroupedExperts
+from engine.moe.router import TopKRouter
 
 
 class MoEBlock(nn.Module):

@@ -31,8 +31,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .grad_sync import is_expert_param
-from .mesh import Mesh
+from engine.parallel.grad_sync import is_expert_param
+from engine.parallel.mesh import Mesh
 
 SHARD_MODES = ("none", "optimizer", "full")
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .mesh import Mesh
+from engine.parallel.mesh import Mesh
 
 
 def is_expert_param(name: str) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..models.gpt_oss.config import ConfigError
-from ..schema import Range, bounds, choices, setting
+from engine.models.gpt_oss.config import ConfigError
+from engine.config.schema import Range, bounds, choices, setting
 
 # The weights LoRA can adapt, by their HF module / parameter name.
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.gpt_oss.config import ConfigError
-from ..moe.backends import ExpertAdapters
-from ..moe.experts import EXPERT_PARAMS, GroupedExperts, compute_weights, recast_in_backward
-from .config import ATTENTION_TARGETS, EXPERT_TARGETS, LoraConfig
+from engine.models.gpt_oss.config import ConfigError
+from engine.moe.backends import ExpertAdapters
+from engine.moe.experts import EXPERT_PARAMS, GroupedExperts, compute_weights, recast_in_backward
+from engine.peft.config import ATTENTION_TARGETS, EXPERT_TARGETS, LoraConfig
 
 _SHORT = {"gate_up_proj": "gate_up", "down_proj": "down"}  # parameter name stems inside ExpertLoRA
 
@@ -166,7 +166,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> dict:
 
     A is drawn from a generator seeded with `seed`, in module order and at the full model's expert
     count, so every rank of any expert-parallel layout gets the same adapters as a single process."""
-    from .report import lora_report
+    from engine.peft.report import lora_report
 
     cfg.validate()
     if any(True for _ in adapter_modules(model)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .lora import ExpertLoRA, LoraLinear, adapter_modules
+from engine.peft.lora import ExpertLoRA, LoraLinear, adapter_modules
 
 KINDS = {  # report key -> table label
     "q_proj": "attention q_proj",

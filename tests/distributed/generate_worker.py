@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from engine.generate import generate, left_pad
+from engine.inference.generate import generate, left_pad
 from engine.moe.alltoall import apply_expert_parallel
 from engine.parallel import Mesh
 from tests.distributed.cases import expert_parallel_model

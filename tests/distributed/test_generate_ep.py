@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from engine.generate import generate, left_pad
+from engine.inference.generate import generate, left_pad
 from engine.train import REPO
 from tests.distributed.cases import full_model
 from tests.distributed.generate_worker import prompts_of

@@ -4,8 +4,8 @@ within the configured timeout, the single-process fallback, and the batch layout
 import pytest
 import torch
 
-from engine.parallel import (LayoutError, Mesh, check_layout, global_grad_norm, global_token_count,
-                             micro_batches_for, rank_slice, sync_gradients)
+from engine.parallel import LayoutError, Mesh, check_layout, global_grad_norm, global_token_count, sync_gradients
+from tests.distributed.layout import micro_batches_for, rank_slice
 from tests.distributed.launcher import describe, launch
 
 

@@ -19,8 +19,8 @@ from engine.moe.alltoall import AllToAllDispatcher, apply_expert_parallel, globa
 from engine.moe.dispatch import LocalDispatcher
 from engine.moe.experts import GroupedExperts, shard_experts
 from engine.moe.layer import MoEBlock
-from engine.parallel import (Mesh, clip_grad_norm, global_grad_norm, global_token_count, micro_batches_for,
-                             rank_slice, sync_gradients)
+from engine.parallel import Mesh, clip_grad_norm, global_grad_norm, global_token_count, sync_gradients
+from tests.distributed.layout import micro_batches_for, rank_slice
 from tests.distributed.cases import GLOBAL_BATCH, expert_parallel_model, global_batch
 
 

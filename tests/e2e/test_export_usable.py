@@ -87,5 +87,5 @@ def test_a_lora_run_on_a_relative_model_path_exports_and_loads_from_any_director
     step = launch / "lora" / "checkpoints" / "step_0000001"
     _python("-m", "engine.export", str(step), "--out", str(tmp_path / "merged"), "--format", "merged", cwd=elsewhere)
     assert (tmp_path / "merged" / "config.json").is_file()
-    _python("-c", "import sys; from engine.loading import load_for_inference; "
+    _python("-c", "import sys; from engine.inference.loading import load_for_inference; "
             "assert load_for_inference(sys.argv[1]).model is not None", str(launch / "lora"), cwd=elsewhere)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from engine.checkpoint import state as ckpt
+from engine.checkpoint.dcp import state as ckpt
 from tests.e2e.test_tiny_sft import _train
 
 FAST = ["data.max_seq_len=128", "data.global_batch_size=4", "data.micro_batch_size=2", "trainer.val_every=0"]
@@ -46,7 +46,7 @@ def test_resume_is_bit_exact(tmp_path, recipe, extra):
 SLOW_SAVE = """
 import sys, time, torch
 from torch.distributed.checkpoint import filesystem
-from engine.checkpoint import state as ckpt
+from engine.checkpoint.dcp import state as ckpt
 ckpt.save_checkpoint(sys.argv[1], 2, {"w": torch.ones(3)}, {}, {"world_size": 1}, keep=5)
 print("first saved", flush=True)
 write = filesystem.FileSystemWriter.write_data

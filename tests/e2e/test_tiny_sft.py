@@ -45,9 +45,9 @@ def test_tiny_sft_learns_and_exports(tmp_path):
     # `<|end|><|start|>assistant` message is a near tie after 60 steps (about 0.3 each after the final
     # message, one way or the other with trainer.seed and the rows' composition, next fit as best
     # fit): an answer the budget cuts must still be whole messages, then the start of one.
-    from engine.chat import STOP_TOKENS, prompt_ids
-    from engine.generate import generate
-    from engine.loading import load_for_inference
+    from engine.inference.chat import STOP_TOKENS, prompt_ids
+    from engine.inference.generate import generate
+    from engine.inference.loading import load_for_inference
 
     loaded = load_for_inference(out / "hf", device="cpu")
     tok = loaded.tokenizer

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.chat import Event, HarmonyStream, Printer, main, prompt_ids
+from engine.chat import main
+from engine.inference.chat import Event, HarmonyStream, Printer, prompt_ids
 from engine.data import load_tokenizer
 
 HISTORY = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"},

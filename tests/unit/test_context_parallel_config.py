@@ -7,7 +7,7 @@ import torch
 
 from engine.config import build_config
 from engine.errors import ConfigError
-from engine.memory_plan import activation_bytes, activation_bytes_per_token, plan_for_run
+from engine.training.memory_plan import activation_bytes, activation_bytes_per_token, plan_for_run
 from engine.models.gpt_oss import GptOssConfig
 from engine.parallel import LayoutError, Mesh, check_layout
 from tests.unit.test_recipes import _compose

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from engine.data import load_tokenizer
 from engine.data.config import default_sample_paths
 from engine.data.harmony import render_segments
-from engine.evaluate import channel_tags, evaluate_records, main, read_records, validation_loss
+from engine.evaluate import main
+from engine.inference.evaluate import channel_tags, evaluate_records, read_records, validation_loss
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 
 RECORDS = [
@@ -74,7 +75,7 @@ def test_groups_equal_a_full_logits_reference(tiny):
 
 
 def test_validation_loss_equals_the_training_loss_path(tiny):
-    from engine.build import Runtime
+    from engine.training.build import Runtime
     from engine.parallel import Mesh
 
     model, tok = tiny

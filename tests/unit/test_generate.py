@@ -4,7 +4,7 @@ left padding, with LoRA (applied and merged), and the sampling filters."""
 import pytest
 import torch
 
-from engine.generate import generate, left_pad, sample_next
+from engine.inference.generate import generate, left_pad, sample_next
 from engine.models.gpt_oss.kv_cache import KVCache, cached_forward
 from tests.hf_reference import hf_config, hf_model, to_ours
 

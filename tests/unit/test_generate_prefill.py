@@ -6,7 +6,7 @@ import torch
 
 import engine.models.gpt_oss.attention as attention
 import engine.models.gpt_oss.kv_cache as kv_cache
-from engine.generate import generate, left_pad
+from engine.inference.generate import generate, left_pad
 from engine.models.gpt_oss.kv_cache import KVCache, cached_forward
 from tests.hf_reference import hf_config, hf_model, to_ours
 

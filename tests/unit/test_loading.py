@@ -1,13 +1,13 @@
-"""engine.loading: a PEFT adapter folded into an HF base equals peft's own model and our LoRA model."""
+"""engine.inference.loading: a PEFT adapter folded into an HF base equals peft's own model and our LoRA model."""
 
 import pytest
 import torch
 
 from engine.checkpoint.hf import save_hf
-from engine.loading import fold_peft_adapter, load_for_inference
+from engine.inference.loading import fold_peft_adapter, load_for_inference
 from engine.peft import apply_lora
 from engine.peft.config import LoraConfig
-from engine.peft.peft_export import export_peft
+from engine.peft.peft_format import export_peft
 from tests.hf_reference import hf_config, hf_model, to_ours
 
 

@@ -3,7 +3,7 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.loss import linear_cross_entropy, token_cross_entropy
+from engine.models.gpt_oss.loss import linear_cross_entropy, token_cross_entropy
 
 
 def _case(n=40, h=16, v=50, seed=0):

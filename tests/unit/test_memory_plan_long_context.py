@@ -5,7 +5,7 @@ import pytest
 
 from engine.config import build_config
 from engine.errors import PlanError
-from engine.memory_plan import activation_bytes_per_token, check_fits, plan_for_run
+from engine.training.memory_plan import activation_bytes_per_token, check_fits, plan_for_run
 from engine.models.gpt_oss import GptOssConfig
 from tests.unit.test_recipes import _compose
 

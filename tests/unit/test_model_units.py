@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from engine.loss import linear_cross_entropy
+from engine.models.gpt_oss.loss import linear_cross_entropy
 from engine.models.gpt_oss import ConfigError, GptOssConfig, GptOssForCausalLM
 from engine.models.gpt_oss.attention import dense_mask
 from engine.models.gpt_oss.rope import inv_freq

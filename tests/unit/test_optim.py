@@ -3,7 +3,7 @@
 import torch
 
 from engine.config import OptimConfig
-from engine.optim import MasterWeightAdamW, build_scheduler, lr_lambda
+from engine.training.optim import MasterWeightAdamW, build_scheduler, lr_lambda
 
 
 def test_master_weights_equal_fp32_adamw_rounded_each_step():

@@ -11,7 +11,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from engine.report import load_run, main, plot_panel, write_report
+from engine.report import main
+from engine.training.report import load_run, plot_panel, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from engine.chat import prompt_ids
+from engine.inference.chat import prompt_ids
 from engine.data import load_tokenizer
-from engine.generate import generate
+from engine.inference.generate import generate
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
-from engine.sampling import load_sample_prompts, sample
+from engine.training.samples import load_sample_prompts, sample
 
 
 def test_prompt_files(tmp_path):

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blockwise_attention import blockwise_attention
-from .config import GptOssConfig
-from .flex_mask import flex_block_mask
-from .rope import apply_rotary
+from engine.models.gpt_oss.blockwise_attention import blockwise_attention
+from engine.models.gpt_oss.config import GptOssConfig
+from engine.models.gpt_oss.flex_mask import flex_block_mask
+from engine.models.gpt_oss.rope import apply_rotary
 
 ATTN_BACKENDS = ("eager", "flex", "blockwise", "triton")
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionContext, eager_attention, resolve_attn_backend
-from ...parallel.fsdp import gathered
-from .rope import apply_rotary, cos_sin
+from engine.models.gpt_oss.attention import AttentionContext, eager_attention, resolve_attn_backend
+from engine.parallel.fsdp import gathered
+from engine.models.gpt_oss.rope import apply_rotary, cos_sin
 
 
 class LayerCache:

@@ -20,12 +20,12 @@ import torch
 import torch.utils.checkpoint as activation_ckpt
 from torch import nn
 
-from ...loss import linear_cross_entropy
-from ...moe.layer import MoEBlock
-from .attention import AttentionContext, GptOssAttention, resolve_attn_backend
-from .config import GptOssConfig
-from .offload import OffloadChain
-from .rope import cos_sin
+from engine.models.gpt_oss.loss import linear_cross_entropy
+from engine.moe.layer import MoEBlock
+from engine.models.gpt_oss.attention import AttentionContext, GptOssAttention, resolve_attn_backend
+from engine.models.gpt_oss.config import GptOssConfig
+from engine.models.gpt_oss.offload import OffloadChain
+from engine.models.gpt_oss.rope import cos_sin
 
 
 @dataclass

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .config import GptOssConfig, yarn_attention_factor
+from engine.models.gpt_oss.config import GptOssConfig, yarn_attention_factor
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint.mxfp4 import quantize_mxfp4
+from engine.checkpoint.hf.mxfp4 import quantize_mxfp4
 from tests.hf_reference import hf_config, hf_model
 
 SIDE_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}",

@@ -1,9 +1,9 @@
-"""Hub ids without a network, and the `python -m engine.convert` CLI."""
+"""Hub ids without a network, and the `python -m engine.export.convert` CLI."""
 
 import pytest
 import torch
 
-from engine import convert
+from engine.export import convert
 from engine.checkpoint import CheckpointNotFoundError, load_hf
 from tests.unit.checkpoint.builders import SIDE_FILES, tiny_hf, write_mxfp4_checkpoint, write_side_files
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.checkpoint import load_hf
-from engine.checkpoint.mxfp4 import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4
+from engine.checkpoint.hf.mxfp4 import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4
 from tests.unit.checkpoint.builders import load_transformers, logits, tiny_hf, token_ids, write_mxfp4_checkpoint
 
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from engine.checkpoint.mxfp4 import dequantize_mxfp4
+from engine.checkpoint.hf.mxfp4 import dequantize_mxfp4
 
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from engine.checkpoint import state as ckpt
+from engine.checkpoint.dcp import state as ckpt
 from engine.checkpoint.errors import CheckpointError
 from engine.config import build_config
 from engine.train import REPO, register_recipes
@@ -31,7 +31,7 @@ def _cfg(out, *overrides):
 
 
 def _train(out, *overrides) -> dict:
-    from engine.trainer import run
+    from engine.training.trainer import run
 
     return run(_cfg(out, *overrides))
 
@@ -162,7 +162,7 @@ def test_async_and_sync_saves_write_the_same_checkpoint(straight, tmp_path):
 
 
 def test_metadata_reader_refuses_foreign_globals(tmp_path):
-    from engine.checkpoint.safe_reader import CheckpointCorruptError, read_metadata_file
+    from engine.checkpoint.dcp.safe_reader import CheckpointCorruptError, read_metadata_file
 
     marker = tmp_path / "ran"
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))

@@ -4,8 +4,8 @@ import io
 import json
 from collections import Counter
 
-from engine.data import make_sample, make_tokenizer
-from engine.data.agentic_sample import agentic_sample_paths
+from tools import make_sample, make_tokenizer
+from tools.agentic_sample import agentic_sample_paths
 from engine.data.config import default_sample_paths, default_tokenizer_path
 from engine.data.preview import main as preview_main
 from engine.data.preview import preview

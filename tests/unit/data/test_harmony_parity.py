@@ -7,7 +7,7 @@ import pytest
 
 from agentic_cases import CASES
 from engine.data.harmony import render, render_segments
-from engine.data.o200k import cached_o200k_harmony
+from tools.o200k import cached_o200k_harmony
 from engine.data.tokenizer import load_tokenizer
 from harmony_oracle import expected_mask, harmony_messages, load_encoding, render_tokens
 
@@ -99,7 +99,7 @@ def test_tiny_tokenizer_keeps_the_plain_path(tokenizer):
 def test_every_shipped_sample_record_equals_openai_harmony(which, encoding, o200k):
     import json
 
-    from engine.data.agentic_sample import agentic_sample_paths
+    from tools.agentic_sample import agentic_sample_paths
     from engine.data.config import default_sample_paths
 
     path = (agentic_sample_paths() if which == "agentic" else default_sample_paths())[0]
@@ -112,8 +112,8 @@ def test_every_shipped_sample_record_equals_openai_harmony(which, encoding, o200
 
 
 def test_o200k_build_checks_the_vocabulary_hash(tmp_path):
-    from engine.data.make_tokenizer import main as make_tokenizer_main
-    from engine.data.o200k import read_tiktoken
+    from tools.make_tokenizer import main as make_tokenizer_main
+    from tools.o200k import read_tiktoken
 
     bad = tmp_path / "o200k_base.tiktoken"
     bad.write_bytes(b"YQ== 0\n")

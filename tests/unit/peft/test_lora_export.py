@@ -11,8 +11,8 @@ import torch
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 from engine.moe.experts import shard_model_experts
 from engine.peft import LoraConfig, apply_lora, lora_state_dict
-from engine.peft import peft_export
-from engine.peft.peft_export import export_merged, export_peft
+from engine.peft import peft_format as peft_export
+from engine.peft.peft_format import export_merged, export_peft
 from tests.unit.peft.helpers import randomize_adapters, tiny_pair, token_ids
 
 peft = pytest.importorskip("peft", reason="the PEFT export is checked by loading it with peft")

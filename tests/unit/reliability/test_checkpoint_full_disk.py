@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
-from engine.checkpoint import state
+from engine.checkpoint.dcp import state
 from engine.errors import StorageError
 
 TENSORS = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(5)}

@@ -34,7 +34,7 @@ def test_checkpoint_error_takes_a_message_or_file_message_tensor():
 
 
 def test_memory_plan_refusal_is_a_plan_error_in_one_line():
-    from engine.memory_plan import check_fits
+    from engine.training.memory_plan import check_fits
 
     class Plan:
         total = 100 * 2**30

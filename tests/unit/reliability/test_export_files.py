@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.errors import StorageError
-from engine.export_files import export_target, normal_modes, remove_stale_partials
+from engine.export.files import export_target, normal_modes, remove_stale_partials
 
 
 def _dead_pid() -> int:
@@ -52,7 +52,7 @@ def test_exported_files_get_the_modes_of_any_user_file(tmp_path):
 
 
 def _tiny_lora_model():
-    from engine.build import Runtime, build_model
+    from engine.training.build import Runtime, build_model
     from engine.config import build_config
     from engine.parallel import Mesh
 
@@ -63,7 +63,7 @@ def _tiny_lora_model():
 def test_full_disk_during_an_export_is_one_line_and_leaves_no_partial(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    import engine.peft.peft_export
+    import engine.peft.peft_format
     from engine.export import write_export
 
     cfg, model = _tiny_lora_model()
@@ -77,7 +77,7 @@ def test_full_disk_during_an_export_is_one_line_and_leaves_no_partial(tmp_path, 
             f.write(b"\0" * 1000)  # a part written, then the disk is full
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(engine.peft.peft_export, "save_file", full_disk)
+    monkeypatch.setattr(engine.peft.peft_format, "save_file", full_disk)
     with pytest.raises(StorageError) as info:
         write_export(cfg, model, out, "peft", overwrite=True)
     text = str(info.value)

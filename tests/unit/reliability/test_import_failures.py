@@ -5,7 +5,7 @@ import sys
 import warnings
 
 from engine.errors import import_failure
-from engine.peft import peft_export
+from engine.peft import peft_format as peft_export
 
 BROKEN = "cannot import name 'CUDAProperties' from 'kernels'"
 

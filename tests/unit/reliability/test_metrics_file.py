@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from engine.metrics import MetricsWriter
+from engine.training.metrics import MetricsWriter
 
 
 def _strict_load(line):

@@ -6,7 +6,7 @@ import math
 import torch
 
 from engine.config import OptimConfig
-from engine.optim import build_optimizer, build_scheduler, fresh_hyperparameters, replan_after_resume
+from engine.training.optim import build_optimizer, build_scheduler, fresh_hyperparameters, replan_after_resume
 
 
 def _setup(cfg: OptimConfig, max_steps: int):
