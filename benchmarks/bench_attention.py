@@ -29,9 +29,8 @@ import os
 import sys
 import warnings
 
-import torch
-
 import common
+import torch
 
 if "--cpu" in sys.argv:  # before triton is first imported: the triton backend runs interpreted on CPU
     os.environ["TRITON_INTERPRET"] = "1"
@@ -139,8 +138,10 @@ def main(argv=None) -> None:
             base_tensors, first = {}, None
             for backend in shape["backends"]:
                 row = dict(seq=seq, layer=layer_type, backend=backend)
-                result, err = common.attempt(lambda: measure_backend(attn, cfg, x, backend, shape, args.device,
-                                                                     base_tensors))
+                def measure(attn=attn, x=x, backend=backend, base_tensors=base_tensors):
+                    return measure_backend(attn, cfg, x, backend, shape, args.device, base_tensors)
+
+                result, err = common.attempt(measure)
                 row.update(result or {"error": err})
                 first = first or row
                 same_work = first.get("fwd_with_grad") == row.get("fwd_with_grad")  # no_grad saves nothing

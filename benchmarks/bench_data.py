@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 
 import common
+
 from engine.data.bench import bench_harmony, bench_packing, run
 from engine.data.prepare import default_workers
 from tools.o200k import cached_o200k_harmony

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import common
 import torch
 
-import common
 from engine.inference.generate import generate
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 

@@ -32,9 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 CPU_SEQS = [1024, 4096, 16384]
 GPU_SEQS = [32768, 65536, 131072]
@@ -118,11 +117,12 @@ def run_cpu(args) -> dict:
 
 
 def run_gpu(args) -> dict:
-    from engine.config import OptimConfig
-    from engine.training.metrics import active_lora_params, flops_per_token, peak_flops
+    from engine.config.sections import OptimConfig
     from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
-    from engine.training.optim import build_optimizer
+    from engine.parallel.parallelize import apply_activation_checkpointing
     from engine.peft import LoraConfig, apply_lora
+    from engine.training.metrics import active_lora_params, flops_per_token, peak_flops
+    from engine.training.optim import build_optimizer
 
     cfg = GptOssConfig.gpt_oss_20b()
     with torch.device("meta"):
@@ -130,7 +130,7 @@ def run_gpu(args) -> dict:
     model.to(torch.bfloat16)
     model.to_empty(device=args.device)
     common.random_init_(model, seed=0)
-    model.set_activation_checkpointing(True)
+    apply_activation_checkpointing(model, True)
     apply_lora(model, LoraConfig(rank=32, alpha=32.0))
     for p in model.parameters():
         if p.requires_grad:

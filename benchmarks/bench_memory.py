@@ -23,9 +23,8 @@ import os
 import traceback
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 CPU_ARCH = dict(hidden_size=256, intermediate_size=256, num_local_experts=8, num_experts_per_tok=4,
                 num_attention_heads=16, num_key_value_heads=2, head_dim=16, sliding_window=128)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 
+import common
 import torch
 
-import common
 from engine.moe.backends import experts_backend
 from engine.moe.dispatch import permute
 from engine.moe.layer import MoEBlock

@@ -41,7 +41,7 @@ def _config(out: str, shard: str, steps: int, every: int, asynchronous: bool) ->
 def worker(values: dict) -> None:
     import torch
 
-    from engine.config import build_config
+    from engine.config.load import build_config
     from engine.training.trainer import run
 
     torch.set_num_threads(1)

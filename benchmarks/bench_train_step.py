@@ -26,16 +26,17 @@ import argparse
 import contextlib
 import time
 
+import common
 import torch
 
-import common
-from engine.config import OptimConfig
-from engine.training.metrics import active_lora_params, flops_per_token, peak_flops
+from engine.config.sections import OptimConfig
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from engine.models.gpt_oss.attention import resolve_attn_backend
 from engine.moe.backends import experts_backend
-from engine.training.optim import build_optimizer
+from engine.parallel.parallelize import apply_activation_checkpointing
 from engine.peft import LoraConfig, apply_lora
+from engine.training.metrics import active_lora_params, flops_per_token, peak_flops
+from engine.training.optim import build_optimizer
 
 # transformers implementations to try, "attention/experts", cheapest to start first: flex_attention
 # compiles for tens of seconds. SFT's fp32 master weights may not suit its grouped_mm (it casts the
@@ -70,7 +71,7 @@ def build_ours(cfg: GptOssConfig, kind: str, args, checkpointing: bool = False) 
     model.to_empty(device=args.device)
     common.random_init_(model, seed=0)
     if checkpointing:
-        model.set_activation_checkpointing(True)
+        apply_activation_checkpointing(model, True)
     if kind == "lora":
         apply_lora(model, LoraConfig(rank=args.rank, alpha=float(args.rank)))
         for p in model.parameters():  # adapters and their AdamW state in fp32, as engine.training.build does

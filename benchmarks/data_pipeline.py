@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.agentic_sample import agentic_sample_paths
 from engine.data.config import DataConfig
 from engine.data.dataset import DocumentEncoder, JsonlFile
 from engine.data.harmony import render_segments
@@ -44,6 +43,7 @@ from engine.data.sampler import GlobalOrder
 from engine.data.sources import resolve_sources
 from engine.data.store import StoreWriter
 from engine.data.tokenizer import load_tokenizer
+from tools.agentic_sample import agentic_sample_paths
 
 
 def bench_encode(cfg: DataConfig, seconds: float) -> dict:
@@ -157,8 +157,8 @@ def bench_stream(cfg: DataConfig, seconds: float, store_dir: Path) -> dict:
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         for batch in islice(batches, 16):
-            rows += batch["input_ids"].shape[0]
-            real_tokens += int((batch["input_ids"] != loader.pad_id).sum())
+            rows += batch.input_ids.shape[0]
+            real_tokens += int((batch.input_ids != loader.pad_id).sum())
     elapsed = time.perf_counter() - start
     return {
         "tokens_per_s": real_tokens / elapsed,

@@ -35,7 +35,7 @@ from engine.moe.alltoall import AllToAllDispatcher
 from engine.moe.backends import experts_backend
 from engine.moe.experts import shard_model_experts
 from engine.moe.router import TopKRouter
-from engine.parallel.grad_sync import is_expert_param
+from engine.parallel.placement import named_params
 
 GB = 1e9
 
@@ -44,8 +44,8 @@ def param_bytes(cfg: GptOssConfig, ep: int) -> dict[str, float]:
     with torch.device("meta"):
         model = GptOssForCausalLM(cfg)
     shard_model_experts(model, ep, 0)  # what one rank holds
-    dense = sum(p.numel() for n, p in model.named_parameters() if not is_expert_param(n))
-    experts = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n))
+    dense = sum(p.numel() for _, p in named_params(model, experts=False))
+    experts = sum(p.numel() for _, p in named_params(model, experts=True))
     return {"dense": dense * 2 / GB, "experts": experts * 2 / GB, "total": (dense + experts) * 2 / GB,
             "sft_state": (dense + experts) * 16 / GB}
 

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 4 engine/train.py recipe=gptoss20b_lora [key=value ...]
 
 Hydra composes conf/config.yaml + recipes/NAME.yaml + the command-line overrides; the result is
-checked against the typed schema (engine/config.py) before anything heavy starts.
+checked against the typed schema (engine/config/sections.py) before anything heavy starts.
 """
 
 from __future__ import annotations
@@ -25,34 +25,11 @@ if __name__ == "__main__":
         sys.path.insert(0, str(REPO))
 
 import hydra  # noqa: E402
-from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from engine.config import build_config  # noqa: E402
-from engine.errors import ConfigError, EngineError, StorageError, check_writable, storage_error  # noqa: E402
-
-RECIPES = REPO / "recipes"
-
-
-def register_recipes() -> list[str]:
-    """Each recipes/NAME.yaml becomes option NAME of group `recipe`, merged at the top level."""
-    cs = ConfigStore.instance()
-    names = []
-    for path in sorted(RECIPES.glob("*.yaml")):
-        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
-        names.append(path.stem)
-    return names
-
-
-def usage() -> str:
-    """`--help`: how to run, the recipes, and every key of the schema with its meaning, type, default and
-    allowed values (engine.config.schema.describe reads them from the dataclasses the config is checked against)."""
-    from engine.config import TrainConfig
-    from engine.config.schema import describe
-
-    head = [__doc__.strip(), "", f"Recipes (recipe=NAME, recipes/NAME.yaml): {', '.join(register_recipes())}", "",
-            "Keys (KEY=VALUE on the command line, over the recipe's values, over these defaults):"]
-    return "\n".join(head + describe(TrainConfig)) + "\n"
+from engine.config.compose import compose_config, register_recipes, usage  # noqa: E402, F401
+from engine.config.load import build_config  # noqa: E402
+from engine.errors import EngineError, StorageError, check_writable, storage_error  # noqa: E402
 
 
 def setup_logging(output_dir: str | None = None) -> None:
@@ -99,56 +76,15 @@ def fail(e: BaseException, every_rank: bool = True) -> None:
     sys.exit(2)
 
 
-def _unknown_key(key: str) -> ConfigError:
-    """A misspelt command-line key, with the nearest valid one under the same section."""
-    import dataclasses
-    import difflib
-    from typing import get_type_hints
-
-    from engine.config import TrainConfig
-
-    cls, parts = TrainConfig, key.lstrip("+~").split(".")
-    for i, part in enumerate(parts):
-        names = sorted(f.name for f in dataclasses.fields(cls))
-        hint = get_type_hints(cls).get(part)
-        if part in names and dataclasses.is_dataclass(hint) and i < len(parts) - 1:
-            cls = hint
-            continue
-        section = ".".join(parts[:i])
-        where = f"{section}." if section else ""
-        close = difflib.get_close_matches(part, names, n=1)
-        hint_text = f"did you mean {where + close[0]!r}? " if close else ""
-        return ConfigError(f"unknown config key {key!r}; {hint_text}valid keys under "
-                           f"{section or 'the top level'}: {names}")
-    return ConfigError(f"cannot override {key!r}")
-
-
 def preflight(overrides: list[str]) -> None:
     """Compose and validate the config, and check the output folder, before Hydra's own run: a
     misspelt key, an unknown recipe, a bad value or an unwritable folder is one line and exit code
     2, not a Hydra traceback. Hydra's own flags (--help, --cfg, -m ...) are left to Hydra."""
     if any(a.startswith("-") for a in overrides):
         return
-    import re
-
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    recipes = register_recipes()
-    for arg in overrides:
-        name = re.fullmatch(r"\+?recipe=(.*)", arg)
-        if name and name.group(1) not in recipes:
-            fail(ConfigError(f"recipe={name.group(1)!r} is not a recipe; choose one of {recipes} (recipes/NAME.yaml)"),
-                 every_rank=False)
     try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-            dcfg = compose("config", overrides=overrides)
-        cfg = build_config(OmegaConf.to_container(dcfg, resolve=True), quiet=True)  # main() says what it adjusts
+        cfg = compose_config(overrides)  # main() says what validation adjusted
         check_writable(cfg.trainer.output_dir)
-    except (HydraException, OmegaConfBaseException) as e:
-        bad = re.search(r"Could not override '([^']+)'", str(e))
-        fail(_unknown_key(bad.group(1)) if bad else ConfigError(str(e)), every_rank=False)
     except EngineError as e:  # the config and the output folder: the same on every rank of a node
         fail(e, every_rank=False)
     except _user_errors() as e:
@@ -165,7 +101,7 @@ def main(dcfg: DictConfig) -> None:
         cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
         check_writable(cfg.trainer.output_dir)
         setup_logging(cfg.trainer.output_dir)
-        from engine.training.trainer import run
+        from engine.training.trainer import run  # the heavy imports, once the config is known to be good
 
         run(cfg)
     except _user_errors() as e:
@@ -179,7 +115,7 @@ def main(dcfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     if {"-h", "--help"} & set(sys.argv[1:]):  # Hydra's own help stays at --hydra-help
-        print(usage(), end="")
+        print(usage(__doc__), end="")
         sys.exit(0)
     register_recipes()  # before Hydra composes `recipe=NAME`
     preflight(sys.argv[1:])

@@ -5,15 +5,15 @@ which every GEMM of one MoE layer shares. A bucket is (epilogue, BLOCK_M, kernel
 the power-of-two buckets of M, N and K); each bucket has 1-5 candidates for the other knobs
 (BLOCK_N, BLOCK_K, GROUP_M, warps, stages, persistent grid), the first being the heuristic default.
 
-With autotuning on (GPTOSS_KERNEL_AUTOTUNE=1 or set_autotune(True); off by default until the GPU
-suite has timed it, so runs are deterministic), on CUDA the first launch in a bucket times every candidate on the real arguments (every epilogue
+With autotuning on (configure(autotune=True), the trainer's kernels.autotune=true; off by default until
+the GPU suite has timed it, so runs are deterministic), on CUDA the first launch in a bucket times every candidate on the real arguments (every epilogue
 only writes its outputs, so running it again is harmless) and keeps the fastest: in this process
 and, unless disabled, in a JSON file keyed by GPU name and Triton version
-(~/.cache/gptoss-engine/gemm_configs.json, or $GPTOSS_KERNEL_CACHE_DIR). Under the interpreter, while
+(configure(cache_dir=...), else $GPTOSS_KERNEL_CACHE_DIR, else ~/.cache/gptoss-engine: gemm_configs.json). Under the interpreter, while
 a CUDA graph is captured, with `force_blocks` / `use_config`, or with autotuning off (the default)
 the heuristic config is used: deterministic, no timing.
-The persistent grid (GPTOSS_KERNEL_PERSISTENT=1) and TMA weight loads (GPTOSS_KERNEL_TMA=1), or
-set_variants(...), add their variants to the candidates and the default: opt-in, because they are
+The persistent grid and TMA weight loads (configure(persistent=True, tma=True), kernels.persistent and
+kernels.tma), add their variants to the candidates and the default: opt-in, because they are
 checked in the interpreter and compiled for sm_90 but not yet timed on a GPU.
 Every candidate is tested in tests/kernels/test_gemm_configs.py and compiled by tests/kernels/sm90_aot.py.
 """
@@ -68,14 +68,26 @@ _HOPPER = {
     (16, "bwd"): (TileConfig(64, 64, 4, 4), TileConfig(64, 128, 4, 3)),
 }
 
-_state = {"autotune": os.environ.get("GPTOSS_KERNEL_AUTOTUNE", "0") == "1",
-          "persistent": os.environ.get("GPTOSS_KERNEL_PERSISTENT", "0") == "1",
-          "tma": os.environ.get("GPTOSS_KERNEL_TMA", "0") == "1"}
+_state = {"autotune": False, "persistent": False, "tma": False, "cache_dir": None}  # see configure()
 _forced: list[TileConfig] = []
 _chosen: dict[str, TileConfig] = {}  # bucket key -> the config autotuning settled on
 _used: dict[str, str] = {}  # bucket key -> name of the config its last launch used
 _disk: dict | None = None  # the JSON cache file's content, read once
 tuned_log: list[dict] = []  # one entry per autotuned bucket: key, times per candidate, choice
+
+
+def configure(*, autotune: bool | None = None, persistent: bool | None = None, tma: bool | None = None,
+              cache_dir: str | None = None) -> None:
+    """This process's kernel choices (None leaves one as it is): autotuning on CUDA, the persistent-grid and
+    TMA variants (set_variants), and the folder of the autotuner's JSON cache (None: $GPTOSS_KERNEL_CACHE_DIR,
+    else ~/.cache/gptoss-engine; an empty string: memory only). The trainer calls it once at start-up with
+    its `kernels.*` config keys."""
+    if autotune is not None:
+        set_autotune(autotune)
+    set_variants(persistent=persistent, tma=tma)
+    global _disk
+    if cache_dir != _state["cache_dir"]:
+        _state["cache_dir"], _disk = cache_dir, None  # read the new folder's file when next needed
 
 
 def set_autotune(enabled: bool) -> None:
@@ -244,8 +256,11 @@ def _device_tag(device: torch.device) -> str:
 
 
 def cache_path() -> Path | None:
-    """The JSON cache file, or None when GPTOSS_KERNEL_CACHE_DIR is set to an empty string."""
-    folder = os.environ.get("GPTOSS_KERNEL_CACHE_DIR", str(Path.home() / ".cache" / "gptoss-engine"))
+    """The JSON cache file (configure's cache_dir, else $GPTOSS_KERNEL_CACHE_DIR, else ~/.cache/gptoss-engine),
+    or None when that is an empty string."""
+    folder = _state["cache_dir"]
+    if folder is None:
+        folder = os.environ.get("GPTOSS_KERNEL_CACHE_DIR", str(Path.home() / ".cache" / "gptoss-engine"))
     return Path(folder) / "gemm_configs.json" if folder else None
 
 

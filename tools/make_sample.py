@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.agentic_sample import agentic_sample_paths, generate_agentic
 from engine.data.config import REASONING_EFFORTS, default_sample_paths
+from tools.agentic_sample import agentic_sample_paths, generate_agentic
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tools.agentic_sample import agentic_sample_paths
 from engine.data.config import REASONING_EFFORTS, default_sample_paths, default_tokenizer_path
 from engine.data.harmony import HARMONY_SPECIAL_TOKENS, render
-from tools.o200k import write_o200k_harmony
 from engine.data.tokenizer import load_tokenizer
+from tools.agentic_sample import agentic_sample_paths
+from tools.o200k import write_o200k_harmony
 
 _SPECIAL_SPLIT = re.compile("|".join(map(re.escape, HARMONY_SPECIAL_TOKENS)))
 

@@ -17,6 +17,7 @@ OVERLONG = ("drop", "truncate")
 # data.pack: best_fit (true means it too), next_fit, or false (one document per row).
 PACKINGS = ("best_fit", "next_fit")
 REASONING_EFFORTS = ("low", "medium", "high")
+SOURCES = ("jsonl", "synthetic")  # harmony chats from files, or a learnable token stream (synthetic.py)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 
@@ -43,6 +44,8 @@ class DataConfig:
     a model directory or a tokenizer.json path selects another one.
     """
 
+    source: str = setting("jsonl", choices=SOURCES, help="jsonl (harmony chats; null paths = the shipped sample) or "
+                          "synthetic (a learnable token stream, no files)")
     # Typed Any because OmegaConf cannot hold a union of a string and a list; validate() checks them.
     train_path: Any = setting(None, help="a .jsonl/.json/.parquet file, a save_to_disk folder, a Hub id "
                               "owner/name[:split], a list of these, or a prepared folder; null = the shipped sample")
@@ -78,7 +81,7 @@ class DataConfig:
 
     def validate(self, world_size: int | None = None) -> "DataConfig":
         """Raise ValueError naming the first bad key; with `world_size`, check the batch split."""
-        for key in ("loss_mask", "on_error", "overlong", "reasoning_effort"):
+        for key in ("source", "loss_mask", "on_error", "overlong", "reasoning_effort"):
             _choice(key, getattr(self, key), choices(DataConfig, key))
         for key in ("max_seq_len", "global_batch_size", "micro_batch_size", "prefetch", "prepare_workers",
                     "pack_window"):

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 from engine.data.config import LOSS_MASKS, REASONING_EFFORTS
 from engine.data.records import INSTRUCTION_ROLES, Conversation, Message, parse_record
-from engine.data.tools import BUILTIN_TOOLS, Namespace, tools_section
+from engine.data.tools import BUILTIN_TOOLS, Namespace, keyed_cache, tools_section
 
 # o200k_harmony ids, for reference: 200006, 200007, 200008, 200005, 200002, 200012, 200003,
 # 199998, 199999. Our tokenizers only need each to be a single token.
@@ -99,20 +99,16 @@ def developer_content(conv: Conversation) -> str | None:
     return "\n\n".join(sections) if sections else None
 
 
-_SECTIONS: dict[str, str] = {}
-
-
 def _functions_section(conv: Conversation) -> str:
     # The records of a dataset mostly share their tools: render each set of schemas once.
-    key = conv.tools_json
-    section = _SECTIONS.get(key) if key else None
-    if section is None:
-        section = tools_section([Namespace("functions", None, conv.tools)])
-        if key:
-            if len(_SECTIONS) > 1024:
-                _SECTIONS.clear()
-            _SECTIONS[key] = section
-    return section
+    if not conv.tools_json:
+        return tools_section([Namespace("functions", None, conv.tools)])
+    return _render_functions(conv.tools_json, conv.tools)
+
+
+@keyed_cache
+def _render_functions(key: str, tools: tuple) -> str:
+    return tools_section([Namespace("functions", None, tools)])
 
 
 class _Writer:
@@ -236,3 +232,18 @@ def render(
         example, loss_mask=loss_mask, reasoning_effort=reasoning_effort, current_date=current_date
     )
     return "".join(segment.text for segment in segments)
+
+
+STOP_TOKENS = ("<|return|>", "<|call|>")  # where the model's turn ends: its final answer, or a tool call
+
+
+def prompt_text(messages: list[dict], *, reasoning: str = "medium", tools: list | None = None) -> str:
+    """The conversation so far plus `<|start|>assistant`: what the model reads before its turn (chat,
+    samples during training). The renderer wants a finished conversation, so it renders one with an
+    empty answer, which is cut off again."""
+    record = {"messages": [*messages, {"role": "assistant", "content": ""}], "reasoning_effort": reasoning}
+    if tools:
+        record["tools"] = tools
+    text = render(record)
+    cut = text.rindex(f"{START}assistant")
+    return text[:cut] + f"{START}assistant"

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from engine.data.batch import Batch
 from engine.data.config import DataConfig
 from engine.data.dataset import DataError, Document
 from engine.data.packing import collate, pack_order
@@ -34,7 +35,6 @@ from engine.data.tokenizer import HarmonyTokenizer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Batch = dict
 # What a cursor is only meaningful with: the same stored data, packed and ordered the same way.
 _ORDER_KEYS = ("store", "seed", "shuffle", "pack", "pack_window", "max_seq_len")
 

@@ -10,14 +10,8 @@ epoch's document order one of three ways (data.pack):
 - next_fit: documents fill a row in order; one that does not fit closes it and opens the next.
 - none: one document per row.
 
-Batch contract, every tensor [B, T] on the CPU with T == max_seq_len:
-- input_ids  int64, padding = the tokenizer's pad id (<|endoftext|>)
-- labels     int64, already shifted: labels[b, t] = input_ids[b, t + 1] when that token is
-             trained, else -100; the last token of each document and all padding get -100,
-             so nothing is ever predicted across a document boundary
-- position_ids int64, position inside the token's own document (restarts at 0 per document)
-- doc_ids    int64, 0, 1, 2, ... per document in the row; padding gets the next integer
-- num_target_tokens  python int, labels != -100 in this batch
+`collate` turns packed rows into a Batch (the contract is engine/data/batch.py); the last token of
+each document and all padding get IGNORE_INDEX, so nothing is predicted across a document boundary.
 """
 
 from bisect import bisect_left
@@ -26,10 +20,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from engine.data.batch import IGNORE_INDEX, Batch
 from engine.data.config import packing_mode
 from engine.data.dataset import Document
-
-IGNORE_INDEX = -100
 
 
 def row_starts(lengths: np.ndarray, max_seq_len: int, pack: bool) -> np.ndarray:
@@ -124,8 +117,8 @@ def document_labels(doc: Document) -> np.ndarray:
     return labels
 
 
-def collate(rows: list[list[Document]], max_seq_len: int, pad_id: int) -> dict[str, torch.Tensor | int]:
-    """Rows of documents -> the batch contract above. An empty row is all padding."""
+def collate(rows: list[list[Document]], max_seq_len: int, pad_id: int) -> Batch:
+    """Rows of documents -> a Batch (engine/data/batch.py). An empty row is all padding."""
     shape = (len(rows), max_seq_len)
     input_ids = np.full(shape, pad_id, dtype=np.int64)  # [B, T]
     labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)  # [B, T]
@@ -143,10 +136,6 @@ def collate(rows: list[list[Document]], max_seq_len: int, pad_id: int) -> dict[s
         # Padding is one more "document": it attends only to itself and carries no loss.
         position_ids[b, start:] = np.arange(max_seq_len - start)
         doc_ids[b, start:] = len(row)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "doc_ids": torch.from_numpy(doc_ids),
-        "num_target_tokens": int((labels != IGNORE_INDEX).sum()),
-    }
+    return Batch(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
+                 position_ids=torch.from_numpy(position_ids), doc_ids=torch.from_numpy(doc_ids),
+                 num_target_tokens=int((labels != IGNORE_INDEX).sum()))

@@ -86,10 +86,6 @@ class Conversation:
     tools_json: str = ""
 
     @property
-    def last_assistant_index(self) -> int:
-        return max(i for i, m in enumerate(self.messages) if m.role == "assistant")
-
-    @property
     def last_user_index(self) -> int:
         """Index of the last user message, -1 if none: what comes after it is the last turn."""
         return max((i for i, m in enumerate(self.messages) if m.role == "user"), default=-1)

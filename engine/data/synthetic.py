@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import torch
 
+from engine.data.batch import Batch
+
 STRIDES = (1, 2, 3, 5, 7)
 SUBVOCAB = 64
 
 
 class SyntheticLoader:
+    """A Loader (engine/data/batch.py) of the synthetic stream: rank `rank` of `world_size` data ranks."""
+
+    report: dict = {}  # no files: nothing prepared, skipped or dropped
+
     def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1):
         self.vocab_size, self.seq_len, self.micro_batch_size = vocab_size, seq_len, micro_batch_size
@@ -31,16 +37,18 @@ class SyntheticLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         # Global micro-batch m covers rows [m*B*world, (m+1)*B*world); this rank takes its slice.
         m, b = self.next_micro_batch, self.micro_batch_size
         first = (m * self.world_size + self.rank) * b
         rows = torch.stack([self._row(first + i) for i in range(b)])  # [B, T+1]
         self.next_micro_batch += 1
         t = self.seq_len
-        return {"input_ids": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous(),
-                "position_ids": torch.arange(t).expand(b, t).contiguous(), "doc_ids": None,
-                "num_target_tokens": b * t}
+        return Batch(input_ids=rows[:, :-1].contiguous(), labels=rows[:, 1:].contiguous(),
+                     position_ids=torch.arange(t).expand(b, t).contiguous(), doc_ids=None, num_target_tokens=b * t)
+
+    def close(self) -> None:
+        pass
 
     def state_dict(self) -> dict:
         # The global row count is what is layout-free: a resume on another number of ranks continues

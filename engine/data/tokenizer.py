@@ -19,9 +19,8 @@ from tokenizers import Tokenizer
 
 from engine.data.config import default_tokenizer_path
 from engine.data.harmony import ENDOFTEXT, HARMONY_SPECIAL_TOKENS, Segment
-from engine.errors import DataError
 from engine.data.word_cache import WordCacheEncoder
-
+from engine.errors import DataError
 
 # Characters of text pieces whose ids are remembered before the memory is cleared (~tens of MB).
 _CACHE_CHARS = 8_000_000

@@ -8,6 +8,7 @@ openai-harmony's renderer exactly, quirks included (nested objects keep the oute
 description of a schema object is written before its brace): the tests compare it byte for byte.
 """
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -67,7 +68,26 @@ def check_name(where: str, name: object) -> str:
     return name
 
 
-_PARSED: dict[str, tuple[tuple[FunctionTool, ...], str]] = {}
+class _Keyed:
+    """A value that hashes and compares as its key (a text that tells every such value apart)."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, key: str, value: object):
+        self.key, self.value = key, value
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Keyed) and other.key == self.key
+
+
+def keyed_cache(fn):
+    """Memoise `fn(key, value)` by `key` alone, for values that cannot be hashed (JSON lists): the last
+    1024 keys (functools.lru_cache over a carrier that hashes as its key)."""
+    cached = functools.lru_cache(maxsize=1024)(lambda keyed: fn(keyed.key, keyed.value))
+    return functools.wraps(fn)(lambda key, value: cached(_Keyed(key, value)))
 
 
 def parse_tools(raw: object) -> tuple[tuple[FunctionTool, ...], str]:
@@ -80,10 +100,11 @@ def parse_tools(raw: object) -> tuple[tuple[FunctionTool, ...], str]:
         return (), ""
     if not isinstance(raw, list):
         raise RecordError(f"'tools' must be a list of function definitions, got {type_name(raw)}")
-    key = repr(raw)
-    seen = _PARSED.get(key)
-    if seen is not None:
-        return seen
+    return _parse_tools(repr(raw), raw)
+
+
+@keyed_cache
+def _parse_tools(key: str, raw: list) -> tuple[tuple[FunctionTool, ...], str]:
     tools: list[FunctionTool] = []
     for k, item in enumerate(raw):
         where = f"tools[{k}]"
@@ -106,10 +127,7 @@ def parse_tools(raw: object) -> tuple[tuple[FunctionTool, ...], str]:
     if "<|" in key:
         for k, tool in enumerate(tools):
             check_text(f"tools[{k}] parameters", json.dumps(tool.parameters, ensure_ascii=False))
-    if len(_PARSED) > 1024:
-        _PARSED.clear()
-    _PARSED[key] = result = (tuple(tools), key)
-    return result
+    return tuple(tools), key
 
 
 def parse_builtin_tools(raw: object) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from engine.checkpoint.dcp import state as ckpt
+from engine.errors import EngineError
 from engine.export import DTYPES, export, run_dtype
 
 

@@ -23,20 +23,12 @@ from tqdm import tqdm
 
 from engine.checkpoint.errors import CheckpointError, CheckpointExistsError
 from engine.checkpoint.hf import write_hf
-from engine.checkpoint.hf.layout import HFCheckpoint
 from engine.checkpoint.hf.hub import resolve_checkpoint
-from engine.models.gpt_oss import ConfigError
+from engine.checkpoint.hf.layout import HFCheckpoint
+from engine.errors import ConfigError, size_text
+from engine.export.writers import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_FLAGS = {dtype: flag for flag, dtype in DTYPES.items()}
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _stream(ckpt: HFCheckpoint, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -49,15 +41,15 @@ def describe(ckpt: HFCheckpoint, dtype: torch.dtype, dst: Path) -> str:
     src_bytes = ckpt.tensors.nbytes_on_disk()
     out_bytes = sum(ckpt.nbytes(name, dtype) for name in ckpt.shapes)
     layout = "MXFP4 experts" if ckpt.quantization else "unquantized"
-    lines = [f"source: {ckpt.directory} ({layout}, {_size(src_bytes)} on disk)",
-             f"output: {dst} ({DTYPE_FLAGS[dtype]}, about {_size(out_bytes)})"]
+    lines = [f"source: {ckpt.directory} ({layout}, {size_text(src_bytes)} on disk)",
+             f"output: {dst} ({DTYPE_FLAGS[dtype]}, about {size_text(out_bytes)})"]
     if ckpt.quantization:
         lines.append(f"note: MXFP4 -> {DTYPE_FLAGS[dtype]} dequantizes the expert weights (lossless, but 4.25 -> "
                      f"{dtype.itemsize * 8} bits per value), so the output is {out_bytes / src_bytes:.1f}x the "
                      "size of the input")
     free = shutil.disk_usage(next(p for p in [dst, *dst.parents] if p.exists())).free
     if free < out_bytes:
-        lines.append(f"warning: only {_size(free)} free where {dst} goes; the conversion will likely run out of space")
+        lines.append(f"warning: only {size_text(free)} free where {dst} goes; the conversion will likely run out of space")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from engine.errors import StorageError, storage_error
 
-log = logging.getLogger("engine")
+log = logging.getLogger(__name__)
 
 
 def _alive(pid: int) -> bool:

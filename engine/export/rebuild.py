@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint.dcp import state as ckpt
-from engine.config import build_config
+from engine.config.load import config_of_checkpoint
 
 
 def gather_trained_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -28,10 +28,11 @@ def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """(config, model): the model of a checkpoint rebuilt on the CPU with its trained weights (a LoRA
     run's adapters applied to its base). `path` is a checkpoints/step_XXXXXXX directory."""
     path = Path(path)
-    from engine.training.build import Runtime, build_model
     from engine.parallel import Mesh
+    from engine.training.build import build_model
+    from engine.training.runtime import Runtime
 
-    cfg = build_config(ckpt.read_meta(path)["config"])
+    cfg = config_of_checkpoint(ckpt.read_meta(path)["config"])
     rt = Runtime(Mesh.single("cpu"), param_dtype=dtype, compute_dtype=dtype)
     model = build_model(cfg, rt)
     trained = gather_trained_weights(path)
@@ -51,12 +52,11 @@ def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
 def load_adapters_only(path: Path):
     """The model of a LoRA checkpoint with only its adapters materialised (the base stays on the meta
     device): all a PEFT export needs, without reading or holding the base weights."""
-    from engine.training.build import lora_config
-    from engine.training.memory_plan import arch_of_run
     from engine.models.gpt_oss import GptOssForCausalLM
     from engine.peft import apply_lora
+    from engine.training.build import arch_of_run, lora_config
 
-    cfg = build_config(ckpt.read_meta(path)["config"])
+    cfg = config_of_checkpoint(ckpt.read_meta(path)["config"])
     with torch.device("meta"):
         model = GptOssForCausalLM(arch_of_run(cfg))
     apply_lora(model, lora_config(cfg), seed=cfg.trainer.seed)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint.dcp import state as ckpt
-from engine.config import build_config
+from engine.config.load import config_of_checkpoint
 from engine.errors import ExportError
 from engine.export.files import export_target
 from engine.export.rebuild import load_adapters_only, load_trained_model
@@ -78,7 +78,7 @@ def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: 
         raise FileNotFoundError(f"{path}: not a complete training checkpoint (no meta.json); "
                                 "pass a checkpoints/step_XXXXXXX directory")
     meta = ckpt.read_meta(path)
-    lora = build_config(meta["config"]).peft.method == "lora"
+    lora = config_of_checkpoint(meta["config"]).peft.method == "lora"
     fmt = fmt or ("peft" if lora else "hf")
     if fmt in ("peft", "merged") and not lora:
         raise ExportError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")

@@ -4,34 +4,25 @@ as they stream, a printer, and one answered turn. The command line is engine/cha
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from engine.data.harmony import STOP_TOKENS, prompt_text
 from engine.inference.generate import generate
 
-STOP_TOKENS = ("<|return|>", "<|call|>")
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 def prompt_ids(messages: list[dict], tokenizer, *, reasoning: str = "medium", tools: list | None = None) -> list[int]:
-    """Token ids of the conversation so far plus `<|start|>assistant`, the model's turn. The renderer
-    wants a finished conversation, so it renders one with an empty answer, which is cut off again."""
-    from engine.data.harmony import START, render
-
-    record = {"messages": [*messages, {"role": "assistant", "content": ""}], "reasoning_effort": reasoning}
-    if tools:
-        record["tools"] = tools
-    text = render(record)
+    """Token ids of the conversation so far plus `<|start|>assistant`, the model's turn."""
+    text = prompt_text(messages, reasoning=reasoning, tools=tools)
     if tools and not all(_tool_name(t) in text for t in tools):
         raise ValueError("the harmony renderer (engine/data/harmony.py) did not write the tool definitions into "
                          "the prompt; this version renders no tools: run without --tools")
-    cut = text.rindex(f"{START}assistant")
-    return tokenizer.encode(text[:cut] + f"{START}assistant")
+    return tokenizer.encode(text)
 
 
 def _tool_name(tool: dict) -> str:

@@ -13,21 +13,19 @@ every group it belongs to:
 - `all`: every token after the first of each record
 Each group reports loss (mean nats per token), perplexity exp(loss) and its token count.
 
-The trainer's validation (`validation_loss`) uses the same per-token loss.
+The trainer's validation (engine.training.validation) uses the same per-token loss.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from engine.models.gpt_oss.loss import IGNORE_INDEX, token_cross_entropy
+from engine.parallel import context_parallel
 
 MASKS = ("assistant", "final_only")
 END_TOKENS = ("<|end|>", "<|return|>", "<|call|>")
@@ -54,40 +52,18 @@ class Totals:
 
 
 def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                 doc_ids: torch.Tensor | None = None, cp=None) -> torch.Tensor:
-    """Per-token loss [B, T] (0 where labels == -100), no gradients: the model's hidden states, then
-    the chunked cross-entropy against lm_head. With `cp` (context parallelism): this rank's tokens
-    only, [B, T/N] in `cp.local_index` order."""
+                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token loss [B, T] (0 where labels == IGNORE_INDEX), no gradients: the model's hidden states, then
+    the chunked cross-entropy against lm_head. Under context parallelism (`with cp:`): this rank's
+    tokens only, [B, T/N] in `cp.local_index` order."""
     from engine.parallel.fsdp import gathered
 
     with torch.no_grad(), gathered(model):  # under FSDP2 the root's embedding and head are gathered here
-        h = model.hidden_states(input_ids, position_ids, doc_ids, cp)
+        h = model.hidden_states(input_ids, position_ids, doc_ids)
+        cp = context_parallel.active()
         if cp is not None:
             labels = labels[:, cp.local_index(labels.shape[1], labels.device)]
         return token_cross_entropy(h, model.lm_head.weight, labels, model.options.ce_chunk_size)
-
-
-def validation_loss(model, loader, rt) -> float:
-    """Mean token loss over one pass of the validation loader, all ranks (summed, divided once). Every
-    rank gets the same number of batches, so the expert all-to-all stays in step. Under context
-    parallelism each rank scores its chunks of its CP group's shared rows (each token once)."""
-    cp = getattr(rt, "cp", None)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # [loss sum, target tokens]
-    for b in loader:
-        labels = b["labels"].to(rt.device)
-        with rt.autocast():
-            losses = token_losses(model, b["input_ids"].to(rt.device), labels, b["position_ids"].to(rt.device),
-                                  None if b.get("doc_ids") is None else b["doc_ids"].to(rt.device), cp)
-        if cp is not None:
-            labels = labels[:, cp.local_index(labels.shape[1], labels.device)]
-        total[0] += losses.double().sum()
-        total[1] += int((labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    if rt.mesh.distributed:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=rt.mesh.dp_group)
-    return float(total[0] / total[1].clamp(min=1))
 
 
 def channel_tags(ids: list[int], tokenizer) -> list[str | None]:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from engine.models.gpt_oss.kv_cache import KVCache, cached_forward
+from engine.parallel.comm import any_rank
 from engine.parallel.fsdp import gathered, is_sharded
 
 
@@ -70,11 +71,7 @@ def _expert_group(model):
 def _group_done(done: bool, group, device: torch.device) -> bool:
     """Stop only when every rank of the expert group is done: a rank that stopped alone would leave
     the others waiting in their next all-to-all."""
-    if group is None:
-        return done
-    flag = torch.tensor([0 if done else 1], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag) == 0
+    return not any_rank(not done, group, device)
 
 
 @torch.no_grad()

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.parallel.comm import all_to_all
 from engine.moe.dispatch import Dispatched, Permutation, combine_rows, permute
-from engine.moe.experts import shard_experts
+from engine.parallel.comm import all_to_all
 
 
 @dataclass
@@ -120,20 +119,6 @@ class AllToAllDispatcher:
     def _bytes_out(self, splits: list[int], rows: torch.Tensor) -> int:
         """Bytes sent to other ranks: rows for this rank's own experts are copied, not sent."""
         return (sum(splits) - splits[self.ep_rank]) * rows.shape[1] * rows.element_size()
-
-
-def apply_expert_parallel(model, mesh) -> int:
-    """Spread the experts of every MoE block of `model` over the mesh's `ep` ranks: keep this rank's
-    slice of each experts module (free on the meta device; a module already holding that slice is kept)
-    and install the all-to-all dispatcher. Applied from outside the model, before its weights are
-    materialised or after. Returns the number of blocks changed (0 when mesh.ep == 1)."""
-    if mesh.ep == 1:
-        return 0
-    blocks = model.moe_blocks()
-    for block in blocks:
-        shard_experts(block.experts, mesh.ep, mesh.ep_rank)
-        block.dispatcher = AllToAllDispatcher(mesh.ep_group, mesh.ep, mesh.ep_rank, block.router.num_experts)
-    return len(blocks)
 
 
 def global_expert_load(model, mesh) -> torch.Tensor:

@@ -63,6 +63,8 @@ def recast_in_backward(module: nn.Module, casts: tuple[torch.Tensor, ...]):
 
 
 class GroupedExperts(nn.Module):
+    holds_experts = True  # its parameters are split over the expert-parallel ranks (engine.parallel.placement)
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, alpha: float, limit: float,
                  backend: str | ExpertsBackend = "auto"):
         super().__init__()

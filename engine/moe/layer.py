@@ -28,7 +28,7 @@ class MoEBlock(nn.Module):
         self.router = TopKRouter(hidden_size, num_experts, top_k)
         self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, alpha=alpha, limit=limit,
                                       backend=experts_backend)
-        # Replaced from outside (engine.moe.alltoall.apply_expert_parallel) when experts are spread over ranks.
+        # Replaced from outside (engine.parallel.parallelize.apply_expert_parallel) when experts are spread over ranks.
         self.dispatcher = LocalDispatcher(num_experts)
         self.chunk_tokens = chunk_tokens or 0  # 0: all tokens at once
         self.last_expert_counts: torch.Tensor | None = None  # tokens per local expert, for load metrics

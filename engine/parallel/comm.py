@@ -39,3 +39,13 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     that holds as long as `requires_grad` of x is the same on all ranks, which it is when the ranks
     run the same model with the same frozen/trainable parameters."""
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+def any_rank(flag: bool, group, device: torch.device) -> bool:
+    """True on every rank of `group` when `flag` is true on any of them (group None: this process alone),
+    so that every rank takes the same branch: one small all-reduce."""
+    if group is None:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())

@@ -16,14 +16,27 @@ gradients come back to their owners as for the full gather. When a chunk is shor
 (short rows, many ranks) the layer falls back to the full gather.
 
     cp = ContextParallel(group)                   # a torch.distributed group (gloo or nccl)
-    loss = model(ids, labels=labels, position_ids=pos, doc_ids=docs, cp=cp)   # full rows in
+    with cp:                                      # the model's forwards inside run this rank's chunks
+        loss = model(ids, labels=labels, position_ids=pos, doc_ids=docs)   # full rows in
     loss.backward(); all_reduce every grad over the group; all_reduce loss.detach() to log it
+
+Context parallelism changes no weight and no module: it is a context, like autocast, that the model's
+forward reads (`active()`); the backward needs no context (each exchange keeps its group).
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 import torch.distributed as dist
+
+_ACTIVE: ContextVar["ContextParallel | None"] = ContextVar("context_parallel", default=None)
+
+
+def active() -> "ContextParallel | None":
+    """The context parallelism the current forward runs under (`with cp:`), else None."""
+    return _ACTIVE.get()
 
 
 class ContextParallel:
@@ -32,6 +45,14 @@ class ContextParallel:
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.last_sliding_exchange = ""  # "halo" or "full": what the last sliding layer gathered (for tests)
+        self._tokens: list = []
+
+    def __enter__(self) -> "ContextParallel":
+        self._tokens.append(_ACTIVE.set(self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.reset(self._tokens.pop())
 
     def chunks(self, t: int, rank: int | None = None) -> list[tuple[int, int]]:
         """The [start, end) positions of `rank`'s two chunks of a T-token row."""

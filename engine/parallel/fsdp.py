@@ -1,4 +1,4 @@
-"""`parallelize(model, mesh, shard, ...)`: FSDP2 (torch `fully_shard`) over the data-parallel ranks.
+"""`apply_fsdp(model, mesh, shard, ...)`: FSDP2 (torch `fully_shard`) over the data-parallel ranks.
 
 `parallel.shard` chooses what is split across the ranks that hold copies of the same weights:
 
@@ -31,8 +31,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from engine.parallel.grad_sync import is_expert_param
 from engine.parallel.mesh import Mesh
+from engine.parallel.placement import expert_param_ids
 
 SHARD_MODES = ("none", "optimizer", "full")
 
@@ -41,7 +41,7 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def parallelize(model: nn.Module, mesh: Mesh, shard: str, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: Mesh, shard: str, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Apply FSDP2 to `model` (in place) for `shard` in SHARD_MODES; a no-op for `none` or one rank."""
     if shard not in SHARD_MODES:
         raise ValueError(f"parallel.shard={shard!r} is not allowed; choose one of {list(SHARD_MODES)}")
@@ -64,7 +64,8 @@ def parallelize(model: nn.Module, mesh: Mesh, shard: str, compute_dtype: torch.d
             ignored = expert_params
         units.append(fully_shard(layer, mesh=world, reshard_after_forward=not keep, mp_policy=mp,
                                  ignored_params=ignored))
-    root_ignored = None if mesh.edp_size > 1 else {p for n, p in model.named_parameters() if is_expert_param(n)}
+    experts = expert_param_ids(model)
+    root_ignored = None if mesh.edp_size > 1 else {p for p in model.parameters() if id(p) in experts}
     units.append(fully_shard(model, mesh=world, reshard_after_forward=False, mp_policy=mp,
                              ignored_params=root_ignored))
     for unit in units:

@@ -8,7 +8,7 @@ The loss convention that makes every layout give the single-process update:
 so the single-process loss is the SUM of the ranks' losses, and its gradient is the SUM of the
 ranks' gradients. Hence gradients are summed, never averaged:
 
-- dense parameters (everything outside `.experts.`: embeddings, attention, norms, router,
+- dense parameters (everything but the experts, engine.parallel.placement: embeddings, attention, norms, router,
   lm_head) are replicated on every rank, and rank r's copy only saw rank r's tokens: sum over
   the data-parallel group (the world);
 - expert parameters live on one rank of each EP group. The all-to-all backward already brought
@@ -28,16 +28,12 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.parallel.mesh import Mesh
-
-
-def is_expert_param(name: str) -> bool:
-    """Expert weights (and anything else living inside an experts module, e.g. expert LoRA factors)
-    are sharded over the EP group; everything else is replicated."""
-    return ".experts." in f".{name}"
+from engine.parallel.placement import named_params
 
 
 def _trainable(model: nn.Module, experts: bool) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if p.requires_grad and is_expert_param(n) == experts]
+    """Expert parameters are split over the EP group (engine.parallel.placement); the rest is replicated."""
+    return [p for _, p in named_params(model, experts=experts, trainable=True)]
 
 
 def global_token_count(local_count: int | torch.Tensor, mesh: Mesh) -> torch.Tensor:

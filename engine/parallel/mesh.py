@@ -133,22 +133,12 @@ class Mesh:
         return self.rank // self.cp
 
     @property
-    def dp_size(self) -> int:
-        """Every rank is a data-parallel rank for the dense weights and reads its own slice of the batch."""
-        return self.world_size
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-    def expert_range(self, num_experts: int) -> range:
-        """Global expert ids owned by this rank."""
-        local = num_experts // self.ep
-        return range(self.ep_rank * local, (self.ep_rank + 1) * local)
 
     def __repr__(self) -> str:
         cp = f"cp={self.cp} (rank {self.cp_rank}), " if self.cp > 1 else ""

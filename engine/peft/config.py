@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.models.gpt_oss.config import ConfigError
 from engine.config.schema import Range, bounds, choices, setting
+from engine.errors import ConfigError
 
 # The weights LoRA can adapt, by their HF module / parameter name.
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")
 LORA_INITS = ("kaiming", "gaussian")
+PEFT_METHODS = ("none", "lora")  # peft.method: full fine-tuning or LoRA
 
 
 @dataclass

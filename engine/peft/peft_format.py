@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,8 @@ from torch import nn
 
 from engine.checkpoint.atomic_dir import atomic_directory
 from engine.errors import import_failure
-from engine.peft.lora import ExpertLoRA, LoraLinear, _fold, adapter_modules, lora_state_dict
+from engine.peft.adapters import ExpertLoRA, LoraLinear, adapter_modules, add_product
+from engine.peft.lora import lora_state_dict
 
 PEFT_PREFIX = "base_model.model."
 
@@ -152,11 +154,11 @@ def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             adapter, proj = folds[name]
             tensor = tensor.clone()
             if proj is None:
-                _fold(tensor, adapter.lora_B, adapter.lora_A, adapter.scaling)
+                add_product(tensor, adapter.lora_B, adapter.lora_A, adapter.scaling)
             else:
                 a, b = adapter.factors(proj)
                 for e in range(tensor.shape[0]):
-                    _fold(tensor[e], a if adapter.shared else a[e], b if adapter.shared else b[e], adapter.scaling)
+                    add_product(tensor[e], a if adapter.shared else a[e], b if adapter.shared else b[e], adapter.scaling)
         yield name, tensor
 
 
@@ -217,3 +219,56 @@ def _check_installed_peft(projs: tuple[str, ...]) -> None:
         raise RuntimeError(f"the installed peft {peft.__version__} stores GPT-OSS expert LoRA differently from what "
                            f"this exporter writes (expected keys/shapes {theirs}); refusing to export expert adapters. "
                            "Use attention_only=True or export_merged, or pin peft 0.21.")
+
+
+def _targets_param(module: str, proj: str, targets: list[str]) -> bool:
+    full = f"{module}.{proj}"
+    return any(full == t or full.endswith("." + t) for t in targets)
+
+
+@torch.no_grad()
+def fold_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> int:
+    """Add scaling * B A of every adapter in a PEFT folder to the model's weights; returns how many
+    weights changed. Attention adapters are plain LoRA; expert adapters are peft's ParamWrapper
+    layout (lora_A [E*r, in], lora_B [out, r*E])."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for f in (cfg_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing; --adapter takes a PEFT adapter folder")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type={cfg.get('peft_type')!r}; only LORA adapters can be loaded")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    tensors = load_file(str(weights_file))
+    params = dict(model.named_parameters())
+    targets = list(cfg.get("target_parameters") or [])
+    e_total = model.config.num_local_experts
+    done = 0
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+        a, b = tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float()
+        if f"{module}.weight" in params:  # a linear layer: W [out, in] += s * B [out, r] A [r, in]
+            w = params[f"{module}.weight"]
+            w.add_((scaling * b @ a).to(w.dtype))
+        else:
+            experts = module.removesuffix(".base_layer")
+            chosen = [p for p in ("gate_up_proj", "down_proj") if _targets_param(experts, p, targets)]
+            proj = "gate_up_proj" if module.endswith(".base_layer") or chosen == ["gate_up_proj"] else "down_proj"
+            name = f"{experts}.{proj}"
+            if name not in params or not chosen:
+                raise ValueError(f"{weights_file}: adapter {key} matches no weight of this model")
+            w = params[name]  # [E, in, out]
+            a_e = a.view(e_total, r, -1).transpose(1, 2)  # [E, in, r]
+            b_e = b.view(b.shape[0], r, e_total).permute(2, 1, 0)  # [E, r, out]
+            if a_e.shape[1] != w.shape[1] or b_e.shape[2] != w.shape[2]:
+                raise ValueError(f"{weights_file}: {key} has shapes {tuple(a.shape)}/{tuple(b.shape)}, which do "
+                                 f"not fit {name} {tuple(w.shape)}")
+            w.add_((scaling * a_e @ b_e).to(w.dtype))
+        done += 1
+    if done == 0:
+        raise ValueError(f"{weights_file}: no lora_A/lora_B tensors found")
+    return done

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.peft.lora import ExpertLoRA, LoraLinear, adapter_modules
+from engine.errors import size_text
+from engine.peft.adapters import ExpertLoRA, LoraLinear, adapter_modules
 
 KINDS = {  # report key -> table label
     "q_proj": "attention q_proj",
@@ -45,8 +46,8 @@ def lora_report(model: nn.Module) -> dict:
                 expert_matrices[proj] += base.num_experts
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
-    param_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    master = sum(p.numel() * MASTER_BYTES for p in trainable if p.element_size() < MASTER_BYTES)
+    param_bytes = sum(p.numel() * p.elementsize_text() for p in trainable)
+    master = sum(p.numel() * MASTER_BYTES for p in trainable if p.elementsize_text() < MASTER_BYTES)
     optimizer_bytes = n_train * ADAM_STATE_BYTES + master
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
     return {
@@ -65,16 +66,6 @@ def lora_report(model: nn.Module) -> dict:
     }
 
 
-def _size(n: float) -> str:
-    if n < 1024:
-        return f"{n} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024:
-            break
-    return f"{n:.1f} {unit}"
-
-
 def format_report(r: dict) -> str:
     """The report as a short table for the startup log."""
     kind = "shared by all experts" if r["shared_expert_adapters"] else "one per expert"
@@ -87,7 +78,7 @@ def format_report(r: dict) -> str:
     share = 100 * r["trainable_params"] / total if total else 0.0
     lines += [
         f"  trainable params  {r['trainable_params']:,} ({share:.3f}% of {total:,}; {', '.join(r['trainable_dtypes'])})",
-        f"  adapter bytes     {_size(r['param_bytes'])} + optimizer state {_size(r['optimizer_bytes'])} "
-        f"= {_size(r['total_bytes'])}",
+        f"  adapter bytes     {size_text(r['param_bytes'])} + optimizer state {size_text(r['optimizer_bytes'])} "
+        f"= {size_text(r['total_bytes'])}",
     ]
     return "\n".join(lines)

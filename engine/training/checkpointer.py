@@ -1,4 +1,5 @@
-"""Saving and resuming a training run: the trainer's side of engine.checkpoint.dcp.state.
+"""Saving and resuming a training run: the `Checkpointer` owns the policy (when to save, which checkpoint
+is good, resuming) and the state it saves, over engine.checkpoint.dcp (folders, atomic and async saves).
 
 A run's state is the checkpoint's tensors (engine.checkpoint.dcp.train_state) plus JSON: the step, the
 skipped-step count and the lr schedule (meta.json), and per rank the data-loader position and the RNG
@@ -11,21 +12,22 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from engine.checkpoint.dcp import state as ckpt
 from engine.checkpoint.dcp import train_state
-from engine.errors import ResumeError
-from engine.training.optim import fresh_hyperparameters, replan_after_resume, schedule_settings
-from engine.checkpoint.errors import CheckpointError
 from engine.checkpoint.dcp.safe_reader import CheckpointCorruptError
+from engine.checkpoint.errors import CheckpointError
+from engine.errors import ResumeError
+from engine.parallel.comm import any_rank
+from engine.training.optim import fresh_hyperparameters, replan_after_resume, schedule_settings
 
-log = logging.getLogger("engine")
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -54,30 +56,6 @@ def set_rng_state(state: dict, source: Path) -> None:
                                      "use an earlier one") from None
 
 
-def save_run(cfg, rt, out: Path, step: int, model, opt, sched, loader, bad_steps: int,
-             asynchronous: bool = False, keep: int | None = None):
-    """Checkpoint the run after `step` optimizer steps; every rank calls this together. Returns the
-    checkpoint's path, or a PendingSave when `asynchronous`."""
-    tensors = train_state.collect(model, opt, rt.mesh, copy=asynchronous)
-    rank_state = {"rng": rng_state(), "data": loader.state_dict() if hasattr(loader, "state_dict") else None}
-    meta = {"world_size": rt.world_size, "ep": rt.mesh.ep, "shard": getattr(cfg.parallel, "shard", "none"),
-            "bad_steps": bad_steps, "scheduler": sched.state_dict(), "recipe": cfg.recipe, "config": asdict(cfg),
-            "compute_dtype": str(rt.compute_dtype).replace("torch.", ""),
-            "schedule": schedule_settings(cfg.optim, cfg.trainer.max_steps)}
-    return ckpt.save_checkpoint(out, step, tensors, rank_state, meta, rank=rt.rank, barrier=rt.barrier,
-                                keep=keep or cfg.checkpoint.keep, process_group=rt.mesh.ckpt_group,
-                                asynchronous=asynchronous)
-
-
-def _agree(failed: bool, rt) -> bool:
-    """True when any rank failed (so that every rank takes the same branch)."""
-    if not rt.mesh.distributed:
-        return failed
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int64, device=rt.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=rt.mesh.dp_group)
-    return bool(flag.item())
-
-
 def _say_schedule(cfg, meta: dict, next_lr: float, rt) -> None:
     """Say at startup which schedule keys differ from the checkpoint's: the current ones apply."""
     now = schedule_settings(cfg.optim, cfg.trainer.max_steps)
@@ -95,7 +73,7 @@ def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
         mine = ckpt.read_rank_state(path, rt.rank, rt.world_size)
     except CheckpointError as e:
         error = e
-    if _agree(error is not None, rt):
+    if any_rank(error is not None, rt.mesh.dp_group if rt.mesh.distributed else None, rt.device):
         raise error or CheckpointCorruptError(path, "another rank could not read its part (see that rank's log)")
     fresh = fresh_hyperparameters(opt)  # the current config's settings, before the checkpoint's come back
     train_state.restore(path, model, opt, rt.mesh)
@@ -108,7 +86,7 @@ def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
     _say_schedule(cfg, meta, replan_after_resume(opt, sched, fresh, cfg.optim.lr), rt)
     same_layout = meta["world_size"] == rt.world_size
     source = ckpt.rank_file(path, rt.rank if same_layout else 0)
-    if mine.get("data") is not None and hasattr(loader, "load_state_dict"):
+    if mine.get("data") is not None:
         try:
             loader.load_state_dict(mine["data"])
         except ValueError as e:
@@ -155,3 +133,80 @@ def resume_run(cfg, rt, out: Path, model, opt, sched, loader) -> tuple[int, int]
                 log.warning("cannot resume from %s (%s); falling back to the previous checkpoint %s", path, e,
                             candidates[i + 1])
     return 0, 0
+
+
+class Checkpointer:
+    """A run's checkpoints: every checkpoint.every steps and at the end, keeping checkpoint.keep, written in
+    the background with checkpoint.async; resuming; and the NaN guard's bookkeeping: a checkpoint whose
+    interval had skipped steps is not saved (it would push good ones out), `last_good` is the newest one
+    without any. Every rank calls every method together."""
+
+    def __init__(self, cfg, rt, out: Path):
+        self.cfg, self.rt, self.out = cfg, rt, out
+        self.pending = None  # a checkpoint being written in the background
+        self.last_good: Path | None = None
+        self.bad_at_boundary = 0  # skipped steps counted at the last checkpoint step
+
+    def resume(self, model, opt, sched, loader) -> tuple[int, int]:
+        """Remove the debris of interrupted saves, then (step, skipped steps) of the checkpoint the run
+        continues from, (0, 0) for a fresh start."""
+        if self.rt.is_main:
+            for debris in ckpt.remove_debris(self.out):
+                log.info("removed %s, left by an interrupted save", debris)
+        self.rt.barrier()
+        step, bad_steps = resume_run(self.cfg, self.rt, self.out, model, opt, sched, loader)
+        self.last_good = ckpt.step_dir(self.out, step) if step else None
+        self.bad_at_boundary = bad_steps
+        return step, bad_steps
+
+    def save(self, step: int, model, opt, sched, loader, bad_steps: int, asynchronous: bool = False,
+             keep: int | None = None):
+        """Checkpoint the run after `step` optimizer steps. Returns the checkpoint's path, or a PendingSave
+        when `asynchronous`."""
+        cfg, rt = self.cfg, self.rt
+        tensors = train_state.collect(model, opt, rt.mesh, copy=asynchronous)
+        rank_state = {"rng": rng_state(), "data": loader.state_dict()}
+        meta = {"world_size": rt.world_size, "ep": rt.mesh.ep, "shard": cfg.parallel.shard, "bad_steps": bad_steps,
+                "scheduler": sched.state_dict(), "recipe": cfg.recipe, "config": asdict(cfg),
+                "compute_dtype": str(rt.compute_dtype).replace("torch.", ""),
+                "schedule": schedule_settings(cfg.optim, cfg.trainer.max_steps)}
+        return ckpt.save_checkpoint(self.out, step, tensors, rank_state, meta, rank=rt.rank, barrier=rt.barrier,
+                                    keep=keep or cfg.checkpoint.keep, process_group=rt.mesh.ckpt_group,
+                                    asynchronous=asynchronous)
+
+    def after_step(self, step: int, model, opt, sched, loader, bad_steps: int) -> float | None:
+        """The periodic checkpoint, when `step` is one; returns the seconds it held the training thread."""
+        if self.pending is not None:
+            self.pending.poll()
+        every = self.cfg.checkpoint.every
+        if not every or step % every or step >= self.cfg.trainer.max_steps:
+            return None
+        held = None
+        if bad_steps > self.bad_at_boundary:
+            log.warning("step %d: checkpoint not saved: %d step(s) since the last checkpoint step were skipped as "
+                        "non-finite; the last good checkpoint stays %s", step, bad_steps - self.bad_at_boundary,
+                        self.last_good or "none")
+        else:
+            t0 = time.perf_counter()
+            if self.pending is not None:
+                self.pending.wait()
+            asynchronous = self.cfg.checkpoint.async_
+            saved = self.save(step, model, opt, sched, loader, bad_steps, asynchronous=asynchronous)
+            self.pending = saved if asynchronous else None
+            self.last_good = ckpt.step_dir(self.out, step)
+            held = time.perf_counter() - t0
+        self.bad_at_boundary = bad_steps
+        return held
+
+    def final(self, model, opt, sched, loader, bad_steps: int) -> Path:
+        """The last checkpoint, at trainer.max_steps. One reached through skipped steps is still saved (the
+        export needs it), said so, and never pushes the last good checkpoint out."""
+        if self.pending is not None:
+            self.pending.wait()
+        dirty = bad_steps > self.bad_at_boundary
+        final = self.save(self.cfg.trainer.max_steps, model, opt, sched, loader, bad_steps,
+                          keep=self.cfg.checkpoint.keep + dirty)
+        if dirty:
+            log.warning("final checkpoint %s follows %d skipped non-finite step(s); the last checkpoint without "
+                        "any is %s", final, bad_steps - self.bad_at_boundary, self.last_good or "none (none was saved)")
+        return final

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 
 from engine.checkpoint.errors import CheckpointNotFoundError
-from engine.config import TrainConfig
-from engine.training.memory_plan import GiB, arch_of_run, check_fits, plan_for_run
+from engine.config.sections import TrainConfig
 from engine.models.gpt_oss import GptOssConfig
+from engine.training.build import arch_of_run
+from engine.training.memory_plan import GiB, check_fits, plan_for_run
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +80,22 @@ def dry_run(cfg: TrainConfig) -> dict:
 
 def _build_checks(cfg: TrainConfig, arch: GptOssConfig) -> dict:
     """Layout, the model's shapes on the meta device, the LoRA report, the batch split, one batch."""
-    from engine.training.build import build_loaders, build_model, setup_runtime
     from engine.parallel import global_token_count
+    from engine.training.build import build_loaders, build_model
+    from engine.training.runtime import setup_runtime
 
     rt = setup_runtime(cfg, arch)
     model = build_model(cfg, rt, arch, weights=False)
     accum = cfg.data.grad_accum_steps(rt.mesh.data_size)
     loader, _ = build_loaders(cfg, model, rt)
     batch = next(loader)
-    if hasattr(loader, "close"):
-        loader.close()
-    n_target = int(global_token_count(int(batch["num_target_tokens"]), rt.mesh)) // rt.mesh.cp
+    loader.close()
+    n_target = int(global_token_count(batch.num_target_tokens, rt.mesh)) // rt.mesh.cp
     info = {"params_on_rank": model.num_parameters(), "trainable_on_rank": model.num_parameters(trainable_only=True),
-            "micro_batches_per_rank": accum, "first_batch_shape": list(batch["input_ids"].shape),
+            "micro_batches_per_rank": accum, "first_batch_shape": list(batch.input_ids.shape),
             "first_batch_target_tokens_all_ranks": n_target}
     # How the rows pack (first epoch), as the first metrics line will report it.
-    report = getattr(loader, "report", {})
+    report = loader.report
     info.update({k: report[k] for k in ("data_rows", "data_padding_tokens") if k in report})
     if "data_packing_efficiency" in report:
         info["data_packing_efficiency"] = round(report["data_packing_efficiency"], 4)

@@ -151,16 +151,6 @@ def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targe
     return MemoryPlan(weights, grads, optim, acts, loss, host)
 
 
-def arch_of_run(cfg) -> GptOssConfig:
-    """The architecture a TrainConfig will build, read without loading any weight."""
-    if not cfg.model.path:
-        return GptOssConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
-    from engine.checkpoint.hf.hub import resolve_checkpoint
-
-    # A hub id is downloaded (or found in the cache) here; loading the weights then reuses it.
-    return GptOssConfig.from_hf_dir(resolve_checkpoint(cfg.model.path))
-
-
 def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> MemoryPlan:
     lora = cfg.peft.method == "lora"
     eager = cfg.model.attn_backend == "eager"  # auto is flex (CUDA) or blockwise (CPU): linear in T

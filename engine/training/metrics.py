@@ -135,3 +135,29 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, record["step"])
             self.tb.flush()
+
+
+class StepMetrics:
+    """The metrics line of one optimizer step: loss, lr, grad norm, throughput, MFU (on GPUs whose peak is
+    known), peak memory and expert load."""
+
+    def __init__(self, cfg, rt, model, accum: int):
+        self.rt, self.model = rt, model
+        self.peak = peak_flops(rt.device)
+        lora = (active_lora_params(model.config, cfg.peft.rank, list(cfg.peft.target_modules),
+                                   cfg.peft.share_expert_adapters) if cfg.peft.method == "lora" else 0)
+        self.flops_per_token = flops_per_token(model.config, cfg.data.max_seq_len, lora)
+        # Every data rank's rows of the global batch (the ranks of a CP group share theirs).
+        self.tokens = accum * cfg.data.micro_batch_size * cfg.data.max_seq_len * rt.mesh.data_size
+
+    def record(self, step: int, result, lr: float, seconds: float, skipped_steps: int) -> dict:
+        record = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                  "tokens_per_s": self.tokens / seconds, "step_time_s": seconds,
+                  "target_tokens": result.target_tokens, "skipped_steps": skipped_steps}
+        if self.peak:
+            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * self.rt.world_size)
+        mem = peak_memory_gb(self.rt.device)
+        if mem is not None:
+            record["peak_memory_gb"] = mem
+        record.update(expert_load(self.model, self.rt.mesh))
+        return record

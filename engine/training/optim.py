@@ -15,10 +15,12 @@ import math
 
 import torch
 
-from engine.config import OptimConfig
 from engine.errors import import_failure
 
-log = logging.getLogger("engine")
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "constant")  # optim.schedule: after the warmup
+OPTIMIZER_IMPLS = ("auto", "torch", "apex")  # optim.impl
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
@@ -36,7 +38,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, keep=lambda name: 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _adamw(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
+def _adamw(groups: list[dict], cfg, on_cuda: bool) -> torch.optim.Optimizer:
     """optim.impl: torch (AdamW, fused kernel on CUDA), apex (FusedAdam), auto (apex when it is
     importable on CUDA, else torch)."""
     if cfg.impl in ("apex", "auto") and on_cuda:
@@ -56,20 +58,15 @@ def _adamw(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda or None)
 
 
-def _make(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
+def _make(groups: list[dict], cfg, on_cuda: bool) -> torch.optim.Optimizer:
     if cfg.master_weights and any(p.dtype != torch.float32 for g in groups for p in g["params"]):
         return MasterWeightAdamW(groups, cfg, on_cuda)
     return _adamw(groups, cfg, on_cuda)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, mesh=None) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg, mesh=None) -> torch.optim.Optimizer:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters: check peft.method / peft.target_modules")
-    if cfg.shard_state:
-        from engine.models.gpt_oss.config import ConfigError
-
-        raise ConfigError("optim.shard_state=true: the optimizer state is now sharded by FSDP2; use "
-                          "parallel.shard=optimizer (gradients + optimizer state) or parallel.shard=full")
     on_cuda = next(model.parameters()).is_cuda
     return _make(param_groups(model, cfg.weight_decay), cfg, on_cuda)
 
@@ -103,7 +100,7 @@ class MasterWeightAdamW(_Wrapper):
     in fp32 and rounded once into the weight the model computes with, so small updates are not lost
     to bf16 rounding, while the model itself holds 2 bytes per weight instead of 4."""
 
-    def __init__(self, groups: list[dict], cfg: OptimConfig, on_cuda: bool):
+    def __init__(self, groups: list[dict], cfg, on_cuda: bool):
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model weight, its fp32 master)
         master_groups = []
         for g in groups:
@@ -137,7 +134,7 @@ class MasterWeightAdamW(_Wrapper):
                 m.copy_(saved)
 
 
-def lr_lambda(cfg: OptimConfig, max_steps: int):
+def lr_lambda(cfg, max_steps: int):
     """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then cosine or flat."""
 
     def fn(step: int) -> float:
@@ -152,11 +149,11 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
     return fn
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+def build_scheduler(opt: torch.optim.Optimizer, cfg, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, max_steps))
 
 
-def schedule_settings(cfg: OptimConfig, max_steps: int) -> dict:
+def schedule_settings(cfg, max_steps: int) -> dict:
     """The keys that shape the learning rate and the AdamW update, as plain numbers (kept in checkpoints
     to say at resume what changed)."""
     return {"optim.lr": cfg.lr, "optim.min_lr_ratio": cfg.min_lr_ratio, "optim.warmup_steps": cfg.warmup_steps,

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from engine.data.harmony import STOP_TOKENS, prompt_text
 from engine.inference.generate import generate, left_pad
 
-log = logging.getLogger("engine")
+log = logging.getLogger(__name__)
 
 
 def load_sample_prompts(path: str | Path) -> list[dict]:
@@ -54,9 +55,7 @@ def load_sample_prompts(path: str | Path) -> list[dict]:
 
 def sample(model, tokenizer, prompts: list[dict], max_new_tokens: int) -> list[str]:
     """Greedy answers (decoded text after `<|start|>assistant`, up to `<|return|>`/`<|call|>`)."""
-    from engine.inference.chat import STOP_TOKENS, prompt_ids
-
-    ids = [prompt_ids(p["messages"], tokenizer, reasoning=p.get("reasoning_effort", "medium")) for p in prompts]
+    ids = [tokenizer.encode(prompt_text(p["messages"], reasoning=p.get("reasoning_effort", "medium"))) for p in prompts]
     input_ids, mask = left_pad(ids, tokenizer.pad_id)
     stops = [tokenizer.special_ids[t] for t in STOP_TOKENS]
     out = generate(model, input_ids, max_new_tokens, attention_mask=mask, stop_token_ids=stops,
@@ -75,8 +74,8 @@ def build_sampler(cfg, rt, output_dir: Path):
     """A callable(model, step) for the training loop, or None when sampling is off."""
     if not cfg.trainer.sample_every:
         return None
+    from engine.data.tokenizer import load_tokenizer
     from engine.training.build import resolve_tokenizer_path
-    from engine.data import load_tokenizer
 
     prompts = load_sample_prompts(cfg.trainer.sample_prompts)
     tokenizer = load_tokenizer(resolve_tokenizer_path(cfg))

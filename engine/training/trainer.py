@@ -1,58 +1,53 @@
-"""The training loop: wires config, mesh, model, data, optimizer, checkpoints and metrics together.
+"""A training run: `run(cfg)` wires the runtime, model, data, optimizer, checkpointer and metrics
+together, then calls `train_step` (engine/training/step.py) until trainer.max_steps, and exports.
 
-One optimizer step:
-  1. draw this rank's micro-batches of the global batch (the global batch is fixed by the recipe,
-     whatever the world size; gradient accumulation makes up the difference)
-  2. count the target tokens of the WHOLE global batch (all ranks; under parallel.cp the ranks of a CP
-     group read the same rows, so each row is counted once): each micro-batch's summed loss is
-     divided by that count, so the accumulated gradient is exactly d(mean token loss) of the global
-     batch, independent of how tokens fall on ranks and micro-batches
-  3. backward per micro-batch; gradients SUMMED across ranks (dense over all ranks, experts over
-     their expert-data-parallel group); global-norm clip; NaN guard; AdamW step
-  4. log, checkpoint every N steps (torch.distributed.checkpoint: atomic, reshardable, optionally
-     written in the background), export at the end
+Each step: this rank's micro-batches -> train_step (forward/backward, gradient sync, clip, NaN guard,
+update) -> the lr schedule -> metrics (and validation loss every trainer.val_every steps) -> the
+checkpoint policy (engine/training/checkpointer.py) -> samples every trainer.sample_every steps.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from engine.training.build import Runtime, build_loaders, build_model, seed_everything, setup_runtime
-from engine.checkpoint.dcp import state as ckpt
-from engine.training.checkpointer import refuse_finished_run, resume_run, save_run
-from engine.config import TrainConfig
-from engine.errors import ConfigError, DivergenceError
-from engine.inference.evaluate import validation_loss
-from engine.training.memory_plan import arch_of_run, check_fits, plan_for_run
-from engine.training.metrics import MetricsWriter, active_lora_params, expert_load, flops_per_token, peak_flops, peak_memory_gb
+from engine.errors import ConfigError
+from engine.parallel.fsdp import is_sharded
+from engine.training.build import arch_of_run, build_loaders, build_model
+from engine.training.checkpointer import Checkpointer, refuse_finished_run
+from engine.training.memory_plan import check_fits, plan_for_run
+from engine.training.metrics import MetricsWriter, StepMetrics
 from engine.training.optim import build_optimizer, build_scheduler
+from engine.training.runtime import Runtime, seed_everything, setup_runtime
 from engine.training.samples import build_sampler
-from engine.parallel import clip_grad_norm, global_token_count, sync_gradients
-from engine.parallel.fsdp import clip_sharded, is_sharded
+from engine.training.step import NonFiniteGuard, train_step
+from engine.training.validation import validation_loss
 
-log = logging.getLogger("engine")
-
-
-def _model_inputs(b: dict, device: torch.device) -> dict:
-    return {"input_ids": b["input_ids"].to(device), "labels": b["labels"].to(device),
-            "position_ids": b["position_ids"].to(device),
-            "doc_ids": None if b.get("doc_ids") is None else b["doc_ids"].to(device)}
+log = logging.getLogger(__name__)
 
 
-def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    if rt.mesh.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=rt.mesh.dp_group)
-    return t
+@dataclass
+class _Run:
+    """What `run` wired, for the loop."""
+
+    cfg: object
+    rt: Runtime
+    out: Path
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    loader: object  # engine.data.batch.Loader
+    val_loader: object  # an iterable of Batch, or None
+    checkpointer: Checkpointer
+    accum: int
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg) -> dict:
     if cfg.trainer.dry_run:
         from engine.training.dry_run import dry_run
 
@@ -64,6 +59,61 @@ def run(cfg: TrainConfig) -> dict:
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
+    _check_memory(cfg, arch, rt)
+    model = build_model(cfg, rt, arch)
+    model.train()
+    opt = build_optimizer(model, cfg.optim, rt.mesh)
+    sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
+    loader, val_loader = build_loaders(cfg, model, rt)
+    r = _Run(cfg, rt, out, model, opt, sched, loader, val_loader, Checkpointer(cfg, rt, out), _accumulation(cfg, rt))
+    log.info("model: %s, %.3fM params on this rank (%.3fM trainable), %s on %s, mesh %s, %d micro-batch(es) of %d "
+             "per rank per step", cfg.model.path or cfg.model.preset, model.num_parameters() / 1e6,
+             model.num_parameters(trainable_only=True) / 1e6, str(rt.param_dtype).replace("torch.", ""), rt.device,
+             rt.mesh, r.accum, cfg.data.micro_batch_size)
+    start_step, bad_steps = r.checkpointer.resume(model, opt, sched, loader)
+    losses, bad_steps = _train(r, start_step, bad_steps)
+    final = r.checkpointer.final(model, opt, sched, loader, bad_steps)
+    loader.close()
+    export_dir = _export(cfg, rt, out, model, final)
+    log.info("done: final loss %.4f, checkpoint %s, export %s", losses[-1] if losses else float("nan"), final,
+             export_dir)
+    rt.mesh.destroy()
+    return {"losses": losses, "checkpoint": str(final), "export": str(export_dir) if export_dir else None}
+
+
+def _train(r: _Run, start_step: int, bad_steps: int) -> tuple[list[float], int]:
+    """The steps from `start_step` to trainer.max_steps; (their losses, the skipped-step count)."""
+    cfg, rt, max_steps = r.cfg, r.rt, r.cfg.trainer.max_steps
+    writer = MetricsWriter(r.out, rt.is_main, cfg.trainer.tensorboard, start_step=start_step)
+    metrics, guard = StepMetrics(cfg, rt, r.model, r.accum), NonFiniteGuard(cfg.trainer.max_bad_steps, bad_steps)
+    progress, sampler = _progress(cfg, rt, start_step), build_sampler(cfg, rt, r.out)
+    # What the data preparation kept, skipped and dropped goes into the first metrics line.
+    data_report = {**r.loader.report, **(r.val_loader.report if r.val_loader is not None else {})}
+    losses: list[float] = []
+    for step in range(start_step + 1, max_steps + 1):
+        t0 = time.perf_counter()
+        result = train_step(r.model, [next(r.loader) for _ in range(r.accum)], r.opt, rt, cfg.optim.grad_clip)
+        lr = r.sched.get_last_lr()[0]
+        guard.check(step, result, r.checkpointer.last_good, log)
+        r.sched.step()  # the schedule keeps its step count through skipped steps
+        losses.append(result.loss)
+        record = metrics.record(step, result, lr, time.perf_counter() - t0, guard.bad_steps)
+        if r.val_loader is not None and (step % cfg.trainer.val_every == 0 or step == max_steps):
+            record["val_loss"] = validation_loss(r.model, r.val_loader, rt)
+        held = r.checkpointer.after_step(step, r.model, r.opt, r.sched, r.loader, guard.bad_steps)
+        if held is not None:
+            record["checkpoint_s"] = held  # what the save held the training thread
+        if step % cfg.trainer.log_every == 0 or step == max_steps:
+            writer.write({**record, **data_report})
+            data_report = {}
+        progress(record)
+        if sampler is not None and step % cfg.trainer.sample_every == 0:
+            sampler(r.model, step)
+    return losses, guard.bad_steps
+
+
+def _check_memory(cfg, arch, rt: Runtime) -> None:
+    """The memory plan per rank, logged; a plan over the GPU's memory is refused (trainer.memory_check)."""
     plan = plan_for_run(cfg, arch, rt.device.type, rt.world_size)
     log.info("memory plan per %s (estimate; %d ranks, ep %d x expert-dp %d, parallel.shard=%s):\n%s",
              "GPU" if rt.device.type == "cuda" else "process", rt.world_size, rt.mesh.ep, rt.mesh.edp_size,
@@ -73,138 +123,17 @@ def run(cfg: TrainConfig) -> dict:
     if capacity:
         log.info("memory plan %.1f GiB of this GPU's %.1f GiB: fits", plan.total / 2**30, capacity / 2**30)
 
-    model = build_model(cfg, rt, arch)
-    model.train()
-    opt = build_optimizer(model, cfg.optim, rt.mesh)
-    sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
-    loader, val_loader = build_loaders(cfg, model, rt)
+
+def _accumulation(cfg, rt: Runtime) -> int:
     data_ranks = rt.mesh.data_size  # world / parallel.cp: the ranks of a CP group share their rows
     try:
-        accum = cfg.data.grad_accum_steps(data_ranks)
+        return cfg.data.grad_accum_steps(data_ranks)
     except ValueError as e:
         raise ConfigError(f"{e}; adjust data.micro_batch_size or data.global_batch_size for {data_ranks} data ranks "
                           f"({rt.world_size} ranks / parallel.cp={rt.mesh.cp})") from None
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("model: %s, %.3fM params on this rank (%.3fM trainable), %s on %s, mesh %s, %d micro-batch(es) of %d "
-             "per rank per step", cfg.model.path or cfg.model.preset, model.num_parameters() / 1e6, n_trainable / 1e6,
-             str(rt.param_dtype).replace("torch.", ""), rt.device, rt.mesh, accum, cfg.data.micro_batch_size)
-
-    if rt.is_main:
-        for debris in ckpt.remove_debris(out):
-            log.info("removed %s, left by an interrupted save", debris)
-    rt.barrier()
-    start_step, bad_steps = resume_run(cfg, rt, out, model, opt, sched, loader)
-    pending = None  # a checkpoint being written in the background (checkpoint.async_)
-
-    writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard, start_step=start_step)
-    # NaN guard bookkeeping: a checkpoint whose interval had skipped steps is not saved (it would push
-    # good ones out); `last_good` is the newest checkpoint without any.
-    last_good = ckpt.step_dir(out, start_step) if start_step else None
-    bad_at_boundary = bad_steps
-    peak = peak_flops(rt.device)
-    lora_params = active_lora_params(model.config, cfg.peft.rank, list(cfg.peft.target_modules),
-                                     cfg.peft.share_expert_adapters) if cfg.peft.method == "lora" else 0
-    fpt = flops_per_token(model.config, cfg.data.max_seq_len, lora_params)
-    losses: list[float] = []
-    progress = _progress(cfg, rt, start_step)
-    sampler = build_sampler(cfg, rt, out)
-    # What the data preparation kept, skipped and dropped goes into the first metrics line.
-    data_report = {**getattr(loader, "report", {}), **getattr(val_loader, "report", {})}
-    for step in range(start_step, cfg.trainer.max_steps):
-        t0 = time.perf_counter()
-        batches = [next(loader) for _ in range(accum)]
-        # Summed over the world, a CP group's shared rows count cp times: divided back (exact).
-        n_target = global_token_count(sum(int(b["num_target_tokens"]) for b in batches), rt.mesh) // rt.mesh.cp
-        normalizer = n_target.clamp(min=1).to(torch.float32)
-        loss_total = torch.zeros((), device=rt.device)
-        for b in batches:
-            with rt.autocast():
-                loss = model(**_model_inputs(b, rt.device), loss_normalizer=normalizer, cp=rt.cp)
-            loss.backward()
-            loss_total += loss.detach().float()
-        if is_sharded(model):  # FSDP2 reduced the gradients in the backward
-            grad_norm = float(clip_sharded(model, rt.mesh, cfg.optim.grad_clip))
-        else:
-            sync_gradients(model, rt.mesh)
-            grad_norm = float(clip_grad_norm(model, rt.mesh, cfg.optim.grad_clip))
-        loss_value = float(_all_sum(loss_total, rt))  # the global batch's mean token loss
-        lr = sched.get_last_lr()[0]
-        if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
-            # NaN/inf guard: drop this update (every rank sees the same global values), keep the
-            # schedule on its step count, stop when it keeps happening.
-            bad_steps += 1
-            log.warning("step %d: non-finite loss/gradient (loss %s, grad_norm %s); update skipped (%d/%d allowed)",
-                        step + 1, loss_value, grad_norm, bad_steps, cfg.trainer.max_bad_steps)
-            if bad_steps > cfg.trainer.max_bad_steps:
-                where = (f"the last checkpoint saved without skipped steps is {last_good}: resume from it "
-                         f"(trainer.resume={last_good})" if last_good else "no checkpoint was saved")
-                raise DivergenceError(f"stopped at step {step + 1}: {bad_steps} steps with non-finite loss or "
-                                      f"gradients, more than trainer.max_bad_steps={cfg.trainer.max_bad_steps}; "
-                                      f"nothing was saved after them; {where} with a lower optim.lr, or check the data")
-        else:
-            opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        losses.append(loss_value)
-        n_tokens = accum * cfg.data.micro_batch_size * cfg.data.max_seq_len * data_ranks
-        record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": n_tokens / dt, "step_time_s": dt, "target_tokens": int(n_target),
-                  "skipped_steps": bad_steps}
-        if peak:
-            record["mfu"] = record["tokens_per_s"] * fpt / (peak * rt.world_size)
-        mem = peak_memory_gb(rt.device)
-        if mem is not None:
-            record["peak_memory_gb"] = mem
-        record.update(expert_load(model, rt.mesh))
-        if val_loader is not None and ((step + 1) % cfg.trainer.val_every == 0 or step + 1 == cfg.trainer.max_steps):
-            record["val_loss"] = validation_loss(model, val_loader, rt)
-        if pending is not None:
-            pending.poll()
-        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.max_steps:
-            if bad_steps > bad_at_boundary:
-                log.warning("step %d: checkpoint not saved: %d step(s) since the last checkpoint step were skipped "
-                            "as non-finite; the last good checkpoint stays %s", step + 1, bad_steps - bad_at_boundary,
-                            last_good or "none")
-            else:
-                t_save = time.perf_counter()
-                if pending is not None:
-                    pending.wait()
-                pending = save_run(cfg, rt, out, step + 1, model, opt, sched, loader, bad_steps,
-                                   asynchronous=cfg.checkpoint.async_)
-                if not cfg.checkpoint.async_:
-                    pending = None
-                last_good = ckpt.step_dir(out, step + 1)
-                record["checkpoint_s"] = time.perf_counter() - t_save  # what the save held the training thread
-            bad_at_boundary = bad_steps
-        if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.max_steps:
-            writer.write({**record, **data_report})
-            data_report = {}
-        progress(record)
-        if sampler is not None and (step + 1) % cfg.trainer.sample_every == 0:
-            sampler(model, step + 1)
-    if pending is not None:
-        pending.wait()
-    dirty = bad_steps > bad_at_boundary
-    # A final state reached through skipped steps is still saved (the export needs it), said so, and
-    # never pushes the last good checkpoint out.
-    final = save_run(cfg, rt, out, cfg.trainer.max_steps, model, opt, sched, loader, bad_steps,
-                     keep=cfg.checkpoint.keep + dirty)
-    if dirty:
-        log.warning("final checkpoint %s follows %d skipped non-finite step(s); the last checkpoint without any "
-                    "is %s", final, bad_steps - bad_at_boundary, last_good or "none (none was saved)")
-    if hasattr(loader, "close"):
-        loader.close()
-    export_dir = _export(cfg, rt, out, model, final)
-    log.info("done: final loss %.4f, checkpoint %s, export %s", losses[-1] if losses else float("nan"), final,
-             export_dir)
-    rt.mesh.destroy()
-    return {"losses": losses, "checkpoint": str(final), "export": str(export_dir) if export_dir else None}
 
 
-
-
-def _export(cfg: TrainConfig, rt: Runtime, out: Path, model, final: Path) -> Path | None:
+def _export(cfg, rt: Runtime, out: Path, model, final: Path) -> Path | None:
     """LoRA: a PEFT adapter in out/adapter; full training: an HF checkpoint in out/hf. Rank 0 writes
     it; under expert parallelism or FSDP it rebuilds the whole model from the final checkpoint."""
     if not rt.is_main:
@@ -219,7 +148,7 @@ def _export(cfg: TrainConfig, rt: Runtime, out: Path, model, final: Path) -> Pat
     return write_export(cfg, model, target, "peft" if lora else "hf", dtype=dtype, overwrite=True)
 
 
-def _progress(cfg: TrainConfig, rt: Runtime, start_step: int):
+def _progress(cfg, rt: Runtime, start_step: int):
     """Rank 0: a tqdm bar (loss, tokens/s, ETA) on a terminal; log lines every log_every otherwise."""
     total = cfg.trainer.max_steps
     t_start = time.perf_counter()

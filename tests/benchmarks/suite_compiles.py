@@ -24,9 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests" / "benchmarks")]
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run with TRITON_INTERPRET unset or 0"
 
-import torch  # noqa: E402
-
 import compile_recorder  # noqa: E402
+import torch  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -122,6 +121,7 @@ def attention_long_step() -> int:
 
 def _model_step(layers: int, lora: bool, checkpointing: bool = False, seq: int = 4096) -> None:
     from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
+    from engine.parallel.parallelize import apply_activation_checkpointing
     from engine.peft import LoraConfig, apply_lora
 
     cfg = GptOssConfig.gpt_oss_20b(num_hidden_layers=layers)
@@ -129,7 +129,7 @@ def _model_step(layers: int, lora: bool, checkpointing: bool = False, seq: int =
         model = GptOssForCausalLM(cfg, ModelOptions(experts_backend="triton", attn_backend="eager")).to(BF16)
         if lora:
             apply_lora(model, LoraConfig(rank=32, alpha=32.0))
-    model.set_activation_checkpointing(checkpointing)
+    apply_activation_checkpointing(model, checkpointing)
     ids = torch.empty(1, seq, dtype=torch.int64, device="meta")
     fwd_bwd(model.train().hidden_states(ids))  # the loss (torch ops, a host sync) launches no kernel of ours
 

@@ -10,7 +10,8 @@ import torch
 
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from engine.moe.experts import shard_model_experts
-from engine.parallel.grad_sync import is_expert_param
+from engine.parallel.parallelize import apply_activation_checkpointing
+from tests.distributed.layout import is_expert_param
 
 GLOBAL_BATCH, SEQ = 8, 6  # 8 sequences: one per rank at world 8
 
@@ -56,7 +57,7 @@ def _configure(model: GptOssForCausalLM, spec: dict) -> None:
         for name, p in model.named_parameters():
             p.requires_grad_(is_expert_param(name))
     if spec.get("checkpointing"):
-        model.set_activation_checkpointing(True)
+        apply_activation_checkpointing(model, True)
 
 
 def expert_parallel_model(case: str, ep: int, ep_rank: int, seed: int = 0) -> GptOssForCausalLM:

@@ -48,7 +48,8 @@ def main(rank: int, world: int, store: str, out: str, window: int = 6) -> None:
     else:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
         cp = ContextParallel()
-        loss = model(ids, labels=labels, position_ids=pos, doc_ids=doc_ids, cp=cp)
+        with cp:
+            loss = model(ids, labels=labels, position_ids=pos, doc_ids=doc_ids)
         exchange = cp.last_sliding_exchange
         loss.backward()
         for p in model.parameters():

@@ -11,8 +11,8 @@ import sys
 import torch
 
 from engine.inference.generate import generate, left_pad
-from engine.moe.alltoall import apply_expert_parallel
 from engine.parallel import Mesh
+from engine.parallel.parallelize import apply_expert_parallel
 from tests.distributed.cases import expert_parallel_model
 
 

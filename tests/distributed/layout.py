@@ -46,3 +46,15 @@ def rank_slice(global_batch: int, rank: int, world: int) -> slice:
         raise ValueError(f"rank {rank} is outside [0, {world})")
     share = global_batch // world
     return slice(rank * share, (rank + 1) * share)
+
+
+def is_expert_param(name: str) -> bool:
+    """The tests' own reading of the HF names: expert tensors, and the adapters inside an experts module,
+    live under `.experts.` (the engine reads tags instead, engine/parallel/placement.py)."""
+    return ".experts." in f".{name}"
+
+
+def expert_range(mesh, num_experts: int) -> range:
+    """Global expert ids owned by this rank of `mesh`."""
+    local = num_experts // mesh.ep
+    return range(mesh.ep_rank * local, (mesh.ep_rank + 1) * local)

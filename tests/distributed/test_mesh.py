@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine.parallel import LayoutError, Mesh, check_layout, global_grad_norm, global_token_count, sync_gradients
-from tests.distributed.layout import micro_batches_for, rank_slice
 from tests.distributed.launcher import describe, launch
+from tests.distributed.layout import expert_range, micro_batches_for, rank_slice
 
 
 @pytest.mark.parametrize("ep,tp,num_experts,message", [
@@ -74,8 +74,8 @@ def test_single_process_mesh(monkeypatch):
 
 def test_mesh_grid_coordinates():
     mesh = Mesh(world_size=8, rank=5, ep=4, device=torch.device("cpu"))
-    assert (mesh.ep_rank, mesh.edp_rank, mesh.edp_size, mesh.dp_size) == (1, 1, 2, 8)
-    assert mesh.expert_range(32) == range(8, 16)
+    assert (mesh.ep_rank, mesh.edp_rank, mesh.edp_size, mesh.world_size) == (1, 1, 2, 8)
+    assert expert_range(mesh, 32) == range(8, 16)
 
 
 def test_micro_batches_and_rank_slices():

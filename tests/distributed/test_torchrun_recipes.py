@@ -179,8 +179,8 @@ def test_validation_and_samples_under_fsdp_match_one_process(tmp_path, one_proce
 def test_real_recipe_dry_run_at_full_scale(tmp_path, recipe, preset, nproc):
     # The real recipe at its real layout, on the meta device: mesh, 20B/120B shapes, LoRA targets,
     # the batch split and one batch of data, with a checkpoint folder that has no weights at all.
-    from engine.training.memory_plan import lora_param_count
     from engine.models.gpt_oss import GptOssConfig
+    from engine.training.memory_plan import lora_param_count
 
     arch = getattr(GptOssConfig, preset)()
     model_dir = tmp_path / "model"

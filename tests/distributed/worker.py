@@ -15,13 +15,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from engine.moe.alltoall import AllToAllDispatcher, apply_expert_parallel, global_expert_load
+from engine.moe.alltoall import AllToAllDispatcher, global_expert_load
 from engine.moe.dispatch import LocalDispatcher
 from engine.moe.experts import GroupedExperts, shard_experts
 from engine.moe.layer import MoEBlock
 from engine.parallel import Mesh, clip_grad_norm, global_grad_norm, global_token_count, sync_gradients
-from tests.distributed.layout import micro_batches_for, rank_slice
+from engine.parallel.parallelize import apply_expert_parallel
 from tests.distributed.cases import GLOBAL_BATCH, expert_parallel_model, global_batch
+from tests.distributed.layout import expert_range, micro_batches_for, rank_slice
 
 
 def _model(case: str, mesh: Mesh):
@@ -102,7 +103,7 @@ def round_trip(mesh: Mesh, hidden: int = 5, k: int = 2, num_experts: int = 8) ->
     back = disp.undispatch(y, plan)
     g = torch.randn_like(back)
     (back * g).sum().backward()
-    experts = mesh.expert_range(num_experts)
+    experts = expert_range(mesh, num_experts)
     expected_counts = torch.bincount(torch.cat(all_idx).reshape(-1), minlength=num_experts)[experts.start:experts.stop]
     expected_tags = torch.repeat_interleave(torch.arange(experts.start, experts.stop), expected_counts).float()
     return {"values_exact": torch.equal(back.detach(), rows.detach()), "grads_exact": torch.equal(rows.grad, g),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from engine.config import build_config
+from engine.config.load import build_config
 from engine.data.config import default_sample_paths
 from engine.models.gpt_oss.config import ConfigError
 from engine.train import REPO

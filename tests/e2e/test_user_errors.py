@@ -19,7 +19,7 @@ SMALL = ["data.max_seq_len=128", "data.global_batch_size=2", "data.micro_batch_s
 # through step BAD_TO: the NaN guard's input, without waiting for a real divergence.
 NAN_INJECTOR = """
 import runpy, sys
-import engine.training.trainer as trainer
+import engine.training.step as trainer
 train_py, bad_from, bad_to = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 real, calls = trainer.clip_grad_norm, [0]
 def clip(model, mesh, max_norm):

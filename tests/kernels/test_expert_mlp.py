@@ -2,8 +2,19 @@
 
 import pytest
 import torch
-from kernel_cases import (GROUP_CASES, SMALL_BLOCKS, LaunchSpy, as_f64, assert_close, check_grads,
-                          counts_of, device, gather_for, needs_cuda, randn)
+from kernel_cases import (
+    GROUP_CASES,
+    SMALL_BLOCKS,
+    LaunchSpy,
+    as_f64,
+    assert_close,
+    check_grads,
+    counts_of,
+    device,
+    gather_for,
+    needs_cuda,
+    randn,
+)
 
 from gptoss_kernels import _runtime, grouped_dw
 from gptoss_kernels.moe_experts import expert_mlp

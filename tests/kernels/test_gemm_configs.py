@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from kernel_cases import assert_close, counts_of, device, gather_for, needs_cuda, randn
+from kernel_cases import assert_close, counts_of, gather_for, needs_cuda, randn
 
 from gptoss_kernels import _runtime, gemm_configs, grouped_gemm
 from gptoss_kernels.gemm_configs import SWIGLU_BWD, TileConfig

@@ -2,8 +2,18 @@
 
 import pytest
 import torch
-from kernel_cases import (GROUP_CASES, SMALL_BLOCKS, LaunchSpy, as_f64, assert_close, check_grads, counts_of,
-                          gather_for, needs_cuda, randn)
+from kernel_cases import (
+    GROUP_CASES,
+    SMALL_BLOCKS,
+    LaunchSpy,
+    as_f64,
+    assert_close,
+    check_grads,
+    counts_of,
+    gather_for,
+    needs_cuda,
+    randn,
+)
 
 from gptoss_kernels import _runtime, grouped_gemm
 from gptoss_kernels.moe_lora import expert_mlp_lora

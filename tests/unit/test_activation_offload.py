@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from engine.config import build_config
+from engine.config.load import build_config
 from engine.models.gpt_oss import ConfigError, GptOssConfig, GptOssForCausalLM
+from engine.parallel.parallelize import apply_activation_checkpointing
 from engine.peft import LoraConfig, apply_lora
 from tests.unit.peft.helpers import randomize_adapters
 
@@ -17,7 +18,7 @@ def _model(offload: bool, checkpointing, lora: bool = False):
         apply_lora(model, LoraConfig(rank=4, alpha=8), seed=0)
         randomize_adapters(model)  # B starts at zero; random B makes the adapters change the output
     if checkpointing:
-        model.set_activation_checkpointing(checkpointing)
+        apply_activation_checkpointing(model, checkpointing)
     return model.train()
 
 

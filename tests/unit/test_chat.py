@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engine.chat import main
+from engine.data.tokenizer import load_tokenizer
 from engine.inference.chat import Event, HarmonyStream, Printer, prompt_ids
-from engine.data import load_tokenizer
 
 HISTORY = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"},
            {"role": "assistant", "content": "Hello!", "thinking": "Greet back."}, {"role": "user", "content": "Bye"}]

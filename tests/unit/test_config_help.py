@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from engine.config import build_config
+from engine.config.load import build_config
 from engine.errors import ConfigError
 from tests.unit.test_recipes import _compose
-
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ pays the MoE routed copies for one chunk only."""
 import pytest
 import torch
 
-from engine.config import build_config
+from engine.config.load import build_config
 from engine.errors import ConfigError
-from engine.training.memory_plan import activation_bytes, activation_bytes_per_token, plan_for_run
 from engine.models.gpt_oss import GptOssConfig
 from engine.parallel import LayoutError, Mesh, check_layout
+from engine.training.memory_plan import activation_bytes, activation_bytes_per_token, plan_for_run
 from tests.unit.test_recipes import _compose
 
 
@@ -27,7 +27,7 @@ def test_mesh_cp_coordinates():
     mesh = Mesh(world_size=8, rank=5, ep=2, device=torch.device("cpu"), cp=2)
     # rank = data_rank * cp + cp_rank; EP and expert-DP as without CP
     assert (mesh.cp_rank, mesh.data_rank, mesh.data_size) == (1, 2, 4)
-    assert (mesh.ep_rank, mesh.edp_rank, mesh.dp_size) == (1, 2, 8)
+    assert (mesh.ep_rank, mesh.edp_rank, mesh.world_size) == (1, 2, 8)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.data import load_tokenizer
 from engine.data.config import default_sample_paths
 from engine.data.harmony import render_segments
+from engine.data.tokenizer import load_tokenizer
 from engine.evaluate import main
-from engine.inference.evaluate import channel_tags, evaluate_records, read_records, validation_loss
+from engine.inference.evaluate import channel_tags, evaluate_records, read_records
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
+from engine.training.validation import validation_loss
 
 RECORDS = [
     {"messages": [{"role": "user", "content": "What is 2 + 2?"},
@@ -75,8 +76,9 @@ def test_groups_equal_a_full_logits_reference(tiny):
 
 
 def test_validation_loss_equals_the_training_loss_path(tiny):
-    from engine.training.build import Runtime
+    from engine.data.batch import Batch
     from engine.parallel import Mesh
+    from engine.training.runtime import Runtime
 
     model, tok = tiny
     g = torch.Generator().manual_seed(0)
@@ -84,15 +86,15 @@ def test_validation_loss_equals_the_training_loss_path(tiny):
     for _ in range(2):
         ids = torch.randint(0, 1000, (2, 24), generator=g)
         labels = torch.where(torch.rand(2, 24, generator=g) < 0.6, torch.roll(ids, -1, 1), torch.tensor(-100))
-        batches.append({"input_ids": ids, "labels": labels, "position_ids": torch.arange(24).expand(2, 24),
-                        "doc_ids": None, "num_target_tokens": int((labels != -100).sum())})
+        batches.append(Batch(input_ids=ids, labels=labels, position_ids=torch.arange(24).expand(2, 24),
+                             doc_ids=None, num_target_tokens=int((labels != -100).sum())))
     rt = Runtime(Mesh.single("cpu"), param_dtype=torch.float32, compute_dtype=torch.float32)
     model.train()
     got = validation_loss(model, batches, rt)
     assert model.training  # restored
     with torch.no_grad():
-        total = sum(model(b["input_ids"], labels=b["labels"], loss_normalizer=1.0).item() for b in batches)
-    assert got == pytest.approx(total / sum(b["num_target_tokens"] for b in batches), rel=1e-6)
+        total = sum(model(b.input_ids, labels=b.labels, loss_normalizer=1.0).item() for b in batches)
+    assert got == pytest.approx(total / sum(b.num_target_tokens for b in batches), rel=1e-6)
     model.eval()
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from engine.checkpoint.hf import save_hf
-from engine.inference.loading import fold_peft_adapter, load_for_inference
+from engine.inference.loading import load_for_inference
 from engine.peft import apply_lora
 from engine.peft.config import LoraConfig
-from engine.peft.peft_format import export_peft
+from engine.peft.peft_format import export_peft, fold_peft_adapter
 from tests.hf_reference import hf_config, hf_model, to_ours
 
 

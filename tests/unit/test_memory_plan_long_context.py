@@ -3,10 +3,10 @@ host, the 128K recipes fitting an 80 GB GPU only with offload (and refused witho
 
 import pytest
 
-from engine.config import build_config
+from engine.config.load import build_config
 from engine.errors import PlanError
-from engine.training.memory_plan import activation_bytes_per_token, check_fits, plan_for_run
 from engine.models.gpt_oss import GptOssConfig
+from engine.training.memory_plan import activation_bytes_per_token, check_fits, plan_for_run
 from tests.unit.test_recipes import _compose
 
 GB80 = 80e9  # an H100 80GB reports about 85e9 bytes; the plan is checked against the nominal 80e9

@@ -6,11 +6,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from engine.config import build_config
-from engine.training.memory_plan import GiB, plan_for_run, plan_memory
+from engine.config.load import build_config
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
-from engine.parallel import is_expert_param
 from engine.train import REPO, register_recipes
+from engine.training.memory_plan import GiB, plan_for_run, plan_memory
+from tests.distributed.layout import is_expert_param
 
 register_recipes()
 

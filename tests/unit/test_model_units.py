@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from engine.models.gpt_oss.loss import linear_cross_entropy
 from engine.models.gpt_oss import ConfigError, GptOssConfig, GptOssForCausalLM
 from engine.models.gpt_oss.attention import dense_mask
+from engine.models.gpt_oss.loss import linear_cross_entropy
 from engine.models.gpt_oss.rope import inv_freq
 from engine.moe.experts import shard_model_experts
 

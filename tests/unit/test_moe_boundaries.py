@@ -12,11 +12,12 @@ import torch
 
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from engine.moe import experts as experts_mod
-from engine.moe.alltoall import AllToAllDispatcher, apply_expert_parallel
+from engine.moe.alltoall import AllToAllDispatcher
 from engine.moe.backends import LoopBackend, experts_backend
 from engine.moe.dispatch import permute
 from engine.moe.experts import GroupedExperts
 from engine.moe.layer import MoEBlock
+from engine.parallel.parallelize import apply_expert_parallel
 
 
 def test_no_parallel_fields_in_the_model():

@@ -8,7 +8,7 @@ import torch
 
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 from engine.moe.layer import MoEBlock
-
+from engine.parallel.parallelize import apply_activation_checkpointing
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
@@ -55,7 +55,7 @@ def test_model_with_chunks_and_layer_checkpointing_equals_plain_model():
     for chunk, ckpt in ((0, False), (13, True), (13, False)):
         model = GptOssForCausalLM(cfg, attn_backend="blockwise", experts_backend="loop", moe_chunk_tokens=chunk)
         model.init_weights(0)
-        model.set_activation_checkpointing(ckpt)
+        apply_activation_checkpointing(model, ckpt)
         loss = model(ids, labels=ids.roll(-1, 1))
         loss.backward()
         assert model.moe_blocks()[0].last_num_chunks == (8 if chunk else 1)  # 96 tokens in chunks of at most 13

@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.config import OptimConfig
+from engine.config.sections import OptimConfig
 from engine.training.optim import MasterWeightAdamW, build_scheduler, lr_lambda
 
 

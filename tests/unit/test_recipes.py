@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from engine.config import build_config
+from engine.config.load import build_config
 from engine.models.gpt_oss.config import ConfigError
 from engine.train import REPO, register_recipes
 

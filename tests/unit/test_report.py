@@ -48,8 +48,9 @@ class _Images(HTMLParser):
 
 
 def _pixels(png_bytes):
-    import matplotlib.image as mpimg
     import io
+
+    import matplotlib.image as mpimg
 
     return mpimg.imread(io.BytesIO(png_bytes), format="png")
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from engine.data.tokenizer import load_tokenizer
 from engine.inference.chat import prompt_ids
-from engine.data import load_tokenizer
 from engine.inference.generate import generate
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 from engine.training.samples import load_sample_prompts, sample

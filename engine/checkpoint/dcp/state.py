@@ -34,12 +34,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
+from engine.checkpoint.dcp.safe_reader import (
+    METADATA_FILE,
+    CheckpointCorruptError,
+    SafeFileSystemReader,
+    _first_line,
+    read_metadata_file,
+)
+from engine.checkpoint.errors import CheckpointError, CheckpointNotFoundError
 from engine.errors import storage_error
 
-from engine.checkpoint.errors import CheckpointError, CheckpointNotFoundError
-from engine.checkpoint.dcp.safe_reader import METADATA_FILE, _first_line, CheckpointCorruptError, SafeFileSystemReader, read_metadata_file
-
-log = logging.getLogger("engine")
+log = logging.getLogger(__name__)
 # DCP's warning when it runs in one process: a layout like any other here, not a mistake to warn about.
 _ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
 STEP_PREFIX = "step_"

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from engine.parallel import is_expert_param
+from engine.checkpoint.dcp.state import load_tensors, tensor_shapes
 from engine.checkpoint.errors import CheckpointError
 from engine.errors import ResumeError
-from engine.checkpoint.dcp.state import load_tensors, tensor_shapes
+from engine.parallel.placement import placement
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
@@ -70,8 +70,10 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
-def _trained(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def _trained(model: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
+    """(name, parameter, is it an expert parameter) of every trained weight."""
+    experts = placement(model)
+    return [(n, p, experts[n]) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def collect(model: nn.Module, opt: torch.optim.Optimizer, mesh, *, copy: bool = False) -> dict[str, torch.Tensor]:
@@ -79,8 +81,7 @@ def collect(model: nn.Module, opt: torch.optim.Optimizer, mesh, *, copy: bool = 
     save writes them while training goes on)."""
     held = optimizer_tensors(opt)
     out: dict[str, torch.Tensor] = {}
-    for fqn, p in _trained(model):
-        expert = is_expert_param(fqn)
+    for fqn, p, expert in _trained(model):
         out[f"model.{fqn}"] = _view(p.detach(), expert, mesh)
         q = held.get(id(p))
         if q is None:  # another rank's optimizer holds this weight's state
@@ -102,7 +103,7 @@ def restore(path, model: nn.Module, opt: torch.optim.Optimizer, mesh) -> None:
     rank's model and optimizer, whatever layout wrote it. Every rank calls this together."""
     shapes = tensor_shapes(path)
     trained = _trained(model)
-    missing = [f"model.{n}" for n, _ in trained if f"model.{n}" not in shapes]
+    missing = [f"model.{n}" for n, _, _ in trained if f"model.{n}" not in shapes]
     if missing:
         raise ResumeError(f"{path}: lacks trained weights {missing[:3]} (and {max(0, len(missing) - 3)} more): it "
                           "was written by another recipe (peft.method, target modules); resume with that run's config, "
@@ -116,8 +117,7 @@ def restore(path, model: nn.Module, opt: torch.optim.Optimizer, mesh) -> None:
     dest: dict[str, torch.Tensor] = {}
     states: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
     masters_missing: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for fqn, p in trained:
-        expert = is_expert_param(fqn)
+    for fqn, p, expert in trained:
         want = _global_shape(p, expert, mesh)
         if tuple(shapes[f"model.{fqn}"][0]) != want:
             raise CheckpointError(path, f"model.{fqn} has shape {tuple(shapes[f'model.{fqn}'][0])}, this model "
@@ -160,7 +160,3 @@ def restore(path, model: nn.Module, opt: torch.optim.Optimizer, mesh) -> None:
             fixed[name] = v
         opt.state[q] = fixed
 
-
-def checkpoint_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Bytes of the global tensors (what a checkpoint without duplicates holds)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())

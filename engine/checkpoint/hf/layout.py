@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from engine.checkpoint.errors import CheckpointError
 from engine.checkpoint.hf.mxfp4 import GROUP, check_mxfp4_shapes, dequantize_mxfp4
 from engine.checkpoint.hf.safetensors_io import SafetensorsIndex
+from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
+from engine.parallel.placement import placement
 
 QUANTIZED_SUFFIXES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")  # MXFP4 in published checkpoints
 # Tensors some exports carry that no GPT-OSS weight depends on (rope tables are recomputed from config).
@@ -30,16 +31,19 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 CHUNK_BYTES = 128 * 2**20  # budget of one read, counted at 4 bytes per value (the fp32 dequantization)
 
 
-def is_expert_tensor(name: str) -> bool:
-    """Expert tensors have one row per expert along dim 0; an expert-parallel rank reads only its own."""
-    return ".mlp.experts." in name
-
-
 def full_shapes(config: GptOssConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the whole (single-rank) model, by HF name, taken from the model itself on meta."""
     with torch.device("meta"):
         model = GptOssForCausalLM(config, ModelOptions())
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def expert_tensor_names(config: GptOssConfig) -> set[str]:
+    """The HF names of the expert tensors (one row per expert along dim 0), read from the model's tags
+    (engine.parallel.placement) on the meta device."""
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config, ModelOptions())
+    return {name for name, expert in placement(model).items() if expert}
 
 
 def _quant_method(config_file: Path) -> str | None:

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engine.checkpoint.atomic_dir import atomic_directory
+from engine.checkpoint.hf.hub import resolve_checkpoint
+from engine.checkpoint.hf.layout import HFCheckpoint, expert_tensor_names, full_shapes
+from engine.checkpoint.hf.safetensors_io import ShardWriter
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from engine.moe.experts import shard_model_experts
-from engine.checkpoint.atomic_dir import atomic_directory
-from engine.checkpoint.hf.layout import HFCheckpoint, full_shapes, is_expert_tensor
-from engine.checkpoint.hf.hub import resolve_checkpoint
-from engine.checkpoint.hf.safetensors_io import ShardWriter
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # Files an HF model directory carries besides its weights; copied as they are on export.
@@ -72,9 +72,9 @@ def _expert_slice(config: GptOssConfig, expert_range: tuple[int, int] | None, ep
 
 def _rows(model: GptOssForCausalLM, name: str) -> tuple[int, int] | None:
     """The expert rows [e0, e1) this rank holds for an expert tensor; None (all rows) otherwise."""
-    if not is_expert_tensor(name):
-        return None
     experts = model.get_submodule(name.rsplit(".", 1)[0])
+    if not getattr(experts, "holds_experts", False):
+        return None
     return experts.expert_offset, experts.expert_offset + experts.num_experts
 
 
@@ -95,12 +95,25 @@ def load_hf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: st
     with torch.device("meta"):
         model = GptOssForCausalLM(ckpt.config, opts)
     shard_model_experts(model, *ep)
+    return read_hf_weights(model, ckpt, dtype=dtype, device=device, progress=progress, label=Path(str(path)).name)
+
+
+@torch.no_grad()
+def read_hf_weights(model: GptOssForCausalLM, checkpoint: str | Path | HFCheckpoint, *, dtype: torch.dtype,
+                    device: str | torch.device = "cpu", progress: bool = False, label: str = "") -> GptOssForCausalLM:
+    """Materialise `model`, built on the meta device (holding all experts or one expert-parallel slice),
+    on `device` in `dtype`, and fill it from `checkpoint` (a directory, a hub id or an open HFCheckpoint)
+    a bounded chunk at a time, reading only the expert rows it holds."""
+    _check_dtype(dtype)
+    ckpt = checkpoint if isinstance(checkpoint, HFCheckpoint) else HFCheckpoint(resolve_checkpoint(checkpoint))
+    if model.config != ckpt.config:
+        raise ValueError(f"{ckpt.config_file} describes another architecture than the model being built")
     model.to(dtype=dtype).to_empty(device=device)
     state = model.state_dict()  # detached views of the parameters: filling them fills the model
     unfilled = [name for name, _ in model.named_buffers() if name not in state]
     assert not unfilled, f"buffers outside the state dict would stay uninitialised: {unfilled}"
     total = sum(t.numel() * t.element_size() for t in state.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {Path(str(path)).name}",
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {label or ckpt.directory.name}",
               disable=None if progress else True) as bar:  # None: silent when not a terminal
         for name, tensor in state.items():
             ckpt.read_into(name, tensor, _rows(model, name))
@@ -136,7 +149,7 @@ def write_hf(config: GptOssConfig, tensors: Iterable[tuple[str, torch.Tensor]], 
     Tensors are consumed one by one, so a streaming source (a converter, a gather) holds at most one
     shard's worth in memory."""
     _check_dtype(dtype)
-    expected = full_shapes(config)
+    expected, experts = full_shapes(config), expert_tensor_names(config)
     total = sum(torch.Size(s).numel() for s in expected.values()) * dtype.itemsize
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite) as partial:
@@ -145,7 +158,7 @@ def write_hf(config: GptOssConfig, tensors: Iterable[tuple[str, torch.Tensor]], 
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out_dir.name}",
                   disable=None if progress else True) as bar:
             for name, tensor in tensors:
-                _check_export_tensor(name, tensor, expected)
+                _check_export_tensor(name, tensor, expected, experts)
                 writer.add(name, tensor.detach().to(device="cpu", dtype=dtype))
                 bar.update(tensor.numel() * dtype.itemsize)
         missing = sorted(expected.keys() - writer.names)
@@ -161,11 +174,12 @@ def write_hf(config: GptOssConfig, tensors: Iterable[tuple[str, torch.Tensor]], 
     return out_dir
 
 
-def _check_export_tensor(name: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]]) -> None:
+def _check_export_tensor(name: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]],
+                         experts: set[str]) -> None:
     if name not in expected:
         raise ValueError(f"export: {name!r} is not a tensor of this GPT-OSS config; refusing to write it")
     if tuple(tensor.shape) != expected[name]:
-        hint = "; gather every expert before saving" if is_expert_tensor(name) else ""
+        hint = "; gather every expert before saving" if name in experts else ""
         raise ValueError(f"export: {name!r} has shape {list(tensor.shape)}, the config gives "
                          f"{list(expected[name])}{hint}")
     if not tensor.is_floating_point():

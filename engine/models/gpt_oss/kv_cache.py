@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from engine.models.gpt_oss.attention import AttentionContext, eager_attention, resolve_attn_backend
-from engine.parallel.fsdp import gathered
 from engine.models.gpt_oss.rope import apply_rotary, cos_sin
+from engine.parallel.fsdp import gathered
 
 
 class LayerCache:

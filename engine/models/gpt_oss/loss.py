@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from engine.data.batch import IGNORE_INDEX
 
 
 def _chunked_ce(hidden, weight, labels, chunk_size, want_dh, want_dw):
@@ -56,7 +56,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
 @torch.no_grad()
 def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                         chunk_size: int = 512) -> torch.Tensor:
-    """Per-token loss [...] (fp32 or wider; 0 where labels == -100) of logits = hidden @ weight.T, in
+    """Per-token loss [...] (fp32 or wider; 0 where labels == IGNORE_INDEX) of logits = hidden @ weight.T, in
     chunks of `chunk_size` rows, no gradients: what evaluation needs to split the loss by token kind."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
@@ -72,7 +72,7 @@ def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk_size: int = 512) -> torch.Tensor:
-    """Summed token cross-entropy of logits = hidden @ weight.T; hidden [..., H], labels [...] with -100 ignored."""
+    """Summed token cross-entropy of logits = hidden @ weight.T; hidden [..., H], labels [...] with IGNORE_INDEX ignored."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     keep = (y != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync per step, saves every masked row's matmul

@@ -20,12 +20,13 @@ import torch
 import torch.utils.checkpoint as activation_ckpt
 from torch import nn
 
-from engine.models.gpt_oss.loss import linear_cross_entropy
-from engine.moe.layer import MoEBlock
 from engine.models.gpt_oss.attention import AttentionContext, GptOssAttention, resolve_attn_backend
 from engine.models.gpt_oss.config import GptOssConfig
+from engine.models.gpt_oss.loss import IGNORE_INDEX, linear_cross_entropy
 from engine.models.gpt_oss.offload import OffloadChain
 from engine.models.gpt_oss.rope import cos_sin
+from engine.moe.layer import MoEBlock
+from engine.parallel import context_parallel
 
 
 @dataclass
@@ -60,7 +61,7 @@ class GptOssDecoderLayer(nn.Module):
         self.mlp = MoEBlock(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
                             alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, experts_backend=opts.experts_backend,
                             chunk_tokens=opts.moe_chunk_tokens)
-        self.activation_checkpointing = False
+        self.activation_checkpointing = False  # set by engine.parallel.parallelize
 
     def _forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
@@ -103,10 +104,11 @@ class GptOssForCausalLM(nn.Module):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
 
         for name, p in self.named_parameters():
+            owner = self.get_submodule(name.rpartition(".")[0])
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
                 p.fill_(1.0)
-            elif name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-                self._init_expert_rows(p, gen, std, self.get_submodule(name.rpartition(".")[0]).expert_offset)
+            elif getattr(owner, "holds_experts", False) and p.dim() == 3:  # [E, in, out] expert matrices
+                self._init_expert_rows(p, gen, std, owner.expert_offset)
             elif name.endswith("_bias") or (name.endswith(".bias") and ".router." not in name):
                 p.zero_()
             else:
@@ -119,22 +121,13 @@ class GptOssForCausalLM(nn.Module):
             if offset <= e < offset + p.shape[0]:
                 p[e - offset].copy_(rows)
 
-    def set_activation_checkpointing(self, layers: bool | list[int]) -> None:
-        """Recompute the chosen layers' activations in the backward (True = all layers)."""
-        n = len(self.model.layers)
-        chosen = set(range(n)) if layers is True else set() if layers is False else set(layers)
-        bad = sorted(i for i in chosen if not 0 <= i < n)
-        if bad:
-            raise ValueError(f"activation checkpointing: layer indices {bad} out of range [0, {n})")
-        for i, layer in enumerate(self.model.layers):
-            layer.activation_checkpointing = i in chosen
-
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None, cp=None) -> torch.Tensor:
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, H]. position_ids [B, T] default to 0..T-1; doc_ids [B, T]
-        (packed documents) restrict attention to tokens of the same document. With `cp` (context
-        parallelism, engine.parallel.context_parallel) the inputs are full rows and the result holds
+        (packed documents) restrict attention to tokens of the same document. Under context parallelism
+        (`with cp:`, engine.parallel.context_parallel) the inputs are full rows and the result holds
         this rank's tokens only, [B, T/N, H], in `cp.local_index` order."""
+        cp = context_parallel.active()
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -154,22 +147,23 @@ class GptOssForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                loss_normalizer: float | torch.Tensor | None = None, cp=None) -> torch.Tensor:
+                loss_normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
         """Without labels: logits [B, T, V]. With labels [B, T] (already shifted: labels[b, t] is the
-        target at position t, -100 = ignored): the summed token loss divided by `loss_normalizer`
-        (default: the number of target tokens), computed in chunks without full logits. With `cp`,
-        this rank's tokens only: their logits, or their share of the loss (summed over the group, the
+        target at position t, IGNORE_INDEX = ignored): the summed token loss divided by `loss_normalizer`
+        (default: the number of target tokens), computed in chunks without full logits. Under context
+        parallelism, this rank's tokens only: their logits, or their share of the loss (summed over the group, the
         shares make the loss of the whole rows)."""
-        h = self.hidden_states(input_ids, position_ids, doc_ids, cp)
+        h = self.hidden_states(input_ids, position_ids, doc_ids)
+        cp = context_parallel.active()
         if cp is not None and labels is not None:
             if loss_normalizer is None:
-                loss_normalizer = (labels != -100).sum().clamp(min=1)
+                loss_normalizer = (labels != IGNORE_INDEX).sum().clamp(min=1)
             labels = labels[:, cp.local_index(labels.shape[1], labels.device)]
         if labels is None:
             return self.lm_head(h)
         loss_sum = linear_cross_entropy(h, self.lm_head.weight, labels, self.options.ce_chunk_size)
         if loss_normalizer is None:
-            loss_normalizer = (labels != -100).sum().clamp(min=1)
+            loss_normalizer = (labels != IGNORE_INDEX).sum().clamp(min=1)
         return loss_sum / loss_normalizer
 
     def moe_blocks(self) -> list[MoEBlock]:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from engine.checkpoint import load_hf
-from engine.checkpoint.hf.layout import is_expert_tensor
 from engine.checkpoint.hf.safetensors_io import SafetensorsIndex
+from tests.distributed.layout import is_expert_param as is_expert_tensor
 from tests.unit.checkpoint.builders import tiny_hf, write_mxfp4_checkpoint
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.export import convert
 from engine.checkpoint import CheckpointNotFoundError, load_hf
+from engine.export import convert
 from tests.unit.checkpoint.builders import SIDE_FILES, tiny_hf, write_mxfp4_checkpoint, write_side_files
 
 

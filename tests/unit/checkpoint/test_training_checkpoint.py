@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from engine.checkpoint.dcp import state as ckpt
 from engine.checkpoint.errors import CheckpointError
-from engine.config import build_config
+from engine.config.load import build_config
 from engine.train import REPO, register_recipes
 
 register_recipes()

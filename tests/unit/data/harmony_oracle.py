@@ -23,7 +23,6 @@ from openai_harmony import (
     RenderConversationConfig,
     Role,
     SystemContent,
-    TextContent,
     ToolDescription,
     load_harmony_encoding,
 )

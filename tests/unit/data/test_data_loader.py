@@ -7,10 +7,10 @@ from itertools import islice
 import pytest
 import torch
 
+from engine.data.batch import IGNORE_INDEX
 from engine.data.config import DataConfig
 from engine.data.dataset import DataError
 from engine.data.loader import build_train_loader, build_val_loader
-from engine.data.packing import IGNORE_INDEX
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_batch_contract_on_sample_data(tokenizer, stores):
         for t in (ids, labels, pos, docs):
             assert t.shape == (2, 256) and t.dtype == torch.int64 and t.device.type == "cpu"
         target = labels != IGNORE_INDEX
-        assert batch["num_target_tokens"] == int(target.sum()) > 0
+        assert batch.num_target_tokens == int(target.sum()) > 0
         # Shifted labels, never across a document boundary.
         assert torch.equal(labels[:, :-1][target[:, :-1]], ids[:, 1:][target[:, :-1]])
         assert not target[:, -1].any()
@@ -122,13 +122,13 @@ def test_validation_pass_equal_lengths_and_full_coverage(tokenizer, world_size, 
     cfg = DataConfig(max_seq_len=256, micro_batch_size=2)
     store = stores()
     whole = build_val_loader(cfg, tokenizer, store_dir=store)
-    total = sum(b["num_target_tokens"] for b in whole)
+    total = sum(b.num_target_tokens for b in whole)
     assert total == whole.store.manifest["token_stats"]["target_tokens"] > 0
     loaders = [build_val_loader(cfg, tokenizer, store_dir=store, rank=r, world_size=world_size)
                for r in range(world_size)]
     assert len({len(loader) for loader in loaders}) == 1
-    assert sum(b["num_target_tokens"] for loader in loaders for b in loader) == total
-    assert all(b["input_ids"].shape == (2, 256) for b in loaders[-1])
+    assert sum(b.num_target_tokens for loader in loaders for b in loader) == total
+    assert all(b.input_ids.shape == (2, 256) for b in loaders[-1])
 
 
 def test_no_validation_for_user_data_without_val_path(tokenizer, write_jsonl, stores):

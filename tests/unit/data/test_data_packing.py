@@ -4,8 +4,9 @@ cross-document targets."""
 import numpy as np
 import torch
 
+from engine.data.batch import IGNORE_INDEX
 from engine.data.dataset import Document
-from engine.data.packing import IGNORE_INDEX, collate, row_starts
+from engine.data.packing import collate, row_starts
 
 PAD = 99
 
@@ -45,26 +46,26 @@ def test_collate_packed_row():
     batch = collate([[A, B], [C]], max_seq_len=9, pad_id=PAD)
     for key in ("input_ids", "labels", "position_ids", "doc_ids"):
         assert batch[key].dtype == torch.int64 and batch[key].shape == (2, 9)
-    assert batch["input_ids"][0].tolist() == [10, 11, 12, 13, 20, 21, 22, PAD, PAD]
+    assert batch.input_ids[0].tolist() == [10, 11, 12, 13, 20, 21, 22, PAD, PAD]
     # labels[t] = input_ids[t + 1] where that token is trained; -100 at each document's last token.
     x = IGNORE_INDEX
-    assert batch["labels"][0].tolist() == [x, 12, 13, x, 21, 22, x, x, x]
-    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
-    assert batch["doc_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2]
-    assert batch["labels"][1].tolist() == [x, x, 33, 34, x, x, x, x, x]
-    assert batch["doc_ids"][1].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1]
-    assert batch["num_target_tokens"] == 6
+    assert batch.labels[0].tolist() == [x, 12, 13, x, 21, 22, x, x, x]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
+    assert batch.doc_ids[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2]
+    assert batch.labels[1].tolist() == [x, x, 33, 34, x, x, x, x, x]
+    assert batch.doc_ids[1].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert batch.num_target_tokens == 6
 
 
 def test_no_target_crosses_a_document_boundary():
     # Every token trained: the first token of the next document must still not be a target.
     full = doc([1, 2, 3], [1, 1, 1])
     batch = collate([[full, full]], max_seq_len=6, pad_id=PAD)
-    assert batch["labels"][0].tolist() == [2, 3, IGNORE_INDEX, 2, 3, IGNORE_INDEX]
+    assert batch.labels[0].tolist() == [2, 3, IGNORE_INDEX, 2, 3, IGNORE_INDEX]
 
 
 def test_empty_row_is_all_padding():
     batch = collate([[]], max_seq_len=4, pad_id=PAD)
-    assert batch["input_ids"].tolist() == [[PAD] * 4]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX] * 4]
-    assert batch["num_target_tokens"] == 0
+    assert batch.input_ids.tolist() == [[PAD] * 4]
+    assert batch.labels.tolist() == [[IGNORE_INDEX] * 4]
+    assert batch.num_target_tokens == 0

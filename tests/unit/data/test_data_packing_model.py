@@ -26,8 +26,8 @@ def test_packed_row_equals_documents_one_by_one(tokenizer):
     model.init_weights(0)
     model.float()
 
-    packed_loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                        doc_ids=batch["doc_ids"], loss_normalizer=1.0)
+    packed_loss = model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
+                        doc_ids=batch.doc_ids, loss_normalizer=1.0)
     packed_loss.backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -44,7 +44,7 @@ def test_packed_row_equals_documents_one_by_one(tokenizer):
         torch.testing.assert_close(packed_grads[name], param.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
     with torch.no_grad():
-        packed_logits = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])
+        packed_logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
         start = 0
         for doc in docs:
             alone = model(torch.from_numpy(doc.input_ids)[None])  # [1, L, V]
@@ -73,9 +73,9 @@ def test_a_best_fit_epoch_has_the_loss_of_the_same_documents_unpacked(tokenizer,
         rows = [[store.document(int(i)) for i in order.docs(Cursor(0, r))] for r in range(order.rows_in(0))]
         batch = collate(rows, 256, tokenizer.pad_id)
         with torch.no_grad():
-            loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                         doc_ids=batch["doc_ids"], loss_normalizer=1.0)
-        return loss, batch["num_target_tokens"], len(rows)
+            loss = model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
+                         doc_ids=batch.doc_ids, loss_normalizer=1.0)
+        return loss, batch.num_target_tokens, len(rows)
 
     packed, unpacked = epoch("best_fit"), epoch(False)
     assert unpacked[2] == 24 and packed[2] < 16

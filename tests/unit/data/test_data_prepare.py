@@ -183,7 +183,7 @@ def test_a_prepared_folder_is_a_data_path(tmp_path, tokenizer):
     assert (tmp_path / "prepared" / MANIFEST).is_file()
     cfg = DataConfig(train_path=str(tmp_path / "prepared"), max_seq_len=256)
     loader = build_train_loader(cfg, tokenizer, store_dir=tmp_path / "unused", seed=0)
-    assert next(loader)["input_ids"].shape == (1, 256) and not (tmp_path / "unused").exists()
+    assert next(loader).input_ids.shape == (1, 256) and not (tmp_path / "unused").exists()
     loader.close()
     with pytest.raises(DataError, match=r"prepared with max_seq_len=256 \(config: 512\)"):
         build_train_loader(DataConfig(train_path=cfg.train_path, max_seq_len=512), tokenizer, store_dir=tmp_path)

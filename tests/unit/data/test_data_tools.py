@@ -4,11 +4,11 @@ import io
 import json
 from collections import Counter
 
-from tools import make_sample, make_tokenizer
-from tools.agentic_sample import agentic_sample_paths
 from engine.data.config import default_sample_paths, default_tokenizer_path
 from engine.data.preview import main as preview_main
 from engine.data.preview import preview
+from tools import make_sample, make_tokenizer
+from tools.agentic_sample import agentic_sample_paths
 
 
 def test_preview_marks_trained_spans_and_counts_tokens(write_jsonl, tokenizer):

@@ -4,12 +4,12 @@ import re
 from pathlib import Path
 
 import pytest
-
 from agentic_cases import CASES
-from engine.data.harmony import render, render_segments
-from tools.o200k import cached_o200k_harmony
-from engine.data.tokenizer import load_tokenizer
 from harmony_oracle import expected_mask, harmony_messages, load_encoding, render_tokens
+
+from engine.data.harmony import render, render_segments
+from engine.data.tokenizer import load_tokenizer
+from tools.o200k import cached_o200k_harmony
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,8 @@ def test_tiny_tokenizer_keeps_the_plain_path(tokenizer):
 def test_every_shipped_sample_record_equals_openai_harmony(which, encoding, o200k):
     import json
 
-    from tools.agentic_sample import agentic_sample_paths
     from engine.data.config import default_sample_paths
+    from tools.agentic_sample import agentic_sample_paths
 
     path = (agentic_sample_paths() if which == "agentic" else default_sample_paths())[0]
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

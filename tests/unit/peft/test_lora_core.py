@@ -5,9 +5,9 @@ import torch
 
 from engine.models.gpt_oss import ConfigError, GptOssConfig, GptOssForCausalLM
 from engine.moe.experts import shard_model_experts
-from engine.peft import (LoraConfig, apply_lora, format_report, load_lora_state_dict, lora_state_dict, merge_lora,
-                         unmerge_lora)
+from engine.peft import LoraConfig, apply_lora, format_report, lora_state_dict, merge_lora, unmerge_lora
 from tests.unit.peft.helpers import randomize_adapters, tiny_pair, token_ids
+from tests.unit.peft.lora_state import load_lora_state_dict
 
 BACKENDS = ["loop", "grouped_mm"]
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from engine.moe.experts import GroupedExperts
 from engine.peft import LoraConfig, apply_lora
-from engine.peft.lora import adapter_modules
+from engine.peft.adapters import adapter_modules
 from tests.unit.peft.helpers import randomize_adapters
 
 E, H, I, R, ALPHA = 5, 12, 8, 4, 8.0  # sizes keep torch._grouped_mm's 16-byte alignment in fp32

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from engine.config import build_config
+from engine.config.load import build_config
 from engine.errors import ConfigError, EngineError
 from tests.unit.test_recipes import _compose
 

@@ -6,8 +6,20 @@ from pathlib import Path
 import pytest
 
 from engine import errors
-from engine.errors import (CheckpointError, ConfigError, DataError, DivergenceError, EngineError, ExportError,
-                           LayoutError, PlanError, ResumeError, StorageError, check_writable, storage_error)
+from engine.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DivergenceError,
+    EngineError,
+    ExportError,
+    LayoutError,
+    PlanError,
+    ResumeError,
+    StorageError,
+    check_writable,
+    storage_error,
+)
 
 
 def test_every_user_error_is_an_engine_error_and_keeps_its_builtin():

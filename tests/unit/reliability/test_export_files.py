@@ -52,9 +52,10 @@ def test_exported_files_get_the_modes_of_any_user_file(tmp_path):
 
 
 def _tiny_lora_model():
-    from engine.training.build import Runtime, build_model
-    from engine.config import build_config
+    from engine.config.load import build_config
     from engine.parallel import Mesh
+    from engine.training.build import build_model
+    from engine.training.runtime import Runtime
 
     cfg = build_config({"model": {"preset": "tiny", "dtype": "float32"}, "peft": {"method": "lora", "rank": 2}})
     return cfg, build_model(cfg, Runtime(Mesh.single("cpu"), torch.float32, torch.float32))

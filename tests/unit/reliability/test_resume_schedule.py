@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from engine.config import OptimConfig
+from engine.config.sections import OptimConfig
 from engine.training.optim import build_optimizer, build_scheduler, fresh_hyperparameters, replan_after_resume
 
 
