@@ -34,6 +34,7 @@ setup(
             "pyarrow",  # Parquet input for dataset preparation
             "datasets",  # datasets saved with save_to_disk as input
             "matplotlib",  # run reports
+            "ruff>=0.17,<=0.17.6",  # lint and format (ruff.toml), checked by tests/unit/test_lint.py
         ],
     },
 )

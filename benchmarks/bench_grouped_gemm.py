@@ -86,7 +86,7 @@ def gemm_methods(kernels, x, counts, w, counts_host):
         return run
 
     return {
-        "triton": triton(),  # the library's setting: autotuned on a GPU with GPTOSS_KERNEL_AUTOTUNE=1 (the suite's)
+        "triton": triton(),  # the library's setting: autotuned on a GPU with --autotune (the suite's)
         "triton_heuristic": triton(autotune=False),
         "triton_persistent": triton(autotune=False, persistent=True),  # the heuristic's tiles, persistent grid
         "triton_tma": triton(autotune=False, tma=True),  # the heuristic's tiles, weight tiles through TMA
@@ -244,6 +244,8 @@ def print_configs(configs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    parser.add_argument("--autotune", action="store_true", help="the library's row autotunes the tile configs "
+                        "(gemm_configs.configure(autotune=True), the trainer's kernels.autotune=true)")
     args = parser.parse_args(argv)
     if args.cpu:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -259,6 +261,7 @@ def main(argv=None):
     from gptoss_kernels.reference import scatter_combine_reference, swiglu_reference
     from gptoss_kernels.scatter_combine import scatter_combine
 
+    gemm_configs.configure(autotune=args.autotune)
     kernels = dict(grouped_linear=grouped_linear, expert_mlp=expert_mlp, scatter_combine=scatter_combine,
                    gemm_settings=gemm_configs.settings,
                    scatter_combine_reference=scatter_combine_reference, swiglu_reference=swiglu_reference)

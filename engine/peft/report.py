@@ -46,8 +46,8 @@ def lora_report(model: nn.Module) -> dict:
                 expert_matrices[proj] += base.num_experts
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
-    param_bytes = sum(p.numel() * p.elementsize_text() for p in trainable)
-    master = sum(p.numel() * MASTER_BYTES for p in trainable if p.elementsize_text() < MASTER_BYTES)
+    param_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    master = sum(p.numel() * MASTER_BYTES for p in trainable if p.element_size() < MASTER_BYTES)
     optimizer_bytes = n_train * ADAM_STATE_BYTES + master
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
     return {

@@ -141,40 +141,40 @@ class Checkpointer:
     interval had skipped steps is not saved (it would push good ones out), `last_good` is the newest one
     without any. Every rank calls every method together."""
 
-    def __init__(self, cfg, rt, out: Path):
+    def __init__(self, cfg, rt, out: Path, model, opt, sched, loader):
         self.cfg, self.rt, self.out = cfg, rt, out
+        self.model, self.opt, self.sched, self.loader = model, opt, sched, loader  # what a checkpoint holds
         self.pending = None  # a checkpoint being written in the background
         self.last_good: Path | None = None
         self.bad_at_boundary = 0  # skipped steps counted at the last checkpoint step
 
-    def resume(self, model, opt, sched, loader) -> tuple[int, int]:
+    def resume(self) -> tuple[int, int]:
         """Remove the debris of interrupted saves, then (step, skipped steps) of the checkpoint the run
         continues from, (0, 0) for a fresh start."""
         if self.rt.is_main:
             for debris in ckpt.remove_debris(self.out):
                 log.info("removed %s, left by an interrupted save", debris)
         self.rt.barrier()
-        step, bad_steps = resume_run(self.cfg, self.rt, self.out, model, opt, sched, loader)
+        step, bad_steps = resume_run(self.cfg, self.rt, self.out, self.model, self.opt, self.sched, self.loader)
         self.last_good = ckpt.step_dir(self.out, step) if step else None
         self.bad_at_boundary = bad_steps
         return step, bad_steps
 
-    def save(self, step: int, model, opt, sched, loader, bad_steps: int, asynchronous: bool = False,
-             keep: int | None = None):
+    def save(self, step: int, bad_steps: int, asynchronous: bool = False, keep: int | None = None):
         """Checkpoint the run after `step` optimizer steps. Returns the checkpoint's path, or a PendingSave
         when `asynchronous`."""
         cfg, rt = self.cfg, self.rt
-        tensors = train_state.collect(model, opt, rt.mesh, copy=asynchronous)
-        rank_state = {"rng": rng_state(), "data": loader.state_dict()}
+        tensors = train_state.collect(self.model, self.opt, rt.mesh, copy=asynchronous)
+        rank_state = {"rng": rng_state(), "data": self.loader.state_dict()}
         meta = {"world_size": rt.world_size, "ep": rt.mesh.ep, "shard": cfg.parallel.shard, "bad_steps": bad_steps,
-                "scheduler": sched.state_dict(), "recipe": cfg.recipe, "config": asdict(cfg),
+                "scheduler": self.sched.state_dict(), "recipe": cfg.recipe, "config": asdict(cfg),
                 "compute_dtype": str(rt.compute_dtype).replace("torch.", ""),
                 "schedule": schedule_settings(cfg.optim, cfg.trainer.max_steps)}
         return ckpt.save_checkpoint(self.out, step, tensors, rank_state, meta, rank=rt.rank, barrier=rt.barrier,
                                     keep=keep or cfg.checkpoint.keep, process_group=rt.mesh.ckpt_group,
                                     asynchronous=asynchronous)
 
-    def after_step(self, step: int, model, opt, sched, loader, bad_steps: int) -> float | None:
+    def after_step(self, step: int, bad_steps: int) -> float | None:
         """The periodic checkpoint, when `step` is one; returns the seconds it held the training thread."""
         if self.pending is not None:
             self.pending.poll()
@@ -191,21 +191,20 @@ class Checkpointer:
             if self.pending is not None:
                 self.pending.wait()
             asynchronous = self.cfg.checkpoint.async_
-            saved = self.save(step, model, opt, sched, loader, bad_steps, asynchronous=asynchronous)
+            saved = self.save(step, bad_steps, asynchronous=asynchronous)
             self.pending = saved if asynchronous else None
             self.last_good = ckpt.step_dir(self.out, step)
             held = time.perf_counter() - t0
         self.bad_at_boundary = bad_steps
         return held
 
-    def final(self, model, opt, sched, loader, bad_steps: int) -> Path:
+    def final(self, bad_steps: int) -> Path:
         """The last checkpoint, at trainer.max_steps. One reached through skipped steps is still saved (the
         export needs it), said so, and never pushes the last good checkpoint out."""
         if self.pending is not None:
             self.pending.wait()
         dirty = bad_steps > self.bad_at_boundary
-        final = self.save(self.cfg.trainer.max_steps, model, opt, sched, loader, bad_steps,
-                          keep=self.cfg.checkpoint.keep + dirty)
+        final = self.save(self.cfg.trainer.max_steps, bad_steps, keep=self.cfg.checkpoint.keep + dirty)
         if dirty:
             log.warning("final checkpoint %s follows %d skipped non-finite step(s); the last checkpoint without "
                         "any is %s", final, bad_steps - self.bad_at_boundary, self.last_good or "none (none was saved)")

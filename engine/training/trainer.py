@@ -65,14 +65,15 @@ def run(cfg) -> dict:
     opt = build_optimizer(model, cfg.optim, rt.mesh)
     sched = build_scheduler(opt, cfg.optim, cfg.trainer.max_steps)
     loader, val_loader = build_loaders(cfg, model, rt)
-    r = _Run(cfg, rt, out, model, opt, sched, loader, val_loader, Checkpointer(cfg, rt, out), _accumulation(cfg, rt))
+    checkpointer = Checkpointer(cfg, rt, out, model, opt, sched, loader)
+    r = _Run(cfg, rt, out, model, opt, sched, loader, val_loader, checkpointer, _accumulation(cfg, rt))
     log.info("model: %s, %.3fM params on this rank (%.3fM trainable), %s on %s, mesh %s, %d micro-batch(es) of %d "
              "per rank per step", cfg.model.path or cfg.model.preset, model.num_parameters() / 1e6,
              model.num_parameters(trainable_only=True) / 1e6, str(rt.param_dtype).replace("torch.", ""), rt.device,
              rt.mesh, r.accum, cfg.data.micro_batch_size)
-    start_step, bad_steps = r.checkpointer.resume(model, opt, sched, loader)
+    start_step, bad_steps = checkpointer.resume()
     losses, bad_steps = _train(r, start_step, bad_steps)
-    final = r.checkpointer.final(model, opt, sched, loader, bad_steps)
+    final = checkpointer.final(bad_steps)
     loader.close()
     export_dir = _export(cfg, rt, out, model, final)
     log.info("done: final loss %.4f, checkpoint %s, export %s", losses[-1] if losses else float("nan"), final,
@@ -100,7 +101,7 @@ def _train(r: _Run, start_step: int, bad_steps: int) -> tuple[list[float], int]:
         record = metrics.record(step, result, lr, time.perf_counter() - t0, guard.bad_steps)
         if r.val_loader is not None and (step % cfg.trainer.val_every == 0 or step == max_steps):
             record["val_loss"] = validation_loss(r.model, r.val_loader, rt)
-        held = r.checkpointer.after_step(step, r.model, r.opt, r.sched, r.loader, guard.bad_steps)
+        held = r.checkpointer.after_step(step, guard.bad_steps)
         if held is not None:
             record["checkpoint_s"] = held  # what the save held the training thread
         if step % cfg.trainer.log_every == 0 or step == max_steps:
