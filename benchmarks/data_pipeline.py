@@ -1,6 +1,6 @@
-"""Measure the CPU cost of the data pipeline on this machine.
+"""Measure the CPU cost of the data pipeline on this machine (the measurements of bench_data.py).
 
-    python -m engine.data.bench [--file FILE] [--tokenizer PATH] [--max-seq-len N] [--seconds S]
+    python benchmarks/data_pipeline.py [--file FILE] [--tokenizer PATH] [--max-seq-len N] [--seconds S]
         [--startup-docs N] [--packing-docs N]
 
 Figures: encoding alone in this thread (JSON parse + validate + render + tokenize + mask);
@@ -31,6 +31,7 @@ import time
 from itertools import islice
 from pathlib import Path
 
+import common  # noqa: F401  (first: it puts the repository root on sys.path, for tools/)
 import numpy as np
 
 from engine.data.config import DataConfig
