@@ -117,6 +117,8 @@ def _encode_chunk(chunk: list[tuple[int, int, object]]) -> dict:
     segments, kept, errors = [], [], []
     for source, where, payload in chunk:
         try:
+            if isinstance(payload, Exception):  # a record its source could not hand out (sources.py)
+                raise payload
             record = decode_json_line(payload) if isinstance(payload, bytes) else payload
             segments.append(enc.render_record(record))
             kept.append((source, where))
