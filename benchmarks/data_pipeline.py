@@ -8,7 +8,8 @@ preparation of a store with the worker pool (the file repeated until it holds at
 records); the training stream read from the store (packing + collating into batch tensors, in the
 calling thread, no prefetch) with the packing efficiency (share of non-padding tokens in the rows);
 and, with --startup-docs, the start-up of a run on an already prepared store of that many
-documents (manifest check, mapping, the epoch's global order, the first batch).
+documents (manifest and file checks, mapping, the epoch's global order, the first batch), and the
+one-time sha256 verification of its files, timed alone.
 
 `bench_packing` compares next-fit and best-fit packing (data.pack) on document lengths: the
 efficiency, rows and padding of one epoch, and the time to order and pack it (what every rank does
@@ -42,7 +43,8 @@ from engine.data.prepare import default_workers, expected_key, prepare
 from engine.data.records import parse_record
 from engine.data.sampler import GlobalOrder
 from engine.data.sources import resolve_sources
-from engine.data.store import StoreWriter
+from engine.data.store import StoreWriter, TokenStore
+from engine.data.store_check import DTYPES, VERIFIED
 from engine.data.tokenizer import load_tokenizer
 from tools.agentic_sample import agentic_sample_paths
 
@@ -191,7 +193,14 @@ def bench_startup(cfg: DataConfig, num_docs: int, workdir: Path) -> dict:
         writer.add(rng.integers(0, 256, total, dtype=np.uint32), rng.random(total) < 0.3, chunk,
                    np.zeros((len(chunk), 2), np.int64))
     key = expected_key(resolve_sources(source), cfg, tokenizer)
-    writer.finish({**key, **{k: sample_store.manifest[k] for k in ("counts", "token_stats")}})
+    counts, stats = sample_store.manifest["counts"], sample_store.manifest["token_stats"]
+    writer.finish({**key, "counts": {**counts, "records": num_docs, "documents": num_docs},
+                   "token_stats": {**stats, "tokens": int(lengths.sum())}})
+    # The writer hashed the files as it wrote them; a store copied or touched since is hashed once more.
+    (store_dir / VERIFIED).unlink()
+    start = time.perf_counter()
+    TokenStore(store_dir)
+    verify_s = time.perf_counter() - start
     start = time.perf_counter()
     loader = build_train_loader(DataConfig(**{**vars(cfg), "train_path": str(source)}), tokenizer,
                                 store_dir=store_dir, seed=0)
@@ -199,7 +208,10 @@ def bench_startup(cfg: DataConfig, num_docs: int, workdir: Path) -> dict:
     next(loader)
     first = time.perf_counter()
     loader.close()
-    return {"documents": num_docs, "open_s": opened - start, "first_batch_s": first - start}
+    store_bytes = sum((store_dir / name).stat().st_size for name in DTYPES)
+    return {"documents": num_docs, "store_mib": store_bytes / 2**20, "first_verify_s": verify_s,
+            "verify_mib_per_s": store_bytes / 2**20 / verify_s, "open_s": opened - start,
+            "first_batch_s": first - start}
 
 
 # Synthetic document lengths in tokens: long tool-calling traces of several shapes.

@@ -217,18 +217,20 @@ def data_report(store: TokenStore, prefix: str, packing: dict) -> dict:
 
 def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, rank: int = 0,
                world_size: int = 1) -> TokenStore:
-    """The prepared store of `inputs`: a prepared folder given as the input is used as it is; else
-    rank 0 makes or reuses the store at `store_dir` (validating every record) while the other ranks
-    wait, then every rank maps the same files."""
+    """The prepared store of `inputs`: a prepared folder given as the input is used as it is; else the
+    store at `store_dir` is made or reused. Rank 0 does it (validating every record, verifying every
+    file once) while the other ranks wait, then every rank maps the same files."""
     from engine.data.prepare import check_prepared, ensure_store, summary
 
-    if isinstance(inputs, (str, Path)) and (Path(inputs) / MANIFEST).is_file():
-        return check_prepared(TokenStore(inputs), cfg, tokenizer)
+    prepared = isinstance(inputs, (str, Path)) and (Path(inputs) / MANIFEST).is_file()
+    path = Path(inputs) if prepared else Path(store_dir)
     outcome: list = [None, None]  # [error message, store fingerprint] from rank 0
     error: BaseException | None = None
     if rank == 0:
         try:
-            outcome[1] = ensure_store(inputs, store_dir, cfg, tokenizer, workers=cfg.prepare_workers).fingerprint
+            store = (check_prepared(TokenStore(path), cfg, tokenizer) if prepared
+                     else ensure_store(inputs, path, cfg, tokenizer, workers=cfg.prepare_workers))
+            outcome[1] = store.fingerprint
         except (ValueError, OSError) as exc:  # DataError, TokenizerError, unreadable files
             error, outcome[0] = exc, f"{type(exc).__name__}: {exc}"
     if world_size > 1:
@@ -240,13 +242,15 @@ def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: Harmon
         raise error
     if outcome[0] is not None:
         raise DataError(f"rank 0 could not prepare the data: {outcome[0]}")
-    store = TokenStore(store_dir)
+    if rank == 0:
+        return store
+    # Rank 0 verified the files and recorded it: opening them here costs O(files).
+    store = check_prepared(TokenStore(path), cfg, tokenizer) if prepared else TokenStore(path)
     if outcome[1] is not None and store.fingerprint != outcome[1]:
-        raise DataError(f"rank {rank} reads another store at {store_dir} than rank 0 wrote; data.prepared_dir "
+        raise DataError(f"rank {rank} reads another store at {path} than rank 0 wrote; data.prepared_dir "
                         "must be a folder every rank sees (a shared filesystem)")
-    if rank != 0:  # rank 0 logged it while preparing; the other ranks' logs say what they train on
-        log.info("data store %s: %s", store_dir, summary(store.manifest))
-    return store
+    log.info("data store %s: %s", path, summary(store.manifest))  # rank 0 logged it while preparing
+    return store.check_vocab(tokenizer.vocab_size)
 
 
 def build_train_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_dir: str | Path | None = None,
