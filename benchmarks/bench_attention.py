@@ -39,12 +39,23 @@ from engine.models.gpt_oss import GptOssConfig  # noqa: E402
 from engine.models.gpt_oss.attention import AttentionContext, GptOssAttention  # noqa: E402
 from engine.models.gpt_oss.rope import cos_sin  # noqa: E402
 
-FULL = dict(seqs=[4096], arch=dict(), dtype=torch.bfloat16, warmup=3, iters=10,
-            backends=("eager", "triton", "blockwise", "flex"))
+FULL = dict(
+    seqs=[4096],
+    arch=dict(),
+    dtype=torch.bfloat16,
+    warmup=3,
+    iters=10,
+    backends=("eager", "triton", "blockwise", "flex"),
+)
 LONG = dict(seqs=[32768, 131072], arch=dict(), dtype=torch.bfloat16, warmup=1, iters=2, backends=("flex", "triton"))
-SMALL = dict(seqs=[128], arch=dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                                   sliding_window=32), dtype=torch.float32, warmup=1, iters=3,
-             backends=("eager", "triton", "blockwise", "flex"))
+SMALL = dict(
+    seqs=[128],
+    arch=dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32, sliding_window=32),
+    dtype=torch.float32,
+    warmup=1,
+    iters=3,
+    backends=("eager", "triton", "blockwise", "flex"),
+)
 CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |out - first backend's| / max |first backend's|
 LAYERS = {"sliding_attention": 0, "full_attention": 1}  # GPT-OSS alternates, sliding first
 
@@ -138,6 +149,7 @@ def main(argv=None) -> None:
             base_tensors, first = {}, None
             for backend in shape["backends"]:
                 row = dict(seq=seq, layer=layer_type, backend=backend)
+
                 def measure(attn=attn, x=x, backend=backend, base_tensors=base_tensors):
                     return measure_backend(attn, cfg, x, backend, shape, args.device, base_tensors)
 
@@ -151,27 +163,52 @@ def main(argv=None) -> None:
                 rows.append(row)
             del attn, x, base_tensors
             common.free_memory(args.device)
-    common.print_table(rows, [
-        ("seq", "seq", "d"), ("layer", "layer", ""), ("backend", "backend", ""), ("fwd_ms", "fwd ms", ".3f"),
-        ("fwd_bwd_ms", "fwd+bwd ms", ".3f"), ("x_base_fwd", f"x {shape['backends'][0]} fwd", ".2f"),
-        ("x_base_fwd_bwd", f"x {shape['backends'][0]} f+b", ".2f"),
-        ("max_err_out", "rel err out", ".1e"), ("max_err_dx", "rel err dx", ".1e"),
-        ("fwd_peak_gib", "fwd peak GiB", ".2f"), ("fwd_bwd_peak_gib", "f+b peak GiB", ".2f"),
-        ("fwd_bwd_above_start_gib", "f+b above start GiB", ".2f")],
+    common.print_table(
+        rows,
+        [
+            ("seq", "seq", "d"),
+            ("layer", "layer", ""),
+            ("backend", "backend", ""),
+            ("fwd_ms", "fwd ms", ".3f"),
+            ("fwd_bwd_ms", "fwd+bwd ms", ".3f"),
+            ("x_base_fwd", f"x {shape['backends'][0]} fwd", ".2f"),
+            ("x_base_fwd_bwd", f"x {shape['backends'][0]} f+b", ".2f"),
+            ("max_err_out", "rel err out", ".1e"),
+            ("max_err_dx", "rel err dx", ".1e"),
+            ("fwd_peak_gib", "fwd peak GiB", ".2f"),
+            ("fwd_bwd_peak_gib", "f+b peak GiB", ".2f"),
+            ("fwd_bwd_above_start_gib", "f+b above start GiB", ".2f"),
+        ],
         title=f"attention layer, 1 x {shape['seqs']} tokens, {cfg.num_attention_heads} q heads / "
-              f"{cfg.num_key_value_heads} kv heads x {cfg.head_dim}, window {cfg.sliding_window}, "
-              f"{str(shape['dtype']).replace('torch.', '')}; ratios and errors against {shape['backends'][0]}")
+        f"{cfg.num_key_value_heads} kv heads x {cfg.head_dim}, window {cfg.sliding_window}, "
+        f"{str(shape['dtype']).replace('torch.', '')}; ratios and errors against {shape['backends'][0]}",
+    )
     for r in rows:
         for key in [k for k in r if k.endswith("error")]:
             print(f"{r['seq']} {r['layer']} {r['backend']} {key}: {r[key]}")
     if args.cpu:
-        print("flex on CPU: forward only, under no_grad (PyTorch has no CPU FlexAttention backward); "
-              "triton on CPU: the interpreter")
-    common.write_json("attention", args, {
-        "shapes": {"batch": 1, "seqs": shape["seqs"], "hidden": cfg.hidden_size, "q_heads": cfg.num_attention_heads,
-                   "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "window": cfg.sliding_window,
-                   "dtype": str(shape["dtype"])},
-        "planned": planned, "results": list(rows)})
+        print(
+            "flex on CPU: forward only, under no_grad (PyTorch has no CPU FlexAttention backward); "
+            "triton on CPU: the interpreter"
+        )
+    common.write_json(
+        "attention",
+        args,
+        {
+            "shapes": {
+                "batch": 1,
+                "seqs": shape["seqs"],
+                "hidden": cfg.hidden_size,
+                "q_heads": cfg.num_attention_heads,
+                "kv_heads": cfg.num_key_value_heads,
+                "head_dim": cfg.head_dim,
+                "window": cfg.sliding_window,
+                "dtype": str(shape["dtype"]),
+            },
+            "planned": planned,
+            "results": list(rows),
+        },
+    )
 
 
 if __name__ == "__main__":

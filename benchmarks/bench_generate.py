@@ -23,10 +23,25 @@ from engine.inference.generate import generate
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 
 FULL = dict(arch=dict(), dtype=torch.bfloat16, prompt=1024, new=128, batches=(1, 8), hf_batches=(1,))
-SMALL = dict(arch=dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                       num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2,
-                       intermediate_size=256, sliding_window=32),
-             dtype=torch.float32, prompt=128, new=32, batches=(1, 4), hf_batches=(1, 4))
+SMALL = dict(
+    arch=dict(
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=256,
+        sliding_window=32,
+    ),
+    dtype=torch.float32,
+    prompt=128,
+    new=32,
+    batches=(1, 4),
+    hf_batches=(1, 4),
+)
 
 
 def build(shape: dict, device: torch.device) -> GptOssForCausalLM:
@@ -73,14 +88,27 @@ def main(argv=None) -> None:
         with torch.no_grad():
             cached, t_cache = timed(lambda: generate(model, ids, new), device)
             plain, t_plain = timed(lambda: generate(model, ids, new, use_cache=False), device)
-        row.update(cache_tokens_per_s=batch * new / t_cache, no_cache_tokens_per_s=batch * new / t_plain,
-                   same_tokens=bool(torch.equal(cached, plain)))
+        row.update(
+            cache_tokens_per_s=batch * new / t_cache,
+            no_cache_tokens_per_s=batch * new / t_plain,
+            same_tokens=bool(torch.equal(cached, plain)),
+        )
         if batch in shape["hf_batches"]:
+
             def run_hf():
                 hf = hf_twin(model, device, shape["dtype"])
-                out, t = timed(lambda: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                   max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                                   pad_token_id=0, eos_token_id=None), device)
+                out, t = timed(
+                    lambda: hf.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        do_sample=False,
+                        pad_token_id=0,
+                        eos_token_id=None,
+                    ),
+                    device,
+                )
                 return batch * new / t, bool(torch.equal(out, cached))
 
             hf_result, error = common.attempt(run_hf)
@@ -92,12 +120,21 @@ def main(argv=None) -> None:
         row["cache_x_hf"] = common.ratio(row["cache_tokens_per_s"], row.get("hf_tokens_per_s"))
         rows.append(row)
         common.free_memory(device)
-    common.print_table(rows, [("batch", "batch", ""), ("prompt", "prompt", ""), ("new_tokens", "new", ""),
-                              ("cache_tokens_per_s", "cache tok/s", ".1f"),
-                              ("no_cache_tokens_per_s", "no-cache tok/s", ".1f"),
-                              ("hf_tokens_per_s", "hf tok/s", ".1f"), ("cache_x_no_cache", "x no-cache", ".2f"),
-                              ("cache_x_hf", "x hf", ".2f"), ("same_tokens", "same", "")],
-                       title=f"greedy generation, {cfg.num_hidden_layers} layers, window {cfg.sliding_window}")
+    common.print_table(
+        rows,
+        [
+            ("batch", "batch", ""),
+            ("prompt", "prompt", ""),
+            ("new_tokens", "new", ""),
+            ("cache_tokens_per_s", "cache tok/s", ".1f"),
+            ("no_cache_tokens_per_s", "no-cache tok/s", ".1f"),
+            ("hf_tokens_per_s", "hf tok/s", ".1f"),
+            ("cache_x_no_cache", "x no-cache", ".2f"),
+            ("cache_x_hf", "x hf", ".2f"),
+            ("same_tokens", "same", ""),
+        ],
+        title=f"greedy generation, {cfg.num_hidden_layers} layers, window {cfg.sliding_window}",
+    )
     common.write_json("generate", args, {"shape": {k: str(v) for k, v in shape.items()}, "results": rows})
 
 

@@ -33,7 +33,7 @@ def route(tokens, top_k, experts, skewed, device):
     """Expert choices per token -> (gather_idx [M] token of each sorted row, counts [E])."""
     if skewed:  # Zipf-like popularity; the last quarter of the experts are never picked
         popularity = 1.0 / torch.arange(1, experts + 1, dtype=torch.float32) ** 1.2
-        popularity[experts - experts // 4:] = 0
+        popularity[experts - experts // 4 :] = 0
     else:
         popularity = torch.ones(experts)
     choice = torch.multinomial(popularity.expand(tokens, experts), top_k)  # [T, k] distinct experts
@@ -65,6 +65,7 @@ def with_backward(fwd, inputs):
     def run():
         y = fwd()
         torch.autograd.grad(y, leaves, torch.ones_like(y))
+
     return run
 
 
@@ -83,6 +84,7 @@ def gemm_methods(kernels, x, counts, w, counts_host):
         def run():
             with settings(**variant):
                 return kernels["grouped_linear"](x, counts, w)
+
         return run
 
     return {
@@ -112,8 +114,14 @@ def check_methods(results, methods: dict, reference, dtype, **key) -> set:
         for method, fn in methods.items():
             err = float((fn().float() - ref).abs().max() / scale)
             ok = err <= CHECK_TOL[dtype]  # NaN fails too
-            results.checks.append(dict(key, method=method, max_rel_err=err,
-                                       **({} if ok else {"error": f"result off by {err:.2e} of max |ref|: not timed"})))
+            results.checks.append(
+                dict(
+                    key,
+                    method=method,
+                    max_rel_err=err,
+                    **({} if ok else {"error": f"result off by {err:.2e} of max |ref|: not timed"}),
+                )
+            )
             if not ok:
                 print(f"!!! {key} {method}: {results.checks[-1]['error']}")
             if ok:
@@ -139,8 +147,7 @@ def run_gemms(kernels, cfg, device, bench, results):
                     if method not in ok or (passes != "fwd" and method in FWD_ONLY):
                         continue
                     fn = fwd if passes == "fwd" else with_backward(fwd, [x, w0 if method == "dense" else w])
-                    record(results, bench, fn, flops, op=op, routing=routing,
-                           passes=passes, method=method)
+                    record(results, bench, fn, flops, op=op, routing=routing, passes=passes, method=method)
 
 
 def run_expert_mlp(kernels, cfg, device, bench, results):
@@ -151,9 +158,11 @@ def run_expert_mlp(kernels, cfg, device, bench, results):
         gather_idx, counts = route(t, cfg["top_k"], e, routing == "skewed", device)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         for frozen in (False, True):
+
             def param(*shape, scale):
                 p = (torch.randn(*shape, device=device) * scale).to(cfg["dtype"])
                 return p.requires_grad_(not frozen)
+
             x = torch.randn(t, h, device=device, dtype=cfg["dtype"], requires_grad=True)
             w_gu, b_gu = param(e, h, 2 * i, scale=h**-0.5), param(e, 2 * i, scale=0.1)
             w_d, b_d = param(e, i, h, scale=i**-0.5), param(e, h, scale=0.1)
@@ -164,8 +173,10 @@ def run_expert_mlp(kernels, cfg, device, bench, results):
                 act = swiglu(torch._grouped_mm(xs, w_gu, offs=offs) + b_gu[rows])
                 return torch._grouped_mm(act, w_d, offs=offs) + b_d[rows]
 
-            methods = {"triton": lambda: kernels["expert_mlp"](x, counts, w_gu, b_gu, w_d, b_d, gather_idx=gather_idx),
-                       "grouped_mm": composed}
+            methods = {
+                "triton": lambda: kernels["expert_mlp"](x, counts, w_gu, b_gu, w_d, b_d, gather_idx=gather_idx),
+                "grouped_mm": composed,
+            }
             inputs = [x, w_gu, b_gu, w_d, b_d]
             op = f"expert_mlp H{h} I{i}"
 
@@ -174,8 +185,11 @@ def run_expert_mlp(kernels, cfg, device, bench, results):
                 act = swiglu(torch._grouped_mm(xs, w_gu.float(), offs=offs) + b_gu.float()[rows])
                 return torch._grouped_mm(act, w_d.float(), offs=offs) + b_d.float()[rows]
 
-            ok = check_methods(results, methods, reference, cfg["dtype"], op=op, routing=routing) if not frozen \
-                else set(methods)  # the frozen variant's forward is the same computation, checked above
+            ok = (
+                check_methods(results, methods, reference, cfg["dtype"], op=op, routing=routing)
+                if not frozen
+                else set(methods)
+            )  # the frozen variant's forward is the same computation, checked above
             fwd_flops = 6 * m * h * i
             grads = ("fwd+bwd frozen W", 2 * fwd_flops) if frozen else ("fwd+bwd", 3 * fwd_flops)
             for passes, flops in (("fwd", fwd_flops), grads):
@@ -185,8 +199,7 @@ def run_expert_mlp(kernels, cfg, device, bench, results):
                     if method not in ok:
                         continue
                     fn = fwd if passes == "fwd" else with_backward(fwd, inputs)
-                    record(results, bench, fn, flops, op=op, routing=routing,
-                           passes=passes, method=method)
+                    record(results, bench, fn, flops, op=op, routing=routing, passes=passes, method=method)
 
 
 def run_combine(kernels, cfg, device, bench, results):
@@ -194,8 +207,10 @@ def run_combine(kernels, cfg, device, bench, results):
     gather_idx, _ = route(t, cfg["top_k"], cfg["experts"], False, device)
     y = torch.randn(gather_idx.numel(), h, device=device, dtype=cfg["dtype"], requires_grad=True)
     w = torch.rand(gather_idx.numel(), device=device, requires_grad=True)
-    methods = {"triton": lambda: kernels["scatter_combine"](y, gather_idx, w, t),
-               "index_add": lambda: kernels["scatter_combine_reference"](y, gather_idx, w, t)}
+    methods = {
+        "triton": lambda: kernels["scatter_combine"](y, gather_idx, w, t),
+        "index_add": lambda: kernels["scatter_combine_reference"](y, gather_idx, w, t),
+    }
     for passes in ("fwd", "fwd+bwd"):
         for method, fwd in methods.items():
             fn = fwd if passes == "fwd" else with_backward(fwd, [y, w])
@@ -226,8 +241,10 @@ def print_table(results):
         ms = f"{r['ms']:9.3f}" if r["ms"] else f"{'n/a':>9s}"
         tf = f"{r['tflops']:8.1f}" if r["tflops"] else f"{'':8s}"
         sp = f"{r['speedup_of_triton']:8.2f}" if r["speedup_of_triton"] else f"{'':8s}"
-        print(f"{r['op']:28s} {r['routing']:8s} {r['passes']:17s} {r['method']:17s} {ms} {tf} {sp}"
-              + (f"  {r['error']}" if "error" in r else ""))
+        print(
+            f"{r['op']:28s} {r['routing']:8s} {r['passes']:17s} {r['method']:17s} {ms} {tf} {sp}"
+            + (f"  {r['error']}" if "error" in r else "")
+        )
     print("triton x = that method's time / triton's time (> 1: triton is faster)")
 
 
@@ -244,8 +261,12 @@ def print_configs(configs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
-    parser.add_argument("--autotune", action="store_true", help="the library's row autotunes the tile configs "
-                        "(gemm_configs.configure(autotune=True), the trainer's kernels.autotune=true)")
+    parser.add_argument(
+        "--autotune",
+        action="store_true",
+        help="the library's row autotunes the tile configs "
+        "(gemm_configs.configure(autotune=True), the trainer's kernels.autotune=true)",
+    )
     args = parser.parse_args(argv)
     if args.cpu:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -262,15 +283,25 @@ def main(argv=None):
     from gptoss_kernels.scatter_combine import scatter_combine
 
     gemm_configs.configure(autotune=args.autotune)
-    kernels = dict(grouped_linear=grouped_linear, expert_mlp=expert_mlp, scatter_combine=scatter_combine,
-                   gemm_settings=gemm_configs.settings,
-                   scatter_combine_reference=scatter_combine_reference, swiglu_reference=swiglu_reference)
+    kernels = dict(
+        grouped_linear=grouped_linear,
+        expert_mlp=expert_mlp,
+        scatter_combine=scatter_combine,
+        gemm_settings=gemm_configs.settings,
+        scatter_combine_reference=scatter_combine_reference,
+        swiglu_reference=swiglu_reference,
+    )
     cfg, device = (SMALL, "cpu") if args.cpu else (FULL, "cuda")
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
-    header = dict(benchmark="grouped_gemm", mode="cpu" if args.cpu else "full", device=device_name,
-                  torch=torch.__version__, triton=triton.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  shapes={k: str(v) if k == "dtype" else v for k, v in cfg.items()})
+    header = dict(
+        benchmark="grouped_gemm",
+        mode="cpu" if args.cpu else "full",
+        device=device_name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        shapes={k: str(v) if k == "dtype" else v for k, v in cfg.items()},
+    )
     out_dir = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"grouped_gemm_{header['mode']}.json"
@@ -281,8 +312,9 @@ def main(argv=None):
     run_combine(kernels, cfg, device, bench, results)
     add_ratios(results)
     print_table(results)
-    results.header["tile_configs"] = dict(used=gemm_configs.used(), tuned=gemm_configs.tuned_log,
-                                          cache=str(gemm_configs.cache_path()))
+    results.header["tile_configs"] = dict(
+        used=gemm_configs.used(), tuned=gemm_configs.tuned_log, cache=str(gemm_configs.cache_path())
+    )
     print_configs(results.header["tile_configs"])
     results.flush(partial=False)
     print(f"wrote {path}")

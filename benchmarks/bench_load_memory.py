@@ -31,10 +31,21 @@ from engine.checkpoint.hf.layout import QUANTIZED_SUFFIXES, full_shapes  # noqa:
 from engine.checkpoint.hf.safetensors_io import ShardWriter  # noqa: E402
 from engine.models.gpt_oss import GptOssConfig  # noqa: E402
 
-CONFIG = GptOssConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=10, num_attention_heads=16,
-                      num_key_value_heads=4, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
-                      intermediate_size=1024, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2)
+CONFIG = GptOssConfig(
+    vocab_size=32000,
+    hidden_size=1024,
+    num_hidden_layers=10,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_local_experts=32,
+    num_experts_per_tok=4,
+    intermediate_size=1024,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 SHARD = "500MB"
 EP = 8
 RUNS = [("bf16", 1, 0), ("bf16", EP, 3), ("mxfp4", 1, 0), ("mxfp4", EP, 3)]
@@ -106,16 +117,25 @@ def main() -> None:
         dirs = {"bf16": root / "bf16", "mxfp4": root / "mxfp4"}
         write_bf16(dirs["bf16"])
         write_mxfp4(dirs["mxfp4"])
-        print(f"{'checkpoint':<10} {'file size':>10} {'ep':>5} {'built':>10} {'peak - before':>14} "
-              f"{'peak/built':>10} {'load s':>7}")
+        print(
+            f"{'checkpoint':<10} {'file size':>10} {'ep':>5} {'built':>10} {'peak - before':>14} "
+            f"{'peak/built':>10} {'load s':>7}"
+        )
         for kind, ep_size, ep_rank in RUNS:
             size = sum(f.stat().st_size for f in dirs[kind].glob("*.safetensors"))
-            out = subprocess.run([sys.executable, __file__, "--child", str(dirs[kind]), str(ep_size), str(ep_rank)],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(dirs[kind]), str(ep_size), str(ep_rank)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             r = json.loads(out.strip().splitlines()[-1])
             extra = r["peak"] - r["before"]
-            print(f"{kind:<10} {size / 1e9:>8.2f}GB {f'{ep_rank}/{ep_size}':>5} {r['built'] / 1e9:>8.2f}GB "
-                  f"{extra / 1e9:>12.2f}GB {extra / r['built']:>10.2f} {r['seconds']:>7.1f}", flush=True)
+            print(
+                f"{kind:<10} {size / 1e9:>8.2f}GB {f'{ep_rank}/{ep_size}':>5} {r['built'] / 1e9:>8.2f}GB "
+                f"{extra / 1e9:>12.2f}GB {extra / r['built']:>10.2f} {r['seconds']:>7.1f}",
+                flush=True,
+            )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -92,15 +92,26 @@ def cpu_child(seq: int, attn: str) -> dict:
     loss = step(seq)
     seconds = time.perf_counter() - start
     added = _peak_bytes() - before
-    return {"seq": seq, "attn": attn, "step_mib": added / MIB, "bytes_per_token": added / seq, "step_s": seconds,
-            "loss": loss, "peak_reset": exact}
+    return {
+        "seq": seq,
+        "attn": attn,
+        "step_mib": added / MIB,
+        "bytes_per_token": added / seq,
+        "step_s": seconds,
+        "loss": loss,
+        "peak_reset": exact,
+    }
 
 
 def run_cpu(args) -> dict:
     rows = []
     for seq in args.seqs:
-        out = subprocess.run([sys.executable, __file__, "--child", str(seq), "--attn", args.attn], text=True,
-                             capture_output=True, timeout=1800)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(seq), "--attn", args.attn],
+            text=True,
+            capture_output=True,
+            timeout=1800,
+        )
         if out.returncode:
             rows.append({"seq": seq, "attn": args.attn, "error": out.stderr[-400:]})
             continue
@@ -108,11 +119,18 @@ def run_cpu(args) -> dict:
     base = rows[0].get("bytes_per_token")
     for r in rows:
         r["growth"] = common.ratio(r.get("bytes_per_token"), base)
-    common.print_table(rows, [("seq", "tokens", ",d"), ("attn", "attention", ""), ("step_mib", "step MiB", ",.1f"),
-                              ("bytes_per_token", "B/token", ",.0f"), ("growth", "B/token x first", ".2f"),
-                              ("step_s", "step s", ".1f")],
-                       title=f"CPU training step memory vs length, tiny model {CPU_ARCH}, fp32, "
-                             "target: B/token x first <= 1.5")
+    common.print_table(
+        rows,
+        [
+            ("seq", "tokens", ",d"),
+            ("attn", "attention", ""),
+            ("step_mib", "step MiB", ",.1f"),
+            ("bytes_per_token", "B/token", ",.0f"),
+            ("growth", "B/token x first", ".2f"),
+            ("step_s", "step s", ".1f"),
+        ],
+        title=f"CPU training step memory vs length, tiny model {CPU_ARCH}, fp32, target: B/token x first <= 1.5",
+    )
     return {"arch": CPU_ARCH, "target": "bytes per token at the longest <= 1.5 x at the shortest", "results": rows}
 
 
@@ -151,8 +169,16 @@ def run_gpu(args) -> dict:
         return float(loss.detach())
 
     step(4096)  # compiles every kernel; creates the optimizer state
-    report = {"model": "gpt-oss-20b", "lora_rank": 32, "attn": args.attn, "offload": args.offload,
-              "activation_checkpointing": True, "seqs": args.seqs, "partial": True, "results": []}
+    report = {
+        "model": "gpt-oss-20b",
+        "lora_rank": 32,
+        "attn": args.attn,
+        "offload": args.offload,
+        "activation_checkpointing": True,
+        "seqs": args.seqs,
+        "partial": True,
+        "results": [],
+    }
     for seq in args.seqs:
         common.free_memory(args.device)
         torch.cuda.reset_peak_memory_stats(args.device)
@@ -164,17 +190,27 @@ def run_gpu(args) -> dict:
             seconds = time.perf_counter() - start
             rate = peak_flops(args.device)
             fpt = flops_per_token(cfg, seq, lora_params=lora_active)
-            row.update(step_s=seconds, tokens_per_s=seq / seconds,
-                       peak_gib=torch.cuda.max_memory_allocated(args.device) / common.GIB,
-                       mfu=fpt * seq / seconds / rate if rate else None)
+            row.update(
+                step_s=seconds,
+                tokens_per_s=seq / seconds,
+                peak_gib=torch.cuda.max_memory_allocated(args.device) / common.GIB,
+                mfu=fpt * seq / seconds / rate if rate else None,
+            )
         except Exception as err:  # noqa: BLE001 - an OOM at one length is a result too
             row["error"] = f"{type(err).__name__}: {err}"[:400]
         report["results"].append(row)
         common.write_json("long_context", args, report, quiet=True)
-    common.print_table(report["results"], [("seq", "tokens", ",d"), ("peak_gib", "peak GiB", ".1f"),
-                                           ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"),
-                                           ("step_s", "step s", ".1f")],
-                       title=f"gpt-oss-20b LoRA step, checkpointing, attention {args.attn}, offload {args.offload}")
+    common.print_table(
+        report["results"],
+        [
+            ("seq", "tokens", ",d"),
+            ("peak_gib", "peak GiB", ".1f"),
+            ("tokens_per_s", "tokens/s", ",.0f"),
+            ("mfu", "MFU", ".1%"),
+            ("step_s", "step s", ".1f"),
+        ],
+        title=f"gpt-oss-20b LoRA step, checkpointing, attention {args.attn}, offload {args.offload}",
+    )
     return report
 
 

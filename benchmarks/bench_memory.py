@@ -26,11 +26,21 @@ from pathlib import Path
 import common
 import torch
 
-CPU_ARCH = dict(hidden_size=256, intermediate_size=256, num_local_experts=8, num_experts_per_tok=4,
-                num_attention_heads=16, num_key_value_heads=2, head_dim=16, sliding_window=128)
+CPU_ARCH = dict(
+    hidden_size=256,
+    intermediate_size=256,
+    num_local_experts=8,
+    num_experts_per_tok=4,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=128,
+)
 INTERPRETER_TOKENS = 128
-MODES = {"cpu": dict(tokens=512, arch=CPU_ARCH, dtype=torch.float32),
-         "full": dict(tokens=4096, arch=dict(), dtype=torch.bfloat16)}
+MODES = {
+    "cpu": dict(tokens=512, arch=CPU_ARCH, dtype=torch.float32),
+    "full": dict(tokens=4096, arch=dict(), dtype=torch.bfloat16),
+}
 _SKIP_FRAMES = (os.sep + "torch" + os.sep, "contextlib", "bench_memory.py")
 
 
@@ -52,8 +62,12 @@ def saved_for_backward(fn, params) -> tuple[int, list[dict]]:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in skip and ptr not in seen:
-            seen[ptr] = {"bytes": storage.nbytes(), "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                         "site": _site()}
+            seen[ptr] = {
+                "bytes": storage.nbytes(),
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).replace("torch.", ""),
+                "site": _site(),
+            }
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -87,8 +101,9 @@ def measure(name: str, fn, params, tokens: int, device: torch.device) -> dict:
     saved, err = common.attempt(lambda: saved_for_backward(fn, params))
     if saved:
         total, entries = saved
-        row.update(saved_bytes=total, saved_bytes_per_token=total / tokens, saved_tensors=len(entries),
-                   top_saved=entries[:8])
+        row.update(
+            saved_bytes=total, saved_bytes_per_token=total / tokens, saved_tensors=len(entries), top_saved=entries[:8]
+        )
     else:
         row["error"] = err
     common.free_memory(device)
@@ -103,8 +118,14 @@ def moe_rows(cfg, tokens: int, dtype, device: torch.device) -> list[dict]:
     from engine.moe.layer import MoEBlock
 
     with torch.device(device):
-        ours = MoEBlock(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                        alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit).to(dtype)
+        ours = MoEBlock(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_local_experts,
+            cfg.num_experts_per_tok,
+            alpha=cfg.swiglu_alpha,
+            limit=cfg.swiglu_limit,
+        ).to(dtype)
         hf_cfg = HFConfig(**cfg.to_hf_dict())
         hf = GptOssMLP(hf_cfg).to(dtype)
     common.random_init_(ours, seed=0)
@@ -144,15 +165,25 @@ def lora_moe_rows(cfg, tokens: int, dtype, device: torch.device) -> list[dict]:
     from engine.peft import LoraConfig, apply_lora
 
     with torch.device(device):
-        ours = MoEBlock(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                        alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit).to(dtype)
+        ours = MoEBlock(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_local_experts,
+            cfg.num_experts_per_tok,
+            alpha=cfg.swiglu_alpha,
+            limit=cfg.swiglu_limit,
+        ).to(dtype)
         hf_cfg = HFConfig(**cfg.to_hf_dict())
         hf = GptOssMLP(hf_cfg).to(dtype)
     common.random_init_(ours, seed=0)
     hf.load_state_dict(ours.state_dict(), strict=True)
     apply_lora(ours, LoraConfig(rank=LORA_RANK, alpha=2.0 * LORA_RANK, target_modules=["gate_up_proj", "down_proj"]))
-    hf = peft.inject_adapter_in_model(peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_parameters=[
-        "experts.gate_up_proj", "experts.down_proj"]), hf).to(device=device, dtype=dtype)
+    hf = peft.inject_adapter_in_model(
+        peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+        ),
+        hf,
+    ).to(device=device, dtype=dtype)
     x = torch.randn(1, tokens, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
     rows = []
     for backend in ("triton", "grouped_mm", "loop"):
@@ -196,10 +227,12 @@ def attention_rows(cfg, tokens: int, dtype, device: torch.device) -> list[dict]:
             ctx = AttentionContext(cos=cos, sin=sin, doc_ids=None, window=cfg.sliding_window, backend=backend)
             if backend == "flex":  # compile outside the measurement (its workspace is not activation memory)
                 torch.autograd.grad(ours(x, ctx).sum(), x)
-            rows.append(measure(f"attn_{kind} ours {backend}", lambda: ours(x, ctx), list(ours.parameters()),
-                                tokens, device))
-        rows.append(measure(f"attn_{kind} hf eager", lambda: hf(x, hf_rope, additive)[0], list(hf.parameters()),
-                            tokens, device))
+            rows.append(
+                measure(f"attn_{kind} ours {backend}", lambda: ours(x, ctx), list(ours.parameters()), tokens, device)
+            )
+        rows.append(
+            measure(f"attn_{kind} hf eager", lambda: hf(x, hf_rope, additive)[0], list(hf.parameters()), tokens, device)
+        )
     return rows
 
 
@@ -237,20 +270,29 @@ def main(argv=None) -> None:
     rows += lora_moe_rows(cfg, mode["tokens"], mode["dtype"], args.device)
     rows += attention_rows(cfg, mode["tokens"], mode["dtype"], args.device)
     summary = summarise(rows)
-    common.print_table(rows, [
-        ("layer", "layer", ""), ("impl", "impl", ""), ("tokens", "tokens", "d"),
-        ("saved_bytes_per_token", "saved B/token", ",.0f"),
-        ("saved_tensors", "tensors", "d"), ("retained_bytes_per_token", "allocator B/token", ",.0f")],
+    common.print_table(
+        rows,
+        [
+            ("layer", "layer", ""),
+            ("impl", "impl", ""),
+            ("tokens", "tokens", "d"),
+            ("saved_bytes_per_token", "saved B/token", ",.0f"),
+            ("saved_tensors", "tensors", "d"),
+            ("retained_bytes_per_token", "allocator B/token", ",.0f"),
+        ],
         title=f"bytes saved for backward, 1 x {mode['tokens']} tokens, hidden {cfg.hidden_size}, "
-              f"{cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, {str(mode['dtype'])[6:]}")
+        f"{cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}, {str(mode['dtype'])[6:]}",
+    )
     for r in rows:
         for key in ("error", "retained_error"):
             if key in r:
                 print(f"{r['layer']} {r['impl']} {key}: {r[key]}")
     for layer, entry in summary.items():
         ratios = ", ".join(f"{k[9:]} {v:.2f}" for k, v in entry.items() if k.startswith("ratio_vs_"))
-        print(f"{layer}: {entry['ours']} saves {entry['ours_bytes_per_token']:,.0f} B/token; "
-              f"ours / transformers: {ratios}")
+        print(
+            f"{layer}: {entry['ours']} saves {entry['ours_bytes_per_token']:,.0f} B/token; "
+            f"ours / transformers: {ratios}"
+        )
     headline = {(layer, entry["ours"]) for layer, entry in summary.items()}
     for r in rows:
         if r.get("top_saved") and ((r["layer"], r["impl"]) in headline or r["impl"].startswith("hf")):
@@ -258,13 +300,33 @@ def main(argv=None) -> None:
             for e in r["top_saved"][:5]:
                 per_token = e["bytes"] / r["tokens"]
                 print(f"  {per_token:>10,.0f} B/token  {e['dtype']:>8} {str(e['shape']):>16}  {e['site']}")
-    common.write_json("memory", args, {
-        "shapes": {"tokens": mode["tokens"], "dtype": str(mode["dtype"]),
-                   **{k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_local_experts",
-                                                   "num_experts_per_tok", "num_attention_heads", "num_key_value_heads",
-                                                   "head_dim", "sliding_window")}},
-        "target": "moe: ours <= 0.5 x transformers' saved bytes per token; moe_lora: <= 0.4 x transformers + peft's",
-        "summary": summary, "results": list(rows)})
+    common.write_json(
+        "memory",
+        args,
+        {
+            "shapes": {
+                "tokens": mode["tokens"],
+                "dtype": str(mode["dtype"]),
+                **{
+                    k: getattr(cfg, k)
+                    for k in (
+                        "hidden_size",
+                        "intermediate_size",
+                        "num_local_experts",
+                        "num_experts_per_tok",
+                        "num_attention_heads",
+                        "num_key_value_heads",
+                        "head_dim",
+                        "sliding_window",
+                    )
+                },
+            },
+            "target": "moe: ours <= 0.5 x transformers' saved bytes per token; "
+            "moe_lora: <= 0.4 x transformers + peft's",
+            "summary": summary,
+            "results": list(rows),
+        },
+    )
 
 
 if __name__ == "__main__":

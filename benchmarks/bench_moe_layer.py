@@ -11,8 +11,9 @@ on the same routed rows, and the other phases alone (route, dispatch, combine ar
 only gather their rows): `experts share` = experts / (experts + other phases), the part of the layer
 spent in the expert GEMMs (target >= 75 %); both parts are timed on their own, so the share stays a
 share even where timings are noisy (CPU). Before any timing, each of our backends' layer output is
-checked against transformers' on the same input (`check_max_err`, relative to max |ref|). transformers' GptOssMLP gets the same weights and runs each
-experts implementation it offers for training at these shapes: `eager` (a loop over experts) and
+checked against transformers' on the same input (`check_max_err`, relative to max |ref|). transformers'
+GptOssMLP gets the same weights and runs each experts implementation it offers for training at these
+shapes: `eager` (a loop over experts) and
 `grouped_mm` (its default in transformers 5); `batched_mm` gathers one weight matrix per routed
 row (65536 x 33 MB here) and is left out. `x hf` = transformers' time / ours (> 1: ours faster;
 target >= 4 for forward+backward). Prints a table; JSON to $OUT or benchmarks/results/.
@@ -41,7 +42,7 @@ def skewed_router_bias(num_experts: int) -> torch.Tensor:
     a top-k slot. The router logits have a std of about 1, so this makes the first experts hot."""
     popularity = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float32) ** 1.2
     bias = 2.0 * torch.log(popularity / popularity.max())
-    bias[num_experts - num_experts // 4:] = -1e4
+    bias[num_experts - num_experts // 4 :] = -1e4
     return bias
 
 
@@ -60,8 +61,7 @@ def build(shape: dict, device: torch.device, routing: str):
         ours.router.bias.copy_(skewed_router_bias(e) if routing == "skewed" else torch.zeros(e))
         for p in (ours.experts.gate_up_proj_bias, ours.experts.down_proj_bias):
             p.normal_(0.0, 0.02)  # non-zero biases: their gradients are part of the work
-    cfg = HFConfig(hidden_size=h, intermediate_size=i, num_local_experts=e, num_experts_per_tok=k,
-                   num_hidden_layers=1)
+    cfg = HFConfig(hidden_size=h, intermediate_size=i, num_local_experts=e, num_experts_per_tok=k, num_hidden_layers=1)
     with torch.device(device):
         hf = GptOssMLP(cfg).to(shape["dtype"])
     hf.load_state_dict(ours.state_dict(), strict=True)
@@ -72,8 +72,11 @@ def routing_stats(block: MoEBlock, x: torch.Tensor) -> dict:
     with torch.no_grad():
         _, indices, _ = block.router(x.reshape(-1, x.shape[-1]))
         counts = permute(indices, block.router.num_experts).counts.float()
-    return {"max_over_mean": float(counts.max() / counts.mean()), "empty_experts": int((counts == 0).sum()),
-            "rows_per_expert": counts.long().tolist()}
+    return {
+        "max_over_mean": float(counts.max() / counts.mean()),
+        "empty_experts": int((counts == 0).sum()),
+        "rows_per_expert": counts.long().tolist(),
+    }
 
 
 def other_phases(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
@@ -90,8 +93,10 @@ def check_against_hf(ours: MoEBlock, hf, x: torch.Tensor, dtype) -> float:
         want = hf(x)[0].float()
         err = float((ours(x).float() - want).abs().max() / want.abs().max().clamp(min=1e-12))
     if not err <= CHECK_TOL[dtype]:
-        raise AssertionError(f"ours ({ours.experts.backend}) differs from transformers by {err:.2e} of max |ref| "
-                             f"(tolerance {CHECK_TOL[dtype]:.0e}): not timing a wrong result")
+        raise AssertionError(
+            f"ours ({ours.experts.backend}) differs from transformers by {err:.2e} of max |ref| "
+            f"(tolerance {CHECK_TOL[dtype]:.0e}): not timing a wrong result"
+        )
     return err
 
 
@@ -104,6 +109,7 @@ def fwd_and_bwd(fwd, inputs: list[torch.Tensor]):
         y = fwd()
         g = grad_out.setdefault("g", torch.randn_like(y))
         torch.autograd.grad(y, inputs, g)
+
     return fwd, backward
 
 
@@ -111,8 +117,7 @@ def measure(fwd, inputs, shape, device) -> dict:
     f, fb = fwd_and_bwd(fwd, inputs)
     out = {}
     for key, fn in (("fwd_ms", f), ("fwd_bwd_ms", fb)):
-        out[key], err = common.attempt(
-            lambda: common.time_ms(fn, device, warmup=shape["warmup"], iters=shape["iters"]))
+        out[key], err = common.attempt(lambda: common.time_ms(fn, device, warmup=shape["warmup"], iters=shape["iters"]))
         if err:
             out[key.replace("_ms", "_error")] = err
     return out
@@ -124,8 +129,10 @@ def run_routing(shape: dict, device: torch.device, routing: str, backends: list[
     torch.manual_seed(1)
     x = torch.randn(1, shape["tokens"], shape["hidden"], device=device, dtype=shape["dtype"], requires_grad=True)
     stats = routing_stats(ours, x)
-    print(f"{routing} routing: max/mean rows per expert {stats['max_over_mean']:.2f}, "
-          f"{stats['empty_experts']} empty experts")
+    print(
+        f"{routing} routing: max/mean rows per expert {stats['max_over_mean']:.2f}, "
+        f"{stats['empty_experts']} empty experts"
+    )
     first = len(rows)
     for impl in HF_IMPLS:
         hf_cfg._experts_implementation = impl  # read by GptOssExperts at every call
@@ -148,8 +155,12 @@ def run_routing(shape: dict, device: torch.device, routing: str, backends: list[
             rows.append(row)
             continue
         row.update(measure(lambda: ours(x), [x, *ours.parameters()], shape, device))
-        alone = measure(lambda: ours.experts(x_flat, perm.counts, gather_idx=perm.token_of_row),
-                        [x_flat, *ours.experts.parameters()], shape, device)
+        alone = measure(
+            lambda: ours.experts(x_flat, perm.counts, gather_idx=perm.token_of_row),
+            [x_flat, *ours.experts.parameters()],
+            shape,
+            device,
+        )
         rest = measure(lambda: other_phases(ours, x), [x, *ours.router.parameters()], shape, device)
         row["experts_fwd_ms"], row["experts_fwd_bwd_ms"] = alone.get("fwd_ms"), alone.get("fwd_bwd_ms")
         row["other_fwd_ms"], row["other_fwd_bwd_ms"] = rest.get("fwd_ms"), rest.get("fwd_bwd_ms")
@@ -187,22 +198,38 @@ def main(argv=None) -> None:
     for routing in ("random", "skewed"):
         stats[routing] = run_routing(shape, args.device, routing, backends, rows)
         common.free_memory(args.device)  # the routing's two layers, now out of scope
-    common.print_table(rows, [
-        ("routing", "routing", ""), ("impl", "impl", ""), ("fwd_ms", "fwd ms", ".3f"),
-        ("fwd_bwd_ms", "fwd+bwd ms", ".3f"), ("experts_share_fwd", "experts share fwd", ".0%"),
-        ("experts_share_fwd_bwd", "experts share f+b", ".0%"), ("x_hf_eager_fwd_bwd", "x hf eager f+b", ".2f"),
-        ("x_hf_best_fwd_bwd", "x hf best f+b", ".2f"), ("tflops_fwd_bwd", "TFLOP/s f+b", ".3g")],
+    common.print_table(
+        rows,
+        [
+            ("routing", "routing", ""),
+            ("impl", "impl", ""),
+            ("fwd_ms", "fwd ms", ".3f"),
+            ("fwd_bwd_ms", "fwd+bwd ms", ".3f"),
+            ("experts_share_fwd", "experts share fwd", ".0%"),
+            ("experts_share_fwd_bwd", "experts share f+b", ".0%"),
+            ("x_hf_eager_fwd_bwd", "x hf eager f+b", ".2f"),
+            ("x_hf_best_fwd_bwd", "x hf best f+b", ".2f"),
+            ("tflops_fwd_bwd", "TFLOP/s f+b", ".3g"),
+        ],
         title=f"MoE layer, {shape['tokens']} tokens, hidden {shape['hidden']}, {shape['experts']} experts "
-              f"top-{shape['top_k']}, {str(shape['dtype']).replace('torch.', '')}")
+        f"top-{shape['top_k']}, {str(shape['dtype']).replace('torch.', '')}",
+    )
     for r in rows:
         for key in [k for k in r if k.endswith("_error")]:
             print(f"{r['routing']} {r['impl']} {key}: {r[key]}")
     summary = summarise(rows)
     print("summary (our fastest backend, forward+backward):", summary)
-    common.write_json("moe_layer", args, {
-        "shapes": {k: str(v) if k == "dtype" else v for k, v in shape.items()},
-        "targets": {"x_hf_fwd_bwd": ">= 4", "experts_share_fwd_bwd": ">= 0.75"},
-        "routing_stats": stats, "summary": summary, "results": list(rows)})
+    common.write_json(
+        "moe_layer",
+        args,
+        {
+            "shapes": {k: str(v) if k == "dtype" else v for k, v in shape.items()},
+            "targets": {"x_hf_fwd_bwd": ">= 4", "experts_share_fwd_bwd": ">= 0.75"},
+            "routing_stats": stats,
+            "summary": summary,
+            "results": list(rows),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -30,12 +30,15 @@ WIDE = {"hidden_size": 128, "intermediate_size": 256}
 
 
 def _config(out: str, shard: str, steps: int, every: int, asynchronous: bool) -> dict:
-    return {"recipe": "bench_sharding", "model": {"preset": "tiny", "dtype": "float32", "overrides": WIDE},
-            "data": {"source": "synthetic", "max_seq_len": 64, "global_batch_size": 8, "micro_batch_size": 2},
-            "parallel": {"ep": 2, "shard": shard, "timeout_s": 300},
-            "optim": {"lr": 1e-3, "warmup_steps": 2},
-            "trainer": {"max_steps": steps, "output_dir": out, "log_every": 1, "progress": False, "seed": 0},
-            "checkpoint": {"every": every, "keep": 1, "async": asynchronous}}
+    return {
+        "recipe": "bench_sharding",
+        "model": {"preset": "tiny", "dtype": "float32", "overrides": WIDE},
+        "data": {"source": "synthetic", "max_seq_len": 64, "global_batch_size": 8, "micro_batch_size": 2},
+        "parallel": {"ep": 2, "shard": shard, "timeout_s": 300},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "trainer": {"max_steps": steps, "output_dir": out, "log_every": 1, "progress": False, "seed": 0},
+        "checkpoint": {"every": every, "keep": 1, "async": asynchronous},
+    }
 
 
 def worker(values: dict) -> None:
@@ -49,8 +52,16 @@ def worker(values: dict) -> None:
 
 
 def _launch(values: dict, nproc: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--worker", json.dumps(values)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(Path(__file__).resolve()),
+        "--worker",
+        json.dumps(values),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     if proc.returncode != 0:
@@ -69,8 +80,10 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(json.loads(args.worker))
     if not args.cpu:
-        sys.exit("bench_sharding.py: only --cpu is implemented here; on GPUs run the recipes under torchrun and "
-                 "read step_time_s / checkpoint_s from metrics.jsonl")
+        sys.exit(
+            "bench_sharding.py: only --cpu is implemented here; on GPUs run the recipes under torchrun and "
+            "read step_time_s / checkpoint_s from metrics.jsonl"
+        )
     import torch
 
     from benchmarks.common import environment, out_dir
@@ -83,22 +96,44 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for shard in ("none", "optimizer", "full"):
             m = _launch(_config(f"{tmp}/{shard}", shard, args.steps, 0, False), args.nproc)
-            rows.append({"what": f"step time, shard={shard}",
-                         "value": statistics.median(r["step_time_s"] for r in m[2:]), "unit": "s"})
+            rows.append(
+                {
+                    "what": f"step time, shard={shard}",
+                    "value": statistics.median(r["step_time_s"] for r in m[2:]),
+                    "unit": "s",
+                }
+            )
         for asynchronous in (False, True):
             out = f"{tmp}/ckpt_{asynchronous}"
             m = _launch(_config(out, "full", args.steps, 2, asynchronous), args.nproc)
             stalls = [r["checkpoint_s"] for r in m if "checkpoint_s" in r]
-            rows.append({"what": f"save stall, {'async' if asynchronous else 'sync'}",
-                         "value": statistics.median(stalls), "unit": "s"})
+            rows.append(
+                {
+                    "what": f"save stall, {'async' if asynchronous else 'sync'}",
+                    "value": statistics.median(stalls),
+                    "unit": "s",
+                }
+            )
             final = sorted((Path(out) / "checkpoints").glob("step_*"))[-1]
             written = sum(f.stat().st_size for f in final.glob("*.distcp"))
-            rows.append({"what": f"checkpoint bytes / state bytes ({'async' if asynchronous else 'sync'})",
-                         "value": written / state_bytes, "unit": "x"})
+            rows.append(
+                {
+                    "what": f"checkpoint bytes / state bytes ({'async' if asynchronous else 'sync'})",
+                    "value": written / state_bytes,
+                    "unit": "x",
+                }
+            )
     for r in rows:
         print(f"  {r['what']:<48}{r['value']:10.4f} {r['unit']}")
-    report = {"benchmark": "sharding", "mode": "cpu", **environment(torch.device("cpu")), "nproc": args.nproc,
-              "layout": "EP2 x expert-DP2, gloo", "state_bytes": state_bytes, "results": rows}
+    report = {
+        "benchmark": "sharding",
+        "mode": "cpu",
+        **environment(torch.device("cpu")),
+        "nproc": args.nproc,
+        "layout": "EP2 x expert-DP2, gloo",
+        "state_bytes": state_bytes,
+        "results": rows,
+    }
     path = out_dir() / "sharding_cpu.json"
     path.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {path}")

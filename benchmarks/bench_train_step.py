@@ -41,11 +41,31 @@ from engine.training.optim import build_optimizer
 # transformers implementations to try, "attention/experts", cheapest to start first: flex_attention
 # compiles for tens of seconds. SFT's fp32 master weights may not suit its grouped_mm (it casts the
 # activations to the weights' dtype), hence its eager experts second.
-FULL = dict(seq=4096, layers={"lora": 4, "sft": 2}, rank=32, warmup=2, iters=5, hf_warmup=1, hf_iters=3,
-            hf_impls={"lora": "eager/grouped_mm,flex_attention/grouped_mm,eager/eager",
-                      "sft": "eager/grouped_mm,eager/eager,flex_attention/grouped_mm"}, budget_s=300)
-CPU = dict(seq=128, layers={"lora": 2, "sft": 2}, rank=8, warmup=2, iters=10, hf_warmup=2, hf_iters=10,
-           hf_impls={"lora": "eager/eager,eager/grouped_mm", "sft": "eager/eager,eager/grouped_mm"}, budget_s=60)
+FULL = dict(
+    seq=4096,
+    layers={"lora": 4, "sft": 2},
+    rank=32,
+    warmup=2,
+    iters=5,
+    hf_warmup=1,
+    hf_iters=3,
+    hf_impls={
+        "lora": "eager/grouped_mm,flex_attention/grouped_mm,eager/eager",
+        "sft": "eager/grouped_mm,eager/eager,flex_attention/grouped_mm",
+    },
+    budget_s=300,
+)
+CPU = dict(
+    seq=128,
+    layers={"lora": 2, "sft": 2},
+    rank=8,
+    warmup=2,
+    iters=10,
+    hf_warmup=2,
+    hf_iters=10,
+    hf_impls={"lora": "eager/eager,eager/grouped_mm", "sft": "eager/eager,eager/grouped_mm"},
+    budget_s=60,
+)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -90,12 +110,18 @@ def build_hf(cfg: GptOssConfig, kind: str, impl: str, args):
     hf_cfg = HFConfig(**cfg.to_hf_dict())
     hf_cfg.use_cache = False
     with torch.device(args.device):
-        model = HFModel._from_config(hf_cfg, attn_implementation=attn, experts_implementation=experts,
-                                     dtype=param_dtype)
+        model = HFModel._from_config(
+            hf_cfg, attn_implementation=attn, experts_implementation=experts, dtype=param_dtype
+        )
     common.random_init_(model, seed=0)  # same names, so the same weights as ours
     if kind == "lora":
-        lora = peft.LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                               target_parameters=EXPERT_PARAMS)
+        lora = peft.LoraConfig(
+            r=args.rank,
+            lora_alpha=args.rank,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            target_parameters=EXPERT_PARAMS,
+        )
         model = peft.get_peft_model(model, lora)  # casts the adapters to fp32 (autocast_adapter_dtype)
     return model.train()
 
@@ -139,14 +165,22 @@ def measure(build, cfg: GptOssConfig, kind: str, args, *, hf: bool, warmup: int,
     lora_active = active_lora_params(cfg, args.rank, list(LoraConfig().target_modules), False) if kind == "lora" else 0
     fpt = flops_per_token(cfg, args.seq, lora_params=lora_active)
     peak_rate = peak_flops(args.device)
-    row = {"step_ms": step_ms, "tokens_per_s": tokens_per_s, "trainable_params": n_trainable, "flops_per_token": fpt,
-           "mfu": fpt * tokens_per_s / peak_rate if peak_rate else None, "loss": float(last["loss"])}
+    row = {
+        "step_ms": step_ms,
+        "tokens_per_s": tokens_per_s,
+        "trainable_params": n_trainable,
+        "flops_per_token": fpt,
+        "mfu": fpt * tokens_per_s / peak_rate if peak_rate else None,
+        "loss": float(last["loss"]),
+    }
     if cuda:
         peak = torch.cuda.max_memory_allocated(args.device)
         row.update(peak_gib=peak / common.GIB, peak_gb=peak / 1e9, warmup_peak_gb=warmup_peak / 1e9)
     if not hf:
-        row["backends"] = {"experts": experts_backend(model.options.experts_backend).for_device(args.device).name,
-                           "attention": resolve_attn_backend(model.options.attn_backend, args.device)}
+        row["backends"] = {
+            "experts": experts_backend(model.options.experts_backend).for_device(args.device).name,
+            "attention": resolve_attn_backend(model.options.attn_backend, args.device),
+        }
     return row
 
 
@@ -154,8 +188,17 @@ def bench_kind(kind: str, args, report: dict) -> None:
     layers = args.layers or args.shape["layers"][kind]
     cfg = arch(args, layers)
     entry = report.setdefault(kind, {"layers": layers, "seq": args.seq, "rows": []})
-    row, err = common.attempt(lambda: measure(lambda: build_ours(cfg, kind, args), cfg, kind, args, hf=False,
-                                              warmup=args.shape["warmup"], iters=args.shape["iters"]))
+    row, err = common.attempt(
+        lambda: measure(
+            lambda: build_ours(cfg, kind, args),
+            cfg,
+            kind,
+            args,
+            hf=False,
+            warmup=args.shape["warmup"],
+            iters=args.shape["iters"],
+        )
+    )
     entry["rows"].append({"impl": "ours", **(row or {"error": err})})
     common.free_memory(args.device)  # the model and optimizer went out of scope with measure()
     common.write_json(args.json_name, args, report, quiet=True)
@@ -164,8 +207,17 @@ def bench_kind(kind: str, args, report: dict) -> None:
         if time.perf_counter() - start > args.budget_s:
             entry["rows"].append({"impl": f"hf {impl}", "error": f"skipped: --budget-s {args.budget_s} spent"})
             continue
-        row, err = common.attempt(lambda: measure(lambda: build_hf(cfg, kind, impl, args), cfg, kind, args, hf=True,
-                                                  warmup=args.shape["hf_warmup"], iters=args.shape["hf_iters"]))
+        row, err = common.attempt(
+            lambda: measure(
+                lambda: build_hf(cfg, kind, impl, args),
+                cfg,
+                kind,
+                args,
+                hf=True,
+                warmup=args.shape["hf_warmup"],
+                iters=args.shape["hf_iters"],
+            )
+        )
         entry["rows"].append({"impl": f"hf {impl}", **(row or {"error": err})})
         common.free_memory(args.device)
         common.write_json(args.json_name, args, report, quiet=True)
@@ -183,10 +235,18 @@ def bench_kind(kind: str, args, report: dict) -> None:
 def bench_20b_memory(args, report: dict) -> None:
     """One GPU, gpt-oss-20b LoRA (all 24 layers), seq 4096, activation checkpointing on."""
     cfg = GptOssConfig.gpt_oss_20b()
-    row, err = common.attempt(lambda: measure(lambda: build_ours(cfg, "lora", args, checkpointing=True), cfg, "lora",
-                                              args, hf=False, warmup=1, iters=2))
-    report["lora_20b"] = {"layers": cfg.num_hidden_layers, "seq": args.seq, "activation_checkpointing": True,
-                          "target": "peak < 60 GB", **(row or {"error": err})}
+    row, err = common.attempt(
+        lambda: measure(
+            lambda: build_ours(cfg, "lora", args, checkpointing=True), cfg, "lora", args, hf=False, warmup=1, iters=2
+        )
+    )
+    report["lora_20b"] = {
+        "layers": cfg.num_hidden_layers,
+        "seq": args.seq,
+        "activation_checkpointing": True,
+        "target": "peak < 60 GB",
+        **(row or {"error": err}),
+    }
     if row and "peak_gb" in row:
         report["lora_20b"]["meets_target"] = max(row["peak_gb"], row["warmup_peak_gb"]) < 60
     common.write_json(args.json_name, args, report)
@@ -196,10 +256,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", choices=("lora", "sft", "all"), default="all")
     parser.add_argument("--layers", type=int, default=None, help="layers of the model (default: LoRA 4, SFT 2)")
-    parser.add_argument("--hf-impls", default=None, help="comma list of transformers' attention/experts "
-                        "implementations to try, e.g. flex_attention/grouped_mm,eager/eager (default: per step kind)")
-    parser.add_argument("--budget-s", type=float, default=None, help="seconds for transformers' implementations "
-                        "of a step kind: the first always runs, the next only while the budget lasts")
+    parser.add_argument(
+        "--hf-impls",
+        default=None,
+        help="comma list of transformers' attention/experts "
+        "implementations to try, e.g. flex_attention/grouped_mm,eager/eager (default: per step kind)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds for transformers' implementations "
+        "of a step kind: the first always runs, the next only while the budget lasts",
+    )
     parser.add_argument("--full-20b-lora-memory", action="store_true", help="peak memory of a gpt-oss-20b LoRA step")
     args = common.parse_args(parser, argv)
     if args.cpu and args.full_20b_lora_memory:
@@ -207,9 +276,13 @@ def main(argv=None) -> None:
     args.shape = CPU if args.cpu else FULL
     args.seq, args.rank = args.shape["seq"], args.shape["rank"]
     args.budget_s = args.budget_s if args.budget_s is not None else args.shape["budget_s"]
-    report: dict = {"lora_rank": args.rank, "mfu_formula": "LoRA: 4 x frozen active + 6 x LoRA params a token goes through (top-k experts' adapters) + attention; "
-                    "SFT: 6 x active + attention (engine.training.metrics.flops_per_token), no recompute counted",
-                    "targets": {"lora x_hf_best": ">= 3", "lora mfu": ">= 0.35", "lora_20b peak_gb": "< 60"}}
+    report: dict = {
+        "lora_rank": args.rank,
+        "mfu_formula": "LoRA: 4 x frozen active + 6 x LoRA params a token goes through (top-k experts' adapters) "
+        "+ attention; "
+        "SFT: 6 x active + attention (engine.training.metrics.flops_per_token), no recompute counted",
+        "targets": {"lora x_hf_best": ">= 3", "lora mfu": ">= 0.35", "lora_20b peak_gb": "< 60"},
+    }
     if args.full_20b_lora_memory:
         args.json_name = "train_step_20b_lora_memory"
         bench_20b_memory(args, report)
@@ -217,18 +290,27 @@ def main(argv=None) -> None:
         return
     args.json_name = "train_step" if args.step == "all" else f"train_step_{args.step}"
     report["partial"] = True  # rewritten after each measurement; the last write is the complete one
-    for kind in (("lora", "sft") if args.step == "all" else (args.step,)):
+    for kind in ("lora", "sft") if args.step == "all" else (args.step,):
         bench_kind(kind, args, report)
     del report["partial"]
     for kind in ("lora", "sft"):
         if kind in report:
             e = report[kind]
-            common.print_table(e["rows"], [
-                ("impl", "impl", ""), ("step_ms", "step ms", ".1f"), ("tokens_per_s", "tokens/s", ",.0f"),
-                ("ours_x", "ours x", ".2f"), ("mfu", "MFU", ".1%"), ("peak_gib", "peak GiB", ".1f"),
-                ("trainable_params", "trainable", ",d"), ("loss", "loss", ".3f")],
+            common.print_table(
+                e["rows"],
+                [
+                    ("impl", "impl", ""),
+                    ("step_ms", "step ms", ".1f"),
+                    ("tokens_per_s", "tokens/s", ",.0f"),
+                    ("ours_x", "ours x", ".2f"),
+                    ("mfu", "MFU", ".1%"),
+                    ("peak_gib", "peak GiB", ".1f"),
+                    ("trainable_params", "trainable", ",d"),
+                    ("loss", "loss", ".3f"),
+                ],
                 title=f"{kind} step, {e['layers']} layers, 1 x {e['seq']} tokens; ours / best transformers "
-                      f"({e.get('hf_best', '-')}): {e.get('x_hf_best') or 0:.2f}x")
+                f"({e.get('hf_best', '-')}): {e.get('x_hf_best') or 0:.2f}x",
+            )
             for r in e["rows"]:
                 if "error" in r:
                     print(f"{r['impl']}: {r['error']}")

@@ -37,8 +37,10 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, *, needs_cuda: bool =
     parser.add_argument("--cpu", action="store_true", help="small shapes on CPU: a smoke run of seconds")
     args = parser.parse_args(argv)
     if not args.cpu and needs_cuda and not torch.cuda.is_available():
-        sys.exit(f"{parser.prog}: the full mode measures GPT-OSS-20B shapes on a CUDA GPU and none is visible "
-                 f"(torch {torch.__version__}); run it with --cpu for the small CPU mode")
+        sys.exit(
+            f"{parser.prog}: the full mode measures GPT-OSS-20B shapes on a CUDA GPU and none is visible "
+            f"(torch {torch.__version__}); run it with --cpu for the small CPU mode"
+        )
     args.mode = "cpu" if args.cpu else "full"
     if args.cpu:
         # CPU runs share a few cores with other work: one intra-op thread measured 10x steadier
@@ -69,8 +71,9 @@ def _cpu_name() -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None  # the GPU machine gets a copy of the tree, maybe without .git
@@ -79,10 +82,16 @@ def _git_commit() -> str | None:
 def environment(device: torch.device) -> dict:
     """Which machine and software a figure came from (written into every JSON)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {"device": name, "torch": torch.__version__, "triton": _version("triton"),
-            "transformers": _version("transformers"), "peft": _version("peft"), "python": platform.python_version(),
-            "commit": _git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def sync(device: torch.device) -> None:

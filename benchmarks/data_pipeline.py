@@ -69,8 +69,29 @@ def bench_encode(cfg: DataConfig, seconds: float) -> dict:
 
 def _unique(record: dict, rng: random.Random, words: int) -> dict:
     """The record with `words` random words appended to every message's text."""
-    vocab = ("river", "stone", "cloud", "tiger", "piano", "garden", "window", "silver", "planet", "7", "42",
-             "bridge", "candle", "forest", "rocket", "Zürich", "naïve", "über", "東京", "ok,", "then.")
+    vocab = (
+        "river",
+        "stone",
+        "cloud",
+        "tiger",
+        "piano",
+        "garden",
+        "window",
+        "silver",
+        "planet",
+        "7",
+        "42",
+        "bridge",
+        "candle",
+        "forest",
+        "rocket",
+        "Zürich",
+        "naïve",
+        "über",
+        "東京",
+        "ok,",
+        "then.",
+    )
 
     def noise() -> str:
         return " " + " ".join(rng.choice(vocab) + str(rng.randint(0, 999)) for _ in range(words))
@@ -114,8 +135,15 @@ def _harmony_worker(tokenizer_path, raw, seconds, batch, barrier) -> dict:
     return _harmony_loop(tokenizer, raw, seconds, batch)
 
 
-def bench_harmony(tokenizer_path: str | Path, seconds: float, *, file: Path | None = None, unique_words: int = 0,
-                  batch: int = 64, workers: int = 1) -> dict:
+def bench_harmony(
+    tokenizer_path: str | Path,
+    seconds: float,
+    *,
+    file: Path | None = None,
+    unique_words: int = 0,
+    batch: int = 64,
+    workers: int = 1,
+) -> dict:
     """Render + tokenize (parse, validate, render segments, encode, mask) of tool-calling records.
 
     With `workers` > 1, that many processes (as `data.prepare_workers` runs them) each do the whole
@@ -127,13 +155,20 @@ def bench_harmony(tokenizer_path: str | Path, seconds: float, *, file: Path | No
         ctx = multiprocessing.get_context("fork")
         barrier = ctx.Manager().Barrier(workers)
         with ctx.Pool(workers) as pool:
-            pending = [pool.apply_async(_harmony_worker, (tokenizer_path, raw, seconds, batch, barrier))
-                       for _ in range(workers)]
+            pending = [
+                pool.apply_async(_harmony_worker, (tokenizer_path, raw, seconds, batch, barrier))
+                for _ in range(workers)
+            ]
             runs = [p.get() for p in pending]
     tokens = sum(r["tokens"] for r in runs)
     elapsed = max(r["end"] for r in runs) - min(r["start"] for r in runs)
-    return {"workers": workers, "records": len(raw), "tokens_per_record": tokens / sum(r["passes"] * len(raw) for r in runs),
-            "tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / sum(r["cpu"] for r in runs)}
+    return {
+        "workers": workers,
+        "records": len(raw),
+        "tokens_per_record": tokens / sum(r["passes"] * len(raw) for r in runs),
+        "tokens_per_s": tokens / elapsed,
+        "tokens_per_cpu_s": tokens / sum(r["cpu"] for r in runs),
+    }
 
 
 def bench_prepare(cfg: DataConfig, workers: int, min_records: int = 20_000) -> dict:
@@ -146,8 +181,11 @@ def bench_prepare(cfg: DataConfig, workers: int, min_records: int = 20_000) -> d
         start = time.perf_counter()
         store = prepare(big, tmp / "store", cfg, load_tokenizer(cfg.tokenizer), workers=workers)
         elapsed = time.perf_counter() - start
-        return {"workers": workers, "examples_per_s": len(store) / elapsed,
-                "tokens_per_s": store.manifest["tokens"] / elapsed}
+        return {
+            "workers": workers,
+            "examples_per_s": len(store) / elapsed,
+            "tokens_per_s": store.manifest["tokens"] / elapsed,
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -190,35 +228,51 @@ def bench_startup(cfg: DataConfig, num_docs: int, workdir: Path) -> dict:
     for first in range(0, num_docs, 100_000):
         chunk = lengths[first : first + 100_000]
         total = int(chunk.sum())
-        writer.add(rng.integers(0, 256, total, dtype=np.uint32), rng.random(total) < 0.3, chunk,
-                   np.zeros((len(chunk), 2), np.int64))
+        writer.add(
+            rng.integers(0, 256, total, dtype=np.uint32),
+            rng.random(total) < 0.3,
+            chunk,
+            np.zeros((len(chunk), 2), np.int64),
+        )
     key = expected_key(resolve_sources(source), cfg, tokenizer)
     counts, stats = sample_store.manifest["counts"], sample_store.manifest["token_stats"]
-    writer.finish({**key, "counts": {**counts, "records": num_docs, "documents": num_docs},
-                   "token_stats": {**stats, "tokens": int(lengths.sum())}})
+    writer.finish(
+        {
+            **key,
+            "counts": {**counts, "records": num_docs, "documents": num_docs},
+            "token_stats": {**stats, "tokens": int(lengths.sum())},
+        }
+    )
     # The writer hashed the files as it wrote them; a store copied or touched since is hashed once more.
     (store_dir / VERIFIED).unlink()
     start = time.perf_counter()
     TokenStore(store_dir)
     verify_s = time.perf_counter() - start
     start = time.perf_counter()
-    loader = build_train_loader(DataConfig(**{**vars(cfg), "train_path": str(source)}), tokenizer,
-                                store_dir=store_dir, seed=0)
+    loader = build_train_loader(
+        DataConfig(**{**vars(cfg), "train_path": str(source)}), tokenizer, store_dir=store_dir, seed=0
+    )
     opened = time.perf_counter()
     next(loader)
     first = time.perf_counter()
     loader.close()
     store_bytes = sum((store_dir / name).stat().st_size for name in DTYPES)
-    return {"documents": num_docs, "store_mib": store_bytes / 2**20, "first_verify_s": verify_s,
-            "verify_mib_per_s": store_bytes / 2**20 / verify_s, "open_s": opened - start,
-            "first_batch_s": first - start}
+    return {
+        "documents": num_docs,
+        "store_mib": store_bytes / 2**20,
+        "first_verify_s": verify_s,
+        "verify_mib_per_s": store_bytes / 2**20 / verify_s,
+        "open_s": opened - start,
+        "first_batch_s": first - start,
+    }
 
 
 # Synthetic document lengths in tokens: long tool-calling traces of several shapes.
 SYNTHETIC = {
     "uniform 500-3000": lambda rng, n: rng.integers(500, 3001, n),
-    "lognormal median 1200 sigma 0.6":
-        lambda rng, n: np.maximum(1, rng.lognormal(np.log(1200), 0.6, n).astype(np.int64)),
+    "lognormal median 1200 sigma 0.6": lambda rng, n: np.maximum(
+        1, rng.lognormal(np.log(1200), 0.6, n).astype(np.int64)
+    ),
     "uniform 1500-4096": lambda rng, n: rng.integers(1500, 4097, n),
 }
 
@@ -246,8 +300,9 @@ def bench_pack(lengths: np.ndarray, max_seq_len: int, pack: str, window: int = 4
     return {"documents": len(kept), **order.packing_report(0), "pack_s": elapsed}
 
 
-def bench_packing(tokenizer_path: str | Path, num_docs: int, seq_lens=(1024, 4096),
-                  windows=(256, 1024, 4096, 16384)) -> dict:
+def bench_packing(
+    tokenizer_path: str | Path, num_docs: int, seq_lens=(1024, 4096), windows=(256, 1024, 4096, 16384)
+) -> dict:
     """Next fit vs best fit on `num_docs` documents of each length distribution (the samples'
     lengths repeated), at each row length; then best fit's window on uniform 500-3000 at 4096."""
     rng = np.random.default_rng(0)
@@ -259,10 +314,19 @@ def bench_packing(tokenizer_path: str | Path, num_docs: int, seq_lens=(1024, 409
             if not (x <= max_seq_len).any():
                 continue  # every document is longer than the row: dropped
             for pack in ("next_fit", "best_fit"):
-                rows.append({"lengths": name, "max_seq_len": max_seq_len, "pack": pack,
-                             **bench_pack(x, max_seq_len, pack)})
-    sweep = [{"lengths": "uniform 500-3000", "max_seq_len": 4096, "pack": "best_fit", "pack_window": w,
-              **bench_pack(lengths["uniform 500-3000"], 4096, "best_fit", w)} for w in windows]
+                rows.append(
+                    {"lengths": name, "max_seq_len": max_seq_len, "pack": pack, **bench_pack(x, max_seq_len, pack)}
+                )
+    sweep = [
+        {
+            "lengths": "uniform 500-3000",
+            "max_seq_len": 4096,
+            "pack": "best_fit",
+            "pack_window": w,
+            **bench_pack(lengths["uniform 500-3000"], 4096, "best_fit", w),
+        }
+        for w in windows
+    ]
     return {"documents_per_distribution": num_docs, "rows": rows, "window_sweep": sweep}
 
 
@@ -274,8 +338,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=3.0, help="time spent on each measurement")
     parser.add_argument("--startup-docs", type=int, default=0, help="also time a run's start on a store this big")
-    parser.add_argument("--packing-docs", type=int, default=0,
-                        help="also compare next fit and best fit on this many documents per length distribution")
+    parser.add_argument(
+        "--packing-docs",
+        type=int,
+        default=0,
+        help="also compare next fit and best fit on this many documents per length distribution",
+    )
     args = parser.parse_args(argv)
     results = run(args.file, args.tokenizer, args.max_seq_len, args.micro_batch_size, args.seconds, args.startup_docs)
     if args.packing_docs:
@@ -285,10 +353,23 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(results, indent=1))
 
 
-def run(file, tokenizer, max_seq_len: int, micro_batch_size: int, seconds: float, startup_docs: int = 0,
-        min_records: int = 20_000) -> dict:
-    cfg = DataConfig(train_path=file, tokenizer=tokenizer, max_seq_len=max_seq_len, micro_batch_size=micro_batch_size,
-                     global_batch_size=micro_batch_size, prefetch=0).validate()
+def run(
+    file,
+    tokenizer,
+    max_seq_len: int,
+    micro_batch_size: int,
+    seconds: float,
+    startup_docs: int = 0,
+    min_records: int = 20_000,
+) -> dict:
+    cfg = DataConfig(
+        train_path=file,
+        tokenizer=tokenizer,
+        max_seq_len=max_seq_len,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=micro_batch_size,
+        prefetch=0,
+    ).validate()
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
         results = {

@@ -46,8 +46,12 @@ def param_bytes(cfg: GptOssConfig, ep: int) -> dict[str, float]:
     shard_model_experts(model, ep, 0)  # what one rank holds
     dense = sum(p.numel() for _, p in named_params(model, experts=False))
     experts = sum(p.numel() for _, p in named_params(model, experts=True))
-    return {"dense": dense * 2 / GB, "experts": experts * 2 / GB, "total": (dense + experts) * 2 / GB,
-            "sft_state": (dense + experts) * 16 / GB}
+    return {
+        "dense": dense * 2 / GB,
+        "experts": experts * 2 / GB,
+        "total": (dense + experts) * 2 / GB,
+        "sft_state": (dense + experts) * 16 / GB,
+    }
 
 
 def _measure_rank(rank: int, ep: int, port: int, cfg: GptOssConfig, tokens: int, queue) -> None:
@@ -57,8 +61,9 @@ def _measure_rank(rank: int, ep: int, port: int, cfg: GptOssConfig, tokens: int,
     gen = torch.Generator().manual_seed(rank)
     router = TopKRouter(cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok)
     with torch.no_grad():  # the model's init: weight ~ N(0, initializer_range), same on every rank
-        router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(0))
-                            * cfg.initializer_range)
+        router.weight.copy_(
+            torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(0)) * cfg.initializer_range
+        )
         router.bias.zero_()
     x = torch.randn(tokens, cfg.hidden_size, generator=gen)  # the fp32 residual stream of mixed precision
     disp = AllToAllDispatcher(dist.group.WORLD, ep, rank, cfg.num_local_experts)
@@ -84,10 +89,12 @@ def measured_traffic(cfg: GptOssConfig, ep: int, tokens: int) -> dict[str, float
     mp.start_processes(_measure_rank, args=(ep, port, cfg, tokens, queue), nprocs=ep, start_method="spawn")
     reports = [queue.get() for _ in range(ep)]
     per_token = 1 / (ep * tokens)  # the totals over all ranks, per token of the global batch
-    return {"dispatch": sum(r[1]["dispatch_bytes_out"] for r in reports) * per_token,
-            "combine": sum(r[1]["combine_bytes_out"] for r in reports) * per_token,
-            "per_rank_dedup": sum(r[2] for r in reports) * per_token * cfg.hidden_size * 2,
-            "counts": cfg.num_local_experts * 8 / tokens}  # the int64 count exchange, amortised per token
+    return {
+        "dispatch": sum(r[1]["dispatch_bytes_out"] for r in reports) * per_token,
+        "combine": sum(r[1]["combine_bytes_out"] for r in reports) * per_token,
+        "per_rank_dedup": sum(r[2] for r in reports) * per_token * cfg.hidden_size * 2,
+        "counts": cfg.num_local_experts * 8 / tokens,
+    }  # the int64 count exchange, amortised per token
 
 
 def expected_dedup_rows(cfg: GptOssConfig, ep: int) -> float:
@@ -112,10 +119,14 @@ def main() -> None:
         b = param_bytes(cfg, ep)
         print(f"| {ep} | {b['dense']:.2f} | {b['experts']:.2f} | {b['total']:.2f} | {b['sft_state']:.1f} |")
 
-    print(f"\n## {args.preset}: bytes moved per token per MoE layer (bf16 rows of {h} x 2 B; "
-          f"top-{k} of {cfg.num_local_experts}; measured on {args.tokens} tokens per rank)\n")
-    print("| EP | dispatch | combine | minimum per direction k*H*2*(EP-1)/EP | once-per-rank (measured / expected) "
-          "| count exchange |")
+    print(
+        f"\n## {args.preset}: bytes moved per token per MoE layer (bf16 rows of {h} x 2 B; "
+        f"top-{k} of {cfg.num_local_experts}; measured on {args.tokens} tokens per rank)\n"
+    )
+    print(
+        "| EP | dispatch | combine | minimum per direction k*H*2*(EP-1)/EP | once-per-rank (measured / expected) "
+        "| count exchange |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for ep in args.ep:
         minimum = k * h * 2 * (ep - 1) / ep
@@ -124,8 +135,10 @@ def main() -> None:
             continue
         m = measured_traffic(cfg, ep, args.tokens)
         dedup = expected_dedup_rows(cfg, ep) * h * 2
-        print(f"| {ep} | {m['dispatch']:,.0f} B | {m['combine']:,.0f} B | {minimum:,.0f} B | "
-              f"{m['per_rank_dedup']:,.0f} / {dedup:,.0f} B | {m['counts']:.1f} B |")
+        print(
+            f"| {ep} | {m['dispatch']:,.0f} B | {m['combine']:,.0f} B | {minimum:,.0f} B | "
+            f"{m['per_rank_dedup']:,.0f} / {dedup:,.0f} B | {m['counts']:.1f} B |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,15 @@ class Rows(list):
     def add(self, figure, value=None, fmt="", target=None, ok=None, status=None):
         if status is None:
             status = "" if ok is None or value is None else ("ok" if ok(value) else "MISS")
-        self.append({"benchmark": self.bench, "figure": figure, "value": _cell(value, fmt), "target": target or "",
-                     "status": status})
+        self.append(
+            {
+                "benchmark": self.bench,
+                "figure": figure,
+                "value": _cell(value, fmt),
+                "target": target or "",
+                "status": status,
+            }
+        )
 
     def missing(self, what: str):
         self.add(f"not measured: {what}", status="missing")
@@ -61,10 +68,20 @@ def grouped_gemm(r: dict, rows: Rows, mode: str) -> None:
         if routing != "uniform" or "triton" not in t:
             continue
         ours = t["triton"]
-        rows.add(f"{op} fwd: triton / dense", ours / t["dense"] if "dense" in t else None, ".0%", ">= 85%",
-                 lambda v: v >= 0.85)
-        rows.add(f"{op} fwd: triton x grouped_mm", ours / t["grouped_mm"] if "grouped_mm" in t else None, ".2f",
-                 ">= 1.3", lambda v: v >= 1.3)
+        rows.add(
+            f"{op} fwd: triton / dense",
+            ours / t["dense"] if "dense" in t else None,
+            ".0%",
+            ">= 85%",
+            lambda v: v >= 0.85,
+        )
+        rows.add(
+            f"{op} fwd: triton x grouped_mm",
+            ours / t["grouped_mm"] if "grouped_mm" in t else None,
+            ".2f",
+            ">= 1.3",
+            lambda v: v >= 1.3,
+        )
         for variant in ("heuristic", "persistent", "tma"):  # A/B rows: > 1 = faster than the default's
             other = t.get(f"triton_{variant}")
             rows.add(f"{op} fwd: triton_{variant} x triton", other / ours if other else None, ".2f")
@@ -78,7 +95,8 @@ def grouped_gemm(r: dict, rows: Rows, mode: str) -> None:
     for part in ("gemm gate_up", "gemm down", "expert_mlp"):
         for routing in ("uniform", "skewed"):
             if any(op.startswith(part) for op in ops) and not any(
-                    x["op"].startswith(part) and x["routing"] == routing for x in results):
+                x["op"].startswith(part) and x["routing"] == routing for x in results
+            ):
                 rows.missing(f"{part} {routing}")
 
 
@@ -97,8 +115,9 @@ def moe_layer(r: dict, rows: Rows, mode: str) -> None:
             label = f"{routing} ({best['impl'].split()[1]})"
             rows.add(f"{label}: fwd+bwd x hf eager", best.get("x_hf_eager_fwd_bwd"), ".2f", ">= 4", lambda v: v >= 4)
             rows.add(f"{label}: fwd+bwd x hf best", best.get("x_hf_best_fwd_bwd"), ".2f", ">= 4", lambda v: v >= 4)
-            rows.add(f"{label}: expert GEMM share", best.get("experts_share_fwd_bwd"), ".0%", ">= 75%",
-                     lambda v: v >= 0.75)
+            rows.add(
+                f"{label}: expert GEMM share", best.get("experts_share_fwd_bwd"), ".0%", ">= 75%", lambda v: v >= 0.75
+            )
         done = {x["impl"].split()[1] for x in mine if x["impl"].startswith("ours")}
         for backend in backends:
             if backend not in done:
@@ -124,8 +143,13 @@ def long_context(r: dict, rows: Rows, mode: str) -> None:
     _errors(rows, results, lambda x: f"20b LoRA {x.get('seq')} tokens")
     for x in results:
         if "error" not in x:
-            rows.add(f"20b LoRA {x['seq']} tokens: peak GiB (tokens/s {_cell(x.get('tokens_per_s'), ',.0f')})",
-                     x.get("peak_gib"), ".1f", "< 76 (80 GB GPU)", lambda v: v < 76)
+            rows.add(
+                f"20b LoRA {x['seq']} tokens: peak GiB (tokens/s {_cell(x.get('tokens_per_s'), ',.0f')})",
+                x.get("peak_gib"),
+                ".1f",
+                "< 76 (80 GB GPU)",
+                lambda v: v < 76,
+            )
     for seq in r.get("seqs", []):
         if seq not in {x.get("seq") for x in results}:
             rows.missing(f"20b LoRA {seq} tokens")
@@ -143,8 +167,13 @@ def memory(r: dict, rows: Rows, mode: str) -> None:
             continue
         for x in theirs:
             target, ok = ("<= 0.5", lambda v: v <= 0.5) if layer == "moe" else (None, None)
-            rows.add(f"{layer} saved B/token, {ours['impl']} / {x['impl']}",
-                     ours["saved_bytes_per_token"] / x["saved_bytes_per_token"], ".2f", target, ok)
+            rows.add(
+                f"{layer} saved B/token, {ours['impl']} / {x['impl']}",
+                ours["saved_bytes_per_token"] / x["saved_bytes_per_token"],
+                ".2f",
+                target,
+                ok,
+            )
 
 
 def train_step(r: dict, rows: Rows, mode: str, kinds=("lora", "sft")) -> None:
@@ -165,8 +194,12 @@ def train_step(r: dict, rows: Rows, mode: str, kinds=("lora", "sft")) -> None:
         rows.add(f"{label}: tokens/s", ours["tokens_per_s"], ",.0f")
         if hf:
             best = max(hf, key=lambda x: x["tokens_per_s"])
-            rows.add(f"{label}: ours x {best['impl']}", ours["tokens_per_s"] / best["tokens_per_s"], ".2f",
-                     *((">= 3", lambda v: v >= 3) if lora else ()))
+            rows.add(
+                f"{label}: ours x {best['impl']}",
+                ours["tokens_per_s"] / best["tokens_per_s"],
+                ".2f",
+                *((">= 3", lambda v: v >= 3) if lora else ()),
+            )
         else:
             rows.missing(f"{label}: transformers")
         rows.add(f"{label}: MFU", ours.get("mfu"), ".1%", *((">= 35%", lambda v: v >= 0.35) if lora else ()))
@@ -182,8 +215,7 @@ def lora_20b_memory(r: dict, rows: Rows, mode: str) -> None:
         rows.failed("gpt-oss-20b LoRA step", e["error"])
         return
     rows.add("gpt-oss-20b LoRA seq 4096 peak GB (steady)", e.get("peak_gb"), ".1f", "< 60", lambda v: v < 60)
-    rows.add("gpt-oss-20b LoRA seq 4096 peak GB (first step)", e.get("warmup_peak_gb"), ".1f", "< 60",
-             lambda v: v < 60)
+    rows.add("gpt-oss-20b LoRA seq 4096 peak GB (first step)", e.get("warmup_peak_gb"), ".1f", "< 60", lambda v: v < 60)
 
 
 def data(r: dict, rows: Rows, mode: str) -> None:
@@ -203,10 +235,12 @@ SECTIONS = {
     "long_context": ("long_context_full.json", long_context, "long_context"),
     "memory": ("memory_{mode}.json", memory, "memory"),
     "train_step": ("train_step_{mode}.json", train_step, "train_step"),
-    "train_step_lora": ("train_step_lora_{mode}.json", lambda r, rows, m: train_step(r, rows, m, ("lora",)),
-                        "train_step"),
-    "train_step_sft": ("train_step_sft_{mode}.json", lambda r, rows, m: train_step(r, rows, m, ("sft",)),
-                       "train_step"),
+    "train_step_lora": (
+        "train_step_lora_{mode}.json",
+        lambda r, rows, m: train_step(r, rows, m, ("lora",)),
+        "train_step",
+    ),
+    "train_step_sft": ("train_step_sft_{mode}.json", lambda r, rows, m: train_step(r, rows, m, ("sft",)), "train_step"),
     "train_step_20b_lora_memory": ("train_step_20b_lora_memory_{mode}.json", lora_20b_memory, "train_step"),
     "data": ("data_{mode}.json", data, "data"),
 }
@@ -218,8 +252,9 @@ def section_rows(directory: Path, name: str, mode: str) -> Rows:
     rows = Rows(bench)
     path = directory / file
     if not path.exists():
-        rows.add(f"no {file}: the step failed, ran out of time before its first figure, or did not run",
-                 status="missing")
+        rows.add(
+            f"no {file}: the step failed, ran out of time before its first figure, or did not run", status="missing"
+        )
         return rows
     try:
         report = json.loads(path.read_text())
@@ -227,8 +262,9 @@ def section_rows(directory: Path, name: str, mode: str) -> Rows:
         rows.add(f"{file} unreadable: {type(err).__name__}: {str(err)[:120]}", status="FAILED")
         return rows
     if report.get("partial"):
-        rows.add(f"{file} is partial: the step stopped before its end (time limit?); what it measured:",
-                 status="partial")
+        rows.add(
+            f"{file} is partial: the step stopped before its end (time limit?); what it measured:", status="partial"
+        )
     try:
         reader(report, rows, mode)
     except Exception as err:  # noqa: BLE001 - one unexpected layout must not cost the other sections
@@ -242,8 +278,9 @@ def suite_summary(directory: Path, mode: str = "full", sections: list[str] | Non
         sections = [n for n, (f, _, _) in SECTIONS.items() if (directory / f.format(mode=mode)).exists()]
     unknown = [n for n in sections if n not in SECTIONS]
     rows = [r for name in sections if name in SECTIONS for r in section_rows(directory, name, mode)]
-    rows += [{"benchmark": n, "figure": "unknown section", "value": "-", "target": "", "status": "FAILED"}
-             for n in unknown]
+    rows += [
+        {"benchmark": n, "figure": "unknown section", "value": "-", "target": "", "status": "FAILED"} for n in unknown
+    ]
     return rows
 
 
@@ -267,12 +304,29 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     steps = step_rows(args.directory)
     if steps:
-        print_table(steps, [("step", "step", ""), ("limit_s", "limit s", ""), ("took_s", "took s", ""),
-                            ("outcome", "outcome", ""), ("compiles", "new Triton kernels", "")], title="steps")
+        print_table(
+            steps,
+            [
+                ("step", "step", ""),
+                ("limit_s", "limit s", ""),
+                ("took_s", "took s", ""),
+                ("outcome", "outcome", ""),
+                ("compiles", "new Triton kernels", ""),
+            ],
+            title="steps",
+        )
     sections = [s for s in args.sections.split(",") if s] if args.sections else None
-    print_table(suite_summary(args.directory, args.mode, sections),
-                [("benchmark", "benchmark", ""), ("figure", "figure", ""), ("value", "value", ""),
-                 ("target", "target", ""), ("status", "status", "")], title="summary")
+    print_table(
+        suite_summary(args.directory, args.mode, sections),
+        [
+            ("benchmark", "benchmark", ""),
+            ("figure", "figure", ""),
+            ("value", "value", ""),
+            ("target", "target", ""),
+            ("status", "status", ""),
+        ],
+        title="summary",
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from engine.inference.chat import answer, read_tools
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.chat", description='Talk to a trained model in the harmony format.')
+    p = argparse.ArgumentParser(
+        prog="python -m engine.chat", description="Talk to a trained model in the harmony format."
+    )
     p.add_argument("model", help="run folder, training checkpoint, or HF checkpoint folder")
     p.add_argument("--adapter", help="PEFT adapter folder to apply to an HF model")
     p.add_argument("--reasoning", choices=["low", "medium", "high"], default="medium")
@@ -55,13 +57,23 @@ def main(argv: list[str] | None = None) -> int:
                 if not user.strip():
                     return 0
             history.append({"role": "user", "content": user})
-            history.append(answer(loaded.model, loaded.tokenizer, history, reasoning=args.reasoning, tools=tools,
-                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, seed=args.seed, out=sys.stdout))
+            history.append(
+                answer(
+                    loaded.model,
+                    loaded.tokenizer,
+                    history,
+                    reasoning=args.reasoning,
+                    tools=tools,
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    seed=args.seed,
+                    out=sys.stdout,
+                )
+            )
     except (FileNotFoundError, ValueError) as e:
         print(f"chat error: {e}", file=sys.stderr)
         return 2
-
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ def disk_full(e: BaseException) -> bool:
     return False
 
 
-def storage_error(e: BaseException, path: str | Path, needs_bytes: int | None = None,
-                  cleanup: str = "") -> BaseException:
+def storage_error(
+    e: BaseException, path: str | Path, needs_bytes: int | None = None, cleanup: str = ""
+) -> BaseException:
     """The user-facing form of an error met while writing `path`: a full disk (saying how much the
     write needed and how much is free) or a permission problem; anything else is returned as is.
     `cleanup` says what was removed, e.g. "the partial export was removed"."""
@@ -119,12 +120,17 @@ def storage_error(e: BaseException, path: str | Path, needs_bytes: int | None = 
         free = _free_bytes(target)
         needs = f"needs about {size_text(needs_bytes)}, " if needs_bytes else ""
         room = f" ({needs}{size_text(free)} free)" if free is not None else ""
-        return StorageError(errno.ENOSPC, f"no space left on the device mounted at {_mount_point(target)} while "
-                            f"writing {target}{room}; free some space or choose another folder"
-                            + (f"; {cleanup}" if cleanup else ""))
+        return StorageError(
+            errno.ENOSPC,
+            f"no space left on the device mounted at {_mount_point(target)} while "
+            f"writing {target}{room}; free some space or choose another folder" + (f"; {cleanup}" if cleanup else ""),
+        )
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return StorageError(e.errno, f"cannot write {target}: {os.strerror(e.errno)}; choose a folder you can "
-                            "write (trainer.output_dir=...) or fix its permissions")
+        return StorageError(
+            e.errno,
+            f"cannot write {target}: {os.strerror(e.errno)}; choose a folder you can "
+            "write (trainer.output_dir=...) or fix its permissions",
+        )
     return e
 
 
@@ -151,9 +157,13 @@ def check_writable(folder: str | Path, key: str = "trainer.output_dir") -> Path:
         probe.unlink()
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise StorageError(e.errno, f"{key}={str(folder)!r}: no space left on its device; free some space "
-                               "or choose another folder") from None
-        raise StorageError(e.errno or errno.EACCES, f"{key}={str(folder)!r} is not writable "
-                           f"({e.strerror or e}: {e.filename or folder}); choose a folder you can write "
-                           "or fix its permissions") from None
+            raise StorageError(
+                e.errno, f"{key}={str(folder)!r}: no space left on its device; free some space or choose another folder"
+            ) from None
+        raise StorageError(
+            e.errno or errno.EACCES,
+            f"{key}={str(folder)!r} is not writable "
+            f"({e.strerror or e}: {e.filename or folder}); choose a folder you can write "
+            "or fix its permissions",
+        ) from None
     return folder

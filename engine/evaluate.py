@@ -1,6 +1,6 @@
 """Command line of the evaluation (engine/inference/evaluate.py).
 
-    python -m engine.evaluate MODEL --data FILE.jsonl [--adapter DIR] [--max-seq-len N] [--out FILE.json]
+python -m engine.evaluate MODEL --data FILE.jsonl [--adapter DIR] [--max-seq-len N] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from engine.inference.evaluate import evaluate_records, format_table, read_recor
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.evaluate", description='Loss and perplexity of a model on harmony data, split by loss mask and by channel.')
+    p = argparse.ArgumentParser(
+        prog="python -m engine.evaluate",
+        description="Loss and perplexity of a model on harmony data, split by loss mask and by channel.",
+    )
     p.add_argument("model", help="run folder, training checkpoint, or HF checkpoint folder")
     p.add_argument("--data", required=True, help="JSONL of harmony records (the training data format)")
     p.add_argument("--adapter", help="PEFT adapter folder to apply to an HF model")
@@ -28,17 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = read_records(Path(args.data))
         loaded = load_for_inference(args.model, adapter=args.adapter, device=args.device)
-        result = evaluate_records(loaded.model, loaded.tokenizer, records, max_seq_len=args.max_seq_len,
-                                  batch_size=args.batch_size)
+        result = evaluate_records(
+            loaded.model, loaded.tokenizer, records, max_seq_len=args.max_seq_len, batch_size=args.batch_size
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate error: {e}", file=sys.stderr)
         return 2
     print(f"{loaded.source}\n{len(records)} records from {args.data}\n{format_table(result)}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": loaded.source, "data": args.data, "groups": result},
-                                             indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"model": loaded.source, "data": args.data, "groups": result}, indent=2) + "\n"
+        )
     return 0
-
 
 
 if __name__ == "__main__":

@@ -52,11 +52,39 @@ def _key_range(start_m, T, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, SINKS, DOC, O, LSE,
-                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb,
-                T, H, qk_scale,
-                GROUP: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    SINKS,
+    DOC,
+    O,
+    LSE,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    sdb,
+    T,
+    H,
+    qk_scale,
+    GROUP: tl.constexpr,
+    WINDOW: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     kvh = h // GROUP
@@ -64,8 +92,11 @@ def _fwd_kernel(Q, K, V, SINKS, DOC, O, LSE,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+        mask=(offs_m[:, None] < T) & d_ok[None, :],
+        other=0.0,
+    )
     doc_q = tl.load(DOC + b * sdb + offs_m, mask=offs_m < T, other=-1) if HAS_DOC else offs_m
     # log2 domain: scores are scaled by scale * log2(e), the sink by log2(e)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
@@ -89,18 +120,52 @@ def _fwd_kernel(Q, K, V, SINKS, DOC, O, LSE,
         m_i = m_new
     acc = acc / l_i[:, None]
     m_ok = offs_m < T
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
     tl.store(LSE + bh * T + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DOC, LSE, DELTA, DK, DV,
-                     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdb,
-                     T, H, KVH, qk_scale, scale,
-                     GROUP: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DOC,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sdob,
+    sdoh,
+    sdot,
+    sdb,
+    T,
+    H,
+    KVH,
+    qk_scale,
+    scale,
+    GROUP: tl.constexpr,
+    WINDOW: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     pid_n, bkv = tl.program_id(0), tl.program_id(1)
     b, kvh = bkv // KVH, bkv % KVH
     start_n = pid_n * BLOCK_N
@@ -148,11 +213,41 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DOC, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DOC, LSE, DELTA, DQ,
-                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdb,
-                   T, H, qk_scale, scale,
-                   GROUP: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DOC,
+    LSE,
+    DELTA,
+    DQ,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sdob,
+    sdoh,
+    sdot,
+    sdb,
+    T,
+    H,
+    qk_scale,
+    scale,
+    GROUP: tl.constexpr,
+    WINDOW: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     kvh = h // GROUP
@@ -182,8 +277,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DOC, LSE, DELTA, DQ,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=md_mask)
+    tl.store(
+        DQ + bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=md_mask,
+    )
 
 
 def _blocks(t: int, block_m: int | None, block_n: int | None, backward: bool) -> tuple[int, int]:
@@ -201,9 +299,14 @@ def _doc_arg(doc_ids, q):
 
 def _common(q, k, v, doc_ids, window):
     b, h, t, d = q.shape
-    return dict(GROUP=h // k.shape[1], WINDOW=window or 0, HAS_DOC=doc_ids is not None, HEAD_DIM=d,
-                BLOCK_D=max(16, _runtime.next_pow2(d)),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return dict(
+        GROUP=h // k.shape[1],
+        WINDOW=window or 0,
+        HAS_DOC=doc_ids is not None,
+        HEAD_DIM=d,
+        BLOCK_D=max(16, _runtime.next_pow2(d)),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
 
 
 def _forward(q, k, v, sinks, doc_ids, window, scale, block_m=None, block_n=None):
@@ -213,10 +316,35 @@ def _forward(q, k, v, sinks, doc_ids, window, scale, block_m=None, block_n=None)
     bm, bn = _blocks(t, block_m, block_n, backward=False)
     doc, sdb = _doc_arg(doc_ids, q)
     _fwd_kernel[(triton.cdiv(t, bm), b * h)](
-        q, k, v, sinks, doc, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), sdb,
-        t, h, scale * LOG2E, **_common(q, k, v, doc_ids, window), BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=8 if bm >= 128 else 4, num_stages=3)
+        q,
+        k,
+        v,
+        sinks,
+        doc,
+        o,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        sdb,
+        t,
+        h,
+        scale * LOG2E,
+        **_common(q, k, v, doc_ids, window),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=8 if bm >= 128 else 4,
+        num_stages=3,
+    )
     return o, lse
 
 
@@ -229,13 +357,28 @@ def _backward(q, k, v, o, lse, sinks, doc_ids, window, scale, do, block_m=None, 
     dv = _runtime.empty((b, kvh, t, d), v.dtype, v.device)
     bm, bn = _blocks(t, block_m, block_n, backward=True)
     doc, sdb = _doc_arg(doc_ids, q)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), sdb)
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        sdb,
+    )
     common = dict(**_common(q, k, v, doc_ids, window), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
-    _bwd_dkdv_kernel[(triton.cdiv(t, bn), b * kvh)](q, k, v, do, doc, lse, delta, dk, dv, *strides,
-                                                      t, h, kvh, scale * LOG2E, scale, **common)
-    _bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](q, k, v, do, doc, lse, delta, dq, *strides,
-                                                 t, h, scale * LOG2E, scale, **common)
+    _bwd_dkdv_kernel[(triton.cdiv(t, bn), b * kvh)](
+        q, k, v, do, doc, lse, delta, dk, dv, *strides, t, h, kvh, scale * LOG2E, scale, **common
+    )
+    _bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](
+        q, k, v, do, doc, lse, delta, dq, *strides, t, h, scale * LOG2E, scale, **common
+    )
     dsink = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2))  # [H]
     return dq, dk, dv, dsink.to(sinks.dtype)
 
@@ -252,24 +395,36 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, sinks, doc_ids = ctx.saved_tensors
         window, scale, block_m, block_n = ctx.args
-        dq, dk, dv, dsink = _backward(q, k, v, o, lse, sinks, doc_ids, window, scale, do.contiguous(),
-                                      block_m, block_n)
+        dq, dk, dv, dsink = _backward(q, k, v, o, lse, sinks, doc_ids, window, scale, do.contiguous(), block_m, block_n)
         return dq, dk, dv, dsink, None, None, None, None, None
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, *,
-                    window: int | None = None, doc_ids: torch.Tensor | None = None, scale: float | None = None,
-                    block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    *,
+    window: int | None = None,
+    doc_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
     """Attention with sinks; see the module docstring. Returns [B, H, T, D] in q's dtype.
 
     `block_m` / `block_n` override the tile sizes (powers of two >= 16), for tests and sweeps."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"flash_attention: q must be [B, H, T, D] and k, v [B, KV, T, D]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"flash_attention: q must be [B, H, T, D] and k, v [B, KV, T, D]; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     b, h, t, d = q.shape
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or h % k.shape[1]:
-        raise ValueError(f"flash_attention: k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} "
-                         "(same B, T, D; query heads a multiple of kv heads)")
+        raise ValueError(
+            f"flash_attention: k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} "
+            "(same B, T, D; query heads a multiple of kv heads)"
+        )
     if tuple(sinks.shape) != (h,):
         raise ValueError(f"flash_attention: sinks must be [{h}], got {tuple(sinks.shape)}")
     if doc_ids is not None and tuple(doc_ids.shape) != (b, t):
@@ -282,8 +437,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device.type == "cpu" and not _runtime.INTERPRETED:
-        raise RuntimeError("flash_attention got CPU tensors but Triton is not in interpreter mode: use "
-                           "model.attn_backend=blockwise on CPU, or set TRITON_INTERPRET=1 before importing kernels")
+        raise RuntimeError(
+            "flash_attention got CPU tensors but Triton is not in interpreter mode: use "
+            "model.attn_backend=blockwise on CPU, or set TRITON_INTERPRET=1 before importing kernels"
+        )
     _runtime.check_tensors(q, k, v, sinks, doc_ids)
     doc_ids = doc_ids.contiguous() if doc_ids is not None else None
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))

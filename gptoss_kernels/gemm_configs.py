@@ -6,11 +6,12 @@ the power-of-two buckets of M, N and K); each bucket has 1-5 candidates for the 
 (BLOCK_N, BLOCK_K, GROUP_M, warps, stages, persistent grid), the first being the heuristic default.
 
 With autotuning on (configure(autotune=True), the trainer's kernels.autotune=true; off by default until
-the GPU suite has timed it, so runs are deterministic), on CUDA the first launch in a bucket times every candidate on the real arguments (every epilogue
-only writes its outputs, so running it again is harmless) and keeps the fastest: in this process
-and, unless disabled, in a JSON file keyed by GPU name and Triton version
-(configure(cache_dir=...), else $GPTOSS_KERNEL_CACHE_DIR, else ~/.cache/gptoss-engine: gemm_configs.json). Under the interpreter, while
-a CUDA graph is captured, with `force_blocks` / `use_config`, or with autotuning off (the default)
+the GPU suite has timed it, so runs are deterministic), on CUDA the first launch in a bucket times every
+candidate on the real arguments (every epilogue only writes its outputs, so running it again is harmless)
+and keeps the fastest: in this process and, unless disabled, in a JSON file keyed by GPU name and Triton
+version (configure(cache_dir=...), else $GPTOSS_KERNEL_CACHE_DIR, else ~/.cache/gptoss-engine:
+gemm_configs.json). Under the interpreter, while a CUDA graph is captured, with `force_blocks` / `use_config`,
+or with autotuning off (the default)
 the heuristic config is used: deterministic, no timing.
 The persistent grid and TMA weight loads (configure(persistent=True, tma=True), kernels.persistent and
 kernels.tma), add their variants to the candidates and the default: opt-in, because they are
@@ -47,8 +48,11 @@ class TileConfig:
 
     @property
     def name(self) -> str:
-        return (f"n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}g{self.group_m}"
-                + ("-persistent" if self.persistent else "") + ("-tma" if self.tma else ""))
+        return (
+            f"n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}g{self.group_m}"
+            + ("-persistent" if self.persistent else "")
+            + ("-tma" if self.tma else "")
+        )
 
 
 # Hopper (bf16/fp16) candidates per (BLOCK_M, epilogue kind), after the heuristic default. The SwiGLU
@@ -56,11 +60,19 @@ class TileConfig:
 # per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes: all fit 227 KiB; the few that spill registers
 # in some epilogue or variant are dropped by _sm90_safe (found by sm90_aot.py --all-configs).
 _HOPPER = {
-    (128, "fwd"): (TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 4), TileConfig(256, 64, 8, 3),
-                   TileConfig(128, 64, 8, 4, group_m=16)),
+    (128, "fwd"): (
+        TileConfig(128, 64, 8, 3),
+        TileConfig(128, 64, 8, 4),
+        TileConfig(256, 64, 8, 3),
+        TileConfig(128, 64, 8, 4, group_m=16),
+    ),
     (128, "bwd"): (TileConfig(64, 64, 8, 4), TileConfig(64, 64, 8, 3), TileConfig(64, 128, 8, 3)),
-    (64, "fwd"): (TileConfig(128, 64, 4, 4), TileConfig(128, 64, 4, 3), TileConfig(256, 64, 8, 3),
-                  TileConfig(64, 64, 4, 4)),
+    (64, "fwd"): (
+        TileConfig(128, 64, 4, 4),
+        TileConfig(128, 64, 4, 3),
+        TileConfig(256, 64, 8, 3),
+        TileConfig(64, 64, 4, 4),
+    ),
     (64, "bwd"): (TileConfig(64, 64, 8, 4), TileConfig(64, 64, 4, 3), TileConfig(64, 128, 8, 3)),
     (32, "fwd"): (TileConfig(128, 64, 4, 4), TileConfig(64, 128, 4, 4), TileConfig(256, 64, 4, 3)),
     (32, "bwd"): (TileConfig(64, 64, 4, 4), TileConfig(64, 128, 4, 3)),
@@ -76,8 +88,13 @@ _disk: dict | None = None  # the JSON cache file's content, read once
 tuned_log: list[dict] = []  # one entry per autotuned bucket: key, times per candidate, choice
 
 
-def configure(*, autotune: bool | None = None, persistent: bool | None = None, tma: bool | None = None,
-              cache_dir: str | None = None) -> None:
+def configure(
+    *,
+    autotune: bool | None = None,
+    persistent: bool | None = None,
+    tma: bool | None = None,
+    cache_dir: str | None = None,
+) -> None:
     """This process's kernel choices (None leaves one as it is): autotuning on CUDA, the persistent-grid and
     TMA variants (set_variants), and the folder of the autotuner's JSON cache (None: $GPTOSS_KERNEL_CACHE_DIR,
     else ~/.cache/gptoss-engine; an empty string: memory only). The trainer calls it once at start-up with
@@ -129,8 +146,11 @@ def use_config(config: TileConfig):
 
 def _fit(c: TileConfig, n: int, k: int) -> TileConfig:
     """Shrink a candidate's N and K tiles to a small problem (e.g. a LoRA rank of 16)."""
-    return dataclasses.replace(c, block_n=min(c.block_n, max(16, _runtime.next_pow2(n))),
-                               block_k=min(c.block_k, max(16, _runtime.next_pow2(k))))
+    return dataclasses.replace(
+        c,
+        block_n=min(c.block_n, max(16, _runtime.next_pow2(n))),
+        block_k=min(c.block_k, max(16, _runtime.next_pow2(k))),
+    )
 
 
 def heuristic(block_m: int, n: int, k: int, dtype: torch.dtype, epilogue: int) -> TileConfig:
@@ -142,8 +162,9 @@ def heuristic(block_m: int, n: int, k: int, dtype: torch.dtype, epilogue: int) -
     big = block_m * block_n >= 128 * 128
     # The bwd epilogue holds gate, up and d(act) tiles at once: 4 warps spill at BLOCK_M >= 64.
     heavy = epilogue == SWIGLU_BWD and block_m >= 64
-    config = TileConfig(block_n, block_k, 8 if big or heavy else 4, 3 if big else 4,
-                        persistent=_state["persistent"], tma=_state["tma"])
+    config = TileConfig(
+        block_n, block_k, 8 if big or heavy else 4, 3 if big else 4, persistent=_state["persistent"], tma=_state["tma"]
+    )
     return _sm90_safe(block_m, epilogue, config) or dataclasses.replace(config, persistent=False)
 
 
@@ -153,8 +174,9 @@ def _sm90_safe(block_m: int, epilogue: int, c: TileConfig) -> TileConfig | None:
     than 128 or deeper than 64."""
     if block_m >= 128 and epilogue == SWIGLU and c.block_n > 128:
         return None
-    if c.persistent and ((block_m >= 32 and epilogue == SWIGLU_BWD)
-                         or (block_m == 32 and (c.block_n > 128 or c.block_k > 64))):
+    if c.persistent and (
+        (block_m >= 32 and epilogue == SWIGLU_BWD) or (block_m == 32 and (c.block_n > 128 or c.block_k > 64))
+    ):
         return None
     return c
 
@@ -193,12 +215,12 @@ def bucket_key(block_m: int, m: int, n: int, k: int, dtype: torch.dtype, epilogu
 
 
 def _forced_blocks_config(default: TileConfig) -> TileConfig:
-    return dataclasses.replace(default, block_n=_runtime.block("block_n", default.block_n),
-                               block_k=_runtime.block("block_k", default.block_k))
+    return dataclasses.replace(
+        default, block_n=_runtime.block("block_n", default.block_n), block_k=_runtime.block("block_k", default.block_k)
+    )
 
 
-def choose(key: str, cands: list[TileConfig], device: torch.device,
-           launch: Callable[[TileConfig], None]) -> TileConfig:
+def choose(key: str, cands: list[TileConfig], device: torch.device, launch: Callable[[TileConfig], None]) -> TileConfig:
     """The config for this launch: forced, cached, autotuned (CUDA) or the default, in that order."""
     config = _choose(key, cands, device, launch)
     _used[key] = config.name

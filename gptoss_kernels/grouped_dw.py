@@ -17,13 +17,30 @@ from gptoss_kernels import _runtime
 
 @triton.jit
 def _grouped_dw_kernel(
-    x_ptr, gather_ptr, dy_ptr, dw_ptr, db_ptr, offsets_ptr,
-    K, N,
-    stride_xm, stride_xk, stride_dym, stride_dyn,
-    stride_dwe, stride_dwk, stride_dwn, stride_dbe, stride_dbn,
-    HAS_GATHER: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    x_ptr,
+    gather_ptr,
+    dy_ptr,
+    dw_ptr,
+    db_ptr,
+    offsets_ptr,
+    K,
+    N,
+    stride_xm,
+    stride_xk,
+    stride_dym,
+    stride_dyn,
+    stride_dwe,
+    stride_dwk,
+    stride_dwn,
+    stride_dbe,
+    stride_dbn,
+    HAS_GATHER: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Axis 0 walks one expert's tiles first, so programs running together share its rows in L2.
     pid = tl.program_id(0)
@@ -43,15 +60,21 @@ def _grouped_dw_kernel(
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
-        dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_N]
+        dy = tl.load(
+            dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_N]
         if COMPUTE_DW:
             if HAS_GATHER:
                 src = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
             else:
                 src = rows.to(tl.int64)
-            x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :] * stride_xk,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            x = tl.load(
+                x_ptr + src[:, None] * stride_xm + ks[None, :] * stride_xk,
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_M, BLOCK_K]
             acc = tl.dot(tl.trans(x), dy, acc, input_precision=DOT_PRECISION)
         if COMPUTE_DB:
             db += tl.sum(dy.to(tl.float32), axis=0)
@@ -62,8 +85,7 @@ def _grouped_dw_kernel(
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & col_mask[None, :])
     if COMPUTE_DB:
         if pid_k == 0:  # every k-block summed the same dy tiles; the first one writes
-            tl.store(db_ptr + e64 * stride_dbe + cols * stride_dbn, db.to(db_ptr.dtype.element_ty),
-                     mask=col_mask)
+            tl.store(db_ptr + e64 * stride_dbe + cols * stride_dbn, db.to(db_ptr.dtype.element_ty), mask=col_mask)
 
 
 def grouped_weight_grad(x, dy, offsets, *, gather_idx=None, w_dtype=None, b_dtype=None):
@@ -87,14 +109,28 @@ def grouped_weight_grad(x, dy, offsets, *, gather_idx=None, w_dtype=None, b_dtyp
     k_blocks = triton.cdiv(k, block_k) if compute_dw else 1  # bias-only: one program per n-block
     grid = (k_blocks * triton.cdiv(n, block_n), num_experts)
     _grouped_dw_kernel[grid](
-        x, gather_idx if gather_idx is not None else offsets, dy,
-        dw if compute_dw else dy, db if compute_db else dy, offsets,
-        k, n,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        *(dw.stride() if compute_dw else (0, 0, 0)), *(db.stride() if compute_db else (0, 0)),
-        HAS_GATHER=gather_idx is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+        x,
+        gather_idx if gather_idx is not None else offsets,
+        dy,
+        dw if compute_dw else dy,
+        db if compute_db else dy,
+        offsets,
+        k,
+        n,
+        x.stride(0),
+        x.stride(1),
+        dy.stride(0),
+        dy.stride(1),
+        *(dw.stride() if compute_dw else (0, 0, 0)),
+        *(db.stride() if compute_db else (0, 0)),
+        HAS_GATHER=gather_idx is not None,
+        COMPUTE_DW=compute_dw,
+        COMPUTE_DB=compute_db,
         DOT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
-        num_warps=8 if big else 4, num_stages=3,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
+        num_warps=8 if big else 4,
+        num_stages=3,
     )
     return dw, db

@@ -79,16 +79,58 @@ def _tile_coords(pid, num_tiles, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr
 
 @triton.jit
 def _gemm_tile(
-    a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
-    offsets_ptr, tile_row_ptr, tile, pid_n, expert,
-    N, K, R, alpha, limit,
-    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
-    stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
-    stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
-    EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
-    BLOCK_R: tl.constexpr, STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    gather_ptr,
+    w_ptr,
+    w_desc,
+    bias_ptr,
+    out_ptr,
+    pre_ptr,
+    act_ptr,
+    z_ptr,
+    l_ptr,
+    offsets_ptr,
+    tile_row_ptr,
+    tile,
+    pid_n,
+    expert,
+    N,
+    K,
+    R,
+    alpha,
+    limit,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_be,
+    stride_bn,
+    stride_om,
+    stride_on,
+    stride_pm,
+    stride_pn,
+    stride_actm,
+    stride_actn,
+    stride_zm,
+    stride_zr,
+    stride_le,
+    stride_lr,
+    stride_ln,
+    EPILOGUE: tl.constexpr,
+    HAS_GATHER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    STORE_ACT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CLAMP_CLOSED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile of one expert: the K loop, the low-rank term, the epilogue."""
     row_end = tl.load(offsets_ptr + expert + 1)
@@ -103,8 +145,9 @@ def _gemm_tile(
     ks = tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
-    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-              + ks[:, None] * stride_wk + cols[None, :] * stride_wn)  # [BLOCK_K, BLOCK_N]
+    w_ptrs = (
+        w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    )  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -129,14 +172,19 @@ def _gemm_tile(
     if HAS_LOW_RANK:  # acc += z[rows] @ L[e][:, cols]: a rank-R update, no extra [M, N] buffer
         rs = tl.arange(0, BLOCK_R)
         r_mask = rs < R
-        z = tl.load(z_ptr + rows64[:, None] * stride_zm + rs[None, :] * stride_zr,
-                    mask=row_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
-        low = tl.load(l_ptr + expert.to(tl.int64) * stride_le + rs[:, None] * stride_lr + cols[None, :] * stride_ln,
-                      mask=r_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        z = tl.load(
+            z_ptr + rows64[:, None] * stride_zm + rs[None, :] * stride_zr,
+            mask=row_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_R]
+        low = tl.load(
+            l_ptr + expert.to(tl.int64) * stride_le + rs[:, None] * stride_lr + cols[None, :] * stride_ln,
+            mask=r_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_R, BLOCK_N]
         acc = tl.dot(z, low, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + cols * stride_bn,
-                       mask=col_mask, other=0.0)
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + cols * stride_bn, mask=col_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if EPILOGUE == 0:  # PLAIN
         out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on
@@ -149,8 +197,7 @@ def _gemm_tile(
         act = swiglu_fwd(gate, up, alpha, limit)  # [BLOCK_M, BLOCK_N // 2]
         act_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         out_ptrs = out_ptr + rows64[:, None] * stride_om + act_cols[None, :] * stride_on
-        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & (act_cols < N // 2)[None, :])
+        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (act_cols < N // 2)[None, :])
     else:  # SWIGLU_BWD: acc is d(act) [BLOCK_M, BLOCK_N]; h columns 2*cols, 2*cols + 1
         # Two stride-2 loads (same cache lines) use fewer registers than one wide load + split.
         mask = row_mask[:, None] & col_mask[None, :]
@@ -161,8 +208,7 @@ def _gemm_tile(
         dh = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * BLOCK_N))  # interleave again
         h_cols = pid_n * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
         out_ptrs = out_ptr + rows64[:, None] * stride_om + h_cols[None, :] * stride_on
-        tl.store(out_ptrs, dh.to(out_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & (h_cols < 2 * N)[None, :])
+        tl.store(out_ptrs, dh.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (h_cols < 2 * N)[None, :])
         if STORE_ACT:
             act_ptrs = act_ptr + rows64[:, None] * stride_actm + cols[None, :] * stride_actn
             tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=mask)
@@ -170,45 +216,176 @@ def _gemm_tile(
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
-    offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
-    max_tiles, N, K, R, alpha, limit,
-    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
-    stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
-    stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
-    EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
+    a_ptr,
+    gather_ptr,
+    w_ptr,
+    w_desc,
+    bias_ptr,
+    out_ptr,
+    pre_ptr,
+    act_ptr,
+    z_ptr,
+    l_ptr,
+    offsets_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    num_tiles_ptr,
+    max_tiles,
+    N,
+    K,
+    R,
+    alpha,
+    limit,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_be,
+    stride_bn,
+    stride_om,
+    stride_on,
+    stride_pm,
+    stride_pn,
+    stride_actm,
+    stride_actn,
+    stride_zm,
+    stride_zr,
+    stride_le,
+    stride_lr,
+    stride_ln,
+    EPILOGUE: tl.constexpr,
+    HAS_GATHER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    STORE_ACT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CLAMP_CLOSED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One program per (m-tile, n-block) of the upper-bound grid; padding tiles exit at once."""
     tile, pid_n = _tile_coords(tl.program_id(0), max_tiles, N, BLOCK_N, GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:  # padding tile past the real tile count
         return
-    _gemm_tile(a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
-               offsets_ptr, tile_row_ptr, tile, pid_n, expert, N, K, R, alpha, limit,
-               stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
-               stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
-               stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
-               EPILOGUE, HAS_GATHER, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, EVEN_K,
-               W_TMA, DOT_PRECISION, CLAMP_CLOSED, BLOCK_M, BLOCK_N, BLOCK_K)
+    _gemm_tile(
+        a_ptr,
+        gather_ptr,
+        w_ptr,
+        w_desc,
+        bias_ptr,
+        out_ptr,
+        pre_ptr,
+        act_ptr,
+        z_ptr,
+        l_ptr,
+        offsets_ptr,
+        tile_row_ptr,
+        tile,
+        pid_n,
+        expert,
+        N,
+        K,
+        R,
+        alpha,
+        limit,
+        stride_am,
+        stride_ak,
+        stride_we,
+        stride_wk,
+        stride_wn,
+        stride_be,
+        stride_bn,
+        stride_om,
+        stride_on,
+        stride_pm,
+        stride_pn,
+        stride_actm,
+        stride_actn,
+        stride_zm,
+        stride_zr,
+        stride_le,
+        stride_lr,
+        stride_ln,
+        EPILOGUE,
+        HAS_GATHER,
+        HAS_BIAS,
+        HAS_LOW_RANK,
+        BLOCK_R,
+        STORE_PRE,
+        STORE_ACT,
+        EVEN_K,
+        W_TMA,
+        DOT_PRECISION,
+        CLAMP_CLOSED,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+    )
 
 
 @triton.jit
 def _grouped_gemm_persistent_kernel(
-    a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
-    offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
-    max_tiles, N, K, R, alpha, limit,
-    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
-    stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
-    stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
-    EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
+    a_ptr,
+    gather_ptr,
+    w_ptr,
+    w_desc,
+    bias_ptr,
+    out_ptr,
+    pre_ptr,
+    act_ptr,
+    z_ptr,
+    l_ptr,
+    offsets_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    num_tiles_ptr,
+    max_tiles,
+    N,
+    K,
+    R,
+    alpha,
+    limit,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_be,
+    stride_bn,
+    stride_om,
+    stride_on,
+    stride_pm,
+    stride_pn,
+    stride_actm,
+    stride_actn,
+    stride_zm,
+    stride_zr,
+    stride_le,
+    stride_lr,
+    stride_ln,
+    EPILOGUE: tl.constexpr,
+    HAS_GATHER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    STORE_ACT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    W_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CLAMP_CLOSED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """A fixed grid (about one program per SM) striding over the real tiles only: the tile count is
     read on the device (tile map), so padding costs nothing and no host sync sizes the loop."""
@@ -217,13 +394,60 @@ def _grouped_gemm_persistent_kernel(
     for pid in range(tl.program_id(0), total, tl.num_programs(0)):
         tile, pid_n = _tile_coords(pid, num_tiles, N, BLOCK_N, GROUP_M)
         expert = tl.load(tile_expert_ptr + tile)
-        _gemm_tile(a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
-                   offsets_ptr, tile_row_ptr, tile, pid_n, expert, N, K, R, alpha, limit,
-                   stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
-                   stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
-                   stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
-                   EPILOGUE, HAS_GATHER, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, EVEN_K,
-                   W_TMA, DOT_PRECISION, CLAMP_CLOSED, BLOCK_M, BLOCK_N, BLOCK_K)
+        _gemm_tile(
+            a_ptr,
+            gather_ptr,
+            w_ptr,
+            w_desc,
+            bias_ptr,
+            out_ptr,
+            pre_ptr,
+            act_ptr,
+            z_ptr,
+            l_ptr,
+            offsets_ptr,
+            tile_row_ptr,
+            tile,
+            pid_n,
+            expert,
+            N,
+            K,
+            R,
+            alpha,
+            limit,
+            stride_am,
+            stride_ak,
+            stride_we,
+            stride_wk,
+            stride_wn,
+            stride_be,
+            stride_bn,
+            stride_om,
+            stride_on,
+            stride_pm,
+            stride_pn,
+            stride_actm,
+            stride_actn,
+            stride_zm,
+            stride_zr,
+            stride_le,
+            stride_lr,
+            stride_ln,
+            EPILOGUE,
+            HAS_GATHER,
+            HAS_BIAS,
+            HAS_LOW_RANK,
+            BLOCK_R,
+            STORE_PRE,
+            STORE_ACT,
+            EVEN_K,
+            W_TMA,
+            DOT_PRECISION,
+            CLAMP_CLOSED,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -252,13 +476,15 @@ def _weight_descriptor(w, cfg: gemm_configs.TileConfig):
     if w.stride(2) == 1 and w.stride(1) * item % 16 == 0:
         return 1, TensorDescriptor(w, [e, k, n], [w.stride(0), w.stride(1), 1], [1, cfg.block_k, cfg.block_n])
     if w.stride(1) == 1 and w.stride(2) * item % 16 == 0:  # a transposed view of a contiguous [E, N, K]
-        return 2, TensorDescriptor(w.transpose(1, 2), [e, n, k], [w.stride(0), w.stride(2), 1],
-                                   [1, cfg.block_n, cfg.block_k])
+        return 2, TensorDescriptor(
+            w.transpose(1, 2), [e, n, k], [w.stride(0), w.stride(2), 1], [1, cfg.block_n, cfg.block_k]
+        )
     return 0, None
 
 
-def _launch(a, layout, w, bias, out, *, gather_idx=None, epilogue=PLAIN, pre=None, act=None,
-            alpha=0.0, limit=0.0, low_rank=None):
+def _launch(
+    a, layout, w, bias, out, *, gather_idx=None, epilogue=PLAIN, pre=None, act=None, alpha=0.0, limit=0.0, low_rank=None
+):
     """Run the kernel; `w` is [E, K, N] (any strides, e.g. a transposed view); `low_rank`: (z [M, R],
     L [E, R, N]) added to the product before the epilogue, or None. The tile config comes from
     gemm_configs (forced, cached, autotuned on CUDA, or the heuristic default)."""
@@ -268,8 +494,11 @@ def _launch(a, layout, w, bias, out, *, gather_idx=None, epilogue=PLAIN, pre=Non
     r = low.shape[1] if low is not None else 0
     n, k = w.shape[2], w.shape[1]
     flags = dict(
-        EPILOGUE=epilogue, HAS_GATHER=gather_idx is not None, HAS_BIAS=bias is not None,
-        HAS_LOW_RANK=low is not None, BLOCK_R=max(16, _runtime.next_pow2(r)),
+        EPILOGUE=epilogue,
+        HAS_GATHER=gather_idx is not None,
+        HAS_BIAS=bias is not None,
+        HAS_LOW_RANK=low is not None,
+        BLOCK_R=max(16, _runtime.next_pow2(r)),
         STORE_PRE=epilogue == SWIGLU and pre is not None,
         STORE_ACT=epilogue == SWIGLU_BWD and act is not None,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
@@ -277,25 +506,53 @@ def _launch(a, layout, w, bias, out, *, gather_idx=None, epilogue=PLAIN, pre=Non
     )
     # Unused pointers get `out`; constexpr flags keep the kernel from touching them.
     args = [
-        a, gather_idx if gather_idx is not None else out, w, None,
-        bias if bias is not None else out, out,
-        pre if pre is not None else out, act if act is not None else out,
-        z, low if low is not None else out,
-        layout.offsets, layout.tile_expert, layout.tile_row, layout.num_tiles,
-        layout.max_tiles, n, k, r, alpha, limit,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        a,
+        gather_idx if gather_idx is not None else out,
+        w,
+        None,
+        bias if bias is not None else out,
+        out,
+        pre if pre is not None else out,
+        act if act is not None else out,
+        z,
+        low if low is not None else out,
+        layout.offsets,
+        layout.tile_expert,
+        layout.tile_row,
+        layout.num_tiles,
+        layout.max_tiles,
+        n,
+        k,
+        r,
+        alpha,
+        limit,
+        a.stride(0),
+        a.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
         *(bias.stride() if bias is not None else (0, 0)),
-        out.stride(0), out.stride(1),
+        out.stride(0),
+        out.stride(1),
         *(pre.stride() if pre is not None else (0, 0)),
         *(act.stride() if act is not None else (0, 0)),
-        *(z.stride() if low is not None else (0, 0)), *(low.stride() if low is not None else (0, 0, 0)),
+        *(z.stride() if low is not None else (0, 0)),
+        *(low.stride() if low is not None else (0, 0, 0)),
     ]
 
     def run(cfg: gemm_configs.TileConfig):
         w_tma, args[3] = _weight_descriptor(w, cfg)
-        meta = dict(flags, EVEN_K=k % cfg.block_k == 0, W_TMA=w_tma, BLOCK_M=layout.block_m,
-                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        meta = dict(
+            flags,
+            EVEN_K=k % cfg.block_k == 0,
+            W_TMA=w_tma,
+            BLOCK_M=layout.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
         tiles = layout.max_tiles * triton.cdiv(n, cfg.block_n)
         if cfg.persistent:
             _grouped_gemm_persistent_kernel[(min(_num_programs(a.device), tiles),)](*args, **meta)
@@ -320,8 +577,19 @@ def grouped_matmul_swiglu(a, layout, w, bias, *, alpha, limit, gather_idx=None, 
     m, two_i = layout.num_rows, w.shape[2]
     act = _runtime.empty((m, two_i // 2), a.dtype, a.device)
     pre = _runtime.empty((m, two_i), a.dtype, a.device) if keep_pre else None
-    _launch(a, layout, w, bias, act, gather_idx=gather_idx, epilogue=SWIGLU, pre=pre,
-            alpha=alpha, limit=limit, low_rank=low_rank)
+    _launch(
+        a,
+        layout,
+        w,
+        bias,
+        act,
+        gather_idx=gather_idx,
+        epilogue=SWIGLU,
+        pre=pre,
+        alpha=alpha,
+        limit=limit,
+        low_rank=low_rank,
+    )
     return act, pre
 
 
@@ -330,6 +598,7 @@ def grouped_matmul_swiglu_bwd(d_out, layout, w_t, pre, *, alpha, limit, want_act
     m, i = layout.num_rows, w_t.shape[2]
     dh = _runtime.empty((m, 2 * i), d_out.dtype, d_out.device)
     act = _runtime.empty((m, i), d_out.dtype, d_out.device) if want_act else None
-    _launch(d_out, layout, w_t, None, dh, epilogue=SWIGLU_BWD, pre=pre, act=act,
-            alpha=alpha, limit=limit, low_rank=low_rank)
+    _launch(
+        d_out, layout, w_t, None, dh, epilogue=SWIGLU_BWD, pre=pre, act=act, alpha=alpha, limit=limit, low_rank=low_rank
+    )
     return dh, act

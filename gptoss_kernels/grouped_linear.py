@@ -24,16 +24,18 @@ def check_rows(x, counts, gather_idx) -> int:
     if gather_idx is None:
         return x.shape[0]
     if gather_idx.dim() != 1 or gather_idx.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"gather_idx must be a 1-D int32/int64 tensor, got {gather_idx.dtype} "
-                         f"{tuple(gather_idx.shape)}")
+        raise ValueError(
+            f"gather_idx must be a 1-D int32/int64 tensor, got {gather_idx.dtype} {tuple(gather_idx.shape)}"
+        )
     return gather_idx.shape[0]
 
 
 def check_weight(name: str, w, bias, x, num_experts: int, k: int):
     """Validate a 3-D expert weight [E, k, N] and its optional bias [E, N] against x."""
     if w.dim() != 3 or w.shape[0] != num_experts or w.shape[1] != k:
-        raise ValueError(f"{name} must be [{num_experts} experts (len(counts)), {k} inputs, N], "
-                         f"got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"{name} must be [{num_experts} experts (len(counts)), {k} inputs, N], got shape {tuple(w.shape)}"
+        )
     if w.dtype != x.dtype:
         raise ValueError(f"{name} dtype {w.dtype} differs from x dtype {x.dtype}; cast one of them")
     if bias is not None and tuple(bias.shape) != (num_experts, w.shape[2]):
@@ -63,8 +65,12 @@ class _GroupedLinear(torch.autograd.Function):
             if gather_idx is not None:  # rows of one token (top-k) sum back into that token
                 dx = scatter_rows(dx, gather_idx, x.shape[0])
         dw, db = grouped_weight_grad(
-            x, dy, layout.offsets, gather_idx=gather_idx,
-            w_dtype=w.dtype if need_w else None, b_dtype=ctx.b_dtype if need_b else None,
+            x,
+            dy,
+            layout.offsets,
+            gather_idx=gather_idx,
+            w_dtype=w.dtype if need_w else None,
+            b_dtype=ctx.b_dtype if need_b else None,
         )
         return dx, None, dw, db, None
 

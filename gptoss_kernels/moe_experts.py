@@ -28,8 +28,9 @@ class _ExpertMLP(torch.autograd.Function):
     def forward(ctx, x, counts, w_gu, b_gu, w_d, b_d, alpha, limit, gather_idx, keep_pre):
         m = gather_idx.shape[0] if gather_idx is not None else x.shape[0]
         layout = build_layout(counts, m, choose_block_m(m, counts.numel()))
-        act, h = grouped_matmul_swiglu(x, layout, w_gu, b_gu, alpha=alpha, limit=limit,
-                                       gather_idx=gather_idx, keep_pre=keep_pre)  # [M, I], [M, 2I]
+        act, h = grouped_matmul_swiglu(
+            x, layout, w_gu, b_gu, alpha=alpha, limit=limit, gather_idx=gather_idx, keep_pre=keep_pre
+        )  # [M, I], [M, 2I]
         y = grouped_matmul(act, layout, w_d, b_d)  # [M, H]
         ctx.save_for_backward(x, w_gu, w_d, h, gather_idx)
         ctx.layout, ctx.alpha, ctx.limit = layout, alpha, limit
@@ -48,17 +49,30 @@ class _ExpertMLP(torch.autograd.Function):
         dh = act = None
         if need_dh or need_wd:
             dh, act = grouped_matmul_swiglu_bwd(
-                dy, layout, w_d.transpose(1, 2), h, alpha=ctx.alpha, limit=ctx.limit, want_act=need_wd,
+                dy,
+                layout,
+                w_d.transpose(1, 2),
+                h,
+                alpha=ctx.alpha,
+                limit=ctx.limit,
+                want_act=need_wd,
             )  # [M, 2I], [M, I] or None
         dw_d, db_d = grouped_weight_grad(
-            act, dy, layout.offsets,
-            w_dtype=w_d.dtype if need_wd else None, b_dtype=ctx.b_d_dtype if need_bd else None,
+            act,
+            dy,
+            layout.offsets,
+            w_dtype=w_d.dtype if need_wd else None,
+            b_dtype=ctx.b_d_dtype if need_bd else None,
         )
         dw_gu = db_gu = dx = None
         if need_dh:
             dw_gu, db_gu = grouped_weight_grad(
-                x, dh, layout.offsets, gather_idx=gather_idx,
-                w_dtype=w_gu.dtype if need_wgu else None, b_dtype=ctx.b_gu_dtype if need_bgu else None,
+                x,
+                dh,
+                layout.offsets,
+                gather_idx=gather_idx,
+                w_dtype=w_gu.dtype if need_wgu else None,
+                b_dtype=ctx.b_gu_dtype if need_bgu else None,
             )
         if need_x:
             dx = grouped_matmul(dh, layout, w_gu.transpose(1, 2))  # [M, H]
@@ -86,7 +100,5 @@ def expert_mlp(x, counts, w_gu, b_gu, w_d, b_d, *, alpha=1.702, limit=7.0, gathe
         raise ValueError(f"w_gu must have an even number of (interleaved gate/up) columns, got {w_gu.shape[2]}")
     check_weight("w_d", w_d, b_d, x, num_experts, w_gu.shape[2] // 2)
     # h is saved only when a backward can follow (inside autograd.Function grad mode is off).
-    keep_pre = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_gu, b_gu, w_d, b_d)
-    )
+    keep_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_gu, b_gu, w_d, b_d))
     return _ExpertMLP.apply(x, counts, w_gu, b_gu, w_d, b_d, float(alpha), float(limit), gather_idx, keep_pre)

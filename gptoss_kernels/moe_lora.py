@@ -44,13 +44,23 @@ def _dw(x, dy, layout, w, need, gather_idx=None):
 
 class _ExpertMLPLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, w_gu, b_gu, w_d, b_d, a_gu, bb_gu, a_d, bb_d, scaling, alpha, limit, gather_idx,
-                keep_pre):
+    def forward(
+        ctx, x, counts, w_gu, b_gu, w_d, b_d, a_gu, bb_gu, a_d, bb_d, scaling, alpha, limit, gather_idx, keep_pre
+    ):
         m = gather_idx.shape[0] if gather_idx is not None else x.shape[0]
         layout = build_layout(counts, m, choose_block_m(m, counts.numel()))
         z1 = grouped_matmul(x, layout, a_gu, gather_idx=gather_idx) * scaling if a_gu is not None else None
-        act, h = grouped_matmul_swiglu(x, layout, w_gu, b_gu, alpha=alpha, limit=limit, gather_idx=gather_idx,
-                                       keep_pre=keep_pre, low_rank=_low(z1, bb_gu))  # [M, I], [M, 2I]
+        act, h = grouped_matmul_swiglu(
+            x,
+            layout,
+            w_gu,
+            b_gu,
+            alpha=alpha,
+            limit=limit,
+            gather_idx=gather_idx,
+            keep_pre=keep_pre,
+            low_rank=_low(z1, bb_gu),
+        )  # [M, I], [M, 2I]
         z2 = grouped_matmul(act, layout, a_d) * scaling if a_d is not None else None
         y = grouped_matmul(act, layout, w_d, b_d, low_rank=_low(z2, bb_d))  # [M, H]
         ctx.save_for_backward(x, w_gu, w_d, h, gather_idx, a_gu, bb_gu, a_d, bb_d, z1, z2)
@@ -62,8 +72,9 @@ class _ExpertMLPLoRA(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the backward kernels have no backward
     def backward(ctx, dy):
         x, w_gu, w_d, h, gather_idx, a_gu, bb_gu, a_d, bb_d, z1, z2 = ctx.saved_tensors
-        (need_x, _, need_wgu, need_bgu, need_wd, need_bd,
-         need_agu, need_bbgu, need_ad, need_bbd) = ctx.needs_input_grad[:10]
+        (need_x, _, need_wgu, need_bgu, need_wd, need_bd, need_agu, need_bbgu, need_ad, need_bbd) = (
+            ctx.needs_input_grad[:10]
+        )
         layout, s = ctx.layout, ctx.scaling
         dy = dy.contiguous()
         need_dh = need_x or need_wgu or need_bgu or need_agu or need_bbgu
@@ -72,28 +83,43 @@ class _ExpertMLPLoRA(torch.autograd.Function):
         dh = act = None
         if need_dh or need_wd or need_ad:
             dh, act = grouped_matmul_swiglu_bwd(
-                dy, layout, _t(w_d), h, alpha=ctx.alpha, limit=ctx.limit, want_act=need_wd or need_ad,
+                dy,
+                layout,
+                _t(w_d),
+                h,
+                alpha=ctx.alpha,
+                limit=ctx.limit,
+                want_act=need_wd or need_ad,
                 low_rank=_low(u, _t(a_d)) if u is not None else None,
             )  # [M, 2I], [M, I] or None
-        dw_d, db_d = grouped_weight_grad(act, dy, layout.offsets, w_dtype=w_d.dtype if need_wd else None,
-                                         b_dtype=ctx.b_dtypes[1] if need_bd else None)
+        dw_d, db_d = grouped_weight_grad(
+            act,
+            dy,
+            layout.offsets,
+            w_dtype=w_d.dtype if need_wd else None,
+            b_dtype=ctx.b_dtypes[1] if need_bd else None,
+        )
         d_bbd = _dw(z2, dy, layout, bb_d, need_bbd)  # [E, r, H]
         d_ad = _dw(act, u, layout, a_d, need_ad)  # [E, I, r]
 
         dw_gu = db_gu = dx = d_agu = d_bbgu = None
         if need_dh:
             v = grouped_matmul(dh, layout, _t(bb_gu)) * s if a_gu is not None and (need_x or need_agu) else None
-            dw_gu, db_gu = grouped_weight_grad(x, dh, layout.offsets, gather_idx=gather_idx,
-                                               w_dtype=w_gu.dtype if need_wgu else None,
-                                               b_dtype=ctx.b_dtypes[0] if need_bgu else None)
+            dw_gu, db_gu = grouped_weight_grad(
+                x,
+                dh,
+                layout.offsets,
+                gather_idx=gather_idx,
+                w_dtype=w_gu.dtype if need_wgu else None,
+                b_dtype=ctx.b_dtypes[0] if need_bgu else None,
+            )
             d_bbgu = _dw(z1, dh, layout, bb_gu, need_bbgu)  # [E, r, 2I]
             d_agu = _dw(x, v, layout, a_gu, need_agu, gather_idx)  # [E, H, r]
             if need_x:
                 dx = grouped_matmul(dh, layout, _t(w_gu), low_rank=_low(v, _t(a_gu)) if v is not None else None)
                 if gather_idx is not None:  # a token's top-k rows sum back into it
                     dx = scatter_rows(dx, gather_idx, x.shape[0])  # [T, H]
-        return (dx, None, dw_gu, db_gu, dw_d, db_d, d_agu, d_bbgu, d_ad, d_bbd,
-                None, None, None, None, None)
+        return (dx, None, dw_gu, db_gu, dw_d, db_d, d_agu, d_bbgu, d_ad, d_bbd, None, None, None, None, None)
 
 
 def _check_adapter(name, factors, x, num_experts, fan_in, fan_out):
@@ -107,13 +133,13 @@ def _check_adapter(name, factors, x, num_experts, fan_in, fan_out):
     return a, b
 
 
-def expert_mlp_lora(x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *, alpha=1.702, limit=7.0,
-                    gather_idx=None) -> torch.Tensor:
+def expert_mlp_lora(
+    x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *, alpha=1.702, limit=7.0, gather_idx=None
+) -> torch.Tensor:
     """gptoss_kernels.moe_experts.expert_mlp with LoRA: lora_gu / lora_d are (A [E, in, r], B [E, r, out]) or None
     (a shared adapter can be passed as stride-0 expanded views). Differentiable w.r.t. x, the adapters
     and any base weight that requires grad; y [M, H] in sorted order."""
-    _runtime.check_tensors(x, counts, w_gu, b_gu, w_d, b_d, gather_idx,
-                           *(lora_gu or ()), *(lora_d or ()))
+    _runtime.check_tensors(x, counts, w_gu, b_gu, w_d, b_d, gather_idx, *(lora_gu or ()), *(lora_d or ()))
     check_rows(x, counts, gather_idx)
     e = counts.numel()
     check_weight("w_gu", w_gu, b_gu, x, e, x.shape[1])
@@ -125,5 +151,20 @@ def expert_mlp_lora(x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *
     a_d, bb_d = _check_adapter("down", lora_d, x, e, inter, w_d.shape[2])
     tensors = (x, w_gu, b_gu, w_d, b_d, a_gu, bb_gu, a_d, bb_d)
     keep_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return _ExpertMLPLoRA.apply(x, counts, w_gu, b_gu, w_d, b_d, a_gu, bb_gu, a_d, bb_d, float(scaling),
-                                float(alpha), float(limit), gather_idx, keep_pre)
+    return _ExpertMLPLoRA.apply(
+        x,
+        counts,
+        w_gu,
+        b_gu,
+        w_d,
+        b_d,
+        a_gu,
+        bb_gu,
+        a_d,
+        bb_d,
+        float(scaling),
+        float(alpha),
+        float(limit),
+        gather_idx,
+        keep_pre,
+    )

@@ -90,8 +90,9 @@ def lora_delta_reference(x, counts, a, b, scaling):
     return grouped_linear_reference(z, counts, b)
 
 
-def expert_mlp_lora_reference(x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *, alpha=1.702,
-                              limit=7.0, gather_idx=None):
+def expert_mlp_lora_reference(
+    x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *, alpha=1.702, limit=7.0, gather_idx=None
+):
     """The expert MLP with a low-rank adapter (a, b) or None on each projection:
     h = x W_gu + b_gu + s (x A_gu) B_gu;  y = swiglu(h) W_d + b_d + s (swiglu(h) A_d) B_d."""
     if gather_idx is not None:

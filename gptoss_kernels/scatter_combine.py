@@ -21,9 +21,18 @@ _BLOCK_R, _BLOCK_H_BWD = 16, 256  # backward: rows per program, columns per step
 
 @triton.jit
 def _segment_sum_kernel(
-    y_ptr, w_ptr, order_ptr, starts_ptr, out_ptr, H,
-    stride_ym, stride_yh, stride_om, stride_oh,
-    HAS_WEIGHTS: tl.constexpr, BLOCK_H: tl.constexpr,
+    y_ptr,
+    w_ptr,
+    order_ptr,
+    starts_ptr,
+    out_ptr,
+    H,
+    stride_ym,
+    stride_yh,
+    stride_om,
+    stride_oh,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -35,15 +44,31 @@ def _segment_sum_kernel(
         if HAS_WEIGHTS:
             v *= tl.load(w_ptr + row).to(tl.float32)
         acc += v
-    tl.store(out_ptr + token.to(tl.int64) * stride_om + cols * stride_oh,
-             acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(
+        out_ptr + token.to(tl.int64) * stride_om + cols * stride_oh, acc.to(out_ptr.dtype.element_ty), mask=col_mask
+    )
 
 
 @triton.jit
 def _combine_bwd_kernel(
-    dout_ptr, y_ptr, w_ptr, tok_ptr, dy_ptr, dw_ptr, M, H,
-    stride_gm, stride_gh, stride_ym, stride_yh, stride_dym, stride_dyh,
-    COMPUTE_DY: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    dout_ptr,
+    y_ptr,
+    w_ptr,
+    tok_ptr,
+    dy_ptr,
+    dw_ptr,
+    M,
+    H,
+    stride_gm,
+    stride_gh,
+    stride_ym,
+    stride_yh,
+    stride_dym,
+    stride_dyh,
+    COMPUTE_DY: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < M
@@ -54,14 +79,19 @@ def _combine_bwd_kernel(
     for h0 in range(0, H, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
         mask = row_mask[:, None] & (cols < H)[None, :]
-        g = tl.load(dout_ptr + tok[:, None] * stride_gm + cols[None, :] * stride_gh,
-                    mask=mask, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_H]
+        g = tl.load(dout_ptr + tok[:, None] * stride_gm + cols[None, :] * stride_gh, mask=mask, other=0.0).to(
+            tl.float32
+        )  # [BLOCK_R, BLOCK_H]
         if COMPUTE_DY:
-            tl.store(dy_ptr + rows64[:, None] * stride_dym + cols[None, :] * stride_dyh,
-                     (g * w[:, None]).to(dy_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                dy_ptr + rows64[:, None] * stride_dym + cols[None, :] * stride_dyh,
+                (g * w[:, None]).to(dy_ptr.dtype.element_ty),
+                mask=mask,
+            )
         if COMPUTE_DW:
-            y = tl.load(y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yh,
-                        mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yh, mask=mask, other=0.0).to(
+                tl.float32
+            )
             dw += tl.sum(g * y, axis=1)
     if COMPUTE_DW:
         tl.store(dw_ptr + rows, dw.to(dw_ptr.dtype.element_ty), mask=row_mask)
@@ -88,9 +118,18 @@ def scatter_rows(y, token_idx, num_tokens, weights=None, token_rows=None):
     order, starts = token_rows if token_rows is not None else _token_csr(token_idx, num_tokens)
     grid = (num_tokens, triton.cdiv(h, _BLOCK_H))
     _segment_sum_kernel[grid](
-        y, weights if weights is not None else y, order, starts, out, h,
-        y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        HAS_WEIGHTS=weights is not None, BLOCK_H=_BLOCK_H,
+        y,
+        weights if weights is not None else y,
+        order,
+        starts,
+        out,
+        h,
+        y.stride(0),
+        y.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HAS_WEIGHTS=weights is not None,
+        BLOCK_H=_BLOCK_H,
     )
     return out
 
@@ -111,10 +150,23 @@ class _ScatterCombine(torch.autograd.Function):
         m, h = y.shape
         if m > 0 and (need_y or need_w):
             _combine_bwd_kernel[(triton.cdiv(m, _BLOCK_R),)](
-                d_out, y, weights, token_idx, dy if need_y else y, dw if need_w else weights, m, h,
-                d_out.stride(0), d_out.stride(1), y.stride(0), y.stride(1),
+                d_out,
+                y,
+                weights,
+                token_idx,
+                dy if need_y else y,
+                dw if need_w else weights,
+                m,
+                h,
+                d_out.stride(0),
+                d_out.stride(1),
+                y.stride(0),
+                y.stride(1),
                 *(dy.stride() if need_y else (0, 0)),
-                COMPUTE_DY=need_y, COMPUTE_DW=need_w, BLOCK_R=_BLOCK_R, BLOCK_H=_BLOCK_H_BWD,
+                COMPUTE_DY=need_y,
+                COMPUTE_DW=need_w,
+                BLOCK_R=_BLOCK_R,
+                BLOCK_H=_BLOCK_H_BWD,
             )
         return dy, None, dw, None, None
 
@@ -130,8 +182,9 @@ def scatter_combine(y_sorted, token_idx, weights, num_tokens, token_rows=None):
         raise ValueError(f"y_sorted must be [M, H], got shape {tuple(y_sorted.shape)}")
     m = y_sorted.shape[0]
     if token_idx.shape != (m,) or weights.shape != (m,):
-        raise ValueError(f"token_idx and weights must be [{m}], got {tuple(token_idx.shape)} "
-                         f"and {tuple(weights.shape)}")
+        raise ValueError(
+            f"token_idx and weights must be [{m}], got {tuple(token_idx.shape)} and {tuple(weights.shape)}"
+        )
     if token_idx.dtype.is_floating_point or token_idx.dtype == torch.bool:
         raise ValueError(f"token_idx must be an integer tensor, got {token_idx.dtype}")
     return _ScatterCombine.apply(y_sorted, token_idx, weights, num_tokens, token_rows)

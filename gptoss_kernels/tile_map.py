@@ -53,9 +53,17 @@ def choose_block_m(num_rows: int, num_experts: int) -> int:
 
 @triton.jit
 def _tile_map_kernel(
-    counts_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
-    num_experts, num_rows, max_tiles,
-    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+    counts_ptr,
+    offsets_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    num_tiles_ptr,
+    num_experts,
+    num_rows,
+    max_tiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     experts = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0).to(tl.int32)
@@ -108,7 +116,16 @@ def build_layout(counts: torch.Tensor, num_rows: int, block_m: int) -> GroupLayo
     tile_row = torch.empty(max_tiles, dtype=torch.int32, device=device)
     num_tiles = torch.empty(1, dtype=torch.int32, device=device)
     _tile_map_kernel[(1,)](
-        counts, offsets, tile_expert, tile_row, num_tiles, num_experts, num_rows, max_tiles,
-        BLOCK_M=block_m, BLOCK_E=max(_runtime.next_pow2(num_experts), 16), CHUNK=_CHUNK,
+        counts,
+        offsets,
+        tile_expert,
+        tile_row,
+        num_tiles,
+        num_experts,
+        num_rows,
+        max_tiles,
+        BLOCK_M=block_m,
+        BLOCK_E=max(_runtime.next_pow2(num_experts), 16),
+        CHUNK=_CHUNK,
     )
     return GroupLayout(offsets, tile_expert, tile_row, num_tiles, num_rows, block_m)

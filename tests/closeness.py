@@ -25,15 +25,18 @@ def adam_drift_atol(lr: float, steps: int) -> float:
 
 def assert_tensors_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, where: str):
     """assert_close that always says where, by how much, at which index, and against what tolerance."""
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol,
-                               msg=lambda m: f"{where} (atol={atol:.3g}, rtol={rtol:.3g}): {m}")
+    torch.testing.assert_close(
+        actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{where} (atol={atol:.3g}, rtol={rtol:.3g}): {m}"
+    )
 
 
 def assert_weights_close(actual: dict, expected: dict, *, lr: float, steps: int, where: str):
     """Every tensor of two state dicts within the Adam drift tolerance; names the worst tensor."""
     assert set(actual) == set(expected), f"{where}: names differ: {sorted(set(actual) ^ set(expected))[:10]}"
     atol = adam_drift_atol(lr, steps)
-    worst = max(expected, key=lambda k: (actual[k].double() - expected[k].double()).abs().max().item()
-                if expected[k].numel() else 0.0)
+    worst = max(
+        expected,
+        key=lambda k: (actual[k].double() - expected[k].double()).abs().max().item() if expected[k].numel() else 0.0,
+    )
     for name in sorted(expected, key=lambda k: k != worst):  # the worst tensor reports first
         assert_tensors_close(actual[name], expected[name], atol=atol, rtol=RTOL, where=f"{where}: {name}")

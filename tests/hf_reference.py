@@ -8,9 +8,22 @@ import torch
 def hf_config(**kw):
     from transformers import GptOssConfig as HFConfig
 
-    base = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, sliding_window=4,
-                max_position_embeddings=512, pad_token_id=None, eos_token_id=None, bos_token_id=None)
+    base = dict(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=24,
+        sliding_window=4,
+        max_position_embeddings=512,
+        pad_token_id=None,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     base.update(kw)
     cfg = HFConfig(**base)
     cfg.rope_parameters["original_max_position_embeddings"] = 64  # YaRN ramp active at tiny sizes

@@ -21,18 +21,56 @@ from engine.data.config import REASONING_EFFORTS, default_sample_paths
 from tools.agentic_sample import agentic_sample_paths, generate_agentic
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
-    "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
-    "Poland": "Warsaw", "Greece": "Athens", "Chile": "Santiago", "India": "New Delhi",
-    "Ireland": "Dublin", "Portugal": "Lisbon", "Austria": "Vienna", "Cuba": "Havana",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Japan": "Tokyo",
+    "Canada": "Ottawa",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Chile": "Santiago",
+    "India": "New Delhi",
+    "Ireland": "Dublin",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Cuba": "Havana",
 }
 COLORS = {
-    "the sky on a clear day": "blue", "fresh grass": "green", "snow": "white", "a ripe banana": "yellow",
-    "coal": "black", "a ripe tomato": "red", "an orange": "orange", "a lemon": "yellow",
+    "the sky on a clear day": "blue",
+    "fresh grass": "green",
+    "snow": "white",
+    "a ripe banana": "yellow",
+    "coal": "black",
+    "a ripe tomato": "red",
+    "an orange": "orange",
+    "a lemon": "yellow",
 }
 WORDS = [
-    "apple", "river", "stone", "cloud", "tiger", "piano", "garden", "window", "silver", "planet",
-    "bridge", "candle", "forest", "rocket", "pencil", "yellow", "banana", "mirror", "castle", "orbit",
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "piano",
+    "garden",
+    "window",
+    "silver",
+    "planet",
+    "bridge",
+    "candle",
+    "forest",
+    "rocket",
+    "pencil",
+    "yellow",
+    "banana",
+    "mirror",
+    "castle",
+    "orbit",
 ]
 
 # Instructions that change how the final answer looks, so the developer message matters.
@@ -56,8 +94,7 @@ def arithmetic(rng: random.Random) -> Task:
     if op == "*":
         a, b = rng.randint(2, 9), rng.randint(11, 29)
         tens, ones = b // 10 * 10, b % 10
-        steps = (f"{a} * {tens} = {a * tens}.", f"{a} * {ones} = {a * ones}.",
-                 f"{a * tens} + {a * ones} = {a * b}.")
+        steps = (f"{a} * {tens} = {a * tens}.", f"{a} * {ones} = {a * ones}.", f"{a * tens} + {a * ones} = {a * b}.")
         result = a * b
     else:
         a, b = rng.randint(10, 99), rng.randint(1, 50)
@@ -69,29 +106,45 @@ def arithmetic(rng: random.Random) -> Task:
 def capital(rng: random.Random) -> Task:
     country = rng.choice(sorted(CAPITALS))
     city = CAPITALS[country]
-    return Task(f"What is the capital of {country}?", f"The capital of {country} is {city}.", city,
-                (f"{country} is a country.", f"Its capital city is {city}."))
+    return Task(
+        f"What is the capital of {country}?",
+        f"The capital of {country} is {city}.",
+        city,
+        (f"{country} is a country.", f"Its capital city is {city}."),
+    )
 
 
 def color(rng: random.Random) -> Task:
     thing = rng.choice(sorted(COLORS))
     col = COLORS[thing]
-    return Task(f"What color is {thing}?", f"{thing[0].upper() + thing[1:]} is {col}.", col,
-                (f"Think of {thing}.", f"It is {col}."))
+    return Task(
+        f"What color is {thing}?",
+        f"{thing[0].upper() + thing[1:]} is {col}.",
+        col,
+        (f"Think of {thing}.", f"It is {col}."),
+    )
 
 
 def reverse_word(rng: random.Random) -> Task:
     word = rng.choice(WORDS)
     rev = word[::-1]
-    return Task(f"Reverse the word '{word}'.", f"'{word}' reversed is '{rev}'.", rev,
-                (f"The letters are {' '.join(word)}.", f"Backwards: {' '.join(rev)}.", f"That is '{rev}'."))
+    return Task(
+        f"Reverse the word '{word}'.",
+        f"'{word}' reversed is '{rev}'.",
+        rev,
+        (f"The letters are {' '.join(word)}.", f"Backwards: {' '.join(rev)}.", f"That is '{rev}'."),
+    )
 
 
 def count_letters(rng: random.Random) -> Task:
     word = rng.choice(WORDS)
     n = len(word)
-    return Task(f"How many letters are in '{word}'?", f"'{word}' has {n} letters.", str(n),
-                (f"Spell it: {' '.join(word)}.", f"Count them: {n}."))
+    return Task(
+        f"How many letters are in '{word}'?",
+        f"'{word}' has {n} letters.",
+        str(n),
+        (f"Spell it: {' '.join(word)}.", f"Count them: {n}."),
+    )
 
 
 TASKS = (arithmetic, capital, color, reverse_word, count_letters)
@@ -103,7 +156,7 @@ def thinking(task: Task, effort: str, rng: random.Random) -> str | None:
         return None if rng.random() < 0.5 else task.steps[-1]
     if effort == "medium":
         return f"The user asks: {task.question} {task.steps[-1]}"
-    return f"The user asks: \"{task.question}\" " + " ".join(task.steps) + f" Answer: {task.short}."
+    return f'The user asks: "{task.question}" ' + " ".join(task.steps) + f" Answer: {task.short}."
 
 
 def chat_record(rng: random.Random) -> dict:
@@ -166,8 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     agentic_train, agentic_val = agentic_sample_paths()
     write_jsonl(generate_agentic(args.agentic_train, seed=2), args.out_dir / agentic_train.name)
     write_jsonl(generate_agentic(args.agentic_val, seed=3), args.out_dir / agentic_val.name)
-    print(f"wrote {args.train} + {args.val} chat and {args.agentic_train} + {args.agentic_val} "
-          f"tool-calling records to {args.out_dir}")
+    print(
+        f"wrote {args.train} + {args.val} chat and {args.agentic_train} + {args.agentic_val} "
+        f"tool-calling records to {args.out_dir}"
+    )
 
 
 if __name__ == "__main__":

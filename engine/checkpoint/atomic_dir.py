@@ -33,8 +33,10 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     renames (the old copy is deleted only once the new one is in place)."""
     target = Path(target)
     if target.exists() and not _is_empty_dir(target) and not overwrite:
-        raise CheckpointExistsError(f"{target}: already exists and is not empty; choose another output directory "
-                                    "or pass overwrite=True (--overwrite) to replace it")
+        raise CheckpointExistsError(
+            f"{target}: already exists and is not empty; choose another output directory "
+            "or pass overwrite=True (--overwrite) to replace it"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = _sibling(target, "partial")
     partial.mkdir()  # mode from the umask, unlike tempfile.mkdtemp's private 0700

@@ -58,8 +58,13 @@ def register_recipes() -> list[str]:
 def usage(head: str) -> str:
     """`--help`: `head`, the recipes, and every key of the schema with its meaning, type, default and
     allowed values (read from the dataclasses the config is checked against)."""
-    lines = [head.strip(), "", f"Recipes (recipe=NAME, recipes/NAME.yaml): {', '.join(register_recipes())}", "",
-             "Keys (KEY=VALUE on the command line, over the recipe's values, over these defaults):"]
+    lines = [
+        head.strip(),
+        "",
+        f"Recipes (recipe=NAME, recipes/NAME.yaml): {', '.join(register_recipes())}",
+        "",
+        "Keys (KEY=VALUE on the command line, over the recipe's values, over these defaults):",
+    ]
     return "\n".join(lines + describe(TrainConfig)) + "\n"
 
 
@@ -80,8 +85,9 @@ def unknown_key(key: str) -> ConfigError:
         where = f"{section}." if section else ""
         close = difflib.get_close_matches(part, names, n=1)
         hint_text = f"did you mean {where + close[0]!r}? " if close else ""
-        return ConfigError(f"unknown config key {key!r}; {hint_text}valid keys under "
-                           f"{section or 'the top level'}: {names}")
+        return ConfigError(
+            f"unknown config key {key!r}; {hint_text}valid keys under {section or 'the top level'}: {names}"
+        )
     return ConfigError(f"cannot override {key!r}")
 
 

@@ -36,11 +36,15 @@ def validate(cfg: TrainConfig) -> list[str]:
     _check_ranges(cfg)
     _check_context_parallel(cfg)
     if cfg.model.activation_offload and not cfg.model.activation_checkpointing:
-        raise ConfigError("model.activation_offload=true offloads the inputs of checkpointed layers; "
-                          "set model.activation_checkpointing=true (or a list of layers) as well")
+        raise ConfigError(
+            "model.activation_offload=true offloads the inputs of checkpointed layers; "
+            "set model.activation_checkpointing=true (or a list of layers) as well"
+        )
     if cfg.trainer.sample_every and not cfg.trainer.sample_prompts:
-        raise ConfigError(f"trainer.sample_every={cfg.trainer.sample_every} needs trainer.sample_prompts=FILE "
-                          "(JSONL of {\"prompt\": ...} records, or text with one prompt per line)")
+        raise ConfigError(
+            f"trainer.sample_every={cfg.trainer.sample_every} needs trainer.sample_prompts=FILE "
+            '(JSONL of {"prompt": ...} records, or text with one prompt per line)'
+        )
     try:
         cfg.data.validate()
         if cfg.peft.method == "lora":
@@ -75,12 +79,16 @@ def _fit_warmup(cfg: TrainConfig) -> list[str]:
     """A warmup longer than the run (a short smoke run of a recipe) is cut to the run's length."""
     o, t = cfg.optim, cfg.trainer
     if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps!r} must be an integer >= 0 (the warmup ends at "
-                          f"most at trainer.max_steps={t.max_steps})")
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps!r} must be an integer >= 0 (the warmup ends at "
+            f"most at trainer.max_steps={t.max_steps})"
+        )
     if o.warmup_steps <= t.max_steps:
         return []
-    note = (f"optim.warmup_steps={o.warmup_steps} is longer than trainer.max_steps={t.max_steps}: the warmup is "
-            f"cut to {t.max_steps} steps")
+    note = (
+        f"optim.warmup_steps={o.warmup_steps} is longer than trainer.max_steps={t.max_steps}: the warmup is "
+        f"cut to {t.max_steps} steps"
+    )
     o.warmup_steps = t.max_steps
     return [note]
 
@@ -92,18 +100,22 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.betas={list(o.betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
     for i, beta in enumerate(o.betas):
         if not Range(0, 1, high_open=True).holds(beta):
-            raise ConfigError(f"optim.betas[{i}]={beta!r} must be a number in [0, 1); AdamW's moment decay, "
-                              "e.g. [0.9, 0.98]")
+            raise ConfigError(
+                f"optim.betas[{i}]={beta!r} must be a number in [0, 1); AdamW's moment decay, e.g. [0.9, 0.98]"
+            )
     for key in ("output_dir", "resume"):
         if not str(getattr(t, key)).strip():
             raise ConfigError(f"trainer.{key}={getattr(t, key)!r} must not be empty")
     chunk = cfg.model.moe_chunk_tokens
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
-        raise ConfigError(f"model.moe_chunk_tokens={chunk!r} must be an integer >= 0 (tokens per MoE chunk, e.g. "
-                          "16384; 0 or null: no chunking)")
+        raise ConfigError(
+            f"model.moe_chunk_tokens={chunk!r} must be an integer >= 0 (tokens per MoE chunk, e.g. "
+            "16384; 0 or null: no chunking)"
+        )
     ac = cfg.model.activation_checkpointing
-    if not isinstance(ac, bool) and not (isinstance(ac, (list, tuple)) and all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ac)):
+    if not isinstance(ac, bool) and not (
+        isinstance(ac, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ac)
+    ):
         raise ConfigError(f"model.activation_checkpointing={ac!r} must be true, false or a list of layer indices")
 
 
@@ -112,11 +124,15 @@ def _check_context_parallel(cfg: TrainConfig) -> None:
     cp, seq = cfg.parallel.cp, cfg.data.max_seq_len
     if cp > 1 and isinstance(seq, int) and seq % (2 * cp):
         fits = (seq // (2 * cp)) * 2 * cp
-        raise ConfigError(f"data.max_seq_len={seq} must be a multiple of 2 x parallel.cp = {2 * cp} (each row is cut "
-                          f"into {2 * cp} equal chunks); set data.max_seq_len={fits or 2 * cp} or {fits + 2 * cp}")
+        raise ConfigError(
+            f"data.max_seq_len={seq} must be a multiple of 2 x parallel.cp = {2 * cp} (each row is cut "
+            f"into {2 * cp} equal chunks); set data.max_seq_len={fits or 2 * cp} or {fits + 2 * cp}"
+        )
     if cp > 1 and cfg.model.attn_backend not in ("auto", "blockwise"):
-        raise ConfigError(f"model.attn_backend={cfg.model.attn_backend!r} has no context-parallel path; with "
-                          f"parallel.cp={cp} use model.attn_backend=blockwise (auto picks it)")
+        raise ConfigError(
+            f"model.attn_backend={cfg.model.attn_backend!r} has no context-parallel path; with "
+            f"parallel.cp={cp} use model.attn_backend=blockwise (auto picks it)"
+        )
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -156,8 +172,10 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         where = f"{prefix}." if prefix else ""
         close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
         hint = f"did you mean {where + close[0]!r}? " if close else ""
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; {hint}"
-                          f"valid keys under {prefix or 'the top level'}: {sorted(names)}")
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; {hint}"
+            f"valid keys under {prefix or 'the top level'}: {sorted(names)}"
+        )
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
 

@@ -36,8 +36,14 @@ class Range(NamedTuple):
         return f"a number in {'(' if self.low_open else '['}{self.low:g}, {hi}{')' if self.high_open else ']'}"
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, choices: tuple = (), range: Range | None = None,
-            factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: tuple = (),
+    range: Range | None = None,
+    factory: Any = dataclasses.MISSING,
+) -> Any:
     """A schema field: its default (or default `factory`), what it means, and what values are allowed."""
     meta = {"help": help, "choices": tuple(choices), "range": range}
     return dataclasses.field(default=default, default_factory=factory, metadata=meta)
@@ -67,8 +73,9 @@ def _type_text(hint: Any) -> str:
         return f"list of {_type_text(args[0])}"
     if origin is dict:
         return "mapping"
-    return {Any: "any", bool: "bool", int: "int", float: "float", str: "str"}.get(hint, getattr(hint, "__name__",
-                                                                                             str(hint)))
+    return {Any: "any", bool: "bool", int: "int", float: "float", str: "str"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def _default_text(f: dataclasses.Field) -> str:

@@ -31,9 +31,12 @@ class Batch:
 
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor | None]:
         """The model's keyword arguments, on `device`."""
-        return {"input_ids": self.input_ids.to(device), "labels": self.labels.to(device),
-                "position_ids": self.position_ids.to(device),
-                "doc_ids": None if self.doc_ids is None else self.doc_ids.to(device)}
+        return {
+            "input_ids": self.input_ids.to(device),
+            "labels": self.labels.to(device),
+            "position_ids": self.position_ids.to(device),
+            "doc_ids": None if self.doc_ids is None else self.doc_ids.to(device),
+        }
 
 
 class Loader(Protocol):

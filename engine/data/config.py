@@ -44,51 +44,82 @@ class DataConfig:
     a model directory or a tokenizer.json path selects another one.
     """
 
-    source: str = setting("jsonl", choices=SOURCES, help="jsonl (harmony chats; null paths = the shipped sample) or "
-                          "synthetic (a learnable token stream, no files)")
+    source: str = setting(
+        "jsonl",
+        choices=SOURCES,
+        help="jsonl (harmony chats; null paths = the shipped sample) or synthetic (a learnable token stream, no files)",
+    )
     # Typed Any because OmegaConf cannot hold a union of a string and a list; validate() checks them.
-    train_path: Any = setting(None, help="a .jsonl/.json/.parquet file, a save_to_disk folder, a Hub id "
-                              "owner/name[:split], a list of these, or a prepared folder; null = the shipped sample")
-    val_path: Any = setting(None, help="the same kinds as train_path; null = the shipped sample's validation file "
-                            "when train_path is null, else no validation")
-    tokenizer: str | None = setting(None, help="a model folder or tokenizer.json; null = the model checkpoint's, "
-                                    "else the shipped one")
+    train_path: Any = setting(
+        None,
+        help="a .jsonl/.json/.parquet file, a save_to_disk folder, a Hub id "
+        "owner/name[:split], a list of these, or a prepared folder; null = the shipped sample",
+    )
+    val_path: Any = setting(
+        None,
+        help="the same kinds as train_path; null = the shipped sample's validation file "
+        "when train_path is null, else no validation",
+    )
+    tokenizer: str | None = setting(
+        None, help="a model folder or tokenizer.json; null = the model checkpoint's, else the shipped one"
+    )
     max_seq_len: int = setting(4096, range=Range(2), help="tokens per row")
     global_batch_size: int = setting(8, range=Range(1), help="rows per optimizer step, whatever the world size")
     micro_batch_size: int = setting(1, range=Range(1), help="rows per forward on one rank")
     # Typed Any because OmegaConf cannot hold a union of a string and a bool; validate() checks it.
-    pack: Any = setting("best_fit", help="best_fit | next_fit | false: documents packed into full rows, best fit "
-                        "decreasing within each window of pack_window documents (true means best_fit), in the "
-                        "epoch's order, or one document per row; attention never crosses documents")
-    pack_window: int = setting(4096, range=Range(1), help="documents of the epoch's order that best_fit packs "
-                               "together (a window); the window's rows are shuffled")
-    loss_mask: str = setting("assistant", choices=LOSS_MASKS, help="which tokens train: every assistant message, "
-                             "final answers only, or the assistant messages after the last user message")
-    on_error: str = setting("raise", choices=ON_ERROR, help="a bad record stops the run (raise) or is counted, "
-                            "reported and left out (skip)")
+    pack: Any = setting(
+        "best_fit",
+        help="best_fit | next_fit | false: documents packed into full rows, best fit "
+        "decreasing within each window of pack_window documents (true means best_fit), in the "
+        "epoch's order, or one document per row; attention never crosses documents",
+    )
+    pack_window: int = setting(
+        4096,
+        range=Range(1),
+        help="documents of the epoch's order that best_fit packs together (a window); the window's rows are shuffled",
+    )
+    loss_mask: str = setting(
+        "assistant",
+        choices=LOSS_MASKS,
+        help="which tokens train: every assistant message, "
+        "final answers only, or the assistant messages after the last user message",
+    )
+    on_error: str = setting(
+        "raise", choices=ON_ERROR, help="a bad record stops the run (raise) or is counted, reported and left out (skip)"
+    )
     overlong: str = setting("drop", choices=OVERLONG, help="a record longer than max_seq_len is dropped or cut")
     reasoning_effort: str = setting("medium", choices=REASONING_EFFORTS, help="for records without their own")
-    current_date: str | None = setting(None, help="YYYY-MM-DD adds a `Current date:` line to every system "
-                                       "message; null leaves it out")
+    current_date: str | None = setting(
+        None, help="YYYY-MM-DD adds a `Current date:` line to every system message; null leaves it out"
+    )
     shuffle: bool = setting(True, help="permute the documents each epoch")
-    prefetch: int = setting(4, range=Range(0), help="batches prepared ahead by a background thread (0: in the "
-                            "calling thread)")
+    prefetch: int = setting(
+        4, range=Range(0), help="batches prepared ahead by a background thread (0: in the calling thread)"
+    )
     seed: int | None = setting(None, help="seed of the data order; null = trainer.seed")
-    prepared_dir: str | None = setting(None, help="where the prepared stores go (train/, val/); null = "
-                                       "OUTPUT_DIR/data")
-    prepare_workers: int = setting(0, range=Range(0), help="processes that render and tokenize; 0 = one per core "
-                                   "(at most 8)")
+    prepared_dir: str | None = setting(None, help="where the prepared stores go (train/, val/); null = OUTPUT_DIR/data")
+    prepare_workers: int = setting(
+        0, range=Range(0), help="processes that render and tokenize; 0 = one per core (at most 8)"
+    )
 
     def validate(self, world_size: int | None = None) -> "DataConfig":
         """Raise ValueError naming the first bad key; with `world_size`, check the batch split."""
         for key in ("source", "loss_mask", "on_error", "overlong", "reasoning_effort"):
             _choice(key, getattr(self, key), choices(DataConfig, key))
-        for key in ("max_seq_len", "global_batch_size", "micro_batch_size", "prefetch", "prepare_workers",
-                    "pack_window"):
+        for key in (
+            "max_seq_len",
+            "global_batch_size",
+            "micro_batch_size",
+            "prefetch",
+            "prepare_workers",
+            "pack_window",
+        ):
             _at_least(key, getattr(self, key), int(bounds(DataConfig, key).low))
         if not isinstance(self.pack, bool) and self.pack not in PACKINGS:
-            raise ValueError(f"data.pack = {self.pack!r} must be true or false, or one of: {', '.join(PACKINGS)} "
-                             "(true packs best_fit; false puts one document per row)")
+            raise ValueError(
+                f"data.pack = {self.pack!r} must be true or false, or one of: {', '.join(PACKINGS)} "
+                "(true packs best_fit; false puts one document per row)"
+            )
         if not isinstance(self.shuffle, bool):
             raise ValueError(f"data.shuffle = {self.shuffle!r} must be true or false")
         if self.seed is not None and not isinstance(self.seed, int):

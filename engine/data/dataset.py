@@ -72,8 +72,7 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
     if len(record) != len(pairs):
         seen: set[str] = set()
         key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise DataError(f"duplicate key {key!r} in one JSON object (a parser would keep only its last value); "
-                        "keep one")
+        raise DataError(f"duplicate key {key!r} in one JSON object (a parser would keep only its last value); keep one")
     return record
 
 
@@ -92,8 +91,10 @@ def decode_json_line(raw: bytes) -> object:
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
     except RecursionError:
-        raise DataError(f"JSON nested too deeply to read (Python's limit is about {sys.getrecursionlimit()} "
-                        "levels); no record needs that depth") from None
+        raise DataError(
+            f"JSON nested too deeply to read (Python's limit is about {sys.getrecursionlimit()} "
+            "levels); no record needs that depth"
+        ) from None
 
 
 class JsonlFile:
@@ -177,8 +178,9 @@ class DocumentEncoder:
                 current_date=self.cfg.current_date,
             )
         except RecursionError:  # a record decoded from a table or a .json file can be deeper than Python reads
-            raise RecordError(f"the record is nested too deeply to read (Python's limit is about "
-                              f"{sys.getrecursionlimit()} levels)") from None
+            raise RecordError(
+                f"the record is nested too deeply to read (Python's limit is about {sys.getrecursionlimit()} levels)"
+            ) from None
 
     def fit(self, doc: Document) -> Document | None:
         """Apply data.overlong to one document (None: dropped), counting it in the stats."""

@@ -150,8 +150,10 @@ def render_segments(
     conv = example if isinstance(example, Conversation) else parse_record(example)
     out = _Writer()
     system = system_content(
-        conv.reasoning_effort or reasoning_effort, current_date,
-        builtin_tools=conv.builtin_tools, function_tools=bool(conv.tools),
+        conv.reasoning_effort or reasoning_effort,
+        current_date,
+        builtin_tools=conv.builtin_tools,
+        function_tools=bool(conv.tools),
     )
     out.add(f"{START}system{MESSAGE}{system}{END}", False)
     developer = developer_content(conv)
@@ -191,8 +193,13 @@ def _chat(out: _Writer, m: Message, in_last_turn: bool, is_last: bool, train_any
             if m.content:
                 _assistant(out, f"{CHANNEL}commentary{MESSAGE}", m.content, END, train_any)
             for call in m.tool_calls:
-                _assistant(out, f" to=functions.{call.name}{CHANNEL}commentary {CONSTRAIN}json{MESSAGE}",
-                           call.arguments, CALL, train_any)
+                _assistant(
+                    out,
+                    f" to=functions.{call.name}{CHANNEL}commentary {CONSTRAIN}json{MESSAGE}",
+                    call.arguments,
+                    CALL,
+                    train_any,
+                )
         else:
             _assistant(out, f"{CHANNEL}final{MESSAGE}", m.content, RETURN if is_last else END, train_final)
 

@@ -81,14 +81,29 @@ def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
 class TrainLoader:
     """Endless, resumable micro-batches of one rank's share of the global batches."""
 
-    def __init__(self, store: TokenStore, cfg: DataConfig, pad_id: int, *, rank: int, world_size: int,
-                 micro_batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        store: TokenStore,
+        cfg: DataConfig,
+        pad_id: int,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        seed: int,
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
         self.store, self.cfg, self.pad_id = store, cfg, pad_id
         self.rank, self.world_size, self.micro_batch_size, self.seed = rank, world_size, micro_batch_size, seed
-        self.order = GlobalOrder(store.lengths, max_seq_len=cfg.max_seq_len, pack=cfg.pack, shuffle=cfg.shuffle,
-                                 seed=seed, window=cfg.pack_window)
+        self.order = GlobalOrder(
+            store.lengths,
+            max_seq_len=cfg.max_seq_len,
+            pack=cfg.pack,
+            shuffle=cfg.shuffle,
+            seed=seed,
+            window=cfg.pack_window,
+        )
         self._cursor = Cursor()
         # (batch, cursor after it) pairs, opened lazily at the cursor by the first next().
         self._stream: Iterator[tuple[Batch, Cursor]] | None = None
@@ -99,9 +114,14 @@ class TrainLoader:
 
     def _order_state(self) -> dict:
         mode = self.cfg.packing
-        return {"store": self.store.fingerprint, "seed": self.seed, "shuffle": self.cfg.shuffle,
-                "pack": False if mode == "none" else mode, "pack_window": self.cfg.pack_window,
-                "max_seq_len": self.cfg.max_seq_len}
+        return {
+            "store": self.store.fingerprint,
+            "seed": self.seed,
+            "shuffle": self.cfg.shuffle,
+            "pack": False if mode == "none" else mode,
+            "pack_window": self.cfg.pack_window,
+            "max_seq_len": self.cfg.max_seq_len,
+        }
 
     def state_dict(self) -> dict:
         """JSON-able and the same on every rank: the global position plus what it depends on."""
@@ -115,8 +135,11 @@ class TrainLoader:
             if key == "pack_window" and now["pack"] != "best_fit":
                 continue  # only best fit packs in windows
             if state.get(key) != now[key]:
-                option = (f" (data.{key}={str(state.get(key)).lower()})"
-                          if key in ("shuffle", "pack", "pack_window", "max_seq_len") else "")
+                option = (
+                    f" (data.{key}={str(state.get(key)).lower()})"
+                    if key in ("shuffle", "pack", "pack_window", "max_seq_len")
+                    else ""
+                )
                 raise DataError(
                     f"cannot resume the data order: the checkpoint has data {key} = {state.get(key)!r}, this run "
                     f"has {now[key]!r} ({self.store.path}); resume with the same data and data options{option}"
@@ -177,8 +200,9 @@ class ValLoader:
     sum losses and target counts, then divide once.
     """
 
-    def __init__(self, store: TokenStore, cfg: DataConfig, pad_id: int, *, rank: int, world_size: int,
-                 micro_batch_size: int) -> None:
+    def __init__(
+        self, store: TokenStore, cfg: DataConfig, pad_id: int, *, rank: int, world_size: int, micro_batch_size: int
+    ) -> None:
         self.store, self.cfg, self.pad_id = store, cfg, pad_id
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         packed = pack_order(store.lengths, np.arange(len(store)), cfg.max_seq_len, cfg.pack, cfg.pack_window)
@@ -186,8 +210,9 @@ class ValLoader:
 
     @property
     def report(self) -> dict:
-        return data_report(self.store, "val_data", packing_report(self.store.lengths, len(self.starts) - 1,
-                                                                  self.cfg.max_seq_len))
+        return data_report(
+            self.store, "val_data", packing_report(self.store.lengths, len(self.starts) - 1, self.cfg.max_seq_len)
+        )
 
     def __len__(self) -> int:
         per_round = self.micro_batch_size * self.world_size
@@ -215,8 +240,9 @@ def data_report(store: TokenStore, prefix: str, packing: dict) -> dict:
     return out
 
 
-def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, rank: int = 0,
-               world_size: int = 1) -> TokenStore:
+def open_store(
+    inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, rank: int = 0, world_size: int = 1
+) -> TokenStore:
     """The prepared store of `inputs`: a prepared folder given as the input is used as it is; else the
     store at `store_dir` is made or reused. Rank 0 does it (validating every record, verifying every
     file once) while the other ranks wait, then every rank maps the same files."""
@@ -228,8 +254,11 @@ def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: Harmon
     error: BaseException | None = None
     if rank == 0:
         try:
-            store = (check_prepared(TokenStore(path), cfg, tokenizer) if prepared
-                     else ensure_store(inputs, path, cfg, tokenizer, workers=cfg.prepare_workers))
+            store = (
+                check_prepared(TokenStore(path), cfg, tokenizer)
+                if prepared
+                else ensure_store(inputs, path, cfg, tokenizer, workers=cfg.prepare_workers)
+            )
             outcome[1] = store.fingerprint
         except (ValueError, OSError) as exc:  # DataError, TokenizerError, unreadable files
             error, outcome[0] = exc, f"{type(exc).__name__}: {exc}"
@@ -247,15 +276,24 @@ def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: Harmon
     # Rank 0 verified the files and recorded it: opening them here costs O(files).
     store = check_prepared(TokenStore(path), cfg, tokenizer) if prepared else TokenStore(path)
     if outcome[1] is not None and store.fingerprint != outcome[1]:
-        raise DataError(f"rank {rank} reads another store at {path} than rank 0 wrote; data.prepared_dir "
-                        "must be a folder every rank sees (a shared filesystem)")
+        raise DataError(
+            f"rank {rank} reads another store at {path} than rank 0 wrote; data.prepared_dir "
+            "must be a folder every rank sees (a shared filesystem)"
+        )
     log.info("data store %s: %s", path, summary(store.manifest))  # rank 0 logged it while preparing
     return store.check_vocab(tokenizer.vocab_size)
 
 
-def build_train_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_dir: str | Path | None = None,
-                       rank: int = 0, world_size: int = 1, micro_batch_size: int | None = None,
-                       seed: int | None = None) -> TrainLoader:
+def build_train_loader(
+    cfg: DataConfig,
+    tokenizer: HarmonyTokenizer,
+    *,
+    store_dir: str | Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    micro_batch_size: int | None = None,
+    seed: int | None = None,
+) -> TrainLoader:
     """This rank's training stream. The store goes to `store_dir` (default data.prepared_dir/train);
     `micro_batch_size` defaults to the config's; the order seed is data.seed, else `seed`, else 0."""
     cfg.validate()
@@ -264,15 +302,29 @@ def build_train_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_di
         raise ValueError("no folder for the prepared data: set data.prepared_dir")
     store = open_store(cfg.resolved_train_path(), root, cfg, tokenizer, rank=rank, world_size=world_size)
     order_seed = cfg.seed if cfg.seed is not None else (seed if seed is not None else 0)
-    loader = TrainLoader(store, cfg, tokenizer.pad_id, rank=rank, world_size=world_size,
-                         micro_batch_size=micro_batch_size or cfg.micro_batch_size, seed=order_seed)
+    loader = TrainLoader(
+        store,
+        cfg,
+        tokenizer.pad_id,
+        rank=rank,
+        world_size=world_size,
+        micro_batch_size=micro_batch_size or cfg.micro_batch_size,
+        seed=order_seed,
+    )
     if rank == 0:
         log.info("data order: %s", describe_packing(loader.order.packing_report(0), cfg, order_seed))
     return loader
 
 
-def build_val_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_dir: str | Path | None = None,
-                     rank: int = 0, world_size: int = 1, micro_batch_size: int | None = None) -> ValLoader | None:
+def build_val_loader(
+    cfg: DataConfig,
+    tokenizer: HarmonyTokenizer,
+    *,
+    store_dir: str | Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    micro_batch_size: int | None = None,
+) -> ValLoader | None:
     """The validation pass of this rank (prepared and validated like the training data), or None
     when the config has no validation data."""
     cfg.validate()
@@ -283,5 +335,11 @@ def build_val_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_dir:
     if root is None:
         raise ValueError("no folder for the prepared data: set data.prepared_dir")
     store = open_store(inputs, root, cfg, tokenizer, rank=rank, world_size=world_size)
-    return ValLoader(store, cfg, tokenizer.pad_id, rank=rank, world_size=world_size,
-                     micro_batch_size=micro_batch_size or cfg.micro_batch_size)
+    return ValLoader(
+        store,
+        cfg,
+        tokenizer.pad_id,
+        rank=rank,
+        world_size=world_size,
+        micro_batch_size=micro_batch_size or cfg.micro_batch_size,
+    )

@@ -83,8 +83,14 @@ class PackedEpoch(NamedTuple):
     window_rows: np.ndarray  # [W + 1] int64 row indices
 
 
-def pack_order(lengths: np.ndarray, order: np.ndarray, max_seq_len: int, pack: object = "best_fit",
-               window: int = 4096, seed: tuple[int, ...] | None = None) -> PackedEpoch:
+def pack_order(
+    lengths: np.ndarray,
+    order: np.ndarray,
+    max_seq_len: int,
+    pack: object = "best_fit",
+    window: int = 4096,
+    seed: tuple[int, ...] | None = None,
+) -> PackedEpoch:
     """Pack the documents `order` [N] (indices into `lengths` [D]) into rows (module docstring).
     `pack` is data.pack; with `seed` (the order's seed and the epoch), window w's rows are shuffled
     by a generator of SeedSequence(seed, spawn_key=(w,)), else they keep the order best fit opened
@@ -136,6 +142,10 @@ def collate(rows: list[list[Document]], max_seq_len: int, pad_id: int) -> Batch:
         # Padding is one more "document": it attends only to itself and carries no loss.
         position_ids[b, start:] = np.arange(max_seq_len - start)
         doc_ids[b, start:] = len(row)
-    return Batch(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
-                 position_ids=torch.from_numpy(position_ids), doc_ids=torch.from_numpy(doc_ids),
-                 num_target_tokens=int((labels != IGNORE_INDEX).sum()))
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        position_ids=torch.from_numpy(position_ids),
+        doc_ids=torch.from_numpy(doc_ids),
+        num_target_tokens=int((labels != IGNORE_INDEX).sum()),
+    )

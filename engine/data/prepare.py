@@ -50,9 +50,14 @@ _RENDER_CODE = ("records.py", "harmony.py", "tools.py", "tokenizer.py", "word_ca
 
 
 def render_options(cfg: DataConfig) -> dict:
-    return {"loss_mask": cfg.loss_mask, "reasoning_effort": cfg.reasoning_effort,
-            "current_date": cfg.current_date, "max_seq_len": cfg.max_seq_len, "overlong": cfg.overlong,
-            "on_error": cfg.on_error}
+    return {
+        "loss_mask": cfg.loss_mask,
+        "reasoning_effort": cfg.reasoning_effort,
+        "current_date": cfg.current_date,
+        "max_seq_len": cfg.max_seq_len,
+        "overlong": cfg.overlong,
+        "on_error": cfg.on_error,
+    }
 
 
 def _sha256_file(path: str | Path) -> str:
@@ -67,13 +72,17 @@ def _code_sha256() -> str:
     return digest.hexdigest()
 
 
-def expected_key(sources: list[Source], cfg: DataConfig, tokenizer: HarmonyTokenizer,
-                 previous: dict | None = None) -> dict:
+def expected_key(
+    sources: list[Source], cfg: DataConfig, tokenizer: HarmonyTokenizer, previous: dict | None = None
+) -> dict:
     """What a store's manifest must say to be reused for these inputs and this config."""
     old = {s.get("name"): s for s in (previous or {}).get("sources", [])}
-    return {"sources": [s.fingerprint(old.get(s.name)) for s in sources],
-            "tokenizer_sha256": _sha256_file(tokenizer.source), "render": render_options(cfg),
-            "code_sha256": _code_sha256()}
+    return {
+        "sources": [s.fingerprint(old.get(s.name)) for s in sources],
+        "tokenizer_sha256": _sha256_file(tokenizer.source),
+        "render": render_options(cfg),
+        "code_sha256": _code_sha256(),
+    }
 
 
 def why_stale(manifest: dict, key: dict) -> str | None:
@@ -87,8 +96,11 @@ def why_stale(manifest: dict, key: dict) -> str | None:
         return "another tokenizer"
     # on_error matters only when the store left records out: a store without skips serves both.
     skipped = manifest.get("counts", {}).get("skipped_invalid", 1)
-    changed = [f"{k} {manifest.get('render', {}).get(k)!r} -> {v!r}" for k, v in key["render"].items()
-               if manifest.get("render", {}).get(k) != v and (k != "on_error" or skipped)]
+    changed = [
+        f"{k} {manifest.get('render', {}).get(k)!r} -> {v!r}"
+        for k, v in key["render"].items()
+        if manifest.get("render", {}).get(k) != v and (k != "on_error" or skipped)
+    ]
     if changed:
         return "render options changed: " + ", ".join(changed)
     if manifest.get("code_sha256") != key["code_sha256"]:
@@ -132,11 +144,17 @@ def _encode_chunk(chunk: list[tuple[int, int, object]]) -> dict:
         masks.append(doc.trained)
         lengths.append(len(doc))
         origins.append((source, where))
-    return {"ids": np.concatenate(ids).astype(np.uint32) if ids else np.zeros(0, np.uint32),
-            "mask": np.concatenate(masks).astype(np.uint8) if masks else np.zeros(0, np.uint8),
-            "lengths": np.asarray(lengths, dtype=np.int64), "origins": np.asarray(origins, dtype=np.int64),
-            "errors": errors, "overlong": overlong, "records": len(chunk), "truncated": enc.stats.truncated,
-            "target_tokens": enc.stats.target_tokens}
+    return {
+        "ids": np.concatenate(ids).astype(np.uint32) if ids else np.zeros(0, np.uint32),
+        "mask": np.concatenate(masks).astype(np.uint8) if masks else np.zeros(0, np.uint8),
+        "lengths": np.asarray(lengths, dtype=np.int64),
+        "origins": np.asarray(origins, dtype=np.int64),
+        "errors": errors,
+        "overlong": overlong,
+        "records": len(chunk),
+        "truncated": enc.stats.truncated,
+        "target_tokens": enc.stats.target_tokens,
+    }
 
 
 def _chunks(sources: list[Source]) -> Iterator[list[tuple[int, int, object]]]:
@@ -172,15 +190,17 @@ def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
 
 
-def prepare(inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, workers: int = 0,
-            key: dict | None = None) -> TokenStore:
+def prepare(
+    inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, workers: int = 0, key: dict | None = None
+) -> TokenStore:
     """Validate, render and tokenize every record of `inputs` into a new store at `out`."""
     with store_lock(out):
         return _prepare(inputs, out, cfg, tokenizer, workers=workers, key=key)
 
 
-def _prepare(inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, workers: int,
-             key: dict | None) -> TokenStore:
+def _prepare(
+    inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, workers: int, key: dict | None
+) -> TokenStore:
     sources = resolve_sources(inputs)
     key = key or expected_key(sources, cfg, tokenizer)
     if not workers:  # auto: one per core, but a small input is done before a pool would start
@@ -205,44 +225,76 @@ def _prepare(inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokeniz
         names = ", ".join(s.name for s in sources)
         if n_errors and cfg.on_error == "raise":
             more = f"\n  ... and {n_errors - len(errors)} more" if n_errors > len(errors) else ""
-            raise DataError(f"{n_errors} invalid record(s) of {records} in {names}; fix them, or set "
-                            "data.on_error=skip (--on-error skip) to leave them out:\n  "
-                            + "\n  ".join(errors) + more)
+            raise DataError(
+                f"{n_errors} invalid record(s) of {records} in {names}; fix them, or set "
+                "data.on_error=skip (--on-error skip) to leave them out:\n  " + "\n  ".join(errors) + more
+            )
         lengths = writer.lengths()
         kept = len(lengths)
         if kept == 0:
-            raise DataError(f"{names}: no usable record among {records} ({n_errors} invalid, {n_overlong} "
-                            f"longer than data.max_seq_len = {cfg.max_seq_len} under overlong={cfg.overlong})")
+            raise DataError(
+                f"{names}: no usable record among {records} ({n_errors} invalid, {n_overlong} "
+                f"longer than data.max_seq_len = {cfg.max_seq_len} under overlong={cfg.overlong})"
+            )
         seconds = time.perf_counter() - start
-        manifest = {**key, "counts": {
-            "records": records, "documents": kept, "skipped_invalid": n_errors, "dropped_overlong": n_overlong,
-            "truncated": truncated, "skipped_examples": errors, "overlong_examples": overlong},
-            "token_stats": {"tokens": int(lengths.sum()), "target_tokens": target_tokens,
-                            "min_len": int(lengths.min()), "mean_len": float(lengths.mean()),
-                            "p50_len": float(np.percentile(lengths, 50)),
-                            "p95_len": float(np.percentile(lengths, 95)), "max_len": int(lengths.max())},
-            "prepare": {"seconds": seconds, "workers": workers, "tokens_per_s": float(lengths.sum()) / seconds}}
+        manifest = {
+            **key,
+            "counts": {
+                "records": records,
+                "documents": kept,
+                "skipped_invalid": n_errors,
+                "dropped_overlong": n_overlong,
+                "truncated": truncated,
+                "skipped_examples": errors,
+                "overlong_examples": overlong,
+            },
+            "token_stats": {
+                "tokens": int(lengths.sum()),
+                "target_tokens": target_tokens,
+                "min_len": int(lengths.min()),
+                "mean_len": float(lengths.mean()),
+                "p50_len": float(np.percentile(lengths, 50)),
+                "p95_len": float(np.percentile(lengths, 95)),
+                "max_len": int(lengths.max()),
+            },
+            "prepare": {"seconds": seconds, "workers": workers, "tokens_per_s": float(lengths.sum()) / seconds},
+        }
         store = writer.finish(manifest)
     except BaseException:
         writer.abort()
         raise
-    log.info("prepared %s -> %s: %s (%.1f s, %d workers, %.0f tokens/s)", names, store.path,
-             summary(store.manifest), seconds, workers, float(lengths.sum()) / seconds)
+    log.info(
+        "prepared %s -> %s: %s (%.1f s, %d workers, %.0f tokens/s)",
+        names,
+        store.path,
+        summary(store.manifest),
+        seconds,
+        workers,
+        float(lengths.sum()) / seconds,
+    )
     report_skips(store.manifest)
     return store
 
 
 def summary(manifest: dict) -> str:
     c, t = manifest["counts"], manifest["token_stats"]
-    return (f"{c['documents']} documents of {c['records']} records, {t['tokens']} tokens ({t['target_tokens']} "
-            f"trained, length mean {t['mean_len']:.0f} max {t['max_len']}); skipped {c['skipped_invalid']} "
-            f"invalid, dropped {c['dropped_overlong']} over-long, truncated {c['truncated']}")
+    return (
+        f"{c['documents']} documents of {c['records']} records, {t['tokens']} tokens ({t['target_tokens']} "
+        f"trained, length mean {t['mean_len']:.0f} max {t['max_len']}); skipped {c['skipped_invalid']} "
+        f"invalid, dropped {c['dropped_overlong']} over-long, truncated {c['truncated']}"
+    )
 
 
 def packing_summary(store: TokenStore, cfg: DataConfig, seed: int = 0) -> str:
     """How the store's documents pack under cfg: the first epoch of `seed`, as a run reports it."""
-    order = GlobalOrder(store.lengths, max_seq_len=cfg.max_seq_len, pack=cfg.pack, shuffle=cfg.shuffle, seed=seed,
-                        window=cfg.pack_window)
+    order = GlobalOrder(
+        store.lengths,
+        max_seq_len=cfg.max_seq_len,
+        pack=cfg.pack,
+        shuffle=cfg.shuffle,
+        seed=seed,
+        window=cfg.pack_window,
+    )
     return describe_packing(order.packing_report(0), cfg, seed)
 
 
@@ -250,16 +302,25 @@ def report_skips(manifest: dict) -> None:
     """Warn about every skipped or dropped record group: how many, and the first ones by file:line."""
     c = manifest["counts"]
     if c["skipped_invalid"]:
-        log.warning("skipped %d invalid record(s) (data.on_error=skip); first %d:\n  %s", c["skipped_invalid"],
-                    len(c["skipped_examples"]), "\n  ".join(c["skipped_examples"]))
+        log.warning(
+            "skipped %d invalid record(s) (data.on_error=skip); first %d:\n  %s",
+            c["skipped_invalid"],
+            len(c["skipped_examples"]),
+            "\n  ".join(c["skipped_examples"]),
+        )
     if c["dropped_overlong"]:
-        log.warning("dropped %d record(s) longer than data.max_seq_len = %d (data.overlong=drop); first %d:\n  %s",
-                    c["dropped_overlong"], manifest["render"]["max_seq_len"], len(c["overlong_examples"]),
-                    "\n  ".join(c["overlong_examples"]))
+        log.warning(
+            "dropped %d record(s) longer than data.max_seq_len = %d (data.overlong=drop); first %d:\n  %s",
+            c["dropped_overlong"],
+            manifest["render"]["max_seq_len"],
+            len(c["overlong_examples"]),
+            "\n  ".join(c["overlong_examples"]),
+        )
 
 
-def ensure_store(inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *,
-                 workers: int = 0) -> TokenStore:
+def ensure_store(
+    inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, workers: int = 0
+) -> TokenStore:
     """The store at `out` when its manifest matches inputs and config and its files pass their checks,
     else a freshly made one. The store is a function of its sources, so one that fails a check is made
     again (and said so in one line) rather than refused: the sources are at hand, nothing is lost."""
@@ -294,21 +355,32 @@ def check_prepared(store: TokenStore, cfg: DataConfig, tokenizer: HarmonyTokeniz
     is refused (StoreError, one line) when a file fails its check: there are no sources to make it again."""
     m = check_prepared_fields(store.path, store.manifest)
     if m["tokenizer_sha256"] != _sha256_file(tokenizer.source):
-        raise DataError(f"{store.path}: prepared with another tokenizer than {tokenizer.source}; prepare it again "
-                        "with --tokenizer, or give the source files as the data path")
-    changed = [f"{k}={m['render'].get(k)!r} (config: {v!r})" for k, v in render_options(cfg).items()
-               if k != "on_error" and m["render"].get(k) != v]
+        raise DataError(
+            f"{store.path}: prepared with another tokenizer than {tokenizer.source}; prepare it again "
+            "with --tokenizer, or give the source files as the data path"
+        )
+    changed = [
+        f"{k}={m['render'].get(k)!r} (config: {v!r})"
+        for k, v in render_options(cfg).items()
+        if k != "on_error" and m["render"].get(k) != v
+    ]
     if changed:
-        raise DataError(f"{store.path}: prepared with {', '.join(changed)}; prepare it again with these options, "
-                        "or give the source files as the data path")
+        raise DataError(
+            f"{store.path}: prepared with {', '.join(changed)}; prepare it again with these options, "
+            "or give the source files as the data path"
+        )
     return store.check_vocab(tokenizer.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = DataConfig()
     p = argparse.ArgumentParser(prog="python -m engine.data.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl/.json/.parquet file, save_to_disk folder, "
-                   "or Hub id owner/name[:split]")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help=".jsonl/.json/.parquet file, save_to_disk folder, or Hub id owner/name[:split]",
+    )
     p.add_argument("--out", required=True, help="the store folder to write")
     p.add_argument("--tokenizer", default=None, help="model folder or tokenizer.json (default: the shipped one)")
     p.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
@@ -318,17 +390,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--on-error", choices=ON_ERROR, default=defaults.on_error)
     p.add_argument("--overlong", choices=OVERLONG, default=defaults.overlong)
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core, at most 8)")
-    p.add_argument("--pack", choices=("best_fit", "next_fit", "false"), default=defaults.pack,
-                   help="packing the summary reports (data.pack; the store does not depend on it)")
+    p.add_argument(
+        "--pack",
+        choices=("best_fit", "next_fit", "false"),
+        default=defaults.pack,
+        help="packing the summary reports (data.pack; the store does not depend on it)",
+    )
     p.add_argument("--pack-window", type=int, default=defaults.pack_window, help="data.pack_window for best_fit")
     p.add_argument("--force", action="store_true", help="prepare again even when the store is current")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
-        cfg = DataConfig(tokenizer=args.tokenizer, max_seq_len=args.max_seq_len, loss_mask=args.loss_mask,
-                         reasoning_effort=args.reasoning_effort, current_date=args.current_date,
-                         on_error=args.on_error, overlong=args.overlong,
-                         pack=False if args.pack == "false" else args.pack, pack_window=args.pack_window).validate()
+        cfg = DataConfig(
+            tokenizer=args.tokenizer,
+            max_seq_len=args.max_seq_len,
+            loss_mask=args.loss_mask,
+            reasoning_effort=args.reasoning_effort,
+            current_date=args.current_date,
+            on_error=args.on_error,
+            overlong=args.overlong,
+            pack=False if args.pack == "false" else args.pack,
+            pack_window=args.pack_window,
+        ).validate()
         tokenizer = load_tokenizer(args.tokenizer)
         if args.force:
             store = prepare(args.inputs, args.out, cfg, tokenizer, workers=args.workers)

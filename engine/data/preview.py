@@ -43,8 +43,11 @@ def preview(
 ) -> tuple[int, int]:
     """Print the first `n` records of `path`; return (total tokens, trained tokens) shown."""
     cfg = DataConfig(
-        train_path=path, tokenizer=tokenizer_path, loss_mask=loss_mask,
-        reasoning_effort=reasoning_effort, current_date=current_date,
+        train_path=path,
+        tokenizer=tokenizer_path,
+        loss_mask=loss_mask,
+        reasoning_effort=reasoning_effort,
+        current_date=current_date,
     ).validate()
     tokenizer = load_tokenizer(tokenizer_path)
     encoder = DocumentEncoder(cfg, tokenizer)
@@ -63,8 +66,11 @@ def preview(
         trained += targets
         text = "".join(s.text for s in segments)
         calls, results = text.count(CALL), text.count(" to=assistant" + CHANNEL)
-        print(f"=== {path}:{line_number}: {len(ids)} tokens, {targets} trained, {calls} tool calls, "
-              f"{results} tool results", file=out)
+        print(
+            f"=== {path}:{line_number}: {len(ids)} tokens, {targets} trained, {calls} tool calls, "
+            f"{results} tool results",
+            file=out,
+        )
         print(mark(segments, color) + "\n", file=out)
     print(f"total: {total} tokens, {trained} trained ({100 * trained / max(total, 1):.1f}%)", file=out)
     return total, trained
@@ -83,8 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     try:
         preview(
-            args.file, n=args.n, tokenizer_path=args.tokenizer, loss_mask=args.loss_mask,
-            reasoning_effort=args.reasoning_effort, current_date=args.current_date, color=color, out=sys.stdout,
+            args.file,
+            n=args.n,
+            tokenizer_path=args.tokenizer,
+            loss_mask=args.loss_mask,
+            reasoning_effort=args.reasoning_effort,
+            current_date=args.current_date,
+            color=color,
+            out=sys.stdout,
         )
     except ValueError as exc:  # bad paths, bad tokenizer: a message, not a traceback
         raise SystemExit(f"error: {exc}") from exc

@@ -234,7 +234,9 @@ def _arguments(where: str, arguments: object) -> str:
         try:
             json.loads(arguments)
         except json.JSONDecodeError as exc:
-            raise RecordError(f"{where} is not valid JSON: {exc.msg} (column {exc.colno}) in {arguments[:60]!r}") from exc
+            raise RecordError(
+                f"{where} is not valid JSON: {exc.msg} (column {exc.colno}) in {arguments[:60]!r}"
+            ) from exc
         return check_text(where, arguments)
     return check_text(where, json.dumps(arguments, ensure_ascii=False))
 
@@ -285,7 +287,9 @@ def _check_tool_traffic(
         if native:
             target = message.recipient if message.role == "assistant" else message.name
             if target is not None and message.role in ("assistant", "tool"):
-                _check_target(f"{where}.{'recipient' if message.role == 'assistant' else 'name'}", target, functions, builtin)
+                _check_target(
+                    f"{where}.{'recipient' if message.role == 'assistant' else 'name'}", target, functions, builtin
+                )
                 if message.role == "assistant":
                     called_names.add(target)
                 elif target not in called_names:
@@ -306,9 +310,7 @@ def _check_tool_traffic(
                 if name is None:
                     raise RecordError(f"{where}.tool_call_id = {message.tool_call_id!r} names no earlier tool call")
                 if message.name is not None and message.name != name:
-                    raise RecordError(
-                        f"{where}.name = {message.name!r}, but its tool_call_id names a call to {name!r}"
-                    )
+                    raise RecordError(f"{where}.name = {message.name!r}, but its tool_call_id names a call to {name!r}")
                 out[i] = Message("tool", message.content, name=name, tool_call_id=message.tool_call_id)
             elif message.name not in called_names:
                 raise RecordError(f"{where}: a result from {message.name!r} with no earlier call to it")
@@ -321,5 +323,7 @@ def _check_target(where: str, target: str, functions: set[str], builtin: tuple[s
         return
     if namespace in builtin and (namespace != "browser" or tool in ("search", "open", "find")):
         return
-    known = [f"functions.{name}" for name in sorted(functions)] + [f"{b}{'.search|open|find' if b == 'browser' else ''}" for b in builtin]
+    known = [f"functions.{name}" for name in sorted(functions)] + [
+        f"{b}{'.search|open|find' if b == 'browser' else ''}" for b in builtin
+    ]
     raise RecordError(f"{where}: unknown recipient {target!r} (declared tools: {', '.join(known) or 'none'})")

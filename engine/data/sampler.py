@@ -35,8 +35,9 @@ class GlobalOrder:
     """Rows of the endless stream: `docs(cursor)` is the document indices of the row at `cursor`.
     `pack` is data.pack (best_fit, next_fit, or a bool: true = best_fit, false = unpacked)."""
 
-    def __init__(self, lengths: np.ndarray, *, max_seq_len: int, pack: object, shuffle: bool, seed: int,
-                 window: int = 4096) -> None:
+    def __init__(
+        self, lengths: np.ndarray, *, max_seq_len: int, pack: object, shuffle: bool, seed: int, window: int = 4096
+    ) -> None:
         if len(lengths) == 0:
             raise ValueError("no documents to order")
         self.lengths = np.asarray(lengths)
@@ -52,8 +53,14 @@ class GlobalOrder:
                 order = rng.permutation(len(self.lengths))
             else:
                 order = np.arange(len(self.lengths))
-            self._epochs[e] = pack_order(self.lengths, order, self.max_seq_len, self.pack, self.window,
-                                         seed=(self.seed, e) if self.shuffle else None)
+            self._epochs[e] = pack_order(
+                self.lengths,
+                order,
+                self.max_seq_len,
+                self.pack,
+                self.window,
+                seed=(self.seed, e) if self.shuffle else None,
+            )
             # A batch spans at most two epochs; keep a few for cursors that look back.
             while len(self._epochs) > 3:
                 self._epochs.popitem(last=False)
@@ -91,7 +98,12 @@ def packing_report(lengths: np.ndarray, rows: int, max_seq_len: int) -> dict:
 
 def describe_packing(report: dict, cfg: DataConfig, seed: int) -> str:
     """One line for the logs: how the first epoch of `seed` packs under cfg."""
-    how = {"best_fit": f"best_fit in windows of {cfg.pack_window} documents", "next_fit": "next_fit",
-           "none": "one document per row"}[cfg.packing]
-    return (f"packing ({how}, data seed {seed}, first epoch): {report['rows']} rows of {cfg.max_seq_len} tokens, "
-            f"{report['padding_tokens']} padding tokens, packing efficiency {report['packing_efficiency']:.1%}")
+    how = {
+        "best_fit": f"best_fit in windows of {cfg.pack_window} documents",
+        "next_fit": "next_fit",
+        "none": "one document per row",
+    }[cfg.packing]
+    return (
+        f"packing ({how}, data seed {seed}, first epoch): {report['rows']} rows of {cfg.max_seq_len} tokens, "
+        f"{report['padding_tokens']} padding tokens, packing efficiency {report['packing_efficiency']:.1%}"
+    )

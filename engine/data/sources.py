@@ -89,16 +89,20 @@ class Source:
         if self.kind == "arrow":
             loaded = datasets.load_from_disk(str(self.path))
             if isinstance(loaded, datasets.DatasetDict):
-                raise DataError(f"{self.name}: a DatasetDict with splits {sorted(loaded)}; give one split's "
-                                f"folder, e.g. {self.path / sorted(loaded)[0]}")
+                raise DataError(
+                    f"{self.name}: a DatasetDict with splits {sorted(loaded)}; give one split's "
+                    f"folder, e.g. {self.path / sorted(loaded)[0]}"
+                )
             return loaded
         repo, _, split = self.name.partition(":")
         try:
             return datasets.load_dataset(repo, split=split or "train")
         except Exception as exc:  # datasets raises many types: network, missing split, missing repo
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{self.name}: cannot load the Hub dataset ({first}); check the id and split, "
-                            "the network, or download it and give the local files") from exc
+            raise DataError(
+                f"{self.name}: cannot load the Hub dataset ({first}); check the id and split, "
+                "the network, or download it and give the local files"
+            ) from exc
 
 
 def _present(row: dict) -> dict:
@@ -131,18 +135,23 @@ def _read_json(path: Path) -> list:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); a .json file "
-                        "holds one list of records (use .jsonl for one record per line)") from exc
+        raise DataError(
+            f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); a .json file "
+            "holds one list of records (use .jsonl for one record per line)"
+        ) from exc
     except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply to read (Python's limit is about "
-                        f"{sys.getrecursionlimit()} levels); no record needs that depth") from None
+        raise DataError(
+            f"{path}: JSON nested too deeply to read (Python's limit is about "
+            f"{sys.getrecursionlimit()} levels); no record needs that depth"
+        ) from None
     if isinstance(data, _Duplicated):
         raise DataError(f"{path}: {data.error}")
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{path}: a .json data file must hold a list of records (or {{\"data\": [...]}}), "
-                        f"got a {type(data).__name__}")
+        raise DataError(
+            f'{path}: a .json data file must hold a list of records (or {{"data": [...]}}), got a {type(data).__name__}'
+        )
     return [_duplicate_in(item) or item for item in data] if found else data
 
 
@@ -166,14 +175,17 @@ def resolve_source(spec: str | Path) -> Source:
             return Source(str(path), "arrow", path)
         if (path / "dataset_dict.json").is_file():
             return Source(str(path), "arrow", path)
-        raise DataError(f"{path}: a folder that is not a `datasets` dataset saved with save_to_disk "
-                        "(no dataset_info.json / dataset_dict.json); give the data files instead")
+        raise DataError(
+            f"{path}: a folder that is not a `datasets` dataset saved with save_to_disk "
+            "(no dataset_info.json / dataset_dict.json); give the data files instead"
+        )
     if path.is_file():
         suffix = path.suffix.lower()
         kind = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}.get(suffix)
         if kind is None:
-            raise DataError(f"{path}: unknown data file type {suffix or '(no suffix)'!r}; "
-                            "use .jsonl, .json or .parquet")
+            raise DataError(
+                f"{path}: unknown data file type {suffix or '(no suffix)'!r}; use .jsonl, .json or .parquet"
+            )
         if path.stat().st_size == 0:
             raise DataError(f"{path}: no records (the file is empty)")
         return Source(str(path), kind, path)

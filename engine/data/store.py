@@ -60,8 +60,10 @@ class TokenStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not (self.path / MANIFEST).is_file():
-            raise DataError(f"{self.path}: not a prepared data store (no {MANIFEST}); "
-                            "make one with `python -m engine.data.prepare INPUT... --out DIR`")
+            raise DataError(
+                f"{self.path}: not a prepared data store (no {MANIFEST}); "
+                "make one with `python -m engine.data.prepare INPUT... --out DIR`"
+            )
         self.manifest = read_manifest(self.path)
         arrays = open_arrays(self.path, self.manifest)
         self.tokens, self.loss_mask = arrays["tokens.u32"], arrays["loss_mask.u8"]  # [total] uint32, uint8
@@ -82,8 +84,12 @@ class TokenStore:
         if self.max_token_id >= vocab_size:
             pos = int(np.argmax(self.tokens >= vocab_size))
             doc = int(np.searchsorted(self.offsets, pos, side="right")) - 1
-            raise StoreError(self.path, "tokens.u32", f"token id {int(self.tokens[pos])} (position {pos}, document "
-                             f"{doc}) is not below the tokenizer's vocabulary of {vocab_size} ids")
+            raise StoreError(
+                self.path,
+                "tokens.u32",
+                f"token id {int(self.tokens[pos])} (position {pos}, document "
+                f"{doc}) is not below the tokenizer's vocabulary of {vocab_size} ids",
+            )
         return self
 
     def document(self, i: int) -> Document:
@@ -97,8 +103,9 @@ class StoreWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if self.path.is_dir() and not (self.path / MANIFEST).is_file() and any(self.path.iterdir()):
-            raise DataError(f"{self.path}: exists and is not a data store; choose another --out / "
-                            "data.prepared_dir, or remove it")
+            raise DataError(
+                f"{self.path}: exists and is not a data store; choose another --out / data.prepared_dir, or remove it"
+            )
         # The store this one replaces, if any; another one found there at the end was written meanwhile.
         self._replaces = _identity(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,12 +149,22 @@ class StoreWriter:
             np.save(self.tmp / name, array)
             self._files[name] = hashlib.sha256((self.tmp / name).read_bytes())
         total = int(offsets[-1])
-        shapes = {"tokens.u32": [total], "loss_mask.u8": [total], "offsets.npy": [len(offsets)],
-                  "origins.npy": [len(lengths), 2]}
-        manifest = {"format": FORMAT, **manifest, "content_sha256": self._hash.hexdigest(),
-                    "documents": int(len(lengths)), "tokens": total,
-                    "files": {n: {"dtype": DTYPES[n], "shape": shapes[n], "sha256": self._files[n].hexdigest()}
-                              for n in DTYPES}}
+        shapes = {
+            "tokens.u32": [total],
+            "loss_mask.u8": [total],
+            "offsets.npy": [len(offsets)],
+            "origins.npy": [len(lengths), 2],
+        }
+        manifest = {
+            "format": FORMAT,
+            **manifest,
+            "content_sha256": self._hash.hexdigest(),
+            "documents": int(len(lengths)),
+            "tokens": total,
+            "files": {
+                n: {"dtype": DTYPES[n], "shape": shapes[n], "sha256": self._files[n].hexdigest()} for n in DTYPES
+            },
+        }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         # These bytes were hashed as they were written: the new store needs no verification pass.
         remember(self.tmp, manifest, self._max_id)
@@ -189,11 +206,15 @@ class StoreWriter:
         try:
             theirs = TokenStore(self.path)
         except DataError as exc:
-            raise DataError(f"{self.path}: another process wrote this folder while this preparation ran, and what it "
-                            f"left cannot be used ({exc}); give each run its own data.prepared_dir (--out)") from None
+            raise DataError(
+                f"{self.path}: another process wrote this folder while this preparation ran, and what it "
+                f"left cannot be used ({exc}); give each run its own data.prepared_dir (--out)"
+            ) from None
         if theirs.fingerprint != manifest["content_sha256"]:
-            raise DataError(f"{self.path}: another process prepared other data into this folder while this preparation "
-                            "ran; give each run its own data.prepared_dir (--out), or the same data and options")
+            raise DataError(
+                f"{self.path}: another process prepared other data into this folder while this preparation "
+                "ran; give each run its own data.prepared_dir (--out), or the same data and options"
+            )
         log.info("data store %s was prepared by another process meanwhile, with the same content; using it", self.path)
         return theirs
 

@@ -36,11 +36,21 @@ _INT, _NUMBER = (int,), (int, float)
 STORE_FIELDS = {"format": _INT, "content_sha256": (str,), "documents": _INT, "tokens": _INT, "files": (dict,)}
 # ... and prepare.py's, read by every run that trains on the store.
 PREPARED_FIELDS = {
-    "sources": (list,), "tokenizer_sha256": (str,), "code_sha256": (str,), "render": {"max_seq_len": _INT},
+    "sources": (list,),
+    "tokenizer_sha256": (str,),
+    "code_sha256": (str,),
+    "render": {"max_seq_len": _INT},
     "counts": {k: _INT for k in ("records", "documents", "skipped_invalid", "dropped_overlong", "truncated")}
     | {"skipped_examples": (list,), "overlong_examples": (list,)},
-    "token_stats": {"tokens": _INT, "target_tokens": _INT, "min_len": _INT, "max_len": _INT,
-                    "mean_len": _NUMBER, "p50_len": _NUMBER, "p95_len": _NUMBER},
+    "token_stats": {
+        "tokens": _INT,
+        "target_tokens": _INT,
+        "min_len": _INT,
+        "max_len": _INT,
+        "mean_len": _NUMBER,
+        "p50_len": _NUMBER,
+        "p95_len": _NUMBER,
+    },
 }
 _WANT = {str: "a string", list: "a list", dict: "an object"}
 _CHUNK = 16 << 20  # bytes hashed per read (a multiple of 4: whole token ids)
@@ -51,13 +61,21 @@ class StoreError(DataError):
 
     def __init__(self, store: Path, file: str, problem: str) -> None:
         self.store, self.file, self.detail = Path(store), file, f"{Path(store) / file}: {problem}"
-        super().__init__(f"{self.detail}; prepare the store again: python -m engine.data.prepare INPUT... "
-                         f"--out {store}")
+        super().__init__(
+            f"{self.detail}; prepare the store again: python -m engine.data.prepare INPUT... --out {store}"
+        )
 
 
 def _kind(value: object) -> str:
-    return {bool: "a boolean", str: "a string", list: "a list", dict: "an object", type(None): "null",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        type(None): "null",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _check_type(store: Path, field: str, value: object, types: tuple) -> None:
@@ -88,19 +106,27 @@ def read_manifest(store: Path) -> dict:
     _check_fields(store, manifest, STORE_FIELDS)
     n, t = manifest["documents"], manifest["tokens"]
     if n < 1 or t < n:
-        raise StoreError(store, MANIFEST, f"'documents' = {n} and 'tokens' = {t}: a store holds at least one "
-                         "document of at least one token each")
+        raise StoreError(
+            store,
+            MANIFEST,
+            f"'documents' = {n} and 'tokens' = {t}: a store holds at least one document of at least one token each",
+        )
     shapes = {"tokens.u32": [t], "loss_mask.u8": [t], "offsets.npy": [n + 1], "origins.npy": [n, 2]}
     for name, dtype in DTYPES.items():
         entry = manifest["files"].get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise StoreError(store, MANIFEST, f"field 'files.{name}' is missing or has no 'sha256'")
         if entry.get("dtype") != dtype:
-            raise StoreError(store, MANIFEST, f"field 'files.{name}.dtype' = {entry.get('dtype')!r}, the store "
-                             f"format has {dtype!r}")
+            raise StoreError(
+                store, MANIFEST, f"field 'files.{name}.dtype' = {entry.get('dtype')!r}, the store format has {dtype!r}"
+            )
         if entry.get("shape") != shapes[name]:
-            raise StoreError(store, MANIFEST, f"field 'files.{name}.shape' = {entry.get('shape')!r} disagrees with "
-                             f"'documents' = {n} and 'tokens' = {t} (expected {shapes[name]})")
+            raise StoreError(
+                store,
+                MANIFEST,
+                f"field 'files.{name}.shape' = {entry.get('shape')!r} disagrees with "
+                f"'documents' = {n} and 'tokens' = {t} (expected {shapes[name]})",
+            )
     return manifest
 
 
@@ -109,12 +135,17 @@ def check_prepared_fields(store: Path, manifest: dict) -> dict:
     _check_fields(store, manifest, PREPARED_FIELDS)
     for i, source in enumerate(manifest["sources"]):
         if not (isinstance(source, dict) and all(isinstance(source.get(k), str) for k in ("name", "sha256"))):
-            raise StoreError(store, MANIFEST, f"field 'sources[{i}]' = {source!r:.60} is not an object with "
-                             "'name' and 'sha256'")
+            raise StoreError(
+                store, MANIFEST, f"field 'sources[{i}]' = {source!r:.60} is not an object with 'name' and 'sha256'"
+            )
     counted, summed = manifest["counts"]["documents"], manifest["token_stats"]["tokens"]
     if (counted, summed) != (manifest["documents"], manifest["tokens"]):
-        raise StoreError(store, MANIFEST, f"'counts.documents' = {counted} and 'token_stats.tokens' = {summed} "
-                         f"disagree with 'documents' = {manifest['documents']} and 'tokens' = {manifest['tokens']}")
+        raise StoreError(
+            store,
+            MANIFEST,
+            f"'counts.documents' = {counted} and 'token_stats.tokens' = {summed} "
+            f"disagree with 'documents' = {manifest['documents']} and 'tokens' = {manifest['tokens']}",
+        )
     return manifest
 
 
@@ -167,10 +198,15 @@ def open_arrays(store: Path, manifest: dict) -> dict[str, np.ndarray]:
                     raise StoreError(store, name, f"shape {list(found)}, the manifest says {list(shape)}")
             expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
             if size != expected:
-                raise StoreError(store, name, f"{size} bytes, but {list(shape)} {dtype} needs {expected} "
-                                 f"({'truncated' if size < expected else 'extended'})")
-            arrays[name] = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", offset=offset,
-                                     shape=shape)
+                raise StoreError(
+                    store,
+                    name,
+                    f"{size} bytes, but {list(shape)} {dtype} needs {expected} "
+                    f"({'truncated' if size < expected else 'extended'})",
+                )
+            arrays[name] = np.memmap(
+                path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", offset=offset, shape=shape
+            )
         except FileNotFoundError:
             raise StoreError(store, name, "missing") from None
         except OSError as exc:
@@ -184,14 +220,19 @@ def check_offsets(store: Path, offsets: np.ndarray, tokens: int) -> np.ndarray:
         raise StoreError(store, "offsets.npy", f"the first offset is {int(offsets[0])}, not 0")
     if offsets[-1] != tokens:
         where = "past the end of" if offsets[-1] > tokens else "short of the end of"
-        raise StoreError(store, "offsets.npy", f"the last offset {int(offsets[-1])} is {where} tokens.u32 "
-                         f"({tokens} tokens)")
+        raise StoreError(
+            store, "offsets.npy", f"the last offset {int(offsets[-1])} is {where} tokens.u32 ({tokens} tokens)"
+        )
     lengths = np.diff(offsets)  # [N]
     bad = np.flatnonzero(lengths <= 0)
     if bad.size:
         i = int(bad[0])
-        raise StoreError(store, "offsets.npy", f"the offsets do not increase at document {i} (offsets[{i}] = "
-                         f"{int(offsets[i])}, offsets[{i + 1}] = {int(offsets[i + 1])})")
+        raise StoreError(
+            store,
+            "offsets.npy",
+            f"the offsets do not increase at document {i} (offsets[{i}] = "
+            f"{int(offsets[i])}, offsets[{i + 1}] = {int(offsets[i + 1])})",
+        )
     return lengths
 
 
@@ -204,8 +245,11 @@ def _remembered(store: Path, manifest: dict, stats: dict) -> tuple[set[str], int
     token id it found in tokens.u32 (None when it does not vouch for that file)."""
     try:
         seen = json.loads((store / VERIFIED).read_bytes())
-        done = {n for n, e in seen["files"].items()
-                if n in DTYPES and e["stat"] == stats[n] and e["sha256"] == manifest["files"][n]["sha256"]}
+        done = {
+            n
+            for n, e in seen["files"].items()
+            if n in DTYPES and e["stat"] == stats[n] and e["sha256"] == manifest["files"][n]["sha256"]
+        }
         max_id = seen["max_token_id"]
         return done, max_id if "tokens.u32" in done and isinstance(max_id, int) else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -215,8 +259,10 @@ def _remembered(store: Path, manifest: dict, stats: dict) -> tuple[set[str], int
 def remember(store: Path, manifest: dict, max_token_id: int, stats: dict | None = None) -> None:
     """Write verified.json (atomically); a store in a read-only folder is verified at every start instead."""
     stats = stats or _stats(store)
-    record = {"max_token_id": int(max_token_id),
-              "files": {n: {"stat": stats[n], "sha256": manifest["files"][n]["sha256"]} for n in DTYPES}}
+    record = {
+        "max_token_id": int(max_token_id),
+        "files": {n: {"stat": stats[n], "sha256": manifest["files"][n]["sha256"]} for n in DTYPES},
+    }
     tmp = store / f".{VERIFIED}.{os.getpid()}-{id(record)}"
     try:
         tmp.write_text(json.dumps(record) + "\n")
@@ -224,8 +270,11 @@ def remember(store: Path, manifest: dict, max_token_id: int, stats: dict | None 
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        log.warning("cannot record the verification of %s (%s); its files will be hashed again at every start",
-                    store, exc.strerror or exc)
+        log.warning(
+            "cannot record the verification of %s (%s); its files will be hashed again at every start",
+            store,
+            exc.strerror or exc,
+        )
 
 
 def _hash(path: Path, tokens: bool) -> tuple[str, int]:
@@ -254,8 +303,12 @@ def verify(store: Path, manifest: dict) -> int:
         digest, found = _hash(store / name, tokens=name == "tokens.u32")
         expected = manifest["files"][name]["sha256"]
         if digest != expected:
-            raise StoreError(store, name, f"sha256 {digest[:12]}... differs from the manifest's {expected[:12]}...: "
-                             "its bytes changed after it was prepared")
+            raise StoreError(
+                store,
+                name,
+                f"sha256 {digest[:12]}... differs from the manifest's {expected[:12]}...: "
+                "its bytes changed after it was prepared",
+            )
         max_id = found if name == "tokens.u32" else max_id
     remember(store, manifest, max_id, stats)
     return max_id

@@ -21,8 +21,9 @@ class SyntheticLoader:
 
     report: dict = {}  # no files: nothing prepared, skipped or dropped
 
-    def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, vocab_size: int, seq_len: int, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         self.vocab_size, self.seq_len, self.micro_batch_size = vocab_size, seq_len, micro_batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.next_micro_batch = 0  # per-rank micro-batches already handed out
@@ -44,8 +45,13 @@ class SyntheticLoader:
         rows = torch.stack([self._row(first + i) for i in range(b)])  # [B, T+1]
         self.next_micro_batch += 1
         t = self.seq_len
-        return Batch(input_ids=rows[:, :-1].contiguous(), labels=rows[:, 1:].contiguous(),
-                     position_ids=torch.arange(t).expand(b, t).contiguous(), doc_ids=None, num_target_tokens=b * t)
+        return Batch(
+            input_ids=rows[:, :-1].contiguous(),
+            labels=rows[:, 1:].contiguous(),
+            position_ids=torch.arange(t).expand(b, t).contiguous(),
+            doc_ids=None,
+            num_target_tokens=b * t,
+        )
 
     def close(self) -> None:
         pass
@@ -53,8 +59,10 @@ class SyntheticLoader:
     def state_dict(self) -> dict:
         # The global row count is what is layout-free: a resume on another number of ranks continues
         # the same stream from it.
-        return {"next_micro_batch": self.next_micro_batch,
-                "rows_consumed": self.next_micro_batch * self.micro_batch_size * self.world_size}
+        return {
+            "next_micro_batch": self.next_micro_batch,
+            "rows_consumed": self.next_micro_batch * self.micro_batch_size * self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "rows_consumed" not in state:
@@ -62,6 +70,8 @@ class SyntheticLoader:
             return
         rows, per_micro_batch = int(state["rows_consumed"]), self.micro_batch_size * self.world_size
         if rows % per_micro_batch:
-            raise ValueError(f"cannot continue the synthetic stream: {rows} rows were consumed, not a multiple of "
-                             f"data.micro_batch_size x world size = {per_micro_batch}")
+            raise ValueError(
+                f"cannot continue the synthetic stream: {rows} rows were consumed, not a multiple of "
+                f"data.micro_batch_size x world size = {per_micro_batch}"
+            )
         self.next_micro_batch = rows // per_micro_batch

@@ -79,9 +79,7 @@ class HarmonyTokenizer:
     def encode_segments(self, segments: Sequence[Segment]) -> tuple[np.ndarray, np.ndarray]:
         return self.encode_segments_batch([segments])[0]
 
-    def encode_segments_batch(
-        self, documents: Sequence[Sequence[Segment]]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_segments_batch(self, documents: Sequence[Sequence[Segment]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per document: (ids [L] int64, trained [L] bool), trained marking loss-carrying tokens.
 
         Pieces not seen before go to the word-cache encoder when the tokenizer allows it
@@ -94,7 +92,9 @@ class HarmonyTokenizer:
         if self._words is None:
             new = {
                 part: None
-                for doc in documents for segment in doc for part in split(segment.text)[::2]
+                for doc in documents
+                for segment in doc
+                for part in split(segment.text)[::2]
                 if part and part not in pieces
             }
             if new:

@@ -18,9 +18,7 @@ from engine.errors import DataError
 
 # Text that the tokenizer would read as harmony structure instead of text (o200k_harmony reserves
 # every <|reserved_N|> too). Refused wherever record text is rendered.
-_SPECIAL = re.compile(
-    r"<\|(?:start|end|message|channel|return|call|constrain|startoftext|endoftext|reserved_\d+)\|>"
-)
+_SPECIAL = re.compile(r"<\|(?:start|end|message|channel|return|call|constrain|startoftext|endoftext|reserved_\d+)\|>")
 # A name is rendered inside a header, next to other header text: keep it one plain word.
 _NAME = re.compile(r"[A-Za-z0-9_\-.]+")
 _MISSING = object()
@@ -319,30 +317,53 @@ _PYTHON_DESCRIPTION = (
 )
 _NUMBER_DEFAULT_MINUS_ONE = {"type": "number", "default": -1}
 BUILTIN_TOOLS = {
-    "browser": Namespace("browser", _BROWSER_DESCRIPTION, (
-        FunctionTool(
-            "search", "Searches for information related to `query` and displays `topn` results.",
-            {"type": "object", "properties": {"query": {"type": "string"}, "topn": {"type": "number", "default": 10},
-                                              "source": {"type": "string"}}, "required": ["query"]},
+    "browser": Namespace(
+        "browser",
+        _BROWSER_DESCRIPTION,
+        (
+            FunctionTool(
+                "search",
+                "Searches for information related to `query` and displays `topn` results.",
+                {
+                    "type": "object",
+                    "properties": {
+                        "query": {"type": "string"},
+                        "topn": {"type": "number", "default": 10},
+                        "source": {"type": "string"},
+                    },
+                    "required": ["query"],
+                },
+            ),
+            FunctionTool(
+                "open",
+                "Opens the link `id` from the page indicated by `cursor` starting at line number `loc`, showing "
+                "`num_lines` lines.\nValid link ids are displayed with the formatting: `【{id}†.*】`.\nIf `cursor` is "
+                "not provided, the most recent page is implied.\nIf `id` is a string, it is treated as a fully "
+                "qualified URL associated with `source`.\nIf `loc` is not provided, the viewport will be positioned "
+                "at the beginning of the document or centered on the most relevant passage, if available.\nUse this "
+                "function without `id` to scroll to a new location of an opened page.",
+                {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": ["number", "string"], "default": -1},
+                        "cursor": _NUMBER_DEFAULT_MINUS_ONE,
+                        "loc": _NUMBER_DEFAULT_MINUS_ONE,
+                        "num_lines": _NUMBER_DEFAULT_MINUS_ONE,
+                        "view_source": {"type": "boolean", "default": False},
+                        "source": {"type": "string"},
+                    },
+                },
+            ),
+            FunctionTool(
+                "find",
+                "Finds exact matches of `pattern` in the current page, or the page given by `cursor`.",
+                {
+                    "type": "object",
+                    "properties": {"pattern": {"type": "string"}, "cursor": _NUMBER_DEFAULT_MINUS_ONE},
+                    "required": ["pattern"],
+                },
+            ),
         ),
-        FunctionTool(
-            "open",
-            "Opens the link `id` from the page indicated by `cursor` starting at line number `loc`, showing "
-            "`num_lines` lines.\nValid link ids are displayed with the formatting: `【{id}†.*】`.\nIf `cursor` is "
-            "not provided, the most recent page is implied.\nIf `id` is a string, it is treated as a fully "
-            "qualified URL associated with `source`.\nIf `loc` is not provided, the viewport will be positioned "
-            "at the beginning of the document or centered on the most relevant passage, if available.\nUse this "
-            "function without `id` to scroll to a new location of an opened page.",
-            {"type": "object", "properties": {
-                "id": {"type": ["number", "string"], "default": -1}, "cursor": _NUMBER_DEFAULT_MINUS_ONE,
-                "loc": _NUMBER_DEFAULT_MINUS_ONE, "num_lines": _NUMBER_DEFAULT_MINUS_ONE,
-                "view_source": {"type": "boolean", "default": False}, "source": {"type": "string"}}},
-        ),
-        FunctionTool(
-            "find", "Finds exact matches of `pattern` in the current page, or the page given by `cursor`.",
-            {"type": "object", "properties": {"pattern": {"type": "string"}, "cursor": _NUMBER_DEFAULT_MINUS_ONE},
-             "required": ["pattern"]},
-        ),
-    )),
+    ),
     "python": Namespace("python", _PYTHON_DESCRIPTION, ()),
 }

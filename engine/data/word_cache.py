@@ -59,8 +59,12 @@ class WordCacheEncoder:
         if state.get("type") != "Sequence" or len(steps) != 2:
             return None
         split, byte_level = steps
-        if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
-                or "Regex" not in split.get("pattern", {})):
+        if (
+            split.get("type") != "Split"
+            or split.get("behavior") != "Isolated"
+            or split.get("invert")
+            or "Regex" not in split.get("pattern", {})
+        ):
             return None
         if byte_level != {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}:
             return None

@@ -17,5 +17,12 @@ are stored as the whole model's; nothing in it is unpickled with code).
 from engine.export.rebuild import gather_trained_weights, load_adapters_only, load_trained_model
 from engine.export.writers import DTYPES, export, run_dtype, write_export
 
-__all__ = ["DTYPES", "export", "gather_trained_weights", "load_adapters_only", "load_trained_model", "run_dtype",
-           "write_export"]
+__all__ = [
+    "DTYPES",
+    "export",
+    "gather_trained_weights",
+    "load_adapters_only",
+    "load_trained_model",
+    "run_dtype",
+    "write_export",
+]

@@ -41,15 +41,21 @@ def describe(ckpt: HFCheckpoint, dtype: torch.dtype, dst: Path) -> str:
     src_bytes = ckpt.tensors.nbytes_on_disk()
     out_bytes = sum(ckpt.nbytes(name, dtype) for name in ckpt.shapes)
     layout = "MXFP4 experts" if ckpt.quantization else "unquantized"
-    lines = [f"source: {ckpt.directory} ({layout}, {size_text(src_bytes)} on disk)",
-             f"output: {dst} ({DTYPE_FLAGS[dtype]}, about {size_text(out_bytes)})"]
+    lines = [
+        f"source: {ckpt.directory} ({layout}, {size_text(src_bytes)} on disk)",
+        f"output: {dst} ({DTYPE_FLAGS[dtype]}, about {size_text(out_bytes)})",
+    ]
     if ckpt.quantization:
-        lines.append(f"note: MXFP4 -> {DTYPE_FLAGS[dtype]} dequantizes the expert weights (lossless, but 4.25 -> "
-                     f"{dtype.itemsize * 8} bits per value), so the output is {out_bytes / src_bytes:.1f}x the "
-                     "size of the input")
+        lines.append(
+            f"note: MXFP4 -> {DTYPE_FLAGS[dtype]} dequantizes the expert weights (lossless, but 4.25 -> "
+            f"{dtype.itemsize * 8} bits per value), so the output is {out_bytes / src_bytes:.1f}x the "
+            "size of the input"
+        )
     free = shutil.disk_usage(next(p for p in [dst, *dst.parents] if p.exists())).free
     if free < out_bytes:
-        lines.append(f"warning: only {size_text(free)} free where {dst} goes; the conversion will likely run out of space")
+        lines.append(
+            f"warning: only {size_text(free)} free where {dst} goes; the conversion will likely run out of space"
+        )
     return "\n".join(lines)
 
 
@@ -78,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.dst.resolve() == src.directory.resolve():
             raise ValueError(f"{args.dst}: the output directory is the source; write somewhere else")
         print(describe(src, dtype, args.dst.resolve()), flush=True)
-        write_hf(src.config, _stream(src, dtype), args.dst, dtype=dtype, max_shard_size=args.max_shard_size,
-                 source_dir=src.directory, progress=True, overwrite=args.overwrite)
+        write_hf(
+            src.config,
+            _stream(src, dtype),
+            args.dst,
+            dtype=dtype,
+            max_shard_size=args.max_shard_size,
+            source_dir=src.directory,
+            progress=True,
+            overwrite=args.overwrite,
+        )
         print(f"wrote {args.dst}", flush=True)
         if args.verify:
             bad = verify(src, HFCheckpoint(args.dst), dtype)

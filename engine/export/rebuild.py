@@ -21,7 +21,7 @@ def gather_trained_weights(path: Path) -> dict[str, torch.Tensor]:
     if not full:
         raise ckpt.CheckpointCorruptError(path, "holds no trained weights; the checkpoint is corrupt")
     ckpt.load_tensors(path, full, alone=True)
-    return {key[len("model."):]: t for key, t in full.items()}
+    return {key[len("model.") :]: t for key, t in full.items()}
 
 
 def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -43,8 +43,9 @@ def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
     with torch.no_grad():
         for name, tensor in trained.items():
             if params[name].shape != tensor.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(params[name].shape)}")
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}"
+                )
             params[name].copy_(tensor)
     return cfg, model
 

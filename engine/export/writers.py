@@ -37,8 +37,9 @@ def run_dtype(meta: dict) -> str:
     return "fp32" if meta["config"]["model"]["dtype"] == "float32" else "bf16"
 
 
-def write_export(cfg, model, out: str | Path, fmt: str, *, dtype: str = "bf16", attention_only: bool = False,
-                 overwrite: bool = False) -> Path:
+def write_export(
+    cfg, model, out: str | Path, fmt: str, *, dtype: str = "bf16", attention_only: bool = False, overwrite: bool = False
+) -> Path:
     """Write `model` (trained under `cfg`) as `fmt`: peft | merged | hf. hf and merged exports carry
     the tokenizer files and chat template the run used, so the folder loads on its own."""
     with export_target(out, needs_bytes=_export_bytes(model, fmt, dtype)):
@@ -57,8 +58,13 @@ def _write(cfg, model, out, fmt: str, *, dtype: str, attention_only: bool, overw
     if fmt == "peft":
         from engine.peft.peft_format import export_peft
 
-        return export_peft(model, out, base_model_name_or_path=cfg.model.path or "random-init",
-                           attention_only=attention_only, overwrite=overwrite)
+        return export_peft(
+            model,
+            out,
+            base_model_name_or_path=cfg.model.path or "random-init",
+            attention_only=attention_only,
+            overwrite=overwrite,
+        )
     source = side_files_source(cfg)
     if fmt == "merged":
         from engine.peft.peft_format import export_merged
@@ -70,21 +76,31 @@ def _write(cfg, model, out, fmt: str, *, dtype: str, attention_only: bool, overw
     return Path(out)
 
 
-def export(path: str | Path, out: str | Path, fmt: str | None = None, *, dtype: str | None = None,
-           attention_only: bool = False, overwrite: bool = False) -> Path:
+def export(
+    path: str | Path,
+    out: str | Path,
+    fmt: str | None = None,
+    *,
+    dtype: str | None = None,
+    attention_only: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Export checkpoint `path` to `out`; hf / merged in `dtype` (default: the run's own dtype)."""
     path = Path(path)
     if not ckpt.is_complete(path):
-        raise FileNotFoundError(f"{path}: not a complete training checkpoint (no meta.json); "
-                                "pass a checkpoints/step_XXXXXXX directory")
+        raise FileNotFoundError(
+            f"{path}: not a complete training checkpoint (no meta.json); pass a checkpoints/step_XXXXXXX directory"
+        )
     meta = ckpt.read_meta(path)
     lora = config_of_checkpoint(meta["config"]).peft.method == "lora"
     fmt = fmt or ("peft" if lora else "hf")
     if fmt in ("peft", "merged") and not lora:
         raise ExportError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")
     if fmt == "hf" and lora:
-        raise ExportError("--format hf writes a fully fine-tuned model; this checkpoint is a LoRA run: use --format "
-                          "merged (the adapters folded into the base, as an HF checkpoint) or --format peft (the adapter)")
+        raise ExportError(
+            "--format hf writes a fully fine-tuned model; this checkpoint is a LoRA run: use --format "
+            "merged (the adapters folded into the base, as an HF checkpoint) or --format peft (the adapter)"
+        )
     dtype = dtype or run_dtype(meta)
     # A PEFT adapter needs the adapters alone; hf / merged need the whole model, rebuilt on the CPU
     # in the export dtype.

@@ -20,8 +20,10 @@ def prompt_ids(messages: list[dict], tokenizer, *, reasoning: str = "medium", to
     """Token ids of the conversation so far plus `<|start|>assistant`, the model's turn."""
     text = prompt_text(messages, reasoning=reasoning, tools=tools)
     if tools and not all(_tool_name(t) in text for t in tools):
-        raise ValueError("the harmony renderer (engine/data/harmony.py) did not write the tool definitions into "
-                         "the prompt; this version renders no tools: run without --tools")
+        raise ValueError(
+            "the harmony renderer (engine/data/harmony.py) did not write the tool definitions into "
+            "the prompt; this version renders no tools: run without --tools"
+        )
     return tokenizer.encode(text)
 
 
@@ -75,9 +77,8 @@ class HarmonyStream:
         text = self.tokenizer.decode(self.body)
         if text.endswith("\ufffd"):  # a multi-byte character not complete yet
             return []
-        delta, self.shown = text[self.shown:], len(text)
+        delta, self.shown = text[self.shown :], len(text)
         return [Event("text", channel, delta)] if delta else []
-
 
     def flush(self) -> list[Event]:
         """At the end of generation: whatever did not form a complete message (a model that does not
@@ -112,8 +113,19 @@ class Printer:
         self.out.flush()
 
 
-def answer(model, tokenizer, messages: list[dict], *, reasoning: str, tools: list | None, max_new_tokens: int,
-           temperature: float, top_p: float, seed: int | None, out) -> dict:
+def answer(
+    model,
+    tokenizer,
+    messages: list[dict],
+    *,
+    reasoning: str,
+    tools: list | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    out,
+) -> dict:
     """Generate one assistant turn, streaming it to `out`; returns the assistant message for the history."""
     ids = torch.tensor([prompt_ids(messages, tokenizer, reasoning=reasoning, tools=tools)])
     stream = HarmonyStream(tokenizer)
@@ -127,8 +139,17 @@ def answer(model, tokenizer, messages: list[dict], *, reasoning: str, tools: lis
                 final.append(event.text)
 
     stops = [tokenizer.special_ids[t] for t in STOP_TOKENS]
-    generate(model, ids, max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
-             stop_token_ids=stops, seed=seed, on_token=on_token)
+    generate(
+        model,
+        ids,
+        max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature or 1.0,
+        top_p=top_p,
+        stop_token_ids=stops,
+        seed=seed,
+        on_token=on_token,
+    )
     for event in stream.flush():
         printer(event)
     printer(Event("end"))
@@ -146,6 +167,8 @@ def read_tools(path: str | None) -> list | None:
     except json.JSONDecodeError as e:
         raise ValueError(f"--tools {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) and _tool_name(t) for t in tools):
-        raise ValueError(f"--tools {p}: expected a JSON list of tool definitions, each with a name "
-                         '(e.g. [{"type": "function", "function": {"name": ..., "parameters": {...}}}])')
+        raise ValueError(
+            f"--tools {p}: expected a JSON list of tool definitions, each with a name "
+            '(e.g. [{"type": "function", "function": {"name": ..., "parameters": {...}}}])'
+        )
     return tools

@@ -51,8 +51,13 @@ class Totals:
         return out
 
 
-def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+def token_losses(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-token loss [B, T] (0 where labels == IGNORE_INDEX), no gradients: the model's hidden states, then
     the chunked cross-entropy against lm_head. Under context parallelism (`with cp:`): this rank's
     tokens only, [B, T/N] in `cp.local_index` order."""
@@ -84,7 +89,7 @@ def channel_tags(ids: list[int], tokenizer) -> list[str | None]:
         j = i + 1
         while j < len(ids) and ids[j] != message:
             j += 1
-        header = tokenizer.decode(ids[i + 1:j])
+        header = tokenizer.decode(ids[i + 1 : j])
         tag = None
         if header.startswith("assistant"):
             channel = header.split("<|channel|>", 1)[1].split()[0] if "<|channel|>" in header else "final"
@@ -123,16 +128,16 @@ def evaluate_records(model, tokenizer, records, *, max_seq_len: int = 4096, batc
     totals = Totals()
     encoded = [encode_record(r, tokenizer, max_seq_len) for r in records]
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        chunk = encoded[start : start + batch_size]
         t = max(len(ids) for ids, _ in chunk)
         input_ids = torch.full((len(chunk), t), tokenizer.pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), t), IGNORE_INDEX, dtype=torch.long)
         for row, (ids, _) in enumerate(chunk):  # right padding: causal attention never looks ahead
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            labels[row, :len(ids) - 1] = torch.tensor(ids[1:])
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(ids) - 1] = torch.tensor(ids[1:])
         losses = token_losses(model, input_ids.to(device), labels.to(device)).cpu()
         for row, (ids, groups) in enumerate(chunk):
-            row_losses = losses[row, :len(ids) - 1]  # position p predicts token p + 1
+            row_losses = losses[row, : len(ids) - 1]  # position p predicts token p + 1
             for name, flags in groups.items():
                 totals.add(name, row_losses, flags[1:])
     return totals.result()

@@ -27,8 +27,9 @@ from engine.parallel.fsdp import gathered, is_sharded
 
 def _check_args(input_ids, max_new_tokens, temperature, top_p, top_k) -> None:
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got shape "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}"
+        )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature <= 0:
@@ -39,8 +40,15 @@ def _check_args(input_ids, max_new_tokens, temperature, top_p, top_k) -> None:
         raise ValueError(f"top_k={top_k} must be >= 0 (0 = no top-k filter)")
 
 
-def sample_next(logits: torch.Tensor, *, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
-                top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The next token [B] from last-position logits [B, V]: argmax, or a draw after temperature,
     top-k and top-p (nucleus: the smallest set of tokens whose probability reaches top_p) filters."""
     if not do_sample:
@@ -75,11 +83,22 @@ def _group_done(done: bool, group, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
-             attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
-             use_cache: bool = True, on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_token_ids: Sequence[int] | None = None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """Continue `input_ids` [B, T] (left-padded where `attention_mask` [B, T] is 0) by up to
     `max_new_tokens` tokens -> LongTensor [B, T + n]. `on_token(tokens [B])` sees each new column
     as it is produced (for streaming). `use_cache=False` recomputes the whole sequence every step
@@ -107,8 +126,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
             out, new, new_valid = [ids], ids, valid
             for _ in range(max_new_tokens):
                 logits = step_logits(new, new_valid)  # [B, V]
-                token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    generator=generator)
+                token = sample_next(
+                    logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+                )
                 token = torch.where(finished, torch.full_like(token, pad), token)
                 out.append(token[:, None])
                 if on_token is not None:
@@ -155,8 +175,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     ids = torch.full((len(sequences), t), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), t), dtype=torch.long)
     for i, s in enumerate(sequences):
-        ids[i, t - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, t - len(s):] = 1
+        ids[i, t - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, t - len(s) :] = 1
     return ids, mask
 
 

@@ -44,8 +44,9 @@ def _checkpoint_of(path: Path) -> Path | None:
     return None
 
 
-def load_for_inference(path: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype | None = None,
-                       device: str = "auto") -> Loaded:
+def load_for_inference(
+    path: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype | None = None, device: str = "auto"
+) -> Loaded:
     from engine.data.tokenizer import load_tokenizer
 
     path = Path(path)
@@ -54,8 +55,10 @@ def load_for_inference(path: str | Path, *, adapter: str | Path | None = None, d
     checkpoint = _checkpoint_of(path) if path.is_dir() else None
     if checkpoint is not None:
         if adapter is not None:
-            raise ValueError(f"--adapter is for an HF base model; {checkpoint} is a training checkpoint that "
-                             "already holds its adapters")
+            raise ValueError(
+                f"--adapter is for an HF base model; {checkpoint} is a training checkpoint that "
+                "already holds its adapters"
+            )
         from engine.export import load_trained_model
         from engine.training.build import resolve_tokenizer_path
 
@@ -76,11 +79,14 @@ def load_for_inference(path: str | Path, *, adapter: str | Path | None = None, d
             n = fold_peft_adapter(model, adapter)
             source += f" + PEFT adapter {adapter} ({n} weights adapted)"
     else:
-        raise FileNotFoundError(f"{path}: neither a run folder, a training checkpoint (meta.json) nor an HF "
-                                "checkpoint (config.json)")
+        raise FileNotFoundError(
+            f"{path}: neither a run folder, a training checkpoint (meta.json) nor an HF checkpoint (config.json)"
+        )
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{path}: the tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids, the model "
-                         f"only {model.config.vocab_size}; put the model's tokenizer.json in {path}")
+        raise ValueError(
+            f"{path}: the tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids, the model "
+            f"only {model.config.vocab_size}; put the model's tokenizer.json in {path}"
+        )
     model.to(dev).eval()
     return Loaded(model, tokenizer, source)
 

@@ -106,8 +106,9 @@ class LoopBackend(ExpertsBackend):
     name = "loop"
 
     def mlp(self, x, counts, w_gu, b_gu, w_d, b_d, *, alpha, limit, gather_idx=None):
-        return reference.expert_mlp_reference(x, counts, w_gu, b_gu, w_d, b_d, alpha=alpha, limit=limit,
-                                              gather_idx=gather_idx)
+        return reference.expert_mlp_reference(
+            x, counts, w_gu, b_gu, w_d, b_d, alpha=alpha, limit=limit, gather_idx=gather_idx
+        )
 
     def linear(self, x, counts, w, b=None, gather_idx=None):
         return reference.grouped_linear_reference(x, counts, w, b, gather_idx)
@@ -166,8 +167,9 @@ class TritonBackend(ExpertsBackend):
     def lora_mlp(self, x, counts, w_gu, b_gu, w_d, b_d, adapters: ExpertAdapters, *, alpha, limit, gather_idx=None):
         if adapters.dropout is not None and not isinstance(adapters.dropout, torch.nn.Identity):
             # One dropout mask on the adapter's input, another for the base: not one fused product.
-            return super().lora_mlp(x, counts, w_gu, b_gu, w_d, b_d, adapters, alpha=alpha, limit=limit,
-                                    gather_idx=gather_idx)
+            return super().lora_mlp(
+                x, counts, w_gu, b_gu, w_d, b_d, adapters, alpha=alpha, limit=limit, gather_idx=gather_idx
+            )
         from gptoss_kernels.moe_lora import expert_mlp_lora
 
         e = counts.numel()
@@ -178,9 +180,20 @@ class TritonBackend(ExpertsBackend):
             a, b = (f.to(x.dtype) for f in factors)
             return (a.expand(e, *a.shape), b.expand(e, *b.shape)) if a.dim() == 2 else (a, b)
 
-        return expert_mlp_lora(x, counts, w_gu, b_gu, w_d, b_d, per_expert(adapters.gate_up),
-                               per_expert(adapters.down), adapters.scaling, alpha=alpha, limit=limit,
-                               gather_idx=gather_idx)
+        return expert_mlp_lora(
+            x,
+            counts,
+            w_gu,
+            b_gu,
+            w_d,
+            b_d,
+            per_expert(adapters.gate_up),
+            per_expert(adapters.down),
+            adapters.scaling,
+            alpha=alpha,
+            limit=limit,
+            gather_idx=gather_idx,
+        )
 
     def combine(self, y_rows, w_rows, token_of_row, num_tokens, token_rows=None):
         from gptoss_kernels.scatter_combine import scatter_combine

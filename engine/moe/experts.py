@@ -65,8 +65,16 @@ def recast_in_backward(module: nn.Module, casts: tuple[torch.Tensor, ...]):
 class GroupedExperts(nn.Module):
     holds_experts = True  # its parameters are split over the expert-parallel ranks (engine.parallel.placement)
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, alpha: float, limit: float,
-                 backend: str | ExpertsBackend = "auto"):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        alpha: float,
+        limit: float,
+        backend: str | ExpertsBackend = "auto",
+    ):
         super().__init__()
         # The full model's experts, and which of them this module holds (all, until sharded).
         self.total_experts, self.num_experts, self.expert_offset = num_experts, num_experts, 0
@@ -103,8 +111,10 @@ def shard_experts(experts: nn.Module, ep_size: int, ep_rank: int) -> None:
     if (experts.expert_offset, experts.num_experts) == (start, local):
         return
     if experts.num_experts != total:
-        raise ValueError(f"these experts are already a slice [{experts.expert_offset}, "
-                         f"{experts.expert_offset + experts.num_experts}); shard a module holding all experts")
+        raise ValueError(
+            f"these experts are already a slice [{experts.expert_offset}, "
+            f"{experts.expert_offset + experts.num_experts}); shard a module holding all experts"
+        )
     for name in EXPERT_PARAMS:
         p = getattr(experts, name)
         piece = p.detach()[start : start + local]

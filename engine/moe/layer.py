@@ -22,12 +22,23 @@ from engine.moe.router import TopKRouter
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, *, alpha: float,
-                 limit: float, experts_backend: str = "auto", chunk_tokens: int = 0):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        alpha: float,
+        limit: float,
+        experts_backend: str = "auto",
+        chunk_tokens: int = 0,
+    ):
         super().__init__()
         self.router = TopKRouter(hidden_size, num_experts, top_k)
-        self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, alpha=alpha, limit=limit,
-                                      backend=experts_backend)
+        self.experts = GroupedExperts(
+            num_experts, hidden_size, intermediate_size, alpha=alpha, limit=limit, backend=experts_backend
+        )
         # Replaced from outside (engine.parallel.parallelize.apply_expert_parallel) when experts are spread over ranks.
         self.dispatcher = LocalDispatcher(num_experts)
         self.chunk_tokens = chunk_tokens or 0  # 0: all tokens at once

@@ -57,9 +57,11 @@ class ContextParallel:
     def chunks(self, t: int, rank: int | None = None) -> list[tuple[int, int]]:
         """The [start, end) positions of `rank`'s two chunks of a T-token row."""
         if t % (2 * self.size):
-            raise ValueError(f"context parallelism over {self.size} ranks cuts a row into {2 * self.size} equal "
-                             f"chunks: the sequence length {t} must be a multiple of {2 * self.size} "
-                             "(pad the rows, e.g. data.max_seq_len to a multiple)")
+            raise ValueError(
+                f"context parallelism over {self.size} ranks cuts a row into {2 * self.size} equal "
+                f"chunks: the sequence length {t} must be a multiple of {2 * self.size} "
+                "(pad the rows, e.g. data.max_seq_len to a multiple)"
+            )
         r = self.rank if rank is None else rank
         c = t // (2 * self.size)
         return [(r * c, (r + 1) * c), ((2 * self.size - 1 - r) * c, (2 * self.size - r) * c)]
@@ -84,7 +86,7 @@ class ContextParallel:
         """x [B, heads, T/N, D] local -> per global chunk j of the row, its last `halo` positions
         [B, heads, halo, D] (a list of 2N), gathered from their owners; differentiable."""
         c = x.shape[2] // 2
-        mine = torch.stack([x[:, :, c - halo:c], x[:, :, 2 * c - halo:]])  # [2, B, heads, halo, D]
+        mine = torch.stack([x[:, :, c - halo : c], x[:, :, 2 * c - halo :]])  # [2, B, heads, halo, D]
         every = _GatherStack.apply(mine, self)  # [N, 2, B, heads, halo, D]
         tails: list[torch.Tensor] = [None] * (2 * self.size)  # type: ignore[list-item]
         for r in range(self.size):
@@ -120,7 +122,7 @@ class _GatherSeq(torch.autograd.Function):
         for r, part in enumerate(parts):
             offset = 0
             for s, e in cp.chunks(t, r):
-                full[:, :, s:e] = part[:, :, offset:offset + e - s]
+                full[:, :, s:e] = part[:, :, offset : offset + e - s]
                 offset += e - s
         return full
 

@@ -50,24 +50,26 @@ def apply_fsdp(model: nn.Module, mesh: Mesh, shard: str, compute_dtype: torch.dt
     world = mesh.world_mesh
     keep = shard == "optimizer"  # keep the gathered weights from forward to backward
     params_dtype = {p.dtype for p in model.parameters() if p.requires_grad}
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype if params_dtype != {compute_dtype} else None,
-                              reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(
+        param_dtype=compute_dtype if params_dtype != {compute_dtype} else None, reduce_dtype=torch.float32
+    )
     units: list[FSDPModule] = []
     for layer in model.model.layers:
         experts = layer.mlp.experts
         expert_params = set(experts.parameters())
         if mesh.edp_size > 1:
-            units.append(fully_shard(experts, mesh=mesh.device_mesh["edp"], reshard_after_forward=not keep,
-                                     mp_policy=mp))
+            units.append(
+                fully_shard(experts, mesh=mesh.device_mesh["edp"], reshard_after_forward=not keep, mp_policy=mp)
+            )
             ignored = None
         else:  # each rank's experts are its own: nothing to shard or reduce
             ignored = expert_params
-        units.append(fully_shard(layer, mesh=world, reshard_after_forward=not keep, mp_policy=mp,
-                                 ignored_params=ignored))
+        units.append(
+            fully_shard(layer, mesh=world, reshard_after_forward=not keep, mp_policy=mp, ignored_params=ignored)
+        )
     experts = expert_param_ids(model)
     root_ignored = None if mesh.edp_size > 1 else {p for p in model.parameters() if id(p) in experts}
-    units.append(fully_shard(model, mesh=world, reshard_after_forward=False, mp_policy=mp,
-                             ignored_params=root_ignored))
+    units.append(fully_shard(model, mesh=world, reshard_after_forward=False, mp_policy=mp, ignored_params=root_ignored))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)

@@ -46,24 +46,29 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from engine.errors import LayoutError  # noqa: F401  (re-exported)
 
-SUPPORTED = ("supported layouts: data parallel over all ranks for the dense weights, with expert "
-             "parallelism parallel.ep dividing both the world size and the number of experts "
-             "(parallel.tp=1, parallel.pp=1)")
+SUPPORTED = (
+    "supported layouts: data parallel over all ranks for the dense weights, with expert "
+    "parallelism parallel.ep dividing both the world size and the number of experts "
+    "(parallel.tp=1, parallel.pp=1)"
+)
 
 
 def _divisors_of_both(a: int, b: int | None) -> list[int]:
     return [d for d in range(1, a + 1) if a % d == 0 and (b is None or b % d == 0)]
 
 
-def check_layout(world_size: int, ep: int, tp: int = 1, pp: int = 1, num_experts: int | None = None,
-                 cp: int = 1) -> None:
+def check_layout(
+    world_size: int, ep: int, tp: int = 1, pp: int = 1, num_experts: int | None = None, cp: int = 1
+) -> None:
     """Raise LayoutError unless (world_size, ep, tp, pp, num_experts, cp) is a layout we can run."""
     for key, value in (("parallel.ep", ep), ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise LayoutError(f"{key}={value!r} must be a positive integer")
     if tp > 1 and ep > 1:
-        raise LayoutError(f"parallel.tp={tp} with parallel.ep={ep}: tensor parallelism must be 1 when expert "
-                          f"parallelism is used; {SUPPORTED}")
+        raise LayoutError(
+            f"parallel.tp={tp} with parallel.ep={ep}: tensor parallelism must be 1 when expert "
+            f"parallelism is used; {SUPPORTED}"
+        )
     if tp > 1:
         raise LayoutError(f"parallel.tp={tp}: tensor parallelism is not implemented; {SUPPORTED}")
     if pp > 1:
@@ -71,15 +76,19 @@ def check_layout(world_size: int, ep: int, tp: int = 1, pp: int = 1, num_experts
     choices = _divisors_of_both(world_size, num_experts)
     if world_size % ep:
         how = "run with torchrun --nproc_per_node N" if world_size == 1 else "the world size is the number of processes"
-        raise LayoutError(f"parallel.ep={ep} does not divide the world size {world_size} ({how}); "
-                          f"choose parallel.ep in {choices}")
+        raise LayoutError(
+            f"parallel.ep={ep} does not divide the world size {world_size} ({how}); choose parallel.ep in {choices}"
+        )
     if num_experts is not None and num_experts % ep:
-        raise LayoutError(f"parallel.ep={ep} does not divide the number of experts ({num_experts}); "
-                          f"choose parallel.ep in {choices}")
+        raise LayoutError(
+            f"parallel.ep={ep} does not divide the number of experts ({num_experts}); choose parallel.ep in {choices}"
+        )
     if world_size % cp:
         how = "run with torchrun --nproc_per_node N" if world_size == 1 else "each CP group is cp ranks"
-        raise LayoutError(f"parallel.cp={cp} does not divide the world size {world_size} ({how}); "
-                          f"choose parallel.cp in {_divisors_of_both(world_size, None)}")
+        raise LayoutError(
+            f"parallel.cp={cp} does not divide the world size {world_size} ({how}); "
+            f"choose parallel.cp in {_divisors_of_both(world_size, None)}"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,8 +151,10 @@ class Mesh:
 
     def __repr__(self) -> str:
         cp = f"cp={self.cp} (rank {self.cp_rank}), " if self.cp > 1 else ""
-        return (f"Mesh(world={self.world_size}, rank={self.rank}, ep={self.ep} (rank {self.ep_rank}), "
-                f"expert_dp={self.edp_size} (rank {self.edp_rank}), {cp}device={self.device})")
+        return (
+            f"Mesh(world={self.world_size}, rank={self.rank}, ep={self.ep} (rank {self.ep_rank}), "
+            f"expert_dp={self.edp_size} (rank {self.edp_rank}), {cp}device={self.device})"
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -152,9 +163,17 @@ class Mesh:
         return cls(world_size=1, rank=0, ep=1, device=_resolve_device(device, 0))
 
     @classmethod
-    def from_env(cls, ep: int = 1, tp: int = 1, pp: int = 1, num_experts: int | None = None,
-                 timeout_s: float = 600.0, device: torch.device | str = "auto",
-                 backend: str | None = None, cp: int = 1) -> "Mesh":
+    def from_env(
+        cls,
+        ep: int = 1,
+        tp: int = 1,
+        pp: int = 1,
+        num_experts: int | None = None,
+        timeout_s: float = 600.0,
+        device: torch.device | str = "auto",
+        backend: str | None = None,
+        cp: int = 1,
+    ) -> "Mesh":
         """Build the mesh from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
         Without WORLD_SIZE: a single process (ep must then be 1). With a process group already
@@ -182,8 +201,13 @@ class Mesh:
         if not dist.is_initialized():
             backend = backend or ("nccl" if device.type == "cuda" else "gloo")
             # device_id binds NCCL to this rank's GPU at once (no guessing from the current device).
-            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
-                                    device_id=device if backend == "nccl" else None)
+            dist.init_process_group(
+                backend=backend,
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+                device_id=device if backend == "nccl" else None,
+            )
 
         # new_group is collective over the whole world: every rank creates every group, in the same order.
         edp = world_size // ep
@@ -214,10 +238,20 @@ class Mesh:
         device_mesh = DeviceMesh(device.type, grid, mesh_dim_names=("ep", "edp"))
         world_mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
         ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
-        return cls(world_size=world_size, rank=rank, ep=ep, device=device, cp=cp, ep_group=ep_group,
-                   cp_group=cp_group,
-                   edp_group=edp_group, dp_group=dist.group.WORLD, device_mesh=device_mesh, world_mesh=world_mesh,
-                   ckpt_group=ckpt_group)
+        return cls(
+            world_size=world_size,
+            rank=rank,
+            ep=ep,
+            device=device,
+            cp=cp,
+            ep_group=ep_group,
+            cp_group=cp_group,
+            edp_group=edp_group,
+            dp_group=dist.group.WORLD,
+            device_mesh=device_mesh,
+            world_mesh=world_mesh,
+            ckpt_group=ckpt_group,
+        )
 
     def destroy(self) -> None:
         """Tear the process group down (a clean exit; NCCL warns when it is skipped)."""
@@ -241,8 +275,10 @@ def _resolve_device(device: torch.device | str, local_rank: int) -> torch.device
         if not torch.cuda.is_available():
             raise LayoutError("device cuda was asked for but no CUDA device is visible; use the CPU (gloo)")
         if local_rank >= torch.cuda.device_count():
-            raise LayoutError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
-                              f"visible; start at most that many processes per node")
+            raise LayoutError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
+                f"visible; start at most that many processes per node"
+            )
         return torch.device("cuda", local_rank)
     if kind != "cpu":
         raise LayoutError(f"device {device!r} is not supported; use auto, cuda or cpu")

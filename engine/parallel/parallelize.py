@@ -48,9 +48,15 @@ def apply_activation_checkpointing(model, layers: bool | list[int]) -> None:
         layer.activation_checkpointing = i in chosen
 
 
-def parallelize(model: nn.Module, mesh, *, materialize: Callable[[nn.Module], nn.Module] | None = None,
-                activation_checkpointing: bool | list[int] = False, shard: str = "none",
-                compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    mesh,
+    *,
+    materialize: Callable[[nn.Module], nn.Module] | None = None,
+    activation_checkpointing: bool | list[int] = False,
+    shard: str = "none",
+    compute_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """Apply the steps of the module docstring to `model` (built on the meta device when `materialize`
     gives it its weights) and return it. `shard`: parallel.shard (none | optimizer | full)."""
     apply_expert_parallel(model, mesh)

@@ -24,8 +24,9 @@ def expert_param_ids(model: nn.Module) -> set[int]:
 def named_params(model: nn.Module, *, experts: bool, trainable: bool = False) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of the expert (or dense) parameters, only those with requires_grad if `trainable`."""
     ids = expert_param_ids(model)
-    return [(n, p) for n, p in model.named_parameters()
-            if (id(p) in ids) == experts and (p.requires_grad or not trainable)]
+    return [
+        (n, p) for n, p in model.named_parameters() if (id(p) in ids) == experts and (p.requires_grad or not trainable)
+    ]
 
 
 def placement(model: nn.Module) -> dict[str, bool]:

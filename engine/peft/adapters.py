@@ -131,8 +131,9 @@ class LoraExperts(nn.Module):
         with recast_in_backward(self, weights):
             if self.lora.merged:
                 return self.backend.mlp(x, counts, *weights, alpha=self.alpha, limit=self.limit, gather_idx=gather_idx)
-            return self.backend.lora_mlp(x, counts, *weights, self.lora.adapters(), alpha=self.alpha,
-                                         limit=self.limit, gather_idx=gather_idx)
+            return self.backend.lora_mlp(
+                x, counts, *weights, self.lora.adapters(), alpha=self.alpha, limit=self.limit, gather_idx=gather_idx
+            )
 
     def extra_repr(self) -> str:
         e, h, i2 = self.gate_up_proj.shape

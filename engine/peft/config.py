@@ -17,19 +17,30 @@ PEFT_METHODS = ("none", "lora")  # peft.method: full fine-tuning or LoRA
 @dataclass
 class LoraConfig:
     rank: int = setting(32, range=Range(1), help="the adapters' rank (typically 8 to 64)")
-    alpha: float = setting(32.0, range=Range(0, low_open=True), help="scaling numerator: the update is "
-                           "alpha / rank (or alpha / sqrt(rank)) times B A")
-    dropout: float = setting(0.0, range=Range(0, 1, high_open=True), help="dropout on the adapter's input only; "
-                             "the base path never sees it")
+    alpha: float = setting(
+        32.0,
+        range=Range(0, low_open=True),
+        help="scaling numerator: the update is alpha / rank (or alpha / sqrt(rank)) times B A",
+    )
+    dropout: float = setting(
+        0.0, range=Range(0, 1, high_open=True), help="dropout on the adapter's input only; the base path never sees it"
+    )
     use_rslora: bool = setting(False, help="scale by alpha / sqrt(rank) instead of alpha / rank")
     target_modules: list[str] = setting(
         factory=lambda: list(ATTENTION_TARGETS + EXPERT_TARGETS),
         help=f"weights to adapt, each a name or a name's ending: {', '.join(ATTENTION_TARGETS + EXPERT_TARGETS)} "
-        "(every layer's), or e.g. layers.3.self_attn.q_proj (layer 3's only)")
-    share_expert_adapters: bool = setting(False, help="one adapter per layer for all experts instead of one per "
-                                          "expert (E times fewer expert adapter weights)")
-    init: str = setting("kaiming", choices=LORA_INITS, help="A's init: kaiming (uniform +-1/sqrt(fan_in), as "
-                        "nn.Linear and peft) or gaussian (normal, std 1/rank); B starts at zero")
+        "(every layer's), or e.g. layers.3.self_attn.q_proj (layer 3's only)",
+    )
+    share_expert_adapters: bool = setting(
+        False,
+        help="one adapter per layer for all experts instead of one per expert (E times fewer expert adapter weights)",
+    )
+    init: str = setting(
+        "kaiming",
+        choices=LORA_INITS,
+        help="A's init: kaiming (uniform +-1/sqrt(fan_in), as "
+        "nn.Linear and peft) or gaussian (normal, std 1/rank); B starts at zero",
+    )
 
     @property
     def scaling(self) -> float:
@@ -50,6 +61,8 @@ class LoraConfig:
             raise ConfigError(f"peft.init={self.init!r} is not allowed; choose one of {list(inits)}")
         targets = self.target_modules
         if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t.strip(".") for t in targets):
-            raise ConfigError(f"peft.target_modules={targets!r} must be a non-empty list of names, chosen from "
-                              f"{list(ATTENTION_TARGETS + EXPERT_TARGETS)} (optionally with a module path prefix)")
+            raise ConfigError(
+                f"peft.target_modules={targets!r} must be a non-empty list of names, chosen from "
+                f"{list(ATTENTION_TARGETS + EXPERT_TARGETS)} (optionally with a module path prefix)"
+            )
         return self

@@ -22,8 +22,9 @@ def _matches(name: str, pattern: str) -> bool:
 
 def _targets(model: nn.Module, cfg: LoraConfig) -> tuple[set[str], dict[str, nn.Linear], dict[str, GroupedExperts]]:
     """The names (module names; `<experts>.<param>` for experts) the patterns select, and the candidates."""
-    linears = {n: m for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and n.rpartition(".")[2] in ATTENTION_TARGETS}
+    linears = {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in ATTENTION_TARGETS
+    }
     experts = {n: m for n, m in model.named_modules() if isinstance(m, GroupedExperts)}
     candidates = list(linears) + [f"{n}.{p}" for n in experts for p in EXPERT_TARGETS]
     if not candidates:
@@ -35,7 +36,8 @@ def _targets(model: nn.Module, cfg: LoraConfig) -> tuple[set[str], dict[str, nn.
             raise ConfigError(
                 f"peft.target_modules entry {pattern!r} matches no weight of this model. LoRA adapts "
                 f"{list(ATTENTION_TARGETS + EXPERT_TARGETS)}, optionally with a module path prefix "
-                f"(e.g. {candidates[0]!r} or {candidates[-1]!r})")
+                f"(e.g. {candidates[0]!r} or {candidates[-1]!r})"
+            )
         chosen.update(hits)
     return chosen, linears, experts
 
@@ -53,8 +55,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> dict:
         if ex.backend.name == "grouped_mm" and any(name + "." + p in chosen for p in EXPERT_TARGETS):
             itemsize = ex.gate_up_proj.element_size()
             if cfg.rank * itemsize % 16:
-                raise ConfigError(f"peft.rank={cfg.rank} with model.experts_backend=grouped_mm: torch._grouped_mm "
-                                  f"needs 16-byte aligned rows; use a rank that is a multiple of {16 // itemsize}")
+                raise ConfigError(
+                    f"peft.rank={cfg.rank} with model.experts_backend=grouped_mm: torch._grouped_mm "
+                    f"needs 16-byte aligned rows; use a rank that is a multiple of {16 // itemsize}"
+                )
     for p in model.parameters():
         p.requires_grad_(False)
 

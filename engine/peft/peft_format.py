@@ -75,9 +75,11 @@ def peft_tensors(model: nn.Module, *, attention_only: bool = False) -> tuple[dic
         if attention_only:
             continue
         if not adapter.shared and base.num_experts != total_experts:
-            raise ValueError(f"{name} holds experts [{base.expert_offset}, {base.expert_offset + base.num_experts}) "
-                             f"of {total_experts} (expert parallelism): gather every expert's adapter into a full "
-                             "model before exporting, e.g. with `python -m engine.export CHECKPOINT --format peft`")
+            raise ValueError(
+                f"{name} holds experts [{base.expert_offset}, {base.expert_offset + base.num_experts}) "
+                f"of {total_experts} (expert parallelism): gather every expert's adapter into a full "
+                "model before exporting, e.g. with `python -m engine.export CHECKPOINT --format peft`"
+            )
         _check_installed_peft(adapter.projections)
         for proj, prefix in _expert_names(name, adapter.projections).items():
             a, b = adapter.factors(proj)
@@ -89,12 +91,19 @@ def peft_tensors(model: nn.Module, *, attention_only: bool = False) -> tuple[dic
     targets = {"target_modules": sorted(t for k, v in attn.items() for t in _short_or_full(v, k, layers))}
     if expert:
         targets["target_parameters"] = sorted(
-            t for k, v in expert.items() for t in _short_or_full(v, f"mlp.experts.{k}", layers))
+            t for k, v in expert.items() for t in _short_or_full(v, f"mlp.experts.{k}", layers)
+        )
     return tensors, targets
 
 
-def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str,
-                attention_only: bool = False, overwrite: bool = False) -> Path:
+def export_peft(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str,
+    attention_only: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` for peft / LoRA-serving stacks, into
     `out_dir` complete or not at all (a non-empty `out_dir` is an error unless `overwrite`).
 
@@ -107,9 +116,11 @@ def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pat
     cfg = adapters[0][1].cfg
     dropped = sum(isinstance(a, ExpertLoRA) for _, a, _ in adapters) if attention_only else 0
     if dropped:
-        warnings.warn(f"export_peft(attention_only=True): the expert adapters of {dropped} layers are DROPPED; "
-                      "the exported adapter is not the trained model. Use export_merged for an exact export.",
-                      stacklevel=2)
+        warnings.warn(
+            f"export_peft(attention_only=True): the expert adapters of {dropped} layers are DROPPED; "
+            "the exported adapter is not the trained model. Use export_merged for an exact export.",
+            stacklevel=2,
+        )
     tensors, targets = peft_tensors(model, attention_only=attention_only)
     if not tensors:
         raise ValueError("attention_only=True but no attention projection has an adapter; nothing to export")
@@ -129,8 +140,11 @@ def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pat
         "modules_to_save": None,
     }
     with atomic_directory(out_dir, overwrite) as partial:
-        save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()},
-                  str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.to("cpu").contiguous() for k, v in tensors.items()},
+            str(partial / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (partial / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
 
@@ -158,7 +172,9 @@ def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             else:
                 a, b = adapter.factors(proj)
                 for e in range(tensor.shape[0]):
-                    add_product(tensor[e], a if adapter.shared else a[e], b if adapter.shared else b[e], adapter.scaling)
+                    add_product(
+                        tensor[e], a if adapter.shared else a[e], b if adapter.shared else b[e], adapter.scaling
+                    )
         yield name, tensor
 
 
@@ -181,22 +197,40 @@ def _check_installed_peft(projs: tuple[str, ...]) -> None:
         try:
             importlib.import_module(package)
         except ImportError as e:
-            warnings.warn(f"{import_failure(package, e)}, so the expert adapter layout could not be checked "
-                          "against the peft that will load it (tests check it against peft 0.21)", stacklevel=3)
+            warnings.warn(
+                f"{import_failure(package, e)}, so the expert adapter layout could not be checked "
+                "against the peft that will load it (tests check it against peft 0.21)",
+                stacklevel=3,
+            )
             return
     import peft
     import transformers
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     e, h, i, r, alpha = 3, 4, 3, 2, 3.0
-    hf_cfg = transformers.GptOssConfig(vocab_size=8, hidden_size=h, num_hidden_layers=1, num_attention_heads=1,
-                                       num_key_value_heads=1, head_dim=4, num_local_experts=e, num_experts_per_tok=1,
-                                       intermediate_size=i, pad_token_id=None, eos_token_id=None, bos_token_id=None)
+    hf_cfg = transformers.GptOssConfig(
+        vocab_size=8,
+        hidden_size=h,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=4,
+        num_local_experts=e,
+        num_experts_per_tok=1,
+        intermediate_size=i,
+        pad_token_id=None,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     hf = transformers.GptOssForCausalLM(hf_cfg)
     with warnings.catch_warnings():  # peft calls transformers APIs that warn about their own renames
         warnings.simplefilter("ignore", FutureWarning)
-        pm = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=[],
-                                                     target_parameters=[f"mlp.experts.{p}" for p in projs]))
+        pm = peft.get_peft_model(
+            hf,
+            peft.LoraConfig(
+                r=r, lora_alpha=alpha, target_modules=[], target_parameters=[f"mlp.experts.{p}" for p in projs]
+            ),
+        )
     gen = torch.Generator().manual_seed(0)
     shapes = {"gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
     ours, factors = {}, {}
@@ -204,8 +238,9 @@ def _check_installed_peft(projs: tuple[str, ...]) -> None:
         fan_in, fan_out = shapes[proj]
         a, b = torch.randn(e, fan_in, r, generator=gen), torch.randn(e, r, fan_out, generator=gen)
         factors[proj] = (a, b)
-        ours[f"{PEFT_PREFIX}{prefix}.lora_A.weight"], ours[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = \
-            _expert_to_peft(a, b, e)
+        ours[f"{PEFT_PREFIX}{prefix}.lora_A.weight"], ours[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = _expert_to_peft(
+            a, b, e
+        )
     theirs = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(pm).items()}
     mismatch = theirs != {k: tuple(v.shape) for k, v in ours.items()}
     if not mismatch:
@@ -216,9 +251,11 @@ def _check_installed_peft(projs: tuple[str, ...]) -> None:
                 want = torch.bmm(a, b) * (alpha / r)  # [E, in, out]
                 mismatch |= not torch.allclose(module.get_delta_weight("default"), want, atol=1e-5)
     if mismatch:
-        raise RuntimeError(f"the installed peft {peft.__version__} stores GPT-OSS expert LoRA differently from what "
-                           f"this exporter writes (expected keys/shapes {theirs}); refusing to export expert adapters. "
-                           "Use attention_only=True or export_merged, or pin peft 0.21.")
+        raise RuntimeError(
+            f"the installed peft {peft.__version__} stores GPT-OSS expert LoRA differently from what "
+            f"this exporter writes (expected keys/shapes {theirs}); refusing to export expert adapters. "
+            "Use attention_only=True or export_merged, or pin peft 0.21."
+        )
 
 
 def _targets_param(module: str, proj: str, targets: list[str]) -> bool:
@@ -249,7 +286,7 @@ def fold_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> int:
     e_total = model.config.num_local_experts
     done = 0
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
-        module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+        module = key[len(PEFT_PREFIX) : -len(".lora_A.weight")]
         a, b = tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float()
         if f"{module}.weight" in params:  # a linear layer: W [out, in] += s * B [out, r] A [r, in]
             w = params[f"{module}.weight"]
@@ -265,8 +302,10 @@ def fold_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> int:
             a_e = a.view(e_total, r, -1).transpose(1, 2)  # [E, in, r]
             b_e = b.view(b.shape[0], r, e_total).permute(2, 1, 0)  # [E, r, out]
             if a_e.shape[1] != w.shape[1] or b_e.shape[2] != w.shape[2]:
-                raise ValueError(f"{weights_file}: {key} has shapes {tuple(a.shape)}/{tuple(b.shape)}, which do "
-                                 f"not fit {name} {tuple(w.shape)}")
+                raise ValueError(
+                    f"{weights_file}: {key} has shapes {tuple(a.shape)}/{tuple(b.shape)}, which do "
+                    f"not fit {name} {tuple(w.shape)}"
+                )
             w.add_((scaling * a_e @ b_e).to(w.dtype))
         done += 1
     if done == 0:

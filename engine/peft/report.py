@@ -69,15 +69,18 @@ def lora_report(model: nn.Module) -> dict:
 def format_report(r: dict) -> str:
     """The report as a short table for the startup log."""
     kind = "shared by all experts" if r["shared_expert_adapters"] else "one per expert"
-    lines = [f"LoRA rank {r['rank']}, alpha {r['alpha']:g} (scaling {r['scaling']:.4g}), expert adapters {kind}",
-             f"  {'weight':<18}{'adapted':>8}{'expert matrices':>17}"]
+    lines = [
+        f"LoRA rank {r['rank']}, alpha {r['alpha']:g} (scaling {r['scaling']:.4g}), expert adapters {kind}",
+        f"  {'weight':<18}{'adapted':>8}{'expert matrices':>17}",
+    ]
     for key, label in KINDS.items():
         extra = f"{r['expert_matrices'][key]:>17}" if key in r["expert_matrices"] else ""
         lines.append(f"  {label:<18}{r['adapted'][key]:>8}{extra}")
     total = r["trainable_params"] + r["frozen_params"]
     share = 100 * r["trainable_params"] / total if total else 0.0
     lines += [
-        f"  trainable params  {r['trainable_params']:,} ({share:.3f}% of {total:,}; {', '.join(r['trainable_dtypes'])})",
+        f"  trainable params  {r['trainable_params']:,} ({share:.3f}% of {total:,}; "
+        f"{', '.join(r['trainable_dtypes'])})",
         f"  adapter bytes     {size_text(r['param_bytes'])} + optimizer state {size_text(r['optimizer_bytes'])} "
         f"= {size_text(r['total_bytes'])}",
     ]

@@ -30,8 +30,13 @@ def arch_of_run(cfg) -> GptOssConfig:
 
 def model_options(cfg) -> ModelOptions:
     m = cfg.model
-    return ModelOptions(experts_backend=m.experts_backend, attn_backend=m.attn_backend, ce_chunk_size=m.ce_chunk_size,
-                        activation_offload=m.activation_offload, moe_chunk_tokens=m.moe_chunk_tokens or 0)
+    return ModelOptions(
+        experts_backend=m.experts_backend,
+        attn_backend=m.attn_backend,
+        ce_chunk_size=m.ce_chunk_size,
+        activation_offload=m.activation_offload,
+        moe_chunk_tokens=m.moe_chunk_tokens or 0,
+    )
 
 
 def build_model(cfg, rt: Runtime, arch: GptOssConfig | None = None, weights: bool = True) -> GptOssForCausalLM:
@@ -50,9 +55,14 @@ def build_model(cfg, rt: Runtime, arch: GptOssConfig | None = None, weights: boo
             _lora(model, cfg, rt)
         return model
 
-    return parallelize(model, rt.mesh, materialize=materialize,
-                       activation_checkpointing=cfg.model.activation_checkpointing,
-                       shard=cfg.parallel.shard if weights else "none", compute_dtype=rt.compute_dtype)
+    return parallelize(
+        model,
+        rt.mesh,
+        materialize=materialize,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        shard=cfg.parallel.shard if weights else "none",
+        compute_dtype=rt.compute_dtype,
+    )
 
 
 def _weights(model: GptOssForCausalLM, cfg, rt: Runtime) -> None:
@@ -102,15 +112,18 @@ def build_loaders(cfg, model: GptOssForCausalLM, rt: Runtime):
     d = cfg.data
     rank, world = rt.mesh.data_rank, rt.mesh.data_size
     if d.source == "synthetic":
-        return SyntheticLoader(model.config.vocab_size, d.max_seq_len, d.micro_batch_size, cfg.trainer.seed,
-                               rank, world), None
+        return SyntheticLoader(
+            model.config.vocab_size, d.max_seq_len, d.micro_batch_size, cfg.trainer.seed, rank, world
+        ), None
     from engine.data.loader import build_train_loader, build_val_loader
     from engine.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(resolve_tokenizer_path(cfg))
     if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}; use the model's own tokenizer (data.tokenizer=...)")
+        raise ValueError(
+            f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
+            f"{model.config.vocab_size}; use the model's own tokenizer (data.tokenizer=...)"
+        )
     # Every record is validated (and the stores made, on rank 0) here, before step 1.
     root = Path(d.prepared_dir or Path(cfg.trainer.output_dir) / "data")
     if rt.mesh.cp > 1:
@@ -122,7 +135,7 @@ def build_loaders(cfg, model: GptOssForCausalLM, rt: Runtime):
         if cfg.trainer.val_every and d.resolved_val_path() is not None:
             open_store(d.resolved_val_path(), root / "val", d, tok, rank=rt.rank, world_size=rt.world_size)
     train = build_train_loader(d, tok, store_dir=root / "train", rank=rank, world_size=world, seed=cfg.trainer.seed)
-    val = (build_val_loader(d, tok, store_dir=root / "val", rank=rank, world_size=world)
-           if cfg.trainer.val_every else None)
+    val = (
+        build_val_loader(d, tok, store_dir=root / "val", rank=rank, world_size=world) if cfg.trainer.val_every else None
+    )
     return train, val
-

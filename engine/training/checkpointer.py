@@ -34,9 +34,11 @@ def rng_state() -> dict:
     """Every RNG the run draws from, as JSON (lists of ints), never a pickle."""
     version, words, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {"python": [version, list(words), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss),
-                                                               float(cached)],
-           "torch": torch.get_rng_state().tolist()}
+    out = {
+        "python": [version, list(words), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
         out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return out
@@ -52,8 +54,9 @@ def set_rng_state(state: dict, source: Path) -> None:
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointCorruptError(source, f"bad RNG state ({type(e).__name__}: {e}); the checkpoint is corrupt, "
-                                     "use an earlier one") from None
+        raise CheckpointCorruptError(
+            source, f"bad RNG state ({type(e).__name__}: {e}); the checkpoint is corrupt, use an earlier one"
+        ) from None
 
 
 def _say_schedule(cfg, meta: dict, next_lr: float, rt) -> None:
@@ -62,8 +65,13 @@ def _say_schedule(cfg, meta: dict, next_lr: float, rt) -> None:
     saved = meta.get("schedule") or {"optim.lr": lr for lr in meta["scheduler"].get("base_lrs", [])[:1]}
     changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
     if changed and rt.is_main:
-        log.warning("resume: %s changed since the checkpoint; the schedule is re-planned with the current values "
-                    "from step %d on (lr %.3g next), not continued", ", ".join(changed), meta["step"] + 1, next_lr)
+        log.warning(
+            "resume: %s changed since the checkpoint; the schedule is re-planned with the current values "
+            "from step %d on (lr %.3g next), not continued",
+            ", ".join(changed),
+            meta["step"] + 1,
+            next_lr,
+        )
 
 
 def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
@@ -90,12 +98,21 @@ def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
         try:
             loader.load_state_dict(mine["data"])
         except ValueError as e:
-            raise ResumeError(f"{path}: {e}, or write this run elsewhere with trainer.output_dir=..., or start over "
-                              "with trainer.resume=none") from None
+            raise ResumeError(
+                f"{path}: {e}, or write this run elsewhere with trainer.output_dir=..., or start over "
+                "with trainer.resume=none"
+            ) from None
     set_rng_state(mine["rng"], source)
     if not same_layout or meta["ep"] != rt.mesh.ep:
-        log.info("resharded %s: written by %d ranks (ep %d, shard %s), resumed on %d (ep %d)", path,
-                 meta["world_size"], meta["ep"], meta.get("shard"), rt.world_size, rt.mesh.ep)
+        log.info(
+            "resharded %s: written by %d ranks (ep %d, shard %s), resumed on %d (ep %d)",
+            path,
+            meta["world_size"],
+            meta["ep"],
+            meta.get("shard"),
+            rt.world_size,
+            rt.mesh.ep,
+        )
     log.info("resumed from %s at step %d", path, meta["step"])
     return int(meta["step"]), int(meta.get("bad_steps", 0))
 
@@ -112,10 +129,13 @@ def refuse_finished_run(cfg, out: Path) -> None:
         except CheckpointError:
             continue
         if step >= cfg.trainer.max_steps:
-            raise CheckpointError(path, f"trainer.output_dir holds a finished run (step {step}, trainer.max_steps="
-                                  f"{cfg.trainer.max_steps}): write this run elsewhere with trainer.output_dir=..., "
-                                  f"start over in {cfg.trainer.output_dir} with trainer.resume=none, or raise "
-                                  "trainer.max_steps to train it further")
+            raise CheckpointError(
+                path,
+                f"trainer.output_dir holds a finished run (step {step}, trainer.max_steps="
+                f"{cfg.trainer.max_steps}): write this run elsewhere with trainer.output_dir=..., "
+                f"start over in {cfg.trainer.output_dir} with trainer.resume=none, or raise "
+                "trainer.max_steps to train it further",
+            )
         return
 
 
@@ -130,8 +150,9 @@ def resume_run(cfg, rt, out: Path, model, opt, sched, loader) -> tuple[int, int]
             if cfg.trainer.resume != "auto" or i + 1 == len(candidates):
                 raise
             if rt.is_main:
-                log.warning("cannot resume from %s (%s); falling back to the previous checkpoint %s", path, e,
-                            candidates[i + 1])
+                log.warning(
+                    "cannot resume from %s (%s); falling back to the previous checkpoint %s", path, e, candidates[i + 1]
+                )
     return 0, 0
 
 
@@ -166,13 +187,29 @@ class Checkpointer:
         cfg, rt = self.cfg, self.rt
         tensors = train_state.collect(self.model, self.opt, rt.mesh, copy=asynchronous)
         rank_state = {"rng": rng_state(), "data": self.loader.state_dict()}
-        meta = {"world_size": rt.world_size, "ep": rt.mesh.ep, "shard": cfg.parallel.shard, "bad_steps": bad_steps,
-                "scheduler": self.sched.state_dict(), "recipe": cfg.recipe, "config": asdict(cfg),
-                "compute_dtype": str(rt.compute_dtype).replace("torch.", ""),
-                "schedule": schedule_settings(cfg.optim, cfg.trainer.max_steps)}
-        return ckpt.save_checkpoint(self.out, step, tensors, rank_state, meta, rank=rt.rank, barrier=rt.barrier,
-                                    keep=keep or cfg.checkpoint.keep, process_group=rt.mesh.ckpt_group,
-                                    asynchronous=asynchronous)
+        meta = {
+            "world_size": rt.world_size,
+            "ep": rt.mesh.ep,
+            "shard": cfg.parallel.shard,
+            "bad_steps": bad_steps,
+            "scheduler": self.sched.state_dict(),
+            "recipe": cfg.recipe,
+            "config": asdict(cfg),
+            "compute_dtype": str(rt.compute_dtype).replace("torch.", ""),
+            "schedule": schedule_settings(cfg.optim, cfg.trainer.max_steps),
+        }
+        return ckpt.save_checkpoint(
+            self.out,
+            step,
+            tensors,
+            rank_state,
+            meta,
+            rank=rt.rank,
+            barrier=rt.barrier,
+            keep=keep or cfg.checkpoint.keep,
+            process_group=rt.mesh.ckpt_group,
+            asynchronous=asynchronous,
+        )
 
     def after_step(self, step: int, bad_steps: int) -> float | None:
         """The periodic checkpoint, when `step` is one; returns the seconds it held the training thread."""
@@ -183,9 +220,13 @@ class Checkpointer:
             return None
         held = None
         if bad_steps > self.bad_at_boundary:
-            log.warning("step %d: checkpoint not saved: %d step(s) since the last checkpoint step were skipped as "
-                        "non-finite; the last good checkpoint stays %s", step, bad_steps - self.bad_at_boundary,
-                        self.last_good or "none")
+            log.warning(
+                "step %d: checkpoint not saved: %d step(s) since the last checkpoint step were skipped as "
+                "non-finite; the last good checkpoint stays %s",
+                step,
+                bad_steps - self.bad_at_boundary,
+                self.last_good or "none",
+            )
         else:
             t0 = time.perf_counter()
             if self.pending is not None:
@@ -206,6 +247,10 @@ class Checkpointer:
         dirty = bad_steps > self.bad_at_boundary
         final = self.save(self.cfg.trainer.max_steps, bad_steps, keep=self.cfg.checkpoint.keep + dirty)
         if dirty:
-            log.warning("final checkpoint %s follows %d skipped non-finite step(s); the last checkpoint without "
-                        "any is %s", final, bad_steps - self.bad_at_boundary, self.last_good or "none (none was saved)")
+            log.warning(
+                "final checkpoint %s follows %d skipped non-finite step(s); the last checkpoint without any is %s",
+                final,
+                bad_steps - self.bad_at_boundary,
+                self.last_good or "none (none was saved)",
+            )
         return final

@@ -55,16 +55,31 @@ def dry_run(cfg: TrainConfig) -> dict:
     else:
         capacity, where = None, "CPU (no memory check)"
     unit = "GPU" if device_type == "cuda" else "process"
-    log.info("dry run: architecture from %s; memory plan per %s for %d %ss, parallel.ep=%d, parallel.cp=%d, "
-             "against %s:\n%s", source, unit, gpus, unit, cfg.parallel.ep, cfg.parallel.cp, where, plan.format())
+    log.info(
+        "dry run: architecture from %s; memory plan per %s for %d %ss, parallel.ep=%d, parallel.cp=%d, against %s:\n%s",
+        source,
+        unit,
+        gpus,
+        unit,
+        cfg.parallel.ep,
+        cfg.parallel.cp,
+        where,
+        plan.format(),
+    )
     check_fits(plan, capacity, cfg.trainer.memory_check)
-    info = {"architecture": source, "planned_gpus" if device_type == "cuda" else "planned_processes": gpus,
-            "plan_gib_per_gpu" if device_type == "cuda" else "plan_gib_per_process": round(plan.total / GiB, 1)}
+    info = {
+        "architecture": source,
+        "planned_gpus" if device_type == "cuda" else "planned_processes": gpus,
+        "plan_gib_per_gpu" if device_type == "cuda" else "plan_gib_per_process": round(plan.total / GiB, 1),
+    }
     if gpus != procs:
-        log.info("dry run: the plan fits; the model build, LoRA report and data checks need the real layout: "
-                 "launch with %d processes (torchrun --nproc_per_node=... --nnodes=...) to run them, on any "
-                 "machine (CPU included)\n  %s\nplan checks passed; nothing was trained", gpus,
-                 "\n  ".join(f"{k}: {v}" for k, v in info.items()))
+        log.info(
+            "dry run: the plan fits; the model build, LoRA report and data checks need the real layout: "
+            "launch with %d processes (torchrun --nproc_per_node=... --nnodes=...) to run them, on any "
+            "machine (CPU included)\n  %s\nplan checks passed; nothing was trained",
+            gpus,
+            "\n  ".join(f"{k}: {v}" for k, v in info.items()),
+        )
         return info
     if source.startswith("built-in") and not cfg.data.tokenizer:
         import dataclasses
@@ -72,8 +87,11 @@ def dry_run(cfg: TrainConfig) -> dict:
         from engine.data.config import default_tokenizer_path
 
         shipped = default_tokenizer_path()
-        log.warning("dry run: the model's tokenizer is not reachable either; reading the data with the shipped "
-                    "o200k harmony tokenizer (%s)", shipped)
+        log.warning(
+            "dry run: the model's tokenizer is not reachable either; reading the data with the shipped "
+            "o200k harmony tokenizer (%s)",
+            shipped,
+        )
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(shipped)))
     return {**info, **_build_checks(cfg, arch)}
 
@@ -91,15 +109,22 @@ def _build_checks(cfg: TrainConfig, arch: GptOssConfig) -> dict:
     batch = next(loader)
     loader.close()
     n_target = int(global_token_count(batch.num_target_tokens, rt.mesh)) // rt.mesh.cp
-    info = {"params_on_rank": model.num_parameters(), "trainable_on_rank": model.num_parameters(trainable_only=True),
-            "micro_batches_per_rank": accum, "first_batch_shape": list(batch.input_ids.shape),
-            "first_batch_target_tokens_all_ranks": n_target}
+    info = {
+        "params_on_rank": model.num_parameters(),
+        "trainable_on_rank": model.num_parameters(trainable_only=True),
+        "micro_batches_per_rank": accum,
+        "first_batch_shape": list(batch.input_ids.shape),
+        "first_batch_target_tokens_all_ranks": n_target,
+    }
     # How the rows pack (first epoch), as the first metrics line will report it.
     report = loader.report
     info.update({k: report[k] for k in ("data_rows", "data_padding_tokens") if k in report})
     if "data_packing_efficiency" in report:
         info["data_packing_efficiency"] = round(report["data_packing_efficiency"], 4)
-    log.info("dry run: mesh %s\n  %s\nall checks passed; nothing was trained", rt.mesh,
-             "\n  ".join(f"{k}: {v}" for k, v in info.items()))
+    log.info(
+        "dry run: mesh %s\n  %s\nall checks passed; nothing was trained",
+        rt.mesh,
+        "\n  ".join(f"{k}: {v}" for k, v in info.items()),
+    )
     rt.mesh.destroy()
     return info

@@ -44,9 +44,14 @@ class MemoryPlan:
         return self.weights + self.gradients + self.optimizer + self.activations + self.loss
 
     def rows(self) -> list[tuple[str, float]]:
-        return [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
-                ("activations / micro-batch", self.activations), ("loss chunk", self.loss), ("total", self.total)] + \
-            ([("host: offloaded inputs", self.host)] if self.host else [])
+        return [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer),
+            ("activations / micro-batch", self.activations),
+            ("loss chunk", self.loss),
+            ("total", self.total),
+        ] + ([("host: offloaded inputs", self.host)] if self.host else [])
 
     def format(self) -> str:
         return "\n".join(f"  {name:<28}{value / GiB:9.2f} GiB" for name, value in self.rows())
@@ -55,8 +60,12 @@ class MemoryPlan:
 def lora_param_count(cfg: GptOssConfig, rank: int, targets: list[str], ep: int, shared_experts: bool) -> int:
     """LoRA parameters on one rank: A [in, r] + B [r, out] per adapted matrix."""
     h, i = cfg.hidden_size, cfg.intermediate_size
-    dims = {"q_proj": (h, cfg.q_width), "k_proj": (h, cfg.kv_width), "v_proj": (h, cfg.kv_width),
-            "o_proj": (cfg.q_width, h)}
+    dims = {
+        "q_proj": (h, cfg.q_width),
+        "k_proj": (h, cfg.kv_width),
+        "v_proj": (h, cfg.kv_width),
+        "o_proj": (cfg.q_width, h),
+    }
     per_layer = sum(rank * (a + b) for name, (a, b) in dims.items() if name in targets)
     experts = 1 if shared_experts else cfg.num_local_experts // ep
     if "gate_up_proj" in targets:
@@ -72,8 +81,16 @@ def routed_bytes_per_token(cfg: GptOssConfig, act_bytes: int = 2) -> float:
     return k * (h + 2 * i + i + h) * act_bytes
 
 
-def activation_bytes(cfg: GptOssConfig, tokens: int, seq_len: int, eager_attention: bool, checkpointing: bool,
-                     act_bytes: int = 2, offload: bool = False, moe_chunk: int = 0) -> float:
+def activation_bytes(
+    cfg: GptOssConfig,
+    tokens: int,
+    seq_len: int,
+    eager_attention: bool,
+    checkpointing: bool,
+    act_bytes: int = 2,
+    offload: bool = False,
+    moe_chunk: int = 0,
+) -> float:
     """Activation bytes of `tokens` tokens. Without `moe_chunk` that is tokens x the per-token figure;
     with it, each MoE layer keeps only its chunks' inputs and recomputes one chunk of routed copies at
     a time in the backward: the routed term is paid once, for moe_chunk tokens (when there are more
@@ -86,8 +103,14 @@ def activation_bytes(cfg: GptOssConfig, tokens: int, seq_len: int, eager_attenti
     return tokens * per_token + moe_chunk * routed
 
 
-def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention: bool, checkpointing: bool,
-                               act_bytes: int = 2, offload: bool = False) -> float:
+def activation_bytes_per_token(
+    cfg: GptOssConfig,
+    seq_len: int,
+    eager_attention: bool,
+    checkpointing: bool,
+    act_bytes: int = 2,
+    offload: bool = False,
+) -> float:
     """Bytes the backward keeps per token: per layer, the saved inputs/outputs of each matmul and
     elementwise op (attention projections, rotary q/k, attention output and log-sum-exp, the k routed
     copies of the token through the expert MLP, norms and residuals). With activation checkpointing
@@ -97,8 +120,12 @@ def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention:
     h = cfg.hidden_size
     attn = h + cfg.q_width + 2 * cfg.kv_width + cfg.q_width + cfg.q_width + h  # norm out, q, k, v, out, o_in, res
     moe = h + h  # norm out, residual; + the routed copies
-    per_layer = ((attn + moe) * act_bytes + routed_bytes_per_token(cfg, act_bytes) + 4 * cfg.num_attention_heads
-                 + 4 * cfg.num_local_experts)
+    per_layer = (
+        (attn + moe) * act_bytes
+        + routed_bytes_per_token(cfg, act_bytes)
+        + 4 * cfg.num_attention_heads
+        + 4 * cfg.num_local_experts
+    )
     if eager_attention:  # the reference attention materialises fp32 probabilities [heads, T, T]
         per_layer += 4 * cfg.num_attention_heads * seq_len
     layers = cfg.num_hidden_layers
@@ -107,11 +134,26 @@ def activation_bytes_per_token(cfg: GptOssConfig, seq_len: int, eager_attention:
     return layers * per_layer
 
 
-def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targets: list[str] | None = None,
-                shared_expert_adapters: bool = False, seq_len: int, micro_batch: int, eager_attention: bool,
-                checkpointing: bool, ce_chunk: int = 512, train_bytes: int = 2, world_size: int | None = None,
-                shard: str = "none", master_weights: bool = False, offload: bool = False, cp: int = 1,
-                moe_chunk: int = 0) -> MemoryPlan:
+def plan_memory(
+    cfg: GptOssConfig,
+    *,
+    ep: int,
+    lora_rank: int | None,
+    lora_targets: list[str] | None = None,
+    shared_expert_adapters: bool = False,
+    seq_len: int,
+    micro_batch: int,
+    eager_attention: bool,
+    checkpointing: bool,
+    ce_chunk: int = 512,
+    train_bytes: int = 2,
+    world_size: int | None = None,
+    shard: str = "none",
+    master_weights: bool = False,
+    offload: bool = False,
+    cp: int = 1,
+    moe_chunk: int = 0,
+) -> MemoryPlan:
     counts = cfg.param_counts()
     dense = counts["total"] - counts["experts"]
     local = dense + counts["experts"] // ep
@@ -154,14 +196,25 @@ def plan_memory(cfg: GptOssConfig, *, ep: int, lora_rank: int | None, lora_targe
 def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> MemoryPlan:
     lora = cfg.peft.method == "lora"
     eager = cfg.model.attn_backend == "eager"  # auto is flex (CUDA) or blockwise (CPU): linear in T
-    return plan_memory(arch, ep=cfg.parallel.ep, lora_rank=cfg.peft.rank if lora else None,
-                       lora_targets=list(cfg.peft.target_modules), shared_expert_adapters=cfg.peft.share_expert_adapters,
-                       seq_len=cfg.data.max_seq_len, micro_batch=cfg.data.micro_batch_size, eager_attention=eager,
-                       checkpointing=bool(cfg.model.activation_checkpointing), ce_chunk=cfg.model.ce_chunk_size,
-                       train_bytes=4 if cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device_type != "cuda")
-                       else 2, world_size=world_size, shard=cfg.parallel.shard,
-                       master_weights=cfg.optim.master_weights, offload=cfg.model.activation_offload,
-                       cp=getattr(cfg.parallel, "cp", 1), moe_chunk=cfg.model.moe_chunk_tokens or 0)
+    return plan_memory(
+        arch,
+        ep=cfg.parallel.ep,
+        lora_rank=cfg.peft.rank if lora else None,
+        lora_targets=list(cfg.peft.target_modules),
+        shared_expert_adapters=cfg.peft.share_expert_adapters,
+        seq_len=cfg.data.max_seq_len,
+        micro_batch=cfg.data.micro_batch_size,
+        eager_attention=eager,
+        checkpointing=bool(cfg.model.activation_checkpointing),
+        ce_chunk=cfg.model.ce_chunk_size,
+        train_bytes=4 if cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device_type != "cuda") else 2,
+        world_size=world_size,
+        shard=cfg.parallel.shard,
+        master_weights=cfg.optim.master_weights,
+        offload=cfg.model.activation_offload,
+        cp=getattr(cfg.parallel, "cp", 1),
+        moe_chunk=cfg.model.moe_chunk_tokens or 0,
+    )
 
 
 def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:
@@ -173,4 +226,5 @@ def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:
         f"memory plan {plan.total / GiB:.1f} GiB per GPU exceeds 95% of this GPU's {capacity / GiB:.1f} GiB; "
         "to fit: model.activation_checkpointing=true (and model.activation_offload=true), a smaller "
         "data.micro_batch_size or data.max_seq_len, parallel.shard=optimizer or full, a larger parallel.ep (more "
-        "GPUs), or peft.method=lora; trainer.memory_check=false starts anyway")
+        "GPUs), or peft.method=lora; trainer.memory_check=false starts anyway"
+    )

@@ -29,8 +29,9 @@ def active_lora_params(cfg: GptOssConfig, rank: int, targets: list[str], shared_
     top-k experts only (a shared expert adapter is applied once per routed copy, k times)."""
     from engine.training.memory_plan import lora_param_count
 
-    attention = lora_param_count(cfg, rank, [t for t in targets if t.endswith(("q_proj", "k_proj", "v_proj",
-                                                                                "o_proj"))], 1, shared_experts)
+    attention = lora_param_count(
+        cfg, rank, [t for t in targets if t.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))], 1, shared_experts
+    )
     experts = lora_param_count(cfg, rank, targets, 1, shared_experts) - attention
     per_copy = experts if shared_experts else experts / cfg.num_local_experts
     return attention + cfg.num_experts_per_tok * per_copy
@@ -64,8 +65,10 @@ def expert_load(model, mesh) -> dict[str, list[float]]:
         return {}
     load = global_expert_load(model, mesh).float()  # [layers, experts]
     top = load.max(dim=1).values
-    return {"expert_max_tokens": top.tolist(),
-            "expert_max_over_mean": (top / load.mean(dim=1).clamp(min=1e-9)).tolist()}
+    return {
+        "expert_max_tokens": top.tolist(),
+        "expert_max_over_mean": (top / load.mean(dim=1).clamp(min=1e-9)).tolist(),
+    }
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
@@ -119,11 +122,14 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError(f"trainer.tensorboard=true needs the tensorboard package, but "
-                                  f"{import_failure('tensorboard', e)} (pip install tensorboard); metrics.jsonl is "
-                                  "written either way") from e
-            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"),
-                                    purge_step=start_step + 1 if start_step else None)
+                raise ImportError(
+                    f"trainer.tensorboard=true needs the tensorboard package, but "
+                    f"{import_failure('tensorboard', e)} (pip install tensorboard); metrics.jsonl is "
+                    "written either way"
+                ) from e
+            self.tb = SummaryWriter(
+                str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -144,16 +150,28 @@ class StepMetrics:
     def __init__(self, cfg, rt, model, accum: int):
         self.rt, self.model = rt, model
         self.peak = peak_flops(rt.device)
-        lora = (active_lora_params(model.config, cfg.peft.rank, list(cfg.peft.target_modules),
-                                   cfg.peft.share_expert_adapters) if cfg.peft.method == "lora" else 0)
+        lora = (
+            active_lora_params(
+                model.config, cfg.peft.rank, list(cfg.peft.target_modules), cfg.peft.share_expert_adapters
+            )
+            if cfg.peft.method == "lora"
+            else 0
+        )
         self.flops_per_token = flops_per_token(model.config, cfg.data.max_seq_len, lora)
         # Every data rank's rows of the global batch (the ranks of a CP group share theirs).
         self.tokens = accum * cfg.data.micro_batch_size * cfg.data.max_seq_len * rt.mesh.data_size
 
     def record(self, step: int, result, lr: float, seconds: float, skipped_steps: int) -> dict:
-        record = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                  "tokens_per_s": self.tokens / seconds, "step_time_s": seconds,
-                  "target_tokens": result.target_tokens, "skipped_steps": skipped_steps}
+        record = {
+            "step": step,
+            "loss": result.loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": self.tokens / seconds,
+            "step_time_s": seconds,
+            "target_tokens": result.target_tokens,
+            "skipped_steps": skipped_steps,
+        }
         if self.peak:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * self.rt.world_size)
         mem = peak_memory_gb(self.rt.device)

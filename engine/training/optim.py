@@ -24,8 +24,14 @@ OPTIMIZER_IMPLS = ("auto", "torch", "apex")  # optim.impl
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return (p.ndim < 2 or name.endswith("bias") or name.endswith("_bias") or name.endswith("sinks")
-            or "norm" in name or "embed_tokens" in name)
+    return (
+        p.ndim < 2
+        or name.endswith("bias")
+        or name.endswith("_bias")
+        or name.endswith("sinks")
+        or "norm" in name
+        or "embed_tokens" in name
+    )
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, keep=lambda name: True) -> list[dict]:
@@ -47,8 +53,10 @@ def _adamw(groups: list[dict], cfg, on_cuda: bool) -> torch.optim.Optimizer:
         except ImportError as e:
             problem = import_failure("apex", e)
             if cfg.impl == "apex":
-                raise ImportError(f"optim.impl=apex but {problem}; install NVIDIA apex with its CUDA "
-                                  "extensions or use optim.impl=torch (fused AdamW)") from None
+                raise ImportError(
+                    f"optim.impl=apex but {problem}; install NVIDIA apex with its CUDA "
+                    "extensions or use optim.impl=torch (fused AdamW)"
+                ) from None
             if not problem.endswith("not installed"):  # auto: an installed apex that fails is worth a line
                 log.warning("optim.impl=auto: %s; using torch AdamW (fused)", problem)
         else:
@@ -156,9 +164,16 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg, max_steps: int):
 def schedule_settings(cfg, max_steps: int) -> dict:
     """The keys that shape the learning rate and the AdamW update, as plain numbers (kept in checkpoints
     to say at resume what changed)."""
-    return {"optim.lr": cfg.lr, "optim.min_lr_ratio": cfg.min_lr_ratio, "optim.warmup_steps": cfg.warmup_steps,
-            "optim.schedule": cfg.schedule, "trainer.max_steps": max_steps, "optim.betas": list(cfg.betas),
-            "optim.eps": cfg.eps, "optim.weight_decay": cfg.weight_decay}
+    return {
+        "optim.lr": cfg.lr,
+        "optim.min_lr_ratio": cfg.min_lr_ratio,
+        "optim.warmup_steps": cfg.warmup_steps,
+        "optim.schedule": cfg.schedule,
+        "trainer.max_steps": max_steps,
+        "optim.betas": list(cfg.betas),
+        "optim.eps": cfg.eps,
+        "optim.weight_decay": cfg.weight_decay,
+    }
 
 
 def fresh_hyperparameters(opt: torch.optim.Optimizer) -> list[dict]:

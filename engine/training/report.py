@@ -95,8 +95,15 @@ def plot_panel(runs: list[Run], keys: tuple[str, ...], title: str, ylabel: str, 
             steps, values = run.series(key)
             if steps:
                 label = key if len(runs) == 1 else f"{run.name} {key}"
-                ax.plot(steps, values, color=color, linestyle="-" if k == 0 else "--",
-                        marker="o" if key.startswith("val") or len(steps) < 3 else None, markersize=3, label=label)
+                ax.plot(
+                    steps,
+                    values,
+                    color=color,
+                    linestyle="-" if k == 0 else "--",
+                    marker="o" if key.startswith("val") or len(steps) < 3 else None,
+                    markersize=3,
+                    label=label,
+                )
         for j, step in enumerate(run.skipped_steps()):
             ax.axvline(step, color="red", linestyle=":", linewidth=1, label="skipped step" if i == j == 0 else None)
     if log and all(v > 0 for run in runs for key in keys for v in run.series(key)[1]):
@@ -119,8 +126,13 @@ def plot_expert_heatmap(run: Run, key: str, label: str):
     steps = [s for s, _ in rows]
     grid = np.array([v for _, v in rows], dtype=float).T  # [layers, steps]
     fig, ax = plt.subplots(figsize=(7, 0.4 * grid.shape[0] + 1.8), dpi=100)
-    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
-                      extent=(steps[0] - 0.5, steps[-1] + 0.5, grid.shape[0] - 0.5, -0.5))
+    image = ax.imshow(
+        grid,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, grid.shape[0] - 0.5, -0.5),
+    )
     fig.colorbar(image, ax=ax, label=label)
     ax.set_yticks(range(grid.shape[0]))
     ax.set(title=f"Expert load per layer: {run.name}", xlabel="step", ylabel="layer")
@@ -141,9 +153,16 @@ def _summary_rows(runs: list[Run]) -> list[list[str]]:
         last = run.records[-1]
         val = run.series("val_loss")[1]
         tps = run.series("tokens_per_s")[1]
-        rows.append([run.name, str(last["step"]), f"{last['loss']:.4f}" if "loss" in last else "-",
-                     f"{min(val):.4f}" if val else "-", f"{sum(tps) / len(tps):.0f}" if tps else "-",
-                     str(len(run.skipped_steps()))])
+        rows.append(
+            [
+                run.name,
+                str(last["step"]),
+                f"{last['loss']:.4f}" if "loss" in last else "-",
+                f"{min(val):.4f}" if val else "-",
+                f"{sum(tps) / len(tps):.0f}" if tps else "-",
+                str(len(run.skipped_steps())),
+            ]
+        )
     return rows
 
 
@@ -153,14 +172,16 @@ def render_html(runs: list[Run], images: list[tuple[str, str, Path]], missing: l
     head = ["run", "steps", "last loss", "best val loss", "mean tokens/s", "skipped steps"]
     table = "".join(f"<th>{esc(h)}</th>" for h in head)
     table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _summary_rows(runs))
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Run report: "
-             f"{esc(', '.join(r.name for r in runs))}</title><style>body{{font-family:sans-serif;max-width:900px;"
-             "margin:2em auto}}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-             "img{max-width:100%}pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}</style></head><body>",
-             f"<h1>Run report</h1><p>{esc(', '.join(str(r.path) for r in runs))}</p><table>{table}</table>"]
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Run report: '
+        f"{esc(', '.join(r.name for r in runs))}</title><style>body{{font-family:sans-serif;max-width:900px;"
+        "margin:2em auto}}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "img{max-width:100%}pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}</style></head><body>",
+        f"<h1>Run report</h1><p>{esc(', '.join(str(r.path) for r in runs))}</p><table>{table}</table>",
+    ]
     for title, alt, png in images:
         data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f"<h2>{esc(title)}</h2><img alt=\"{esc(alt)}\" src=\"data:image/png;base64,{data}\">")
+        parts.append(f'<h2>{esc(title)}</h2><img alt="{esc(alt)}" src="data:image/png;base64,{data}">')
     if missing:
         parts.append(f"<p>Not logged by these runs: {esc(', '.join(missing))}.</p>")
     for run in runs:
@@ -170,8 +191,10 @@ def render_html(runs: list[Run], images: list[tuple[str, str, Path]], missing: l
         if run.samples:
             parts.append(f"<h2>Samples: {esc(run.name)}</h2>")
             for s in run.samples[-20:]:
-                parts.append(f"<p>step {esc(str(s.get('step')))}: <b>{esc(str(s.get('prompt')))}</b></p>"
-                             f"<pre>{esc(str(s.get('text')))}</pre>")
+                parts.append(
+                    f"<p>step {esc(str(s.get('step')))}: <b>{esc(str(s.get('prompt')))}</b></p>"
+                    f"<pre>{esc(str(s.get('text')))}</pre>"
+                )
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

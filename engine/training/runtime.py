@@ -61,10 +61,17 @@ class Runtime:
 def setup_runtime(cfg, arch) -> Runtime:
     """Process group and layout checks (on every rank, before any collective), device and dtypes."""
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
-                          "use trainer.device=cpu or auto, or check CUDA_VISIBLE_DEVICES and the driver")
-    mesh = Mesh.from_env(ep=cfg.parallel.ep, num_experts=arch.num_local_experts, timeout_s=cfg.parallel.timeout_s,
-                         device=cfg.trainer.device, cp=cfg.parallel.cp)
+        raise ConfigError(
+            "trainer.device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+            "use trainer.device=cpu or auto, or check CUDA_VISIBLE_DEVICES and the driver"
+        )
+    mesh = Mesh.from_env(
+        ep=cfg.parallel.ep,
+        num_experts=arch.num_local_experts,
+        timeout_s=cfg.parallel.timeout_s,
+        device=cfg.trainer.device,
+        cp=cfg.parallel.cp,
+    )
     if mesh.device.type == "cpu":
         set_cpu_threads()
     configure_kernels(cfg.kernels)
@@ -87,8 +94,9 @@ def configure_kernels(kernels) -> None:
     """kernels.* (autotune, persistent, tma, cache_dir) into the Triton kernels' settings, for this process."""
     from gptoss_kernels import gemm_configs
 
-    gemm_configs.configure(autotune=kernels.autotune, persistent=kernels.persistent, tma=kernels.tma,
-                           cache_dir=kernels.cache_dir)
+    gemm_configs.configure(
+        autotune=kernels.autotune, persistent=kernels.persistent, tma=kernels.tma, cache_dir=kernels.cache_dir
+    )
 
 
 def set_cpu_threads() -> int:

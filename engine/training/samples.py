@@ -41,12 +41,18 @@ def load_sample_prompts(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
             messages = [{"role": "user", "content": rec["prompt"]}]
-        elif isinstance(rec, dict) and isinstance(rec.get("messages"), list) and rec["messages"] \
-                and isinstance(rec["messages"][-1], dict) and rec["messages"][-1].get("role") == "user":
+        elif (
+            isinstance(rec, dict)
+            and isinstance(rec.get("messages"), list)
+            and rec["messages"]
+            and isinstance(rec["messages"][-1], dict)
+            and rec["messages"][-1].get("role") == "user"
+        ):
             messages = rec["messages"]
         else:
-            raise ValueError(f"{path}:{n}: expected {{\"prompt\": str}} or {{\"messages\": [...]}} ending with a "
-                             "user message")
+            raise ValueError(
+                f'{path}:{n}: expected {{"prompt": str}} or {{"messages": [...]}} ending with a user message'
+            )
         prompts.append({"messages": messages, "reasoning_effort": rec.get("reasoning_effort") or "medium"})
     if not prompts:
         raise ValueError(f"{path}: no prompts")
@@ -58,13 +64,14 @@ def sample(model, tokenizer, prompts: list[dict], max_new_tokens: int) -> list[s
     ids = [tokenizer.encode(prompt_text(p["messages"], reasoning=p.get("reasoning_effort", "medium"))) for p in prompts]
     input_ids, mask = left_pad(ids, tokenizer.pad_id)
     stops = [tokenizer.special_ids[t] for t in STOP_TOKENS]
-    out = generate(model, input_ids, max_new_tokens, attention_mask=mask, stop_token_ids=stops,
-                   pad_token_id=tokenizer.pad_id)
+    out = generate(
+        model, input_ids, max_new_tokens, attention_mask=mask, stop_token_ids=stops, pad_token_id=tokenizer.pad_id
+    )
     texts = []
-    for row in out[:, input_ids.shape[1]:].tolist():
+    for row in out[:, input_ids.shape[1] :].tolist():
         for i, t in enumerate(row):
             if t in stops:
-                row = row[:i + 1]
+                row = row[: i + 1]
                 break
         texts.append(tokenizer.decode(row))
     return texts

@@ -1,15 +1,15 @@
 """One optimizer step, and the guard that stops a run whose steps keep going non-finite.
 
-  1. this rank's micro-batches of the global batch (the global batch is fixed by the recipe, whatever
-     the world size; gradient accumulation makes up the difference)
-  2. the target tokens of the WHOLE global batch (all ranks; under parallel.cp the ranks of a CP group
-     read the same rows, so each row is counted once): each micro-batch's summed loss is divided by
-     that count, so the accumulated gradient is exactly d(mean token loss) of the global batch,
-     independent of how tokens fall on ranks and micro-batches
-  3. backward per micro-batch; gradients SUMMED across ranks (dense over all ranks, experts over their
-     expert-data-parallel group; FSDP2 does it in the backward); global-norm clip
-  4. the update, unless the loss or the gradient norm is not finite (every rank sees the same global
-     values, so every rank skips together)
+1. this rank's micro-batches of the global batch (the global batch is fixed by the recipe, whatever
+   the world size; gradient accumulation makes up the difference)
+2. the target tokens of the WHOLE global batch (all ranks; under parallel.cp the ranks of a CP group
+   read the same rows, so each row is counted once): each micro-batch's summed loss is divided by
+   that count, so the accumulated gradient is exactly d(mean token loss) of the global batch,
+   independent of how tokens fall on ranks and micro-batches
+3. backward per micro-batch; gradients SUMMED across ranks (dense over all ranks, experts over their
+   expert-data-parallel group; FSDP2 does it in the backward); global-norm clip
+4. the update, unless the loss or the gradient norm is not finite (every rank sees the same global
+   values, so every rank skips together)
 """
 
 from __future__ import annotations
@@ -74,11 +74,23 @@ class NonFiniteGuard:
         if not result.skipped:
             return
         self.bad_steps += 1
-        log.warning("step %d: non-finite loss/gradient (loss %s, grad_norm %s); update skipped (%d/%d allowed)",
-                    step, result.loss, result.grad_norm, self.bad_steps, self.max_bad_steps)
+        log.warning(
+            "step %d: non-finite loss/gradient (loss %s, grad_norm %s); update skipped (%d/%d allowed)",
+            step,
+            result.loss,
+            result.grad_norm,
+            self.bad_steps,
+            self.max_bad_steps,
+        )
         if self.bad_steps > self.max_bad_steps:
-            where = (f"the last checkpoint saved without skipped steps is {last_good}: resume from it "
-                     f"(trainer.resume={last_good})" if last_good else "no checkpoint was saved")
-            raise DivergenceError(f"stopped at step {step}: {self.bad_steps} steps with non-finite loss or "
-                                  f"gradients, more than trainer.max_bad_steps={self.max_bad_steps}; nothing was "
-                                  f"saved after them; {where} with a lower optim.lr, or check the data")
+            where = (
+                f"the last checkpoint saved without skipped steps is {last_good}: resume from it "
+                f"(trainer.resume={last_good})"
+                if last_good
+                else "no checkpoint was saved"
+            )
+            raise DivergenceError(
+                f"stopped at step {step}: {self.bad_steps} steps with non-finite loss or "
+                f"gradients, more than trainer.max_bad_steps={self.max_bad_steps}; nothing was "
+                f"saved after them; {where} with a lower optim.lr, or check the data"
+            )

@@ -67,17 +67,26 @@ def run(cfg) -> dict:
     loader, val_loader = build_loaders(cfg, model, rt)
     checkpointer = Checkpointer(cfg, rt, out, model, opt, sched, loader)
     r = _Run(cfg, rt, out, model, opt, sched, loader, val_loader, checkpointer, _accumulation(cfg, rt))
-    log.info("model: %s, %.3fM params on this rank (%.3fM trainable), %s on %s, mesh %s, %d micro-batch(es) of %d "
-             "per rank per step", cfg.model.path or cfg.model.preset, model.num_parameters() / 1e6,
-             model.num_parameters(trainable_only=True) / 1e6, str(rt.param_dtype).replace("torch.", ""), rt.device,
-             rt.mesh, r.accum, cfg.data.micro_batch_size)
+    log.info(
+        "model: %s, %.3fM params on this rank (%.3fM trainable), %s on %s, mesh %s, %d micro-batch(es) of %d "
+        "per rank per step",
+        cfg.model.path or cfg.model.preset,
+        model.num_parameters() / 1e6,
+        model.num_parameters(trainable_only=True) / 1e6,
+        str(rt.param_dtype).replace("torch.", ""),
+        rt.device,
+        rt.mesh,
+        r.accum,
+        cfg.data.micro_batch_size,
+    )
     start_step, bad_steps = checkpointer.resume()
     losses, bad_steps = _train(r, start_step, bad_steps)
     final = checkpointer.final(bad_steps)
     loader.close()
     export_dir = _export(cfg, rt, out, model, final)
-    log.info("done: final loss %.4f, checkpoint %s, export %s", losses[-1] if losses else float("nan"), final,
-             export_dir)
+    log.info(
+        "done: final loss %.4f, checkpoint %s, export %s", losses[-1] if losses else float("nan"), final, export_dir
+    )
     rt.mesh.destroy()
     return {"losses": losses, "checkpoint": str(final), "export": str(export_dir) if export_dir else None}
 
@@ -116,9 +125,15 @@ def _train(r: _Run, start_step: int, bad_steps: int) -> tuple[list[float], int]:
 def _check_memory(cfg, arch, rt: Runtime) -> None:
     """The memory plan per rank, logged; a plan over the GPU's memory is refused (trainer.memory_check)."""
     plan = plan_for_run(cfg, arch, rt.device.type, rt.world_size)
-    log.info("memory plan per %s (estimate; %d ranks, ep %d x expert-dp %d, parallel.shard=%s):\n%s",
-             "GPU" if rt.device.type == "cuda" else "process", rt.world_size, rt.mesh.ep, rt.mesh.edp_size,
-             cfg.parallel.shard, plan.format())
+    log.info(
+        "memory plan per %s (estimate; %d ranks, ep %d x expert-dp %d, parallel.shard=%s):\n%s",
+        "GPU" if rt.device.type == "cuda" else "process",
+        rt.world_size,
+        rt.mesh.ep,
+        rt.mesh.edp_size,
+        cfg.parallel.shard,
+        plan.format(),
+    )
     capacity = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else None
     check_fits(plan, capacity, cfg.trainer.memory_check)
     if capacity:
@@ -130,8 +145,10 @@ def _accumulation(cfg, rt: Runtime) -> int:
     try:
         return cfg.data.grad_accum_steps(data_ranks)
     except ValueError as e:
-        raise ConfigError(f"{e}; adjust data.micro_batch_size or data.global_batch_size for {data_ranks} data ranks "
-                          f"({rt.world_size} ranks / parallel.cp={rt.mesh.cp})") from None
+        raise ConfigError(
+            f"{e}; adjust data.micro_batch_size or data.global_batch_size for {data_ranks} data ranks "
+            f"({rt.world_size} ranks / parallel.cp={rt.mesh.cp})"
+        ) from None
 
 
 def _export(cfg, rt: Runtime, out: Path, model, final: Path) -> Path | None:
@@ -172,7 +189,16 @@ def _progress(cfg, rt: Runtime, start_step: int):
             return
         eta = (time.perf_counter() - t_start) / max(step - start_step, 1) * (total - step)
         val = f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-        log.info("step %d/%d  loss %.4f%s  lr %.2e  grad_norm %.3f  tok/s %.0f  eta %.0fs", step, total,
-                 record["loss"], val, record["lr"], record["grad_norm"], record["tokens_per_s"], eta)
+        log.info(
+            "step %d/%d  loss %.4f%s  lr %.2e  grad_norm %.3f  tok/s %.0f  eta %.0fs",
+            step,
+            total,
+            record["loss"],
+            val,
+            record["lr"],
+            record["grad_norm"],
+            record["tokens_per_s"],
+            eta,
+        )
 
     return show

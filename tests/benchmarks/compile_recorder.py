@@ -98,6 +98,14 @@ def pytest_sessionfinish(session):
     if _STATE["launches"] is None:
         return
     keys = compile_keys(_STATE["launches"])
-    Path(os.environ["GPTOSS_RECORD_COMPILES"]).write_text(json.dumps(
-        {"compiles": len(keys), "launches": len(_STATE["launches"]), "kernels": per_kernel(keys),
-         "tests": session.testscollected, "stopped_early": _STATE["stopped"]}))
+    Path(os.environ["GPTOSS_RECORD_COMPILES"]).write_text(
+        json.dumps(
+            {
+                "compiles": len(keys),
+                "launches": len(_STATE["launches"]),
+                "kernels": per_kernel(keys),
+                "tests": session.testscollected,
+                "stopped_early": _STATE["stopped"],
+            }
+        )
+    )

@@ -88,8 +88,9 @@ def moe_layer_step() -> int:
 
     c = b.FULL
     with torch.device("meta"):
-        block = MoEBlock(c["hidden"], c["width"], c["experts"], c["top_k"], alpha=1.702, limit=7.0,
-                         experts_backend="triton").to(BF16)
+        block = MoEBlock(
+            c["hidden"], c["width"], c["experts"], c["top_k"], alpha=1.702, limit=7.0, experts_backend="triton"
+        ).to(BF16)
     x = meta(1, c["tokens"], c["hidden"])
     fwd_bwd(block(x))  # the layer; the experts call alone and the other phases run the same kernels
     return 0
@@ -175,20 +176,43 @@ def long_context_step() -> int:
     return 0
 
 
-REPLAYS = {"bench_grouped_gemm": grouped_gemm_step, "bench_moe_layer": moe_layer_step,
-           "bench_attention": attention_step, "train_step_lora": train_step_lora,
-           "train_step_20b_memory": train_step_20b_memory, "bench_memory": memory_step,
-           "train_step_sft": train_step_sft, "bench_attention_long": attention_long_step,
-           "long_context_20b": long_context_step}
+REPLAYS = {
+    "bench_grouped_gemm": grouped_gemm_step,
+    "bench_moe_layer": moe_layer_step,
+    "bench_attention": attention_step,
+    "train_step_lora": train_step_lora,
+    "train_step_20b_memory": train_step_20b_memory,
+    "bench_memory": memory_step,
+    "train_step_sft": train_step_sft,
+    "bench_attention_long": attention_long_step,
+    "long_context_20b": long_context_step,
+}
 
 
 def kernel_tests(tmp: Path) -> dict:
     """The suite's kernel step itself, its GPU tests run on CPU under the recorder plugin."""
     out = tmp / "kernel_tests.json"
     env = {**os.environ, "TRITON_INTERPRET": "0", "GPTOSS_RECORD_COMPILES": str(out)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/kernels", "-m", "gpu", "-q", "-p",
-                           "tests.benchmarks.compile_recorder", "-p", "no:cacheprovider"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/kernels",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "tests.benchmarks.compile_recorder",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if not out.exists():
         raise RuntimeError(f"the recorded kernel tests wrote nothing:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
     return {**json.loads(out.read_text()), "flex_graphs": 0}
@@ -204,8 +228,12 @@ def main() -> None:
         launches.clear()
         flex = replay()
         keys = compile_recorder.compile_keys(launches)
-        report[step] = {"compiles": len(keys), "launches": len(launches), "flex_graphs": flex,
-                        "kernels": compile_recorder.per_kernel(keys)}
+        report[step] = {
+            "compiles": len(keys),
+            "launches": len(launches),
+            "flex_graphs": flex,
+            "kernels": compile_recorder.per_kernel(keys),
+        }
     with tempfile.TemporaryDirectory() as tmp:
         report["kernel_tests"] = kernel_tests(Path(tmp))
     print(json.dumps(report))

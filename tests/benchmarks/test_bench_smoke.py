@@ -24,24 +24,56 @@ HEADER = ("benchmark", "mode", "device", "torch", "triton", "date")
 # script -> (the JSON it writes, dotted paths of figures that must be finite and > 0; "*" = every list item)
 SCRIPTS = {
     "bench_grouped_gemm.py": ("grouped_gemm_cpu.json", ["results.*.ms"]),
-    "bench_moe_layer.py": ("moe_layer_cpu.json", [
-        "results.*.fwd_ms", "results.*.fwd_bwd_ms", "summary.random.x_hf_eager_fwd_bwd",
-        "summary.random.x_hf_best_fwd_bwd", "summary.skewed.experts_share_fwd_bwd"]),
+    "bench_moe_layer.py": (
+        "moe_layer_cpu.json",
+        [
+            "results.*.fwd_ms",
+            "results.*.fwd_bwd_ms",
+            "summary.random.x_hf_eager_fwd_bwd",
+            "summary.random.x_hf_best_fwd_bwd",
+            "summary.skewed.experts_share_fwd_bwd",
+        ],
+    ),
     "bench_attention.py": ("attention_cpu.json", ["results.*.fwd_ms", "results.0.fwd_bwd_ms", "results.2.fwd_bwd_ms"]),
-    "bench_memory.py": ("memory_cpu.json", [
-        "results.*.saved_bytes_per_token", "summary.moe.ratio_vs_hf_eager", "summary.moe.ratio_vs_hf_grouped_mm",
-        "summary.attn_full.ratio_vs_hf_eager"]),
-    "bench_train_step.py": ("train_step_cpu.json", [
-        "lora.rows.*.tokens_per_s", "sft.rows.*.tokens_per_s", "lora.rows.*.loss", "lora.x_hf_best",
-        "sft.x_hf_best", "lora.rows.0.trainable_params"]),
-    "bench_data.py": ("data_cpu.json", ["results.encode.tokens_per_s", "results.pack.tokens_per_s",
-                                        "results.prepare.tokens_per_s", "results.startup.first_batch_s",
-                                        "results.pack.packing_efficiency", "results.unpacked.rows_per_s",
-                                        "results.harmony_agentic_sample.tokens_per_s",
-                                        "results.packing.rows.*.packing_efficiency", "results.packing.rows.*.pack_s",
-                                        "results.packing.window_sweep.*.packing_efficiency"]),
-    "bench_generate.py": ("generate_cpu.json", ["results.*.cache_tokens_per_s", "results.*.no_cache_tokens_per_s",
-                                                "results.*.hf_tokens_per_s"]),
+    "bench_memory.py": (
+        "memory_cpu.json",
+        [
+            "results.*.saved_bytes_per_token",
+            "summary.moe.ratio_vs_hf_eager",
+            "summary.moe.ratio_vs_hf_grouped_mm",
+            "summary.attn_full.ratio_vs_hf_eager",
+        ],
+    ),
+    "bench_train_step.py": (
+        "train_step_cpu.json",
+        [
+            "lora.rows.*.tokens_per_s",
+            "sft.rows.*.tokens_per_s",
+            "lora.rows.*.loss",
+            "lora.x_hf_best",
+            "sft.x_hf_best",
+            "lora.rows.0.trainable_params",
+        ],
+    ),
+    "bench_data.py": (
+        "data_cpu.json",
+        [
+            "results.encode.tokens_per_s",
+            "results.pack.tokens_per_s",
+            "results.prepare.tokens_per_s",
+            "results.startup.first_batch_s",
+            "results.pack.packing_efficiency",
+            "results.unpacked.rows_per_s",
+            "results.harmony_agentic_sample.tokens_per_s",
+            "results.packing.rows.*.packing_efficiency",
+            "results.packing.rows.*.pack_s",
+            "results.packing.window_sweep.*.packing_efficiency",
+        ],
+    ),
+    "bench_generate.py": (
+        "generate_cpu.json",
+        ["results.*.cache_tokens_per_s", "results.*.no_cache_tokens_per_s", "results.*.hf_tokens_per_s"],
+    ),
 }
 
 
@@ -50,8 +82,17 @@ def runs(tmp_path_factory):
     """{script: (exit code, output)}, with every JSON in the returned folder."""
     out = tmp_path_factory.mktemp("bench_out")
     env = {**os.environ, "OUT": str(out)}
-    procs = {s: subprocess.Popen([sys.executable, str(BENCH / s), "--cpu"], cwd=ROOT, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for s in SCRIPTS}
+    procs = {
+        s: subprocess.Popen(
+            [sys.executable, str(BENCH / s), "--cpu"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for s in SCRIPTS
+    }
     results = {s: (p.wait(timeout=300), p.stdout.read()) for s, p in procs.items()}
     return out, results
 
@@ -88,8 +129,11 @@ def test_cpu_mode_writes_sane_json(runs, script):
     assert report["mode"] == "cpu"
     assert all(report.get(k) for k in HEADER), {k: report.get(k) for k in HEADER}
     assert all(math.isfinite(x) for x in _numbers(report)), "a NaN or infinity in the JSON"
-    errors = [r for r in _figures(report, "results") if isinstance(r, dict) and "error" in r] if "results" in report \
+    errors = (
+        [r for r in _figures(report, "results") if isinstance(r, dict) and "error" in r]
+        if "results" in report
         else [r for k in ("lora", "sft") for r in report[k]["rows"] if "error" in r]
+    )
     assert not errors, errors
     for path in paths:
         values = _figures(report, path)
@@ -110,8 +154,12 @@ def test_suite_summary_reads_every_json(runs):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal a machine without a GPU gives")
 def test_full_mode_refuses_without_gpu():
     scripts = ["bench_moe_layer.py", "bench_attention.py", "bench_memory.py", "bench_train_step.py"]
-    procs = [subprocess.Popen([sys.executable, str(BENCH / s)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for s in scripts]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(BENCH / s)], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for s in scripts
+    ]
     for script, p in zip(scripts, procs):
         code, output = p.wait(timeout=120), p.stdout.read()
         assert code != 0 and "--cpu" in output and "GPU" in output, (script, output[-500:])
@@ -126,8 +174,13 @@ def test_experts_share_is_a_share(runs):
 
 def test_ep_bytes_small_run():
     # Two gloo ranks, a few tokens: the measured exchange runs through the real dispatcher's phases.
-    p = subprocess.run([sys.executable, str(BENCH / "ep_bytes.py"), "--ep", "2", "--tokens", "8"], cwd=ROOT,
-                       text=True, capture_output=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "ep_bytes.py"), "--ep", "2", "--tokens", "8"],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     row = [line for line in p.stdout.splitlines() if line.startswith("| 2 |")][-1]
     dispatch, combine = (int(cell.strip().rstrip(" B").replace(",", "")) for cell in row.split("|")[2:4])

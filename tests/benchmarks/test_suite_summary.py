@@ -32,33 +32,90 @@ def partial_run(tmp_path, monkeypatch):
     import bench_grouped_gemm
 
     gemm = bench_grouped_gemm._LiveResults(tmp_path / "grouped_gemm_full.json", {"benchmark": "grouped_gemm"})
-    gemm.checks.append(dict(op="gemm gate_up 2880x5760", routing="uniform", method="triton_tma", max_rel_err=0.5,
-                            error="result off by 5.00e-01 of max |ref|: not timed"))
+    gemm.checks.append(
+        dict(
+            op="gemm gate_up 2880x5760",
+            routing="uniform",
+            method="triton_tma",
+            max_rel_err=0.5,
+            error="result off by 5.00e-01 of max |ref|: not timed",
+        )
+    )
     for method, tflops in (("triton", 600.0), ("dense", 700.0), ("grouped_mm", 400.0)):
-        gemm.append(dict(op="gemm gate_up 2880x5760", routing="uniform", passes="fwd", method=method, ms=1.0,
-                         tflops=tflops))
+        gemm.append(
+            dict(op="gemm gate_up 2880x5760", routing="uniform", passes="fwd", method=method, ms=1.0, tflops=tflops)
+        )
     moe = common.LiveRows("moe_layer", _args())
-    moe += [dict(routing="random", impl="hf eager", fwd_ms=10.0, fwd_bwd_ms=30.0),
-            dict(routing="random", impl="hf grouped_mm", fwd_ms=5.0, fwd_bwd_ms=15.0),
-            dict(routing="random", impl="ours loop", check_max_err=1e-3, fwd_ms=4.0, fwd_bwd_ms=12.0,
-                 x_hf_eager_fwd_bwd=2.5, x_hf_best_fwd_bwd=1.25, experts_share_fwd_bwd=0.8)]
-    planned = [[4096, layer, backend] for layer in ("sliding_attention", "full_attention")
-               for backend in ("eager", "triton", "blockwise", "flex")]
+    moe += [
+        dict(routing="random", impl="hf eager", fwd_ms=10.0, fwd_bwd_ms=30.0),
+        dict(routing="random", impl="hf grouped_mm", fwd_ms=5.0, fwd_bwd_ms=15.0),
+        dict(
+            routing="random",
+            impl="ours loop",
+            check_max_err=1e-3,
+            fwd_ms=4.0,
+            fwd_bwd_ms=12.0,
+            x_hf_eager_fwd_bwd=2.5,
+            x_hf_best_fwd_bwd=1.25,
+            experts_share_fwd_bwd=0.8,
+        ),
+    ]
+    planned = [
+        [4096, layer, backend]
+        for layer in ("sliding_attention", "full_attention")
+        for backend in ("eager", "triton", "blockwise", "flex")
+    ]
     attn = common.LiveRows("attention", _args(), planned=planned)
-    attn += [dict(seq=4096, layer="sliding_attention", backend="eager", fwd_with_grad=True, fwd_ms=1.0, fwd_bwd_ms=3.0),
-             dict(seq=4096, layer="sliding_attention", backend="triton", fwd_with_grad=True, max_err_out=0.5,
-                  check_error="off by 5.00e-01 of the first backend's largest value: not timed")]
+    attn += [
+        dict(seq=4096, layer="sliding_attention", backend="eager", fwd_with_grad=True, fwd_ms=1.0, fwd_bwd_ms=3.0),
+        dict(
+            seq=4096,
+            layer="sliding_attention",
+            backend="triton",
+            fwd_with_grad=True,
+            max_err_out=0.5,
+            check_error="off by 5.00e-01 of the first backend's largest value: not timed",
+        ),
+    ]
     planned_long = [[seq, "sliding_attention", b] for seq in (32768, 131072) for b in ("triton", "flex")]
     long_attn = common.LiveRows("attention", _args("long"), planned=planned_long)
-    long_attn.append(dict(seq=32768, layer="sliding_attention", backend="triton", fwd_with_grad=True, fwd_ms=2.0,
-                          fwd_bwd_ms=7.0, fwd_bwd_peak_gib=3.5))
-    common.write_json("long_context", _args(), {"seqs": [32768, 65536, 131072], "partial": True, "results": [
-        {"seq": 32768, "step_s": 9.0, "tokens_per_s": 3641.0, "peak_gib": 41.2, "mfu": 0.3}]})
+    long_attn.append(
+        dict(
+            seq=32768,
+            layer="sliding_attention",
+            backend="triton",
+            fwd_with_grad=True,
+            fwd_ms=2.0,
+            fwd_bwd_ms=7.0,
+            fwd_bwd_peak_gib=3.5,
+        )
+    )
+    common.write_json(
+        "long_context",
+        _args(),
+        {
+            "seqs": [32768, 65536, 131072],
+            "partial": True,
+            "results": [{"seq": 32768, "step_s": 9.0, "tokens_per_s": 3641.0, "peak_gib": 41.2, "mfu": 0.3}],
+        },
+    )
     memory = common.LiveRows("memory", _args())
-    memory += [dict(layer="moe", impl="ours triton", tokens=4096, saved_bytes_per_token=13000.0),
-               dict(layer="moe", impl="hf eager", tokens=4096, saved_bytes_per_token=42000.0)]
-    common.write_json("train_step_lora", _args(), {"partial": True, "lora": {"layers": 4, "seq": 4096, "rows": [
-        {"impl": "ours", "tokens_per_s": 9000.0, "mfu": 0.2, "peak_gib": 30.0}]}})
+    memory += [
+        dict(layer="moe", impl="ours triton", tokens=4096, saved_bytes_per_token=13000.0),
+        dict(layer="moe", impl="hf eager", tokens=4096, saved_bytes_per_token=42000.0),
+    ]
+    common.write_json(
+        "train_step_lora",
+        _args(),
+        {
+            "partial": True,
+            "lora": {
+                "layers": 4,
+                "seq": 4096,
+                "rows": [{"impl": "ours", "tokens_per_s": 9000.0, "mfu": 0.2, "peak_gib": 30.0}],
+            },
+        },
+    )
     common.write_json("train_step_20b_lora_memory", _args(), {"lora_20b": {"error": "OutOfMemoryError: CUDA out"}})
     (tmp_path / "data_full.json").write_text('{"benchmark": "data", "results": {"pack": {"tok')  # cut mid-write
     return tmp_path
@@ -125,7 +182,19 @@ def test_an_unexpected_layout_is_one_line_not_a_crash(tmp_path, monkeypatch):
 
 def test_command_line_prints_steps_then_summary(partial_run):
     (partial_run / "steps.tsv").write_text("kernel_tests\t55\t40\tok\t61\nbench_attention\t38\t38\tTIMED OUT\t6\n")
-    p = subprocess.run([sys.executable, str(BENCH / "suite_summary.py"), str(partial_run), "--mode", "full",
-                        "--sections", ",".join(EVERY_SECTION)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "suite_summary.py"),
+            str(partial_run),
+            "--mode",
+            "full",
+            "--sections",
+            ",".join(EVERY_SECTION),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0 and "Traceback" not in p.stdout + p.stderr, p.stderr[-2000:]
     assert p.stdout.index("TIMED OUT") < p.stdout.index("summary") < p.stdout.index("not measured: expert_mlp")

@@ -30,8 +30,18 @@ CASES = {
 
 
 def tiny_config(**overrides) -> GptOssConfig:
-    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=8, num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, sliding_window=4)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=16,
+        sliding_window=4,
+    )
     base.update(overrides)
     return GptOssConfig.tiny(**base)
 
@@ -67,8 +77,10 @@ def expert_parallel_model(case: str, ep: int, ep_rank: int, seed: int = 0) -> Gp
     model = GptOssForCausalLM(full.config, opts)
     shard_model_experts(model, ep, ep_rank)
     local = full.config.num_local_experts // ep
-    state = {name: (t[ep_rank * local : (ep_rank + 1) * local] if is_expert_param(name) else t)
-             for name, t in full.state_dict().items()}
+    state = {
+        name: (t[ep_rank * local : (ep_rank + 1) * local] if is_expert_param(name) else t)
+        for name, t in full.state_dict().items()
+    }
     model.load_state_dict(state, strict=True)
     _configure(model, CASES[case])
     return model
@@ -112,5 +124,8 @@ def reference_steps(steps: int, lr: float, max_norm: float) -> dict:
         norms.append(clip_grad_norm_(model.parameters(), max_norm))
         opt.step()
         losses.append(loss.detach())
-    return {"losses": torch.stack(losses), "norms": torch.stack(norms),
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return {
+        "losses": torch.stack(losses),
+        "norms": torch.stack(norms),
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }

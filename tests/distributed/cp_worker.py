@@ -58,8 +58,10 @@ def main(rank: int, world: int, store: str, out: str, window: int = 6) -> None:
         dist.all_reduce(loss)
         dist.destroy_process_group()
     if rank == 0:
-        torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()},
-                    "exchange": exchange}, out)
+        torch.save(
+            {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}, "exchange": exchange},
+            out,
+        )
 
 
 if __name__ == "__main__":

@@ -46,10 +46,18 @@ def launch(scenario: str, world_size: int, deadline_s: float = 120.0, **args) ->
     procs, logs = [], []
     start = time.monotonic()
     for rank in range(world_size):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                   PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="",  # CPU + gloo even on a GPU machine
-                   OMP_NUM_THREADS="1")  # many ranks share few cores
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world_size),
+            PYTHONPATH=str(ROOT),
+            CUDA_VISIBLE_DEVICES="",  # CPU + gloo even on a GPU machine
+            OMP_NUM_THREADS="1",
+        )  # many ranks share few cores
         out, err = open(out_dir / f"rank{rank}.out", "w+"), open(out_dir / f"rank{rank}.err", "w+")
         logs.append((out, err))
         cmd = [sys.executable, "-m", "tests.distributed.worker", scenario, str(out_dir), json.dumps(args)]
@@ -83,8 +91,9 @@ def launch(scenario: str, world_size: int, deadline_s: float = 120.0, **args) ->
 
 def describe(results: list[RankResult]) -> str:
     """Every rank's exit code and the tail of its stderr, for assertion messages."""
-    return "\n".join(f"--- rank {r.rank}: rc={r.returncode} after {r.seconds:.1f}s\n{r.stderr[-2000:]}"
-                     for r in results)
+    return "\n".join(
+        f"--- rank {r.rank}: rc={r.returncode} after {r.seconds:.1f}s\n{r.stderr[-2000:]}" for r in results
+    )
 
 
 def results_or_fail(results: list[RankResult]) -> list[dict]:

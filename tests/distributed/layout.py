@@ -29,10 +29,15 @@ def micro_batches_for(global_batch: int, micro_batch: int, world: int) -> int:
     per_step = micro_batch * world
     if global_batch % per_step:
         fits = [m for m in range(1, global_batch // world + 1) if global_batch % (m * world) == 0]
-        hint = (f"choose data.micro_batch_size in {fits}" if fits else
-                f"data.global_batch_size must be a multiple of the world size {world}")
-        raise ValueError(f"data.global_batch_size={global_batch} is not divisible by data.micro_batch_size="
-                         f"{micro_batch} x world size {world} = {per_step}; {hint}")
+        hint = (
+            f"choose data.micro_batch_size in {fits}"
+            if fits
+            else f"data.global_batch_size must be a multiple of the world size {world}"
+        )
+        raise ValueError(
+            f"data.global_batch_size={global_batch} is not divisible by data.micro_batch_size="
+            f"{micro_batch} x world size {world} = {per_step}; {hint}"
+        )
     return global_batch // per_step
 
 

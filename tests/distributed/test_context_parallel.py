@@ -19,9 +19,26 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(world: int, tmp: Path, window: int = 6) -> dict:
     out, store = tmp / f"cp{world}_{window}.pt", tmp / f"store{world}_{window}"
     env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.cp_worker", str(r), str(world), str(store),
-                               str(out), str(window)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.distributed.cp_worker",
+                str(r),
+                str(world),
+                str(store),
+                str(out),
+                str(window),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     try:
         logs = [p.communicate(timeout=300)[0] for p in procs]
     finally:

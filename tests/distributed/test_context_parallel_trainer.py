@@ -21,15 +21,28 @@ from engine.train import REPO
 from tests.closeness import assert_tensors_close, assert_weights_close
 
 LR, STEPS = 3.0e-3, 3
-ARGS = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=64", "data.global_batch_size=4",
-        "data.micro_batch_size=2", f"trainer.max_steps={STEPS}", "optim.warmup_steps=1", f"optim.lr={LR}",
-        "trainer.log_every=1", "trainer.val_every=0", "parallel.timeout_s=120"]
+ARGS = [
+    "recipe=tiny_sft",
+    "data.source=synthetic",
+    "data.max_seq_len=64",
+    "data.global_batch_size=4",
+    "data.micro_batch_size=2",
+    f"trainer.max_steps={STEPS}",
+    "optim.warmup_steps=1",
+    f"optim.lr={LR}",
+    "trainer.log_every=1",
+    "trainer.val_every=0",
+    "parallel.timeout_s=120",
+]
 
 
 def _run(out, nproc, *overrides):
     script = str(REPO / "engine" / "train.py")
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
     cmd = [*launcher, script, *ARGS, *overrides, f"trainer.output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     if proc.returncode != 0:
@@ -52,27 +65,50 @@ def test_context_parallel_run_matches_one_process(one, tmp_path, nproc, ep, shar
     assert [r["target_tokens"] for r in got] == [r["target_tokens"] for r in ref] == [4 * 64] * STEPS
     losses = torch.tensor([r["loss"] for r in ref])
     assert losses[-1] < losses[0]
-    assert_tensors_close(torch.tensor([r["loss"] for r in got]), losses, rtol=1e-5, atol=1e-5,
-                         where=f"loss per step, CP2 x EP{ep} vs one process")
-    assert_tensors_close(torch.tensor([r["grad_norm"] for r in got]), torch.tensor([r["grad_norm"] for r in ref]),
-                         rtol=1e-4, atol=1e-6, where=f"grad norm per step, CP2 x EP{ep} vs one process")
+    assert_tensors_close(
+        torch.tensor([r["loss"] for r in got]),
+        losses,
+        rtol=1e-5,
+        atol=1e-5,
+        where=f"loss per step, CP2 x EP{ep} vs one process",
+    )
+    assert_tensors_close(
+        torch.tensor([r["grad_norm"] for r in got]),
+        torch.tensor([r["grad_norm"] for r in ref]),
+        rtol=1e-4,
+        atol=1e-6,
+        where=f"grad norm per step, CP2 x EP{ep} vs one process",
+    )
     step = f"step_{STEPS:07d}"
-    assert_weights_close(gather_trained_weights(tmp_path / "checkpoints" / step),
-                         gather_trained_weights(ref_dir / "checkpoints" / step), lr=LR, steps=STEPS,
-                         where=f"weights after {STEPS} steps, CP2 x EP{ep} vs one process")
+    assert_weights_close(
+        gather_trained_weights(tmp_path / "checkpoints" / step),
+        gather_trained_weights(ref_dir / "checkpoints" / step),
+        lr=LR,
+        steps=STEPS,
+        where=f"weights after {STEPS} steps, CP2 x EP{ep} vs one process",
+    )
 
 
 def test_sample_chats_and_validation_under_cp2(tmp_path):
     """The shipped harmony chats (packed rows: documents and restarting positions) at 256 tokens, with
     the validation pass: CP 2 logs one process's losses, target counts and validation loss (the CP
     ranks score their chunks of the shared rows; each token counts once)."""
-    real = ["data.source=jsonl", "data.max_seq_len=256", "trainer.max_steps=2", "trainer.val_every=2",
-            f"data.prepared_dir={tmp_path / 'data'}"]  # prepared once, by the first run
+    real = [
+        "data.source=jsonl",
+        "data.max_seq_len=256",
+        "trainer.max_steps=2",
+        "trainer.val_every=2",
+        f"data.prepared_dir={tmp_path / 'data'}",
+    ]  # prepared once, by the first run
     ref, _ = _run(tmp_path / "one", 1, *real)
     got, _ = _run(tmp_path / "cp2", 2, *real, "parallel.cp=2")
     assert [r["target_tokens"] for r in got] == [r["target_tokens"] for r in ref]
     assert "val_loss" in got[-1] and "val_loss" in ref[-1]
     for key in ("loss", "val_loss"):
-        assert_tensors_close(torch.tensor([r[key] for r in got if key in r], dtype=torch.float64),
-                             torch.tensor([r[key] for r in ref if key in r], dtype=torch.float64),
-                             rtol=1e-5, atol=0, where=f"{key} per step, CP2 vs one process")
+        assert_tensors_close(
+            torch.tensor([r[key] for r in got if key in r], dtype=torch.float64),
+            torch.tensor([r[key] for r in ref if key in r], dtype=torch.float64),
+            rtol=1e-5,
+            atol=0,
+            where=f"{key} per step, CP2 vs one process",
+        )

@@ -22,8 +22,7 @@ STEPS = dict(steps=3, lr=1e-2, max_norm=0.5, micro_batch=1)  # micro_batch 1: 2 
 LAYOUTS = {
     "ep2": dict(world=2, ep=2, cases=list(CASES), dispatcher_checks=True),
     "ep4": dict(world=4, ep=4, cases=["uniform", "skewed"], steps=STEPS),
-    "ep2xdp2": dict(world=4, ep=2, cases=["uniform", "skewed", "frozen_dense"], steps=STEPS,
-                    dispatcher_checks=True),
+    "ep2xdp2": dict(world=4, ep=2, cases=["uniform", "skewed", "frozen_dense"], steps=STEPS, dispatcher_checks=True),
     "ep8": dict(world=8, ep=8, cases=["uniform", "skewed"]),
 }
 
@@ -78,8 +77,12 @@ def test_matches_single_process(layout, case):
 def test_dispatch_round_trip_is_exact(layout):
     """dispatch -> regroup -> undispatch restores rows and gradients bit for bit (rank 1 sends nothing)."""
     for rank, result in enumerate(ranks_of(layout)):
-        assert result["round_trip"] == {"values_exact": True, "grads_exact": True, "counts_ok": True,
-                                        "grouped_ok": True}, f"rank {rank}: {result['round_trip']}"
+        assert result["round_trip"] == {
+            "values_exact": True,
+            "grads_exact": True,
+            "counts_ok": True,
+            "grouped_ok": True,
+        }, f"rank {rank}: {result['round_trip']}"
 
 
 @pytest.mark.parametrize("layout", [lay for lay, spec in LAYOUTS.items() if spec.get("dispatcher_checks")])

@@ -23,8 +23,17 @@ def test_expert_parallel_generation_equals_one_process(tmp_path):
         reference.append((ids, mask, generate(model, ids, NEW, attention_mask=mask)))
     # rank 0's rows stop early (on their third new token, or sooner where it came before); rank 1's never do
     stops = [sorted({int(reference[0][2][r, reference[0][0].shape[1] + 2]) for r in range(2)}), []]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "tests.distributed.generate_worker", str(tmp_path), json.dumps({"ep": 2, "new": NEW, "stops": stops})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tests.distributed.generate_worker",
+        str(tmp_path),
+        json.dumps({"ep": 2, "new": NEW, "stops": stops}),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in range(2):
@@ -32,8 +41,8 @@ def test_expert_parallel_generation_equals_one_process(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")["tokens"]
         want = generate(model, ids, NEW, attention_mask=mask, stop_token_ids=stops[rank], pad_token_id=0)
         assert got.shape[1] == ids.shape[1] + NEW  # rank 0 kept stepping until rank 1 was done
-        assert torch.equal(got[:, :want.shape[1]], want), rank
-        assert (got[:, want.shape[1]:] == 0).all()
+        assert torch.equal(got[:, : want.shape[1]], want), rank
+        assert (got[:, want.shape[1] :] == 0).all()
         if rank == 0:
             assert want.shape[1] < ids.shape[1] + NEW  # alone, rank 0 would have stopped early
         if rank == 1:

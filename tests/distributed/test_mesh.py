@@ -9,11 +9,14 @@ from tests.distributed.launcher import describe, launch
 from tests.distributed.layout import expert_range, micro_batches_for, rank_slice
 
 
-@pytest.mark.parametrize("ep,tp,num_experts,message", [
-    (3, 1, 6, "parallel.ep=3 does not divide the world size 4"),
-    (4, 1, 6, "parallel.ep=4 does not divide the number of experts (6)"),
-    (2, 2, 8, "parallel.tp=2 with parallel.ep=2: tensor parallelism must be 1"),
-])
+@pytest.mark.parametrize(
+    "ep,tp,num_experts,message",
+    [
+        (3, 1, 6, "parallel.ep=3 does not divide the world size 4"),
+        (4, 1, 6, "parallel.ep=4 does not divide the number of experts (6)"),
+        (2, 2, 8, "parallel.tp=2 with parallel.ep=2: tensor parallelism must be 1"),
+    ],
+)
 def test_bad_layout_fails_on_every_rank(ep, tp, num_experts, message):
     results = launch("layout", 4, deadline_s=60, ep=ep, tp=tp, num_experts=num_experts)
     for r in results:
@@ -81,8 +84,11 @@ def test_mesh_grid_coordinates():
 def test_micro_batches_and_rank_slices():
     assert micro_batches_for(32, 2, 4) == 4
     assert micro_batches_for(8, 8, 1) == 1
-    with pytest.raises(ValueError, match=r"not divisible by data.micro_batch_size=3 x world size 4 = 12; "
-                                         r"choose data.micro_batch_size in \[1, 2, 4, 8\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"not divisible by data.micro_batch_size=3 x world size 4 = 12; "
+        r"choose data.micro_batch_size in \[1, 2, 4, 8\]",
+    ):
         micro_batches_for(32, 3, 4)
     with pytest.raises(ValueError, match="multiple of the world size 8"):
         micro_batches_for(12, 1, 8)

@@ -21,8 +21,16 @@ from tests.closeness import assert_tensors_close, assert_weights_close
 
 PEAK_LR = {"tiny_sft": 3.0e-3, "tiny_lora": 1.0e-2}  # the recipes' optim.lr (checked below)
 
-SYNTH = ["data.source=synthetic", "data.max_seq_len=32", "data.global_batch_size=8", "data.micro_batch_size=2",
-         "trainer.max_steps=6", "trainer.log_every=1", "trainer.val_every=0", "parallel.timeout_s=120"]
+SYNTH = [
+    "data.source=synthetic",
+    "data.max_seq_len=32",
+    "data.global_batch_size=8",
+    "data.micro_batch_size=2",
+    "trainer.max_steps=6",
+    "trainer.log_every=1",
+    "trainer.val_every=0",
+    "parallel.timeout_s=120",
+]
 
 
 def _run(out, nproc, *overrides, ep=None):
@@ -46,8 +54,13 @@ def test_expert_parallel_run_matches_one_process(tmp_path, recipe, nproc):
     b = torch.tensor([r["loss"] for r in ep])
     assert a[-1] < a[0]
     assert_tensors_close(b, a, rtol=1e-5, atol=1e-5, where=f"loss per step, EP{nproc} vs one process")
-    assert_tensors_close(torch.tensor([r["grad_norm"] for r in ep]), torch.tensor([r["grad_norm"] for r in one]),
-                         rtol=1e-4, atol=1e-6, where=f"grad norm per step, EP{nproc} vs one process")
+    assert_tensors_close(
+        torch.tensor([r["grad_norm"] for r in ep]),
+        torch.tensor([r["grad_norm"] for r in one]),
+        rtol=1e-4,
+        atol=1e-6,
+        where=f"grad norm per step, EP{nproc} vs one process",
+    )
     assert yaml.safe_load((REPO / "recipes" / f"{recipe}.yaml").read_text())["optim"]["lr"] == PEAK_LR[recipe]
     w1 = gather_trained_weights(tmp_path / "ep1" / "checkpoints" / "step_0000006")
     wn = gather_trained_weights(tmp_path / f"ep{nproc}" / "checkpoints" / "step_0000006")
@@ -84,8 +97,12 @@ def test_checkpoint_from_two_ranks_resumes_at_four_and_at_one(tmp_path):
         shutil.copytree(tmp_path / "a" / "checkpoints" / "step_0000003", out / "checkpoints" / "step_0000003")
         resumed = _run(out, nproc, *common)
         assert [r["step"] for r in resumed] == [4, 5, 6]
-        torch.testing.assert_close(torch.tensor([r["loss"] for r in resumed]),
-                                   torch.tensor([r["loss"] for r in straight[3:]]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor([r["loss"] for r in resumed]),
+            torch.tensor([r["loss"] for r in straight[3:]]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("ep", [1, 2])
@@ -105,8 +122,17 @@ def test_checkpoint_holds_each_tensor_once(tmp_path, ep):
 
 
 def test_bad_layout_fails_fast_on_every_rank(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           str(REPO / "engine" / "train.py"), "recipe=tiny_sft", "parallel.ep=3", f"trainer.output_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+        str(REPO / "engine" / "train.py"),
+        "recipe=tiny_sft",
+        "parallel.ep=3",
+        f"trainer.output_dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode != 0
     for rank in range(4):
@@ -116,12 +142,15 @@ def test_bad_layout_fails_fast_on_every_rank(tmp_path):
 BF16_MASTERS = ["model.dtype=bfloat16", "optim.master_weights=true"]
 
 
-@pytest.mark.parametrize("recipe,extra,shard", [
-    ("tiny_sft", [], "full"),
-    ("tiny_lora", [], "full"),
-    ("tiny_sft", [], "optimizer"),
-    ("tiny_sft", BF16_MASTERS, "full"),
-])
+@pytest.mark.parametrize(
+    "recipe,extra,shard",
+    [
+        ("tiny_sft", [], "full"),
+        ("tiny_lora", [], "full"),
+        ("tiny_sft", [], "optimizer"),
+        ("tiny_sft", BF16_MASTERS, "full"),
+    ],
+)
 def test_fsdp_at_ep2_x_expert_dp2_matches_one_process(tmp_path, recipe, extra, shard):
     # EP2 x expert-DP2 on 4 ranks under FSDP2: dense weights sharded over 4 ranks, experts over 2.
     # fp32: the ranks sum in another order than one process, nothing else differs.
@@ -134,10 +163,18 @@ def test_fsdp_at_ep2_x_expert_dp2_matches_one_process(tmp_path, recipe, extra, s
     common = [f"recipe={recipe}", *SYNTH, "checkpoint.every=3", *extra]
     one = _run(tmp_path / "one", 1, *common)
     fsdp = _run(tmp_path / "fsdp", 4, *common, f"parallel.shard={shard}", ep=2)
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in fsdp]), torch.tensor([r["loss"] for r in one]),
-                               rtol=1e-3 if bf16 else 1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in fsdp]),
-                               torch.tensor([r["grad_norm"] for r in one]), rtol=3e-2 if bf16 else 1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in fsdp]),
+        torch.tensor([r["loss"] for r in one]),
+        rtol=1e-3 if bf16 else 1e-5,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        torch.tensor([r["grad_norm"] for r in fsdp]),
+        torch.tensor([r["grad_norm"] for r in one]),
+        rtol=3e-2 if bf16 else 1e-4,
+        atol=1e-6,
+    )
     if bf16:
         return
     a = gather_trained_weights(tmp_path / "one" / "checkpoints" / "step_0000006")
@@ -152,9 +189,17 @@ def one_process_with_validation(tmp_path_factory):
     out = tmp_path_factory.mktemp("val") / "one"
     prompts = out.parent / "prompts.txt"
     prompts.write_text("What is 2 + 2?\nName a colour.\n")
-    common = ["recipe=tiny_sft", "trainer.max_steps=4", "optim.warmup_steps=1", "trainer.log_every=1",
-              "trainer.val_every=2", "trainer.sample_every=2", f"trainer.sample_prompts={prompts}",
-              "trainer.sample_max_new_tokens=6", "parallel.timeout_s=120"]
+    common = [
+        "recipe=tiny_sft",
+        "trainer.max_steps=4",
+        "optim.warmup_steps=1",
+        "trainer.log_every=1",
+        "trainer.val_every=2",
+        "trainer.sample_every=2",
+        f"trainer.sample_prompts={prompts}",
+        "trainer.sample_max_new_tokens=6",
+        "parallel.timeout_s=120",
+    ]
     return common, _run(out, 1, *common), (out / "samples.jsonl").read_text()
 
 
@@ -173,9 +218,14 @@ def test_validation_and_samples_under_fsdp_match_one_process(tmp_path, one_proce
     assert (tmp_path / "fsdp" / "samples.jsonl").read_text() == samples
 
 
-@pytest.mark.parametrize("recipe,preset,nproc", [("gptoss20b_lora", "gpt_oss_20b", 4),
-                                                  ("gptoss120b_lora", "gpt_oss_120b", 8),
-                                                  ("gptoss20b_lora_128k", "gpt_oss_20b", 1)])
+@pytest.mark.parametrize(
+    "recipe,preset,nproc",
+    [
+        ("gptoss20b_lora", "gpt_oss_20b", 4),
+        ("gptoss120b_lora", "gpt_oss_120b", 8),
+        ("gptoss20b_lora_128k", "gpt_oss_20b", 1),
+    ],
+)
 def test_real_recipe_dry_run_at_full_scale(tmp_path, recipe, preset, nproc):
     # The real recipe at its real layout, on the meta device: mesh, 20B/120B shapes, LoRA targets,
     # the batch split and one batch of data, with a checkpoint folder that has no weights at all.
@@ -187,15 +237,26 @@ def test_real_recipe_dry_run_at_full_scale(tmp_path, recipe, preset, nproc):
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(arch.to_hf_dict()))
     shutil.copy(REPO / "engine" / "data" / "assets" / "tokenizer" / "tokenizer.json", model_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "engine" / "train.py"), f"recipe={recipe}", f"model.path={model_dir}", "trainer.dry_run=true",
-           f"trainer.output_dir={tmp_path / 'out'}", "trainer.device=cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(REPO / "engine" / "train.py"),
+        f"recipe={recipe}",
+        f"model.path={model_dir}",
+        "trainer.dry_run=true",
+        f"trainer.output_dir={tmp_path / 'out'}",
+        "trainer.device=cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "all checks passed" in proc.stdout
     rows = int(re.search(r"data_rows: (\d+)", proc.stdout).group(1))  # the first epoch's packing, reported
     assert rows > 0 and 0 < float(re.search(r"data_packing_efficiency: ([\d.]+)", proc.stdout).group(1)) <= 1
-    expected = lora_param_count(arch, 32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
-                                nproc, False)
+    expected = lora_param_count(
+        arch, 32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"], nproc, False
+    )
     assert f"trainable_on_rank: {expected}" in proc.stdout
     assert not (tmp_path / "out" / "checkpoints").exists()

@@ -47,10 +47,15 @@ def run_case(case: str, mesh: Mesh) -> dict:
     total = loss.detach().clone()
     dist.all_reduce(total)
     params = dict(model.named_parameters())
-    return {"logits": logits, "loss": total, "norm": norm,
-            "grads": {name: p.grad for name, p in params.items() if p.requires_grad},
-            "frozen_with_grad": [name for name, p in params.items() if not p.requires_grad and p.grad is not None],
-            "counts": [b.last_expert_counts for b in model.moe_blocks()], "load": global_expert_load(model, mesh)}
+    return {
+        "logits": logits,
+        "loss": total,
+        "norm": norm,
+        "grads": {name: p.grad for name, p in params.items() if p.requires_grad},
+        "frozen_with_grad": [name for name, p in params.items() if not p.requires_grad and p.grad is not None],
+        "counts": [b.last_expert_counts for b in model.moe_blocks()],
+        "load": global_expert_load(model, mesh),
+    }
 
 
 def run_steps(mesh: Mesh, steps: int, lr: float, max_norm: float, micro_batch: int) -> dict:
@@ -76,16 +81,24 @@ def run_steps(mesh: Mesh, steps: int, lr: float, max_norm: float, micro_batch: i
         opt.step()
         dist.all_reduce(total)
         losses.append(total)
-    return {"losses": torch.stack(losses), "norms": torch.stack(norms), "accum": accum,
-            "params": {name: p.detach() for name, p in model.named_parameters()}}
+    return {
+        "losses": torch.stack(losses),
+        "norms": torch.stack(norms),
+        "accum": accum,
+        "params": {name: p.detach() for name, p in model.named_parameters()},
+    }
 
 
 def _routing(n_per_rank: list[int], num_experts: int, k: int, rank: int):
     """Every rank draws the routing of all ranks (same seed) and keeps its own: the expectations
     need the whole group's routing."""
     gen = torch.Generator().manual_seed(7)
-    all_idx = [torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(n)])
-               if n else torch.zeros(0, k, dtype=torch.int64) for n in n_per_rank]
+    all_idx = [
+        torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(n)])
+        if n
+        else torch.zeros(0, k, dtype=torch.int64)
+        for n in n_per_rank
+    ]
     return all_idx[rank], all_idx
 
 
@@ -104,15 +117,27 @@ def round_trip(mesh: Mesh, hidden: int = 5, k: int = 2, num_experts: int = 8) ->
     g = torch.randn_like(back)
     (back * g).sum().backward()
     experts = expert_range(mesh, num_experts)
-    expected_counts = torch.bincount(torch.cat(all_idx).reshape(-1), minlength=num_experts)[experts.start:experts.stop]
+    expected_counts = torch.bincount(torch.cat(all_idx).reshape(-1), minlength=num_experts)[
+        experts.start : experts.stop
+    ]
     expected_tags = torch.repeat_interleave(torch.arange(experts.start, experts.stop), expected_counts).float()
-    return {"values_exact": torch.equal(back.detach(), rows.detach()), "grads_exact": torch.equal(rows.grad, g),
-            "counts_ok": torch.equal(plan.local_counts, expected_counts),
-            "grouped_ok": torch.equal(y[:, 0].detach(), expected_tags)}
+    return {
+        "values_exact": torch.equal(back.detach(), rows.detach()),
+        "grads_exact": torch.equal(rows.grad, g),
+        "counts_ok": torch.equal(plan.local_counts, expected_counts),
+        "grouped_ok": torch.equal(y[:, 0].detach(), expected_tags),
+    }
 
 
-def dispatcher_vs_local(mesh: Mesh, n_per_rank: list[int], autocast: bool, hidden: int = 16, inter: int = 8,
-                        k: int = 2, num_experts: int = 8) -> dict:
+def dispatcher_vs_local(
+    mesh: Mesh,
+    n_per_rank: list[int],
+    autocast: bool,
+    hidden: int = 16,
+    inter: int = 8,
+    k: int = 2,
+    num_experts: int = 8,
+) -> dict:
     """The dispatcher with real experts against LocalDispatcher on the same tokens: max abs
     differences of the outputs, input gradients and expert gradients, and the bytes per row sent.
     `autocast`: fp32 tokens and weights under bf16 autocast, as the trainer's mixed precision."""
@@ -145,8 +170,9 @@ def dispatcher_vs_local(mesh: Mesh, n_per_rank: list[int], autocast: bool, hidde
     return {"diffs": diffs, "bytes_per_value": disp.last_traffic["dispatch_bytes_out"] / max(sent_rows, 1) / hidden}
 
 
-def chunked_moe_vs_full(mesh: Mesh, chunk: int = 3, hidden: int = 16, inter: int = 8, k: int = 2,
-                        num_experts: int = 8) -> dict:
+def chunked_moe_vs_full(
+    mesh: Mesh, chunk: int = 3, hidden: int = 16, inter: int = 8, k: int = 2, num_experts: int = 8
+) -> dict:
     """model.moe_chunk_tokens under EP: ranks with 7, 11, ... tokens need 3, 4, ... chunks of 3; every
     rank runs the group's maximum (4 at EP 2). Outputs, input, router and expert gradients against
     one unchunked block with all experts on the whole EP group's tokens: max abs differences over

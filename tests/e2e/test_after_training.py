@@ -26,16 +26,29 @@ def run_dir(tmp_path_factory):
     prompts = tmp / "prompts.txt"
     prompts.write_text("What is 2 + 2?\nName a colour.\n")
     out = tmp / "run"
-    _run(str(REPO / "engine" / "train.py"), "recipe=tiny_sft", f"trainer.output_dir={out}", "trainer.max_steps=6",
-         "trainer.val_every=3", "trainer.log_every=1", "trainer.sample_every=3", f"trainer.sample_prompts={prompts}",
-         "trainer.sample_max_new_tokens=8", "trainer.progress=false")
+    _run(
+        str(REPO / "engine" / "train.py"),
+        "recipe=tiny_sft",
+        f"trainer.output_dir={out}",
+        "trainer.max_steps=6",
+        "trainer.val_every=3",
+        "trainer.log_every=1",
+        "trainer.sample_every=3",
+        f"trainer.sample_prompts={prompts}",
+        "trainer.sample_max_new_tokens=8",
+        "trainer.progress=false",
+    )
     return out
 
 
 def test_samples_are_logged_during_training(run_dir):
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert [(s["step"], s["prompt"]) for s in samples] == [(3, "What is 2 + 2?"), (3, "Name a colour."),
-                                                          (6, "What is 2 + 2?"), (6, "Name a colour.")]
+    assert [(s["step"], s["prompt"]) for s in samples] == [
+        (3, "What is 2 + 2?"),
+        (3, "Name a colour."),
+        (6, "What is 2 + 2?"),
+        (6, "Name a colour."),
+    ]
     assert all(isinstance(s["text"], str) and s["text"] for s in samples)
 
 

@@ -11,13 +11,25 @@ from engine.data.config import default_sample_paths
 from engine.train import REPO
 
 NO_ASSISTANT = json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
-ONE_STEP = ["recipe=tiny_sft", "trainer.max_steps=1", "optim.warmup_steps=1", "data.max_seq_len=256", "data.global_batch_size=2",
-            "data.micro_batch_size=2", "trainer.progress=false"]
+ONE_STEP = [
+    "recipe=tiny_sft",
+    "trainer.max_steps=1",
+    "optim.warmup_steps=1",
+    "data.max_seq_len=256",
+    "data.global_batch_size=2",
+    "data.micro_batch_size=2",
+    "trainer.progress=false",
+]
 
 
 def _train(*overrides):
-    return subprocess.run([sys.executable, str(REPO / "engine" / "train.py"), *overrides], capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "engine" / "train.py"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
 
 
 def _sample_with(path, *bad):
@@ -38,8 +50,13 @@ def test_bad_last_record_stops_before_step_one(tmp_path):
 
 def test_bad_last_validation_record_stops_before_step_one(tmp_path):
     val = _sample_with(tmp_path / "val.jsonl", '{"broken')
-    proc = _train(*ONE_STEP, f"data.train_path={default_sample_paths()[0]}", f"data.val_path={val}",
-                  "trainer.val_every=1", f"trainer.output_dir={tmp_path / 'out'}")
+    proc = _train(
+        *ONE_STEP,
+        f"data.train_path={default_sample_paths()[0]}",
+        f"data.val_path={val}",
+        "trainer.val_every=1",
+        f"trainer.output_dir={tmp_path / 'out'}",
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{val}:49: invalid JSON" in proc.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -14,8 +14,14 @@ GiB = 2**30
 
 def _train(*overrides, env=None):
     cmd = [sys.executable, str(REPO / "engine" / "train.py"), *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def _plan_total(stdout: str) -> float:
@@ -45,20 +51,33 @@ def test_real_lora_recipe_dry_runs_offline_with_the_gpu_plan(tmp_path):
 
 
 def test_dry_run_plans_32_gpus_from_one_process_and_refuses_what_does_not_fit(tmp_path):
-    ok = _train("recipe=gptoss120b_sft", "trainer.dry_run=true", "trainer.dry_run_gpus=32",
-                f"trainer.output_dir={tmp_path}")
+    ok = _train(
+        "recipe=gptoss120b_sft", "trainer.dry_run=true", "trainer.dry_run_gpus=32", f"trainer.output_dir={tmp_path}"
+    )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "for 32 GPUs" in ok.stdout and _plan_total(ok.stdout) < 80
     # The same model on 8 GPUs with each one holding an eighth of the experts' state cannot fit.
-    bad = _train("recipe=gptoss120b_sft", "trainer.dry_run=true", "trainer.dry_run_gpus=8", "parallel.ep=8",
-                 "parallel.shard=none", f"trainer.output_dir={tmp_path}")
+    bad = _train(
+        "recipe=gptoss120b_sft",
+        "trainer.dry_run=true",
+        "trainer.dry_run_gpus=8",
+        "parallel.ep=8",
+        "parallel.shard=none",
+        f"trainer.output_dir={tmp_path}",
+    )
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "exceeds" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_a_smoke_run_shorter_than_the_warmup_runs_and_a_finished_run_is_refused_at_once(tmp_path):
-    common = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=32", "trainer.max_steps=2",
-              "trainer.val_every=0", f"trainer.output_dir={tmp_path}"]
+    common = [
+        "recipe=tiny_sft",
+        "data.source=synthetic",
+        "data.max_seq_len=32",
+        "trainer.max_steps=2",
+        "trainer.val_every=0",
+        f"trainer.output_dir={tmp_path}",
+    ]
     first = _train(*common)  # tiny_sft warms up for 5 steps: cut to the run's 2, said in one line
     assert first.returncode == 0, first.stderr[-3000:]
     said = [line for line in (first.stdout + first.stderr).splitlines() if "warmup" in line]

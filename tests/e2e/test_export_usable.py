@@ -80,12 +80,24 @@ def test_a_lora_run_on_a_relative_model_path_exports_and_loads_from_any_director
     launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
     shutil.copytree(runs / "tiny_sft" / "hf", launch / "base")
     elsewhere.mkdir()
-    _python(str(REPO / "engine" / "train.py"), "recipe=tiny_lora", "model.path=base", "trainer.max_steps=1",
-            "trainer.val_every=0", "trainer.output_dir=lora", cwd=launch)
+    _python(
+        str(REPO / "engine" / "train.py"),
+        "recipe=tiny_lora",
+        "model.path=base",
+        "trainer.max_steps=1",
+        "trainer.val_every=0",
+        "trainer.output_dir=lora",
+        cwd=launch,
+    )
     adapter_config = json.loads((launch / "lora" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(launch / "base")  # absolute: valid from anywhere
     step = launch / "lora" / "checkpoints" / "step_0000001"
     _python("-m", "engine.export", str(step), "--out", str(tmp_path / "merged"), "--format", "merged", cwd=elsewhere)
     assert (tmp_path / "merged" / "config.json").is_file()
-    _python("-c", "import sys; from engine.inference.loading import load_for_inference; "
-            "assert load_for_inference(sys.argv[1]).model is not None", str(launch / "lora"), cwd=elsewhere)
+    _python(
+        "-c",
+        "import sys; from engine.inference.loading import load_for_inference; "
+        "assert load_for_inference(sys.argv[1]).model is not None",
+        str(launch / "lora"),
+        cwd=elsewhere,
+    )

@@ -13,8 +13,15 @@ from tests.e2e.test_user_errors import SMALL, _run, _strict_records
 def skipped_once(tmp_path_factory):
     """6 steps, a checkpoint every 2, step 3's gradient non-finite (skipped). Read-only."""
     out = tmp_path_factory.mktemp("nan") / "run"
-    proc, _ = _run("recipe=tiny_sft", *SMALL, "trainer.max_steps=6", "checkpoint.every=2", "checkpoint.keep=2",
-                   f"trainer.output_dir={out}", nan_steps=(3, 3))
+    proc, _ = _run(
+        "recipe=tiny_sft",
+        *SMALL,
+        "trainer.max_steps=6",
+        "checkpoint.every=2",
+        "checkpoint.keep=2",
+        f"trainer.output_dir={out}",
+        nan_steps=(3, 3),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -33,8 +40,15 @@ def test_checkpoint_after_a_skipped_step_is_withheld_and_said(skipped_once):
 
 def test_final_checkpoint_after_skipped_steps_keeps_the_last_good_one(tmp_path):
     out = tmp_path / "run"
-    proc, _ = _run("recipe=tiny_sft", *SMALL, "trainer.max_steps=4", "checkpoint.every=2", "checkpoint.keep=1",
-                   f"trainer.output_dir={out}", nan_steps=(4, 4))
+    proc, _ = _run(
+        "recipe=tiny_sft",
+        *SMALL,
+        "trainer.max_steps=4",
+        "checkpoint.every=2",
+        "checkpoint.keep=1",
+        f"trainer.output_dir={out}",
+        nan_steps=(4, 4),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # keep=1 would have pruned step 2; the final state follows a skipped step, so step 2 stays too
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
@@ -53,8 +67,10 @@ def test_resume_truncates_metrics_and_replans_a_changed_schedule(skipped_once, t
     shutil.copy(first / "metrics.jsonl", out / "metrics.jsonl")  # steps 1-6 of the first run
     proc, _ = _run("recipe=tiny_sft", *SMALL, "trainer.max_steps=8", "optim.lr=1e-3", f"trainer.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ("resume: optim.lr 0.003 -> 0.001, trainer.max_steps 6 -> 8 changed since the checkpoint; the schedule "
-            "is re-planned with the current values from step 3 on") in proc.stdout
+    assert (
+        "resume: optim.lr 0.003 -> 0.001, trainer.max_steps 6 -> 8 changed since the checkpoint; the schedule "
+        "is re-planned with the current values from step 3 on"
+    ) in proc.stdout
     records = _strict_records(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))  # replayed steps 3-6 logged once
     assert records[:2] == _strict_records(first / "metrics.jsonl")[:2]

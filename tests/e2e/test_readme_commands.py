@@ -2,8 +2,9 @@
 
 A line of a ``` (or ```bash) block that starts a command (python, torchrun, pip, bash, or VAR=value before one)
 runs as written, with the test's Python standing for `python` and `torchrun`; a ```python block
-runs as a script; ```text blocks (synopses with placeholders) are not run. Only the commands in SKIP are left out, each with the reason, so a command added
-to the README is tested from the moment it is written. They run offline (HF_HUB_OFFLINE=1).
+runs as a script; ```text blocks (synopses with placeholders) are not run. Only the commands in SKIP are left
+out, each with the reason, so a command added to the README is tested from the moment it is written. They run
+offline (HF_HUB_OFFLINE=1).
 """
 
 import os
@@ -52,8 +53,16 @@ def readme_steps(text: str) -> list[tuple[str, str]]:
 
 
 def fresh_copy(dest):
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, listed):
         src = REPO / rel
         if src.is_file():
@@ -81,7 +90,8 @@ def test_readme_steps_are_found():
     commands = [c for kind, c in steps if kind == "sh"]
     assert "python engine/train.py recipe=tiny_sft" in commands
     assert commands.index("python engine/train.py recipe=tiny_sft") < commands.index(
-        "python engine/train.py recipe=tiny_lora model.path=outputs/tiny_sft/hf")
+        "python engine/train.py recipe=tiny_lora model.path=outputs/tiny_sft/hf"
+    )
     assert any(kind == "py" for kind, _ in steps)
     assert set(SKIP) <= set(commands), sorted(set(SKIP) - set(commands))  # no stale skips
 
@@ -101,8 +111,10 @@ def test_readme_commands_run_in_order_on_a_fresh_copy(tmp_path):
         t0 = time.perf_counter()
         proc = subprocess.run(argv, cwd=repo, env={**base_env, **env}, capture_output=True, text=True, timeout=1200)
         took = time.perf_counter() - t0
-        assert proc.returncode == 0, (f"README step {i} failed after {took:.0f} s (exit {proc.returncode}):\n{step}\n"
-                                      f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
+        assert proc.returncode == 0, (
+            f"README step {i} failed after {took:.0f} s (exit {proc.returncode}):\n{step}\n"
+            f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+        )
         print(f"README step {i} ({took:.0f} s): {step.splitlines()[0]}")
 
 
@@ -115,7 +127,7 @@ def _train_commands(text: str) -> set[tuple[str, ...]]:
     for line in lines:
         words = shlex.split(line)
         if "engine/train.py" in words:
-            args = tuple(words[words.index("engine/train.py") + 1:])
+            args = tuple(words[words.index("engine/train.py") + 1 :])
             if "trainer.dry_run=true" not in args and not any(a.startswith("-") for a in args):
                 found.add(args)
     return found
@@ -127,7 +139,8 @@ def test_each_readme_training_command_writes_its_own_output_dir():
 
     commands = _train_commands((REPO / "README.md").read_text())
     assert ("recipe=tiny_sft", "data.train_path=engine/data/assets/sample_agentic.jsonl") in {
-        tuple(a for a in c if not a.startswith("trainer.output_dir=")) for c in commands}
+        tuple(a for a in c if not a.startswith("trainer.output_dir=")) for c in commands
+    }
     by_dir: dict[str, list] = {}
     for args in commands:
         by_dir.setdefault(_compose(*args)["trainer"]["output_dir"], []).append(" ".join(args))
@@ -143,8 +156,9 @@ def test_readme_data_examples_are_valid_jsonl_as_pasted():
     from engine.data.records import parse_record
 
     blocks = re.findall(r"^```(\w*)\n(.*?)^```$", (REPO / "README.md").read_text(), re.MULTILINE | re.DOTALL)
-    assert not [b for lang, b in blocks if lang in ("", "text") and b.lstrip().startswith("{")], \
+    assert not [b for lang, b in blocks if lang in ("", "text") and b.lstrip().startswith("{")], (
         "a data example without its jsonl form"
+    )
     lines = [line for lang, b in blocks if lang == "jsonl" for line in b.splitlines() if line.strip()]
     assert len(lines) >= 3
     for line in lines:
@@ -160,8 +174,8 @@ def test_readme_prose_after_each_code_block_and_the_layout_lists_each_folder_onc
     closing = fences[1::2]
     stray = [lines[i + 1] for i in closing if i + 1 < len(lines) and lines[i + 1].strip()]
     assert not stray, f"text glued to a code block's end: {stray}"
-    layout = lines[lines.index("## Layout"):]
-    block = layout[layout.index("```") + 1:]
-    block = block[:block.index("```")]
+    layout = lines[lines.index("## Layout") :]
+    block = layout[layout.index("```") + 1 :]
+    block = block[: block.index("```")]
     folders = [line.split()[0] for line in block if re.match(r"^\s*[\w/]+/\s", line)]
     assert len(folders) == len(set(folders)), sorted(f for f in folders if folders.count(f) > 1)

@@ -20,14 +20,25 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("recipe,extra", [
-    ("tiny_sft", []), ("tiny_lora", []),
-    ("tiny_sft", ["model.dtype=bfloat16", "optim.master_weights=true"]),  # bf16 weights, fp32 masters
-])
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [
+        ("tiny_sft", []),
+        ("tiny_lora", []),
+        ("tiny_sft", ["model.dtype=bfloat16", "optim.master_weights=true"]),  # bf16 weights, fp32 masters
+    ],
+)
 def test_resume_is_bit_exact(tmp_path, recipe, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = [f"recipe={recipe}", *FAST, *extra, "trainer.max_steps=8", "trainer.log_every=1", "checkpoint.every=4",
-              "checkpoint.keep=5"]
+    common = [
+        f"recipe={recipe}",
+        *FAST,
+        *extra,
+        "trainer.max_steps=8",
+        "trainer.log_every=1",
+        "checkpoint.every=4",
+        "checkpoint.keep=5",
+    ]
     _train(*common, f"trainer.output_dir={straight}")
     # A run stopped after step 4: its output folder holds exactly the step-4 checkpoint.
     (resumed / "checkpoints").mkdir(parents=True)
@@ -63,8 +74,12 @@ time.sleep(60)  # an async save returns at once: the next training steps would r
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_sigkill_during_save_leaves_a_resumable_run(tmp_path, mode):
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(tmp_path), mode], stdout=subprocess.PIPE, text=True,
-                            cwd=str(ckpt.Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, str(tmp_path), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(ckpt.Path(__file__).resolve().parents[2]),
+    )
     assert proc.stdout.readline().strip() == "first saved"
     if mode == "async":
         assert proc.stdout.readline().strip() == "saving"
@@ -96,8 +111,15 @@ def test_lora_export_matches_transformers_peft(tmp_path):
 
     hf_model(HFConfig(**hf_cfg)).save_pretrained(base_dir)
     out = tmp_path / "run"
-    _train("recipe=tiny_lora", *FAST, "trainer.max_steps=3", "optim.warmup_steps=1", f"model.path={base_dir}",
-           f"trainer.output_dir={out}", "optim.lr=0.05")
+    _train(
+        "recipe=tiny_lora",
+        *FAST,
+        "trainer.max_steps=3",
+        "optim.warmup_steps=1",
+        f"model.path={base_dir}",
+        f"trainer.output_dir={out}",
+        "optim.lr=0.05",
+    )
     assert (out / "adapter" / "adapter_config.json").is_file()
     _, ours = load_trained_model(out / "checkpoints" / "step_0000003", torch.float32)
     ours.eval()
@@ -114,15 +136,33 @@ def test_lora_export_matches_transformers_peft(tmp_path):
     from safetensors.torch import load_file
 
     again = tmp_path / "again"
-    proc = subprocess.run([sys.executable, "-m", "engine.export", str(out / "checkpoints" / "step_0000003"),
-                           "--out", str(again)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.export", str(out / "checkpoints" / "step_0000003"), "--out", str(again)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     first, second = (load_file(d / "adapter_model.safetensors") for d in (out / "adapter", again))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     merged = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "-m", "engine.export", str(out / "checkpoints" / "step_0000003"),
-                           "--out", str(merged), "--format", "merged", "--dtype", "fp32"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.export",
+            str(out / "checkpoints" / "step_0000003"),
+            "--out",
+            str(merged),
+            "--format",
+            "merged",
+            "--dtype",
+            "fp32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     with torch.no_grad():
         merged_logits = HFModel.from_pretrained(merged, torch_dtype=torch.float32)(input_ids=ids).logits

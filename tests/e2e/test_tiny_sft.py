@@ -58,16 +58,22 @@ def test_tiny_sft_learns_and_exports(tmp_path):
     for question in ("What is 2 + 2?", "Name a colour."):
         prompt = torch.tensor([prompt_ids([{"role": "user", "content": question}], tok)])
         answer = generate(loaded.model, prompt, 96, stop_token_ids=[tok.special_ids[t] for t in STOP_TOKENS])
-        new = answer[0, prompt.shape[1]:].tolist()
+        new = answer[0, prompt.shape[1] :].tolist()
         text = tok.decode(new)
-        assert harmony.fullmatch(text) or (len(new) == 96 and cut.fullmatch(text)), \
+        assert harmony.fullmatch(text) or (len(new) == 96 and cut.fullmatch(text)), (
             f"not a harmony answer to {question!r}: {text!r}"
+        )
         closing_probs += _return_probs_after_final(loaded.model, prompt[0].tolist(), new, tok)
     # It has learned how an answer ends: where a final message closes, <|return|> is a likely next
     # token (an untrained model gives it about 1/vocab).
     assert closing_probs and min(closing_probs) > 0.1, closing_probs
-    chat = subprocess.run([sys.executable, "-m", "engine.chat", str(out / "hf"), "--prompt", "What is 2 + 2?"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    chat = subprocess.run(
+        [sys.executable, "-m", "engine.chat", str(out / "hf"), "--prompt", "What is 2 + 2?"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
     assert "[unparsed]" not in chat.stdout, chat.stdout
 
@@ -98,14 +104,16 @@ def test_unknown_recipe_is_refused(tmp_path):
 
 
 def test_missing_model_path_fails_fast_naming_it(tmp_path):
-    proc = _train("recipe=tiny_sft", f"trainer.output_dir={tmp_path}", f"model.path={tmp_path}/no_such_model",
-                  check=False)
+    proc = _train(
+        "recipe=tiny_sft", f"trainer.output_dir={tmp_path}", f"model.path={tmp_path}/no_such_model", check=False
+    )
     assert proc.returncode == 2
     assert "no_such_model" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_missing_data_file_fails_fast_naming_it(tmp_path):
-    proc = _train("recipe=tiny_sft", f"trainer.output_dir={tmp_path}", f"data.train_path={tmp_path}/chats.jsonl",
-                  check=False)
+    proc = _train(
+        "recipe=tiny_sft", f"trainer.output_dir={tmp_path}", f"data.train_path={tmp_path}/chats.jsonl", check=False
+    )
     assert proc.returncode == 2
     assert "data.train_path" in proc.stderr and "chats.jsonl" in proc.stderr

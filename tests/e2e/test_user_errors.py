@@ -12,8 +12,14 @@ import pytest
 
 from engine.train import REPO
 
-SMALL = ["data.max_seq_len=128", "data.global_batch_size=2", "data.micro_batch_size=2", "trainer.val_every=0",
-         "optim.warmup_steps=0", "trainer.log_every=1"]
+SMALL = [
+    "data.max_seq_len=128",
+    "data.global_batch_size=2",
+    "data.micro_batch_size=2",
+    "trainer.val_every=0",
+    "optim.warmup_steps=0",
+    "trainer.log_every=1",
+]
 
 # Runs engine/train.py with the trainer's gradient norm made non-finite from step BAD_FROM on (1-based)
 # through step BAD_TO: the NaN guard's input, without waiting for a real divergence.
@@ -34,13 +40,21 @@ runpy.run_path(train_py, run_name="__main__")
 
 def _run(*overrides, env=None, nan_steps=None, timeout=300):
     if nan_steps:  # `python -c` puts "-c" in argv[0]: train.py goes there for runpy and Hydra
-        cmd = [sys.executable, "-c", NAN_INJECTOR, str(REPO / "engine" / "train.py"), str(nan_steps[0]),
-               str(nan_steps[1]), *overrides]
+        cmd = [
+            sys.executable,
+            "-c",
+            NAN_INJECTOR,
+            str(REPO / "engine" / "train.py"),
+            str(nan_steps[0]),
+            str(nan_steps[1]),
+            *overrides,
+        ]
     else:
         cmd = [sys.executable, str(REPO / "engine" / "train.py"), *overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+    )
     return proc, time.perf_counter() - t0
 
 
@@ -95,8 +109,9 @@ def test_output_folder_that_is_a_file(tmp_path):
 
 
 def test_cuda_without_a_gpu(tmp_path):
-    proc, _ = _run("recipe=tiny_sft", f"trainer.output_dir={tmp_path}", "trainer.device=cuda",
-                   env={"CUDA_VISIBLE_DEVICES": ""})
+    proc, _ = _run(
+        "recipe=tiny_sft", f"trainer.output_dir={tmp_path}", "trainer.device=cuda", env={"CUDA_VISIBLE_DEVICES": ""}
+    )
     _one_line_error(proc, "ConfigError", "trainer.device='cuda'", "trainer.device=cpu")
 
 
@@ -119,8 +134,13 @@ def test_resume_with_changed_data_is_one_line(trained, tmp_path):
     out = _copy_run(trained, tmp_path)
     sample = (REPO / "engine" / "data" / "assets" / "sample_chat.jsonl").read_text().splitlines()
     (tmp_path / "fewer.jsonl").write_text("\n".join(sample[: len(sample) // 2]) + "\n")
-    proc, _ = _run("recipe=tiny_sft", *SMALL, "trainer.max_steps=4", f"trainer.output_dir={out}",
-                   f"data.train_path={tmp_path / 'fewer.jsonl'}")
+    proc, _ = _run(
+        "recipe=tiny_sft",
+        *SMALL,
+        "trainer.max_steps=4",
+        f"trainer.output_dir={out}",
+        f"data.train_path={tmp_path / 'fewer.jsonl'}",
+    )
     line = _one_line_error(proc, "ResumeError", "step_0000002", "same data", "trainer.resume=none")
     assert line.count("resume with") == 1 and "trainer.output_dir" in line, line  # each piece of advice once
 
@@ -140,10 +160,23 @@ def _strict_records(path):
 
 def test_nan_guard_stop_is_one_line_and_names_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    proc, _ = _run("recipe=tiny_sft", *SMALL, "trainer.max_steps=6", "checkpoint.every=2", "trainer.max_bad_steps=1",
-                   f"trainer.output_dir={out}", nan_steps=(3, 99))
-    line = _one_line_error(proc, "DivergenceError", "stopped at step 4", "trainer.max_bad_steps=1",
-                           str(out / "checkpoints" / "step_0000002"), "lower optim.lr")
+    proc, _ = _run(
+        "recipe=tiny_sft",
+        *SMALL,
+        "trainer.max_steps=6",
+        "checkpoint.every=2",
+        "trainer.max_bad_steps=1",
+        f"trainer.output_dir={out}",
+        nan_steps=(3, 99),
+    )
+    line = _one_line_error(
+        proc,
+        "DivergenceError",
+        "stopped at step 4",
+        "trainer.max_bad_steps=1",
+        str(out / "checkpoints" / "step_0000002"),
+        "lower optim.lr",
+    )
     assert "nothing was saved after them" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]  # no state after a skip
     records = _strict_records(out / "metrics.jsonl")  # strict JSON: null, never NaN
@@ -154,8 +187,17 @@ def test_nan_guard_stop_is_one_line_and_names_the_last_good_checkpoint(tmp_path)
 
 
 def test_under_torchrun_a_config_error_is_said_once(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "engine" / "train.py"), "recipe=tiny_sft", f"trainer.output_dir={tmp_path}", "optim.lr=nan"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "engine" / "train.py"),
+        "recipe=tiny_sft",
+        f"trainer.output_dir={tmp_path}",
+        "optim.lr=nan",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     ours = [x for x in proc.stderr.splitlines() if x.startswith("error (rank")]
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # torchrun reports our exit code 2

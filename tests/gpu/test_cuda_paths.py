@@ -23,9 +23,19 @@ def _ids(cfg, b=2, t=256):
 
 @pytest.mark.parametrize("experts_backend", ["grouped_mm", "triton"])
 def test_bf16_backends_match_fp32_transformers(experts_backend):
-    hf = hf_model(hf_config(hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, sliding_window=32),
-                  dead_expert=3).cuda()
+    hf = hf_model(
+        hf_config(
+            hidden_size=256,
+            head_dim=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=256,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=32,
+        ),
+        dead_expert=3,
+    ).cuda()
     ids = _ids(hf.config)
     with torch.no_grad():
         ref = hf(input_ids=ids).logits.float()
@@ -36,8 +46,9 @@ def test_bf16_backends_match_fp32_transformers(experts_backend):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
 def test_compiled_flex_matches_eager_with_gradients(dtype, tol):
-    hf = hf_model(hf_config(hidden_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=1,
-                            sliding_window=16))
+    hf = hf_model(
+        hf_config(hidden_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=1, sliding_window=16)
+    )
     eager = to_ours(hf, attn_backend="eager", experts_backend="loop").cuda().to(dtype).train()
     flex = to_ours(hf, attn_backend="flex", experts_backend="loop").cuda().to(dtype).train()
     ids = _ids(hf.config, b=2, t=128)
@@ -55,8 +66,16 @@ def test_trainer_on_gpu(tmp_path, recipe):
     pytest.importorskip("hydra", reason="engine/train.py needs hydra-core (gpu_suite.sh installs it from $WHEELS)")
     from engine.train import REPO
 
-    cmd = [sys.executable, str(REPO / "engine" / "train.py"), f"recipe={recipe}", "trainer.device=cuda",
-           "model.dtype=bfloat16", "trainer.max_steps=12", "trainer.log_every=1", f"trainer.output_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "engine" / "train.py"),
+        f"recipe={recipe}",
+        "trainer.device=cuda",
+        "model.dtype=bfloat16",
+        "trainer.max_steps=12",
+        "trainer.log_every=1",
+        f"trainer.output_dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

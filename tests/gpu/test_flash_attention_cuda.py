@@ -35,8 +35,9 @@ def test_bf16_kernel_matches_float64_reference(window, docs):
 
 
 def test_model_triton_backend_matches_eager_fp32_with_gradients():
-    hf = hf_model(hf_config(hidden_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=1,
-                            sliding_window=16))
+    hf = hf_model(
+        hf_config(hidden_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=1, sliding_window=16)
+    )
     ids = torch.randint(0, hf.config.vocab_size, (2, 200), generator=torch.Generator().manual_seed(0)).cuda()
     labels = ids.roll(-1, 1)
     models = {be: to_ours(hf, attn_backend=be, experts_backend="loop").cuda().train() for be in ("eager", "triton")}

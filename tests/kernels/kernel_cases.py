@@ -13,8 +13,9 @@ GROUP_CASES = {
 # Tiny tiles so these tiny shapes still span many m-tiles, n-blocks and k-steps.
 SMALL_BLOCKS = dict(block_m=16, block_n=16, block_k=16, block_m_dw=16)
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a GPU: "
-                                "the Triton interpreter cannot compute in bf16")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="bf16 kernels need a GPU: the Triton interpreter cannot compute in bf16"
+)
 
 
 def device() -> str:
@@ -51,8 +52,9 @@ def assert_close(actual, expected, dtype, name=""):
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
     expected = expected.detach().double().cpu()
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.detach().double().cpu(), expected, rtol=tol, atol=tol * max(scale, 1e-6),
-                               msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual.detach().double().cpu(), expected, rtol=tol, atol=tol * max(scale, 1e-6), msg=lambda m: f"{name}: {m}"
+    )
 
 
 def check_grads(outputs, inputs, ref_outputs, ref_inputs, dtype):

@@ -50,10 +50,14 @@ class Recorder:
 
 def record_launches(all_configs: bool = False):
     launches = []
-    for module, name in ((tile_map, "_tile_map_kernel"), (grouped_gemm, "_grouped_gemm_kernel"),
-                         (grouped_gemm, "_grouped_gemm_persistent_kernel"),
-                         (grouped_dw, "_grouped_dw_kernel"), (scatter_combine, "_segment_sum_kernel"),
-                         (scatter_combine, "_combine_bwd_kernel")):
+    for module, name in (
+        (tile_map, "_tile_map_kernel"),
+        (grouped_gemm, "_grouped_gemm_kernel"),
+        (grouped_gemm, "_grouped_gemm_persistent_kernel"),
+        (grouped_dw, "_grouped_dw_kernel"),
+        (scatter_combine, "_segment_sum_kernel"),
+        (scatter_combine, "_combine_bwd_kernel"),
+    ):
         setattr(module, name, Recorder(getattr(module, name), launches))
     _runtime.check_tensors = lambda *tensors: None  # meta tensors are fine for recording
     if all_configs:  # every candidate the autotuner could pick, persistent and TMA variants included
@@ -75,8 +79,15 @@ def record_launches(all_configs: bool = False):
     counts = torch.empty(experts, dtype=torch.int32, device="meta")
     gather_idx = torch.empty(m, dtype=torch.int64, device="meta")
     x = meta(tokens, hidden)
-    y = expert_mlp(x, counts, meta(experts, hidden, 2 * width), meta(experts, 2 * width),
-                   meta(experts, width, hidden), meta(experts, hidden), gather_idx=gather_idx)
+    y = expert_mlp(
+        x,
+        counts,
+        meta(experts, hidden, 2 * width),
+        meta(experts, 2 * width),
+        meta(experts, width, hidden),
+        meta(experts, hidden),
+        gather_idx=gather_idx,
+    )
     out = scatter_combine.scatter_combine(y, gather_idx, meta(m), tokens)
     out.backward(torch.empty_like(out))
     lora = grouped_linear(meta(m, hidden), counts, meta(experts, hidden, 16))  # LoRA A, rank 16
@@ -85,8 +96,15 @@ def record_launches(all_configs: bool = False):
         for few in (512, 256, 64):
             x = meta(few, hidden)
             idx = torch.empty(few * top_k, dtype=torch.int64, device="meta")
-            y = expert_mlp(x, counts, meta(experts, hidden, 2 * width), meta(experts, 2 * width),
-                           meta(experts, width, hidden), meta(experts, hidden), gather_idx=idx)
+            y = expert_mlp(
+                x,
+                counts,
+                meta(experts, hidden, 2 * width),
+                meta(experts, 2 * width),
+                meta(experts, width, hidden),
+                meta(experts, hidden),
+                gather_idx=idx,
+            )
             y.backward(torch.empty_like(y))
     return launches
 
@@ -121,8 +139,9 @@ def main() -> int:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
-            usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True,
-                                   text=True, check=True).stdout
+            usage = subprocess.run(
+                [str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True, check=True
+            ).stdout
         regs_line = next(line.strip() for line in usage.splitlines() if "REG:" in line)
         stack = int(regs_line.split("STACK:")[1].split()[0])
         shared = compiled.metadata.shared
@@ -133,13 +152,20 @@ def main() -> int:
         wgmma = "wgmma" in compiled.asm["ptx"]
         flags = {k: v for k, v in kwargs.items() if k.isupper() and k != "DOT_PRECISION"}
         tma = any(isinstance(a, TensorDescriptor) for a in args)
-        print(f"{kernel.fn.__name__:21s} smem={shared:6d} stack={stack} wgmma={wgmma!s:5s} {options} {flags}"
-              + (f" tma={'cp.async.bulk.tensor' in compiled.asm['ptx']}" if tma else ""))
-        problems = [msg for bad, msg in ((shared > HOPPER_SMEM, "shared memory over Hopper's limit"),
-                                         (stack > 0, "register spills"),
-                                         (uses_dot and not wgmma, "no wgmma"),
-                                         (tma and "cp.async.bulk.tensor" not in compiled.asm["ptx"], "no TMA load"))
-                    if bad]
+        print(
+            f"{kernel.fn.__name__:21s} smem={shared:6d} stack={stack} wgmma={wgmma!s:5s} {options} {flags}"
+            + (f" tma={'cp.async.bulk.tensor' in compiled.asm['ptx']}" if tma else "")
+        )
+        problems = [
+            msg
+            for bad, msg in (
+                (shared > HOPPER_SMEM, "shared memory over Hopper's limit"),
+                (stack > 0, "register spills"),
+                (uses_dot and not wgmma, "no wgmma"),
+                (tma and "cp.async.bulk.tensor" not in compiled.asm["ptx"], "no TMA load"),
+            )
+            if bad
+        ]
         if problems:
             print(f"FAIL {kernel.fn.__name__}: {', '.join(problems)}")
             failures += 1

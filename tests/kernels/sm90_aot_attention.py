@@ -59,17 +59,27 @@ def main() -> int:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
-            usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True,
-                                   text=True, check=True).stdout
+            usage = subprocess.run(
+                [str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True, check=True
+            ).stdout
         regs_line = next(line.strip() for line in usage.splitlines() if "REG:" in line)
         stack = int(regs_line.split("STACK:")[1].split()[0])
         shared = compiled.metadata.shared
         wgmma = "wgmma" in compiled.asm["ptx"]
         flags = {k: v for k, v in kwargs.items() if k.isupper() and k != "DOT_PRECISION"}
-        print(f"{kernel.fn.__name__:17s} smem={shared:6d} {regs_line.split()[0]} stack={stack} wgmma={wgmma!s:5s} "
-              f"{options} {flags}")
-        problems = [msg for bad, msg in ((shared > HOPPER_SMEM, "shared memory over Hopper's limit"),
-                                         (stack > 0, "register spills"), (not wgmma, "no wgmma")) if bad]
+        print(
+            f"{kernel.fn.__name__:17s} smem={shared:6d} {regs_line.split()[0]} stack={stack} wgmma={wgmma!s:5s} "
+            f"{options} {flags}"
+        )
+        problems = [
+            msg
+            for bad, msg in (
+                (shared > HOPPER_SMEM, "shared memory over Hopper's limit"),
+                (stack > 0, "register spills"),
+                (not wgmma, "no wgmma"),
+            )
+            if bad
+        ]
         if problems:
             print(f"FAIL {kernel.fn.__name__}: {', '.join(problems)}")
             return 1

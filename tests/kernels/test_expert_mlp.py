@@ -40,8 +40,17 @@ def _inputs(sizes, dtype, gather, trainable=NAMES):
 
 
 def _call(fn, inputs, counts, gather_idx):
-    return fn(inputs["x"], counts, inputs["w_gu"], inputs["b_gu"], inputs["w_d"], inputs["b_d"],
-              alpha=ALPHA, limit=LIMIT, gather_idx=gather_idx)
+    return fn(
+        inputs["x"],
+        counts,
+        inputs["w_gu"],
+        inputs["b_gu"],
+        inputs["w_d"],
+        inputs["b_d"],
+        alpha=ALPHA,
+        limit=LIMIT,
+        gather_idx=gather_idx,
+    )
 
 
 def _run(sizes, *, dtype=torch.float32, gather=False, biases=True):
@@ -172,8 +181,9 @@ def test_only_down_proj_frozen(monkeypatch):
     with _runtime.force_blocks(**SMALL_BLOCKS):
         y = _call(expert_mlp, inputs, counts_of(sizes), None)
         ref_inputs = dict(zip(inputs, as_f64(inputs.values())))
-        check_grads(y, inputs, _call(expert_mlp_reference, ref_inputs, counts_of(sizes).cpu(), None),
-                    ref_inputs, torch.float32)
+        check_grads(
+            y, inputs, _call(expert_mlp_reference, ref_inputs, counts_of(sizes).cpu(), None), ref_inputs, torch.float32
+        )
     assert [launch["COMPUTE_DW"] for launch in spy.launches] == [True]  # w_gu's only
 
 

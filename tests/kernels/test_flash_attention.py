@@ -57,8 +57,9 @@ def test_flash_attention_matches_float64_reference(name, layout):
 
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref.float(), **TOL)
-    _, lse = _forward(q.contiguous(), k.contiguous(), v.contiguous(), sinks, doc_ids, c["window"], c["d"] ** -0.5,
-                      16, 16)
+    _, lse = _forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), sinks, doc_ids, c["window"], c["d"] ** -0.5, 16, 16
+    )
     torch.testing.assert_close(lse, ref_lse.float(), **TOL)
     for what, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
         torch.testing.assert_close(g, r.float(), **TOL, msg=what)
@@ -86,11 +87,14 @@ def test_a_key_outside_the_window_changes_nothing():
         assert torch.equal(out, base) != changes, j
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(window=0), "window=0"),
-    (dict(block_m=24), "power of two"),
-    (dict(doc_ids=torch.zeros(1, 3, dtype=torch.long)), "doc_ids must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(window=0), "window=0"),
+        (dict(block_m=24), "power of two"),
+        (dict(doc_ids=torch.zeros(1, 3, dtype=torch.long)), "doc_ids must be"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, match):
     q, k, v, sinks = _inputs(1, 2, 1, 8, 16)
     with pytest.raises(ValueError, match=match):

@@ -42,12 +42,19 @@ def _sizes(block_m):
 
 
 def _ref_rows(x, sizes, w, gather_idx=None):
-    return grouped_linear_reference(x.double().cpu(), torch.tensor(sizes), w.double().cpu(),
-                                    gather_idx=None if gather_idx is None else gather_idx.cpu())
+    return grouped_linear_reference(
+        x.double().cpu(),
+        torch.tensor(sizes),
+        w.double().cpu(),
+        gather_idx=None if gather_idx is None else gather_idx.cpu(),
+    )
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="fp32 interpreter check of every config; on a GPU "
-                    "test_bf16_gpu_candidates checks them in bf16 (fp32 tiles this large overflow shared memory)")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="fp32 interpreter check of every config; on a GPU "
+    "test_bf16_gpu_candidates checks them in bf16 (fp32 tiles this large overflow shared memory)",
+)
 @pytest.mark.parametrize("block_m,kind,config", _interpreted_configs())
 def test_config_matches_reference(block_m, kind, config):
     torch.manual_seed(0)
@@ -83,8 +90,9 @@ def test_config_matches_reference(block_m, kind, config):
             dy = randn(m, K, grad=False)
             w_d = randn(e, inter, K, scale=inter**-0.5, grad=False)
             pre = randn(m, 2 * inter, scale=4.0, grad=False)
-            dh, act = grouped_matmul_swiglu_bwd(dy, layout, w_d.transpose(1, 2), pre, alpha=ALPHA, limit=LIMIT,
-                                                want_act=True)
+            dh, act = grouped_matmul_swiglu_bwd(
+                dy, layout, w_d.transpose(1, 2), pre, alpha=ALPHA, limit=LIMIT, want_act=True
+            )
             d_act = _ref_rows(dy, sizes, w_d.transpose(1, 2))
             h = pre.detach().double().cpu().requires_grad_()
             act_ref = swiglu_reference(h, ALPHA, LIMIT)
@@ -209,11 +217,14 @@ def test_bf16_gpu_candidates(epilogue):
         leaf = pre.double().cpu().requires_grad_()
         (dh_ref,) = torch.autograd.grad(swiglu_reference(leaf, ALPHA, LIMIT), leaf, h)
     cands = gemm_configs.candidates(128, n, k, torch.bfloat16, epilogue)
-    variants = [v for v in (dataclasses.replace(cands[0], persistent=True), dataclasses.replace(cands[0], tma=True))
-                if gemm_configs._sm90_safe(128, epilogue, v)]
+    variants = [
+        v
+        for v in (dataclasses.replace(cands[0], persistent=True), dataclasses.replace(cands[0], tma=True))
+        if gemm_configs._sm90_safe(128, epilogue, v)
+    ]
     w_t = w.transpose(1, 2).contiguous().transpose(1, 2)  # K contiguous, as the dX GEMMs' weights
     for c in cands + variants:  # the transposed weight only for the variants: compiles cost suite time
-        for name, weight in (("w", w), ("w^T", w_t))[:2 if c.persistent or c.tma else 1]:
+        for name, weight in (("w", w), ("w^T", w_t))[: 2 if c.persistent or c.tma else 1]:
             with gemm_configs.use_config(c):
                 if epilogue == 0:
                     assert_close(grouped_matmul(x, layout, weight), h, torch.bfloat16, f"{c.name} {name}")

@@ -30,14 +30,22 @@ def _run(sizes, *, dtype=torch.float32, bias=True, gather=False, n=N, counts_dty
     m = sum(sizes)
     num_tokens = (m + 1) // 2
     x = randn(num_tokens if gather else m, K, dtype=dtype)
-    inputs = dict(x=x, w=randn(len(sizes), K, n, scale=K**-0.5, dtype=dtype),
-                  b=randn(len(sizes), n, dtype=dtype) if bias else None)
+    inputs = dict(
+        x=x,
+        w=randn(len(sizes), K, n, scale=K**-0.5, dtype=dtype),
+        b=randn(len(sizes), n, dtype=dtype) if bias else None,
+    )
     gather_idx = gather_for(m, num_tokens) if gather else None
     counts = counts_of(sizes, counts_dtype)
     y = grouped_linear(inputs["x"], counts, inputs["w"], inputs["b"], gather_idx=gather_idx)
     ref_inputs = dict(zip(inputs, as_f64(inputs.values())))
-    y_ref = grouped_linear_reference(ref_inputs["x"], counts.cpu(), ref_inputs["w"], ref_inputs["b"],
-                                     gather_idx=None if gather_idx is None else gather_idx.cpu())
+    y_ref = grouped_linear_reference(
+        ref_inputs["x"],
+        counts.cpu(),
+        ref_inputs["w"],
+        ref_inputs["b"],
+        gather_idx=None if gather_idx is None else gather_idx.cpu(),
+    )
     assert y.shape == (m, n) and y.dtype == dtype
     assert_close(y, y_ref, dtype, "y")
     check_grads(y, inputs, y_ref, ref_inputs, dtype)

@@ -29,12 +29,29 @@ def _inputs(sizes, dtype, gather, shared=False, trainable=BASE + ADAPTERS, adapt
     m, e = sum(sizes), len(sizes)
     tokens = (m + 1) // 2
     lead = () if shared else (e,)
-    shapes = {"x": (tokens if gather else m, H), "w_gu": (e, H, 2 * I), "b_gu": (e, 2 * I), "w_d": (e, I, H),
-              "b_d": (e, H), "a_gu": (*lead, H, R), "bb_gu": (*lead, R, 2 * I), "a_d": (*lead, I, R),
-              "bb_d": (*lead, R, H)}
+    shapes = {
+        "x": (tokens if gather else m, H),
+        "w_gu": (e, H, 2 * I),
+        "b_gu": (e, 2 * I),
+        "w_d": (e, I, H),
+        "b_d": (e, H),
+        "a_gu": (*lead, H, R),
+        "bb_gu": (*lead, R, 2 * I),
+        "a_d": (*lead, I, R),
+        "bb_d": (*lead, R, H),
+    }
     # A wide gate/up spread so that some pre-activations land beyond the +-7 clamps (fp32 only).
-    scales = {"x": 1.0, "w_gu": 4 * H**-0.5, "b_gu": 1.0, "w_d": I**-0.5, "b_d": 1.0, "a_gu": H**-0.5,
-              "bb_gu": 0.5, "a_d": I**-0.5, "bb_d": 0.5}
+    scales = {
+        "x": 1.0,
+        "w_gu": 4 * H**-0.5,
+        "b_gu": 1.0,
+        "w_d": I**-0.5,
+        "b_d": 1.0,
+        "a_gu": H**-0.5,
+        "bb_gu": 0.5,
+        "a_d": I**-0.5,
+        "bb_d": 0.5,
+    }
     inputs = {n: randn(*s, scale=scales[n], dtype=dtype, grad=n in trainable) for n, s in shapes.items()}
     for proj, names in (("gate_up", ("a_gu", "bb_gu")), ("down", ("a_d", "bb_d"))):
         if proj not in adapted:
@@ -50,6 +67,7 @@ def _pairs(inputs, expand_to=None):
         if expand_to is not None and a.dim() == 2:
             return a.expand(expand_to, *a.shape), b.expand(expand_to, *b.shape)
         return a, b
+
     return pair(inputs["a_gu"], inputs["bb_gu"]), pair(inputs["a_d"], inputs["bb_d"])
 
 
@@ -60,8 +78,14 @@ def _run(sizes, *, dtype=torch.float32, gather=False, shared=False, **kw):
     base = [inputs[n] for n in BASE]
     y = expert_mlp_lora(base[0], counts, *base[1:], *_pairs(inputs, len(sizes)), SCALING, gather_idx=gather_idx)
     ref = dict(zip(inputs, as_f64(inputs.values())))
-    y_ref = expert_mlp_lora_reference(ref["x"], counts.cpu(), *[ref[n] for n in BASE[1:]], *_pairs(ref), SCALING,
-                                      gather_idx=None if gather_idx is None else gather_idx.cpu())
+    y_ref = expert_mlp_lora_reference(
+        ref["x"],
+        counts.cpu(),
+        *[ref[n] for n in BASE[1:]],
+        *_pairs(ref),
+        SCALING,
+        gather_idx=None if gather_idx is None else gather_idx.cpu(),
+    )
     assert y.shape == (sum(sizes), H) and y.dtype == dtype
     assert_close(y, y_ref, dtype, "y")
     check_grads(y, inputs, y_ref, ref, dtype)

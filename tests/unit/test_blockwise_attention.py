@@ -54,8 +54,9 @@ def test_blockwise_equals_eager(name, blocks):
     mask = dense_mask(c["b"], c["t"], c["window"], doc_ids, "cpu")
     grad_out = torch.randn(c["b"], c["h"], c["t"], c["d"], generator=torch.Generator().manual_seed(9))
     ref, ref_grads = _run(lambda q, k, v, s: eager_attention(q, k, v, s, mask, scale), inputs, grad_out)
-    out, grads = _run(lambda q, k, v, s: blockwise_attention(q, k, v, s, c["window"], doc_ids, scale, *blocks),
-                      inputs, grad_out)
+    out, grads = _run(
+        lambda q, k, v, s: blockwise_attention(q, k, v, s, c["window"], doc_ids, scale, *blocks), inputs, grad_out
+    )
     torch.testing.assert_close(out, ref, **TOL)
     for name_, g, r in zip("q k v sinks".split(), grads, ref_grads):
         torch.testing.assert_close(g, r, **TOL, msg=name_)
@@ -71,7 +72,7 @@ def test_blockwise_float64_against_explicit_softmax():
         kk, vv = k[0, hh // (h // kv)], v[0, hh // (h // kv)]
         for i in range(t):
             keys = [j for j in range(t) if j <= i and i - j < w]
-            logits = torch.cat([q[0, hh, i] @ kk[keys].T * d**-0.5, sinks[hh:hh + 1]])
+            logits = torch.cat([q[0, hh, i] @ kk[keys].T * d**-0.5, sinks[hh : hh + 1]])
             ref[0, hh, i] = torch.softmax(logits, 0)[:-1] @ vv[keys]
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     gq, gs = torch.autograd.grad(out.square().sum(), (q, sinks))
@@ -108,8 +109,9 @@ def test_query_slices_at_an_offset_equal_rows_of_the_full_attention(window, docs
     mask = dense_mask(b, t, window, doc_ids, "cpu")
     ref, ref_grads = _run(lambda q, k, v, s: eager_attention(q, k, v, s, mask, d**-0.5), [q, k, v, sinks], grad)
     slices = [(0, 8), (24, 32), (8, 24)]
-    outs = [blockwise_attention(q[:, :, a:e], k, v, sinks, window, doc_ids, d**-0.5, 4, 8, q_offset=a)
-            for a, e in slices]
+    outs = [
+        blockwise_attention(q[:, :, a:e], k, v, sinks, window, doc_ids, d**-0.5, 4, 8, q_offset=a) for a, e in slices
+    ]
     grads = torch.autograd.grad(outs, [q, k, v, sinks], [grad[:, :, a:e] for a, e in slices])
     for (a, e), out in zip(slices, outs):
         torch.testing.assert_close(out, ref[:, :, a:e], **TOL)

@@ -14,8 +14,12 @@ from engine.chat import main
 from engine.data.tokenizer import load_tokenizer
 from engine.inference.chat import Event, HarmonyStream, Printer, prompt_ids
 
-HISTORY = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-           {"role": "assistant", "content": "Hello!", "thinking": "Greet back."}, {"role": "user", "content": "Bye"}]
+HISTORY = [
+    {"role": "developer", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!", "thinking": "Greet back."},
+    {"role": "user", "content": "Bye"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +46,19 @@ def harmony(tmp_path_factory):
 def test_prompt_equals_openai_harmony_completion_rendering(harmony):
     oh, enc = harmony
     tok = load_tokenizer()
-    conv = oh.Conversation.from_messages([
-        oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new().with_reasoning_effort(
-            oh.ReasoningEffort.LOW)),
-        oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions("Be brief.")),
-        oh.Message.from_role_and_content(oh.Role.USER, "Hi"),
-        oh.Message.from_role_and_content(oh.Role.ASSISTANT, "Hello!").with_channel("final"),  # history: no analysis
-        oh.Message.from_role_and_content(oh.Role.USER, "Bye"),
-    ])
+    conv = oh.Conversation.from_messages(
+        [
+            oh.Message.from_role_and_content(
+                oh.Role.SYSTEM, oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort.LOW)
+            ),
+            oh.Message.from_role_and_content(
+                oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions("Be brief.")
+            ),
+            oh.Message.from_role_and_content(oh.Role.USER, "Hi"),
+            oh.Message.from_role_and_content(oh.Role.ASSISTANT, "Hello!").with_channel("final"),  # history: no analysis
+            oh.Message.from_role_and_content(oh.Role.USER, "Bye"),
+        ]
+    )
     expected = enc.decode(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT))
     assert tok.decode(prompt_ids(HISTORY, tok, reasoning="low")) == expected
 
@@ -61,8 +70,10 @@ def _events(tok, text):
 
 def test_stream_parses_analysis_tool_call_and_final():
     tok = load_tokenizer()
-    generated = ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant to=functions.get_weather"
-                 '<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>')
+    generated = (
+        "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant to=functions.get_weather"
+        '<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
+    )
     events = _events(tok, generated)
     text = {c: "".join(e.text for e in events if e.kind == "text" and e.channel == c) for c in ("analysis", "final")}
     assert text == {"analysis": "Need the weather.", "final": ""}
@@ -70,8 +81,9 @@ def test_stream_parses_analysis_tool_call_and_final():
     assert [(e.channel, e.text) for e in calls] == [("functions.get_weather", '{"city": "Paris"}')]
     out = io.StringIO()
     printer = Printer(out, color=False)
-    for e in _events(tok, "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final"
-                          "<|message|>Done.<|return|>"):
+    for e in _events(
+        tok, "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Done.<|return|>"
+    ):
         printer(e)
     assert out.getvalue() == "[analysis] Think.\nDone.\n"
     out = io.StringIO()
@@ -109,8 +121,16 @@ def test_output_that_is_not_harmony_is_shown_raw():
 
 def test_tools_reach_the_prompt_in_harmony_form():
     tok = load_tokenizer()
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                               "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather of a city",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
     text = tok.decode(prompt_ids([{"role": "user", "content": "Weather?"}], tok, tools=tools))
     assert "namespace functions" in text and "type get_weather" in text
     assert text.endswith("<|start|>assistant")

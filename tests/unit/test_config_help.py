@@ -19,8 +19,9 @@ from tests.unit.test_recipes import _compose
 def help_text():
     from engine.train import REPO
 
-    proc = subprocess.run([sys.executable, "engine/train.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "engine/train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -16,8 +16,11 @@ from tests.unit.test_recipes import _compose
 def test_check_layout_names_parallel_cp_and_its_choices():
     check_layout(4, 2, num_experts=8, cp=2)
     check_layout(4, 4, num_experts=8, cp=4)
-    with pytest.raises(LayoutError, match=r"parallel.cp=3 does not divide the world size 4 .*choose parallel.cp "
-                                          r"in \[1, 2, 4\]"):
+    with pytest.raises(
+        LayoutError,
+        match=r"parallel.cp=3 does not divide the world size 4 .*choose parallel.cp "
+        r"in \[1, 2, 4\]",
+    ):
         check_layout(4, 1, cp=3)
     with pytest.raises(LayoutError, match="parallel.cp=0 must be a positive integer"):
         check_layout(4, 1, cp=0)
@@ -30,13 +33,19 @@ def test_mesh_cp_coordinates():
     assert (mesh.ep_rank, mesh.edp_rank, mesh.world_size) == (1, 2, 8)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["parallel.cp=2", "data.max_seq_len=250"], r"data.max_seq_len=250 must be a multiple of 2 x parallel.cp = 4 "
-                                                r".*data.max_seq_len=248 or 252"),
-    (["parallel.cp=2", "model.attn_backend=flex"], "model.attn_backend='flex' has no context-parallel path"),
-    (["parallel.cp=0"], "parallel.cp=0 must be a positive integer"),
-    (["model.moe_chunk_tokens=-1"], "model.moe_chunk_tokens=-1 must be an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["parallel.cp=2", "data.max_seq_len=250"],
+            r"data.max_seq_len=250 must be a multiple of 2 x parallel.cp = 4 "
+            r".*data.max_seq_len=248 or 252",
+        ),
+        (["parallel.cp=2", "model.attn_backend=flex"], "model.attn_backend='flex' has no context-parallel path"),
+        (["parallel.cp=0"], "parallel.cp=0 must be a positive integer"),
+        (["model.moe_chunk_tokens=-1"], "model.moe_chunk_tokens=-1 must be an integer >= 0"),
+    ],
+)
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_config(_compose("recipe=tiny_sft", *overrides))
@@ -68,4 +77,5 @@ def test_moe_chunk_bounds_the_routed_term(checkpointing):
     layers = 1 if checkpointing else arch.num_hidden_layers
     assert full - chunked == pytest.approx(routed * (131072 * layers - 8192))
     assert activation_bytes(arch, 4096, 4096, False, checkpointing, moe_chunk=8192) == pytest.approx(
-        activation_bytes(arch, 4096, 4096, False, checkpointing))  # fewer tokens than a chunk: no change
+        activation_bytes(arch, 4096, 4096, False, checkpointing)
+    )  # fewer tokens than a chunk: no change

@@ -16,10 +16,20 @@ from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 from engine.training.validation import validation_loss
 
 RECORDS = [
-    {"messages": [{"role": "user", "content": "What is 2 + 2?"},
-                  {"role": "assistant", "content": "4.", "thinking": "Add two and two."}]},
-    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                  {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "4.", "thinking": "Add two and two."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ]
+    },
     {"prompt": "Name a colour.", "completion": "Blue."},
 ]
 
@@ -36,18 +46,23 @@ def tiny():
 
 def test_channel_tags_follow_the_harmony_structure(tiny):
     _, tok = tiny
-    text = ("<|start|>user<|message|>Weather?<|end|><|start|>assistant<|channel|>analysis<|message|>Need a tool."
-            "<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>"
-            '{"city": "Paris"}<|call|><|start|>assistant<|channel|>final<|message|>Sunny.<|return|>')
+    text = (
+        "<|start|>user<|message|>Weather?<|end|><|start|>assistant<|channel|>analysis<|message|>Need a tool."
+        "<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>"
+        '{"city": "Paris"}<|call|><|start|>assistant<|channel|>final<|message|>Sunny.<|return|>'
+    )
     ids = tok.encode(text)
     tags = channel_tags(ids, tok)
     text_of = {name: tok.decode([i for i, t in zip(ids, tags) if t == name]) for name in set(tags) - {None}}
     # What the model writes: headers after the caller's `<|start|>assistant`, and `<|start|>assistant`
     # itself after its own `<|end|>` (not after `<|call|>`: the caller resumes there).
-    assert text_of == {"analysis": "<|channel|>analysis<|message|>Need a tool.<|end|>",
-                       "tool_calls": ('<|start|>assistant to=functions.get_weather<|channel|>commentary json'
-                                      '<|message|>{"city": "Paris"}<|call|>'),
-                       "final": "<|channel|>final<|message|>Sunny.<|return|>"}
+    assert text_of == {
+        "analysis": "<|channel|>analysis<|message|>Need a tool.<|end|>",
+        "tool_calls": (
+            '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
+        ),
+        "final": "<|channel|>final<|message|>Sunny.<|return|>",
+    }
 
 
 def test_groups_equal_a_full_logits_reference(tiny):
@@ -71,8 +86,9 @@ def test_groups_equal_a_full_logits_reference(tiny):
     # final_only trains every final answer (history included), exactly the final-channel tokens
     assert result["channel/final"]["tokens"] == result["mask/final_only"]["tokens"]
     assert result["channel/analysis"]["tokens"] > 0
-    assert result["mask/assistant"]["tokens"] == (result["channel/analysis"]["tokens"]
-                                                  + result["channel/final"]["tokens"])
+    assert result["mask/assistant"]["tokens"] == (
+        result["channel/analysis"]["tokens"] + result["channel/final"]["tokens"]
+    )
 
 
 def test_validation_loss_equals_the_training_loss_path(tiny):
@@ -86,8 +102,15 @@ def test_validation_loss_equals_the_training_loss_path(tiny):
     for _ in range(2):
         ids = torch.randint(0, 1000, (2, 24), generator=g)
         labels = torch.where(torch.rand(2, 24, generator=g) < 0.6, torch.roll(ids, -1, 1), torch.tensor(-100))
-        batches.append(Batch(input_ids=ids, labels=labels, position_ids=torch.arange(24).expand(2, 24),
-                             doc_ids=None, num_target_tokens=int((labels != -100).sum())))
+        batches.append(
+            Batch(
+                input_ids=ids,
+                labels=labels,
+                position_ids=torch.arange(24).expand(2, 24),
+                doc_ids=None,
+                num_target_tokens=int((labels != -100).sum()),
+            )
+        )
     rt = Runtime(Mesh.single("cpu"), param_dtype=torch.float32, compute_dtype=torch.float32)
     model.train()
     got = validation_loss(model, batches, rt)

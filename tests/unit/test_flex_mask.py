@@ -31,7 +31,7 @@ def _tiles(num, idx, n):
     out = torch.zeros(num.shape[0], n, n, dtype=torch.bool)
     for b in range(num.shape[0]):
         for r in range(n):
-            out[b, r, idx[b, 0, r, :num[b, 0, r]].long()] = True
+            out[b, r, idx[b, 0, r, : num[b, 0, r]].long()] = True
     return out
 
 
@@ -58,10 +58,19 @@ def test_block_mask_lets_through_exactly_the_dense_mask(t, window, docs):
     dense = dense_mask(b, t, window, doc_ids, "cpu")[:, 0].expand(b, t, t)
     assert torch.equal(_pairs(mask, t, block).expand(b, t, t), dense)
     if docs != "recurring":  # exact tiles: the same BlockMask as create_block_mask evaluating every pair
-        ref = create_block_mask(mask.mask_mod, b if doc_ids is not None else None, None, t, t, device="cpu",
-                                BLOCK_SIZE=block)
-        for key in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
-                    "q_indices", "full_q_num_blocks", "full_q_indices"):
+        ref = create_block_mask(
+            mask.mask_mod, b if doc_ids is not None else None, None, t, t, device="cpu", BLOCK_SIZE=block
+        )
+        for key in (
+            "kv_num_blocks",
+            "kv_indices",
+            "full_kv_num_blocks",
+            "full_kv_indices",
+            "q_num_blocks",
+            "q_indices",
+            "full_q_num_blocks",
+            "full_q_indices",
+        ):
             assert torch.equal(getattr(mask, key), getattr(ref, key)), key
         assert torch.equal(mask.to_dense(), ref.to_dense())
 

@@ -13,9 +13,18 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 # Both windows are far shorter than prompt + generation, so the ring wraps many times.
 CONFIGS = {
     "gqa2_w4": dict(),  # 2 layers (sliding, full), window 4, 4 heads / 2 kv, top-2 of 4
-    "mqa_w3_3layers": dict(num_attention_heads=6, num_key_value_heads=1, head_dim=6, hidden_size=36,
-                           num_local_experts=6, num_experts_per_tok=3, intermediate_size=20, num_hidden_layers=3,
-                           sliding_window=3, vocab_size=96),
+    "mqa_w3_3layers": dict(
+        num_attention_heads=6,
+        num_key_value_heads=1,
+        head_dim=6,
+        hidden_size=36,
+        num_local_experts=6,
+        num_experts_per_tok=3,
+        intermediate_size=20,
+        num_hidden_layers=3,
+        sliding_window=3,
+        vocab_size=96,
+    ),
 }
 
 
@@ -25,8 +34,15 @@ def _prompts(vocab, lengths, seed=3):
 
 
 def _hf_generate(hf, ids, mask, n):
-    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                      pad_token_id=0, eos_token_id=None)
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     return out
 
 
@@ -54,7 +70,7 @@ def test_left_padded_batch_equals_each_row_alone_and_transformers(name):
     for row, p in enumerate(prompts):
         alone = _hf_generate(hf, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 16)
         assert torch.equal(batch[row, -16:], alone[0, -16:]), row
-        assert torch.equal(batch[row, ids.shape[1] - len(p):ids.shape[1]], torch.tensor(p))
+        assert torch.equal(batch[row, ids.shape[1] - len(p) : ids.shape[1]], torch.tensor(p))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -66,9 +82,12 @@ def test_cached_step_logits_equal_full_forward(name):
         cache = KVCache(ours, 2, 20)
         # a prefill longer than the window, a one-token step, then a chunk longer than the window
         # on a non-empty cache (it must attend to ring entries it overwrites), then single steps
-        pieces = [cached_forward(ours, seq[:, :7], cache), cached_forward(ours, seq[:, 7:8], cache),
-                  cached_forward(ours, seq[:, 8:14], cache)]
-        pieces += [cached_forward(ours, seq[:, t:t + 1], cache) for t in range(14, 20)]
+        pieces = [
+            cached_forward(ours, seq[:, :7], cache),
+            cached_forward(ours, seq[:, 7:8], cache),
+            cached_forward(ours, seq[:, 8:14], cache),
+        ]
+        pieces += [cached_forward(ours, seq[:, t : t + 1], cache) for t in range(14, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOL)
 
 
@@ -116,8 +135,8 @@ def test_stop_tokens_pad_finished_rows_and_end_early():
     stop = int(free[0, 8])  # row 0's third new token
     out = generate(ours, ids, 10, stop_token_ids=[stop], pad_token_id=127)
     first = (free[0, 6:] == stop).nonzero()[0, 0].item()
-    assert torch.equal(out[0, :6 + first + 1], free[0, :6 + first + 1])
-    assert (out[0, 6 + first + 1:] == 127).all()
+    assert torch.equal(out[0, : 6 + first + 1], free[0, : 6 + first + 1])
+    assert (out[0, 6 + first + 1 :] == 127).all()
     row1_stops = (free[1, 6:] == stop).nonzero()
     if row1_stops.numel() == 0:  # row 1 never stops, so every step is taken
         assert out.shape[1] == 16 and torch.equal(out[1], free[1])
@@ -131,8 +150,12 @@ def test_sampling_filters():
     draws = torch.stack([sample_next(logits, do_sample=True, top_k=3, generator=g) for _ in range(300)])
     assert set(draws.flatten().tolist()) == {0, 1, 2}
     assert sample_next(logits, do_sample=True, top_k=1, generator=g).item() == 0
-    freq = torch.bincount(torch.stack([sample_next(logits, do_sample=True, generator=g)
-                                       for _ in range(4000)]).flatten(), minlength=4) / 4000
+    freq = (
+        torch.bincount(
+            torch.stack([sample_next(logits, do_sample=True, generator=g) for _ in range(4000)]).flatten(), minlength=4
+        )
+        / 4000
+    )
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
 
 
@@ -145,8 +168,9 @@ def test_seeded_sampling_is_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
-                                          (dict(top_k=-1), "top_k")])
+@pytest.mark.parametrize(
+    "kwargs,match", [(dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k")]
+)
 def test_bad_arguments_say_which(kwargs, match):
     ours = to_ours(hf_model(hf_config()))
     with pytest.raises(ValueError, match=match):

@@ -23,7 +23,7 @@ def _prefill_then_steps(model, ids, valid, steps):
     cache = KVCache(model, ids.shape[0], ids.shape[1] + steps.shape[1])
     with torch.no_grad():
         first = cached_forward(model, ids, cache, valid)
-        later = [cached_forward(model, steps[:, i:i + 1], cache) for i in range(steps.shape[1])]
+        later = [cached_forward(model, steps[:, i : i + 1], cache) for i in range(steps.shape[1])]
     return first, torch.cat(later, dim=1)
 
 

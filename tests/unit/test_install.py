@@ -20,10 +20,17 @@ DIST = "gptoss-engine"
 
 
 def _python(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env})
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n" \
-                                 f"{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -51,22 +58,28 @@ def _our_top_level_names() -> set[str]:
 
 def test_no_top_level_import_name_belongs_to_another_distribution():
     owners = importlib.metadata.packages_distributions()
-    shared = {name: sorted(set(owners[name]) - {DIST}) for name in _our_top_level_names()
-              if set(owners.get(name, ())) - {DIST}}
+    shared = {
+        name: sorted(set(owners[name]) - {DIST})
+        for name in _our_top_level_names()
+        if set(owners.get(name, ())) - {DIST}
+    }
     assert not shared, f"these import names are also installed by other distributions: {shared}"
 
 
 @pytest.mark.parametrize("where", ["repo_root", "elsewhere"])
 def test_hugging_face_kernels_and_ours_import_side_by_side(where, tmp_path):
     cwd = REPO if where == "repo_root" else tmp_path
-    proc = _python("""
+    proc = _python(
+        """
         import json
         from kernels import use_kernel_forward_from_hub
         import kernels
         import gptoss_kernels, gptoss_kernels.reference
         print(json.dumps({"theirs": kernels.__file__, "ours": gptoss_kernels.__file__,
                           "hub": callable(use_kernel_forward_from_hub)}))
-    """, cwd)
+    """,
+        cwd,
+    )
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found["hub"]
     theirs = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")
@@ -102,7 +115,8 @@ def test_every_module_imports_with_autograd_off_and_changes_no_process_state(tmp
 
 def test_triton_experts_first_called_inside_no_grad(tmp_path):
     # A fresh process: the kernels' first use (and the clamp-gradient probe it runs) happens under no_grad.
-    _python("""
+    _python(
+        """
         import torch
         from engine.moe.backends import experts_backend
         from gptoss_kernels.reference import expert_mlp_reference
@@ -115,14 +129,21 @@ def test_triton_experts_first_called_inside_no_grad(tmp_path):
             y = experts_backend("triton").mlp(x, counts, w_gu, b_gu, w_d, b_d, alpha=1.702, limit=7.0)
         ref = expert_mlp_reference(x, counts, w_gu, b_gu, w_d, b_d, alpha=1.702, limit=7.0)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    """, tmp_path, TRITON_INTERPRET="1")
+    """,
+        tmp_path,
+        TRITON_INTERPRET="1",
+    )
 
 
 @pytest.mark.slow
 def test_lora_export_tests_pass_when_run_alone():
     # They once passed only after another test had imported the kernels outside no_grad.
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/unit/peft/test_lora_export.py"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/peft/test_lora_export.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -101,8 +101,14 @@ def test_the_cycle_finder_finds_a_circle_through_a_package():
 
 
 def test_engine_top_level_holds_only_entry_points():
-    assert sorted(p.name for p in ENGINE.glob("*.py")) == ["__init__.py", "chat.py", "errors.py", "evaluate.py",
-                                                          "report.py", "train.py"]
+    assert sorted(p.name for p in ENGINE.glob("*.py")) == [
+        "__init__.py",
+        "chat.py",
+        "errors.py",
+        "evaluate.py",
+        "report.py",
+        "train.py",
+    ]
     assert (ENGINE / "__init__.py").read_text().strip() == ""
 
 
@@ -117,7 +123,8 @@ def test_no_function_in_engine_is_longer_than_80_lines():
 
 def test_config_yaml_is_generated_from_the_schema():
     assert (REPO / "conf" / "config.yaml").read_text() == render_yaml(), (
-        "conf/config.yaml differs from the schema: python -m engine.config.compose > conf/config.yaml")
+        "conf/config.yaml differs from the schema: python -m engine.config.compose > conf/config.yaml"
+    )
 
 
 @pytest.mark.parametrize("key", ["parallel.tp", "parallel.pp", "optim.shard_state"])
@@ -145,8 +152,12 @@ def test_kernel_keys_configure_the_kernels_and_are_recorded():
     from gptoss_kernels import gemm_configs
 
     cfg = compose_config(["kernels.autotune=true", "kernels.tma=true", "kernels.cache_dir="])
-    assert dataclasses.asdict(cfg)["kernels"] == {"autotune": True, "persistent": False, "tma": True,
-                                                  "cache_dir": ""}  # what a checkpoint's meta.json records
+    assert dataclasses.asdict(cfg)["kernels"] == {
+        "autotune": True,
+        "persistent": False,
+        "tma": True,
+        "cache_dir": "",
+    }  # what a checkpoint's meta.json records
     before = dict(gemm_configs._state)
     try:
         configure_kernels(cfg.kernels)

@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
 def test_ruff(command):
-    proc = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", *command], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     if "No module named ruff" in proc.stderr:
         pytest.fail("ruff is not installed: pip install -e '.[dev]' (setup.py's dev extra has it)")
     assert proc.returncode == 0, f"ruff {' '.join(command)}:\n{proc.stdout[-6000:]}{proc.stderr[-2000:]}"

@@ -20,8 +20,10 @@ def test_activation_bytes_per_token_do_not_depend_on_length_except_eager(checkpo
     assert activation_bytes_per_token(cfg, 131072, True, checkpointing, 2, offload) > 20 * short
 
 
-@pytest.mark.parametrize("recipe,arch,world", [("gptoss20b_lora_128k", GptOssConfig.gpt_oss_20b, 1),
-                                               ("gptoss120b_lora_128k", GptOssConfig.gpt_oss_120b, 8)])
+@pytest.mark.parametrize(
+    "recipe,arch,world",
+    [("gptoss20b_lora_128k", GptOssConfig.gpt_oss_20b, 1), ("gptoss120b_lora_128k", GptOssConfig.gpt_oss_120b, 8)],
+)
 def test_128k_recipes_fit_80gb_with_offload_and_are_refused_without(recipe, arch, world):
     cfg = build_config(_compose(f"recipe={recipe}"))
     assert cfg.data.max_seq_len == 131072 and cfg.model.activation_offload and cfg.model.activation_checkpointing

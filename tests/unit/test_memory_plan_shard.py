@@ -40,8 +40,10 @@ def test_optimizer_state_is_split_over_the_ranks_holding_copies():
     full = plan_memory(arch, ep=ep, world_size=world, shard="full", **ARGS)
     opt = plan_memory(arch, ep=ep, world_size=world, shard="optimizer", **ARGS)
     assert full.weights < opt.weights  # full frees the gathered weights between blocks
-    assert plan_memory(arch, ep=ep, world_size=1, shard="full", **ARGS).total == \
-        plan_memory(arch, ep=ep, world_size=1, shard="none", **ARGS).total  # one rank: nothing to shard
+    assert (
+        plan_memory(arch, ep=ep, world_size=1, shard="full", **ARGS).total
+        == plan_memory(arch, ep=ep, world_size=1, shard="none", **ARGS).total
+    )  # one rank: nothing to shard
 
 
 def _recipe_plan(name, world, preset, *overrides):
@@ -50,8 +52,9 @@ def _recipe_plan(name, world, preset, *overrides):
     return plan_for_run(build_config(values), GptOssConfig.from_preset(preset), "cuda", world)
 
 
-@pytest.mark.parametrize("name,world,preset", [("gptoss120b_sft", 32, "gpt-oss-120b"),
-                                               ("gptoss20b_sft", 8, "gpt-oss-20b")])
+@pytest.mark.parametrize(
+    "name,world,preset", [("gptoss120b_sft", 32, "gpt-oss-120b"), ("gptoss20b_sft", 8, "gpt-oss-20b")]
+)
 def test_sft_recipes_fit_80gb_gpus_only_with_their_sharding(name, world, preset):
     assert _recipe_plan(name, world, preset).total <= 0.95 * 80e9
     if name == "gptoss120b_sft":  # EP8 x 4 nodes needs the weights sharded too

@@ -13,16 +13,40 @@ CONFIGS = {
     # GQA 2 groups, top-2 of 4 experts, window 4 < seq 12, batch 2
     "gqa2_top2": dict(cfg=dict(), batch=2, seq=12, dead=None),
     # multi-query (1 kv head), top-1 of 8 experts with one expert never routed to, window 3, batch 3
-    "mqa_top1_dead": dict(cfg=dict(num_attention_heads=4, num_key_value_heads=1, num_local_experts=8,
-                                   num_experts_per_tok=1, sliding_window=3), batch=3, seq=10, dead=5),
+    "mqa_top1_dead": dict(
+        cfg=dict(
+            num_attention_heads=4, num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=1, sliding_window=3
+        ),
+        batch=3,
+        seq=10,
+        dead=5,
+    ),
     # 6 heads / 3 kv, top-3 of 6, three layers, window 5, odd sizes
-    "h6_top3_3layers": dict(cfg=dict(num_attention_heads=6, num_key_value_heads=3, head_dim=6, hidden_size=36,
-                                     num_local_experts=6, num_experts_per_tok=3, intermediate_size=20,
-                                     num_hidden_layers=3, sliding_window=5), batch=2, seq=16, dead=2),
+    "h6_top3_3layers": dict(
+        cfg=dict(
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            head_dim=6,
+            hidden_size=36,
+            num_local_experts=6,
+            num_experts_per_tok=3,
+            intermediate_size=20,
+            num_hidden_layers=3,
+            sliding_window=5,
+        ),
+        batch=2,
+        seq=16,
+        dead=2,
+    ),
 }
 
-BACKENDS = [("loop", "eager"), ("grouped_mm", "eager"), ("triton", "eager"),  # triton: interpreter on CPU
-            ("loop", "blockwise"), ("loop", "triton")]
+BACKENDS = [
+    ("loop", "eager"),
+    ("grouped_mm", "eager"),
+    ("triton", "eager"),  # triton: interpreter on CPU
+    ("loop", "blockwise"),
+    ("loop", "triton"),
+]
 
 
 def _inputs(cfg, batch, seq, seed=1):

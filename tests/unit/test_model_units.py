@@ -115,7 +115,7 @@ def test_expert_parallel_rank_builds_only_its_experts():
         ref = full.state_dict()[name]
         if ".experts." in name:
             assert p.shape[0] == e
-            assert torch.equal(p, ref[2 * e: 3 * e]), name
+            assert torch.equal(p, ref[2 * e : 3 * e]), name
         else:
             assert torch.equal(p, ref), name
 

@@ -39,7 +39,7 @@ def test_token_rows_from_the_permutation_equal_a_sort():
     perm = permute(indices, 8)
     rows, starts = perm.token_rows()
     for t in range(11):
-        mine = rows[starts[t]:starts[t + 1]]
+        mine = rows[starts[t] : starts[t + 1]]
         assert torch.equal(perm.token_of_row[mine], torch.full((3,), t))
         assert sorted(mine.tolist()) == torch.nonzero(perm.token_of_row == t).flatten().tolist()
 

@@ -22,9 +22,17 @@ def _write_run(folder, steps=12, skip_at=(5,), scale=1.0, partial_tail=False):
     lines, skipped = [], 0
     for s in range(1, steps + 1):
         skipped += s in skip_at
-        r = {"step": s, "loss": scale * (3.0 - 0.1 * s), "lr": 1e-3 * min(1, s / 4), "grad_norm": 1.0 / s,
-             "tokens_per_s": 1000.0 + s, "skipped_steps": skipped, "target_tokens": 50,
-             "expert_max_over_mean": [1.0 + 0.1 * s, 2.0 - 0.05 * s], "expert_max_tokens": [10 + s, 20 - s]}
+        r = {
+            "step": s,
+            "loss": scale * (3.0 - 0.1 * s),
+            "lr": 1e-3 * min(1, s / 4),
+            "grad_norm": 1.0 / s,
+            "tokens_per_s": 1000.0 + s,
+            "skipped_steps": skipped,
+            "target_tokens": 50,
+            "expert_max_over_mean": [1.0 + 0.1 * s, 2.0 - 0.05 * s],
+            "expert_max_tokens": [10 + s, 20 - s],
+        }
         if s % 4 == 0:
             r["val_loss"] = scale * (3.1 - 0.1 * s)
         lines.append(json.dumps(r))
@@ -68,8 +76,14 @@ def test_report_writes_png_plots_and_a_self_contained_page(tmp_path, capsys):
     assert main([str(run_dir)]) == 0
     out = run_dir / "report"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["expert_max_over_mean.png", "expert_max_tokens.png", "grad_norm.png", "loss.png", "lr.png",
-                    "tokens_per_s.png"]
+    assert pngs == [
+        "expert_max_over_mean.png",
+        "expert_max_tokens.png",
+        "grad_norm.png",
+        "loss.png",
+        "lr.png",
+        "tokens_per_s.png",
+    ]
     for name in pngs:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
@@ -105,8 +119,12 @@ def test_several_runs_need_an_output_folder_and_compare(tmp_path, capsys):
     assert main([str(a), str(b)]) == 2
     assert "--out" in capsys.readouterr().err
     out = write_report([a, b], tmp_path / "cmp")
-    assert {p.name for p in out.glob("expert_*.png")} == {"expert_max_over_mean_0.png", "expert_max_over_mean_1.png",
-                                                          "expert_max_tokens_0.png", "expert_max_tokens_1.png"}
+    assert {p.name for p in out.glob("expert_*.png")} == {
+        "expert_max_over_mean_0.png",
+        "expert_max_over_mean_1.png",
+        "expert_max_tokens_0.png",
+        "expert_max_tokens_1.png",
+    }
     assert main([str(tmp_path / "nothing")]) == 2
 
 
@@ -123,11 +141,16 @@ def test_page_renders_in_headless_chromium(tmp_path):
     out = write_report([_write_run(tmp_path / "run")])
     shot = tmp_path / "shot.png"
     base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu"]
-    dom = subprocess.run(base + ["--dump-dom", (out / "index.html").as_uri()], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    dom = subprocess.run(
+        base + ["--dump-dom", (out / "index.html").as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert len(re.findall(r"<img ", dom)) == 6
-    subprocess.run(base + [f"--screenshot={shot}", "--window-size=1000,3000", (out / "index.html").as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        base + [f"--screenshot={shot}", "--window-size=1000,3000", (out / "index.html").as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     rgb = _pixels(shot.read_bytes())[..., :3]
     # the page's own text and table are grey; coloured pixels can only come from the rendered plots
     coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2

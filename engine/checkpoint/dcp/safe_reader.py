@@ -32,9 +32,19 @@ _ALLOWED = {
     ("pathlib", "PurePosixPath"),
     ("collections", "OrderedDict"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    *(("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    *(
+        ("torch.distributed.checkpoint.metadata", n)
+        for n in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
 }
 
 
@@ -60,11 +70,16 @@ def read_metadata_file(path: str | Path) -> Metadata:
     except FileNotFoundError:
         raise CheckpointCorruptError(path, "missing; the checkpoint is incomplete, use an earlier one") from None
     except Exception as e:  # noqa: BLE001 - any failure to decode is a corrupt file, named
-        raise CheckpointCorruptError(path, f"not a valid checkpoint metadata file ({type(e).__name__}: {e}); "
-                                     "the checkpoint is corrupt, use an earlier one") from None
+        raise CheckpointCorruptError(
+            path,
+            f"not a valid checkpoint metadata file ({type(e).__name__}: {e}); "
+            "the checkpoint is corrupt, use an earlier one",
+        ) from None
     if not isinstance(meta, Metadata):
-        raise CheckpointCorruptError(path, f"holds a {type(meta).__name__}, not checkpoint metadata; "
-                                     "the checkpoint is corrupt, use an earlier one")
+        raise CheckpointCorruptError(
+            path,
+            f"holds a {type(meta).__name__}, not checkpoint metadata; the checkpoint is corrupt, use an earlier one",
+        )
     return meta
 
 
@@ -91,6 +106,9 @@ class SafeFileSystemReader(FileSystemReader):
         except Exception as e:  # noqa: BLE001 - name the files this rank was reading
             files = sorted({self.storage_data[r.storage_index].relative_path for r in plan.items})
             where = ", ".join(str(Path(self.path) / f) for f in files)
-            raise CheckpointCorruptError(where, f"cannot read checkpoint data ({type(e).__name__}: "
-                                         f"{_first_line(e)}); the checkpoint is corrupt, "
-                                         "use an earlier one") from None
+            raise CheckpointCorruptError(
+                where,
+                f"cannot read checkpoint data ({type(e).__name__}: "
+                f"{_first_line(e)}); the checkpoint is corrupt, "
+                "use an earlier one",
+            ) from None

@@ -84,8 +84,9 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointCorruptError(path, "missing; the checkpoint is incomplete, use an earlier one") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointCorruptError(path, f"not valid JSON ({e}); the checkpoint is corrupt, use an earlier one") \
-            from None
+        raise CheckpointCorruptError(
+            path, f"not valid JSON ({e}); the checkpoint is corrupt, use an earlier one"
+        ) from None
     if not isinstance(value, dict):
         raise CheckpointCorruptError(path, "not a JSON object; the checkpoint is corrupt, use an earlier one")
     return value
@@ -139,8 +140,9 @@ class _SaveFailure:
         """Called in the `except` block that caught `e`; always raises."""
         if self.rank == 0:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        err = storage_error(e, self.tmp, self.needs_bytes,
-                            cleanup="the unfinished checkpoint was removed and the earlier ones are kept")
+        err = storage_error(
+            e, self.tmp, self.needs_bytes, cleanup="the unfinished checkpoint was removed and the earlier ones are kept"
+        )
         if err is e:
             raise  # not the user's to fix: the original error, traceback and all
         raise err from e
@@ -150,8 +152,15 @@ class PendingSave:
     """A checkpoint being written in the background (checkpoint.async=true). `poll()` each step
     completes it on rank 0 once written; `wait()` (every rank together) blocks until it is complete."""
 
-    def __init__(self, future, finalize: Callable[[], None], rank: int, barrier: Callable[[], None], path: Path,
-                 failure: _SaveFailure):
+    def __init__(
+        self,
+        future,
+        finalize: Callable[[], None],
+        rank: int,
+        barrier: Callable[[], None],
+        path: Path,
+        failure: _SaveFailure,
+    ):
         self.future, self._finalize, self.rank, self._barrier, self.path = future, finalize, rank, barrier, path
         self._failure = failure
         self.finalized = False
@@ -178,9 +187,19 @@ class PendingSave:
         return self.path
 
 
-def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], rank_state: dict,
-                    meta: dict, *, rank: int = 0, barrier: Callable[[], None] = lambda: None, keep: int = 2,
-                    process_group=None, asynchronous: bool = False) -> Path | PendingSave:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    rank_state: dict,
+    meta: dict,
+    *,
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+    keep: int = 2,
+    process_group=None,
+    asynchronous: bool = False,
+) -> Path | PendingSave:
     """Write one checkpoint. `tensors`: FQN -> tensor or DTensor (global view; replicated entries are
     written once by DCP's de-duplication); `rank_state`: this rank's JSON; `meta`: rank 0's JSON.
     Every rank calls this together. Returns the final path (sync) or a PendingSave (async).
@@ -247,7 +266,7 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
 def resume_candidates(output_dir: str | Path, resume: str) -> list[Path]:
@@ -261,8 +280,11 @@ def resume_candidates(output_dir: str | Path, resume: str) -> list[Path]:
     if not path.is_dir():
         raise CheckpointNotFoundError(path, f"trainer.resume={resume!r}: no such checkpoint directory")
     if not is_complete(path):
-        raise CheckpointNotFoundError(path, f"trainer.resume={resume!r}: the checkpoint is incomplete (no meta.json); "
-                                      "it was interrupted while saving, pick an earlier one")
+        raise CheckpointNotFoundError(
+            path,
+            f"trainer.resume={resume!r}: the checkpoint is incomplete (no meta.json); "
+            "it was interrupted while saving, pick an earlier one",
+        )
     return [path]
 
 
@@ -275,8 +297,11 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
 def read_meta(path: Path) -> dict:
     meta = read_json(path / "meta.json")
     if meta.get("format") != FORMAT:
-        raise CheckpointError(path / "meta.json", f"format {meta.get('format')!r} is not {FORMAT!r}: this "
-                              "checkpoint was written by another version of the engine and cannot be resumed")
+        raise CheckpointError(
+            path / "meta.json",
+            f"format {meta.get('format')!r} is not {FORMAT!r}: this "
+            "checkpoint was written by another version of the engine and cannot be resumed",
+        )
     return meta
 
 
@@ -292,8 +317,11 @@ def intact_step(path: Path) -> int:
     for name, end in sorted(needs.items()):
         size = (path / name).stat().st_size if (path / name).is_file() else 0
         if size < end:
-            raise CheckpointCorruptError(path / name, f"holds {size} bytes where the checkpoint's metadata needs "
-                                         f"{end}; the checkpoint is truncated, use an earlier one")
+            raise CheckpointCorruptError(
+                path / name,
+                f"holds {size} bytes where the checkpoint's metadata needs "
+                f"{end}; the checkpoint is truncated, use an earlier one",
+            )
     if not isinstance(meta.get("step"), int):
         raise CheckpointCorruptError(path / "meta.json", f"step {meta.get('step')!r} is not an integer")
     return meta["step"]
@@ -322,8 +350,9 @@ def load_tensors(path: Path, tensors: dict[str, torch.Tensor], process_group=Non
     alone = alone or not (dist.is_available() and dist.is_initialized())
     try:
         with _one_process_quiet(alone):
-            dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group,
-                     no_dist=alone)
+            dcp.load(
+                tensors, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group, no_dist=alone
+            )
     except CheckpointException as e:
         # DCP wraps each rank's failure as (exception, traceback); ours already name the file.
         inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
@@ -331,8 +360,7 @@ def load_tensors(path: Path, tensors: dict[str, torch.Tensor], process_group=Non
             if isinstance(exc, CheckpointError):
                 raise exc from None
         first = inner[0] if inner else e
-        raise CheckpointCorruptError(path, f"cannot be loaded ({type(first).__name__}: {_first_line(first)})") \
-            from None
+        raise CheckpointCorruptError(path, f"cannot be loaded ({type(first).__name__}: {_first_line(first)})") from None
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. a key missing from the checkpoint

@@ -7,8 +7,8 @@
 Each entry is the tensor of the whole model. A rank contributes what it holds: replicated tensors as
 they are (DCP writes them once), expert tensors (dim 0 = experts, split over the `ep` ranks) as a
 DTensor on the ("ep", "edp") mesh: Shard(0) x Replicate, or Shard(0) x Shard(0) when FSDP2 also splits
-them over expert-DP; dense weights sharded by FSDP2 as the DTensors they already are. Loading builds the same views over this run's own tensors, whatever its layout, and DCP
-reads into each the part it covers.
+them over expert-DP; dense weights sharded by FSDP2 as the DTensors they already are. Loading builds the
+same views over this run's own tensors, whatever its layout, and DCP reads into each the part it covers.
 """
 
 from __future__ import annotations
@@ -52,8 +52,14 @@ def _view(t: torch.Tensor, expert: bool, mesh) -> torch.Tensor:
         return t
     shape = _global_shape(t, expert, mesh)
     if isinstance(t, DTensor):  # FSDP2's shard over expert-DP of this rank's expert slice
-        return DTensor.from_local(t.to_local(), mesh.device_mesh, [Shard(0), Shard(0)], run_check=False,
-                                  shape=shape, stride=torch.empty(shape, device="meta").stride())
+        return DTensor.from_local(
+            t.to_local(),
+            mesh.device_mesh,
+            [Shard(0), Shard(0)],
+            run_check=False,
+            shape=shape,
+            stride=torch.empty(shape, device="meta").stride(),
+        )
     return DTensor.from_local(t, mesh.device_mesh, [Shard(0), Replicate()], run_check=False)
 
 
@@ -65,8 +71,9 @@ def _global_shape(t: torch.Tensor, expert: bool, mesh) -> tuple[int, ...]:
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, DTensor):
-        return DTensor.from_local(_host_copy(t.to_local()), t.device_mesh, t.placements, run_check=False,
-                                  shape=t.shape, stride=t.stride())
+        return DTensor.from_local(
+            _host_copy(t.to_local()), t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+        )
     return t.detach().to("cpu", copy=True)
 
 
@@ -105,14 +112,16 @@ def restore(path, model: nn.Module, opt: torch.optim.Optimizer, mesh) -> None:
     trained = _trained(model)
     missing = [f"model.{n}" for n, _, _ in trained if f"model.{n}" not in shapes]
     if missing:
-        raise ResumeError(f"{path}: lacks trained weights {missing[:3]} (and {max(0, len(missing) - 3)} more): it "
-                          "was written by another recipe (peft.method, target modules); resume with that run's config, "
-                          "or start fresh with trainer.resume=none")
+        raise ResumeError(
+            f"{path}: lacks trained weights {missing[:3]} (and {max(0, len(missing) - 3)} more): it "
+            "was written by another recipe (peft.method, target modules); resume with that run's config, "
+            "or start fresh with trainer.resume=none"
+        )
     held = optimizer_tensors(opt)
     by_param: dict[str, list[str]] = {}
     for key in shapes:
         if key.startswith("optim."):
-            fqn, _, name = key[len("optim."):].rpartition(".")
+            fqn, _, name = key[len("optim.") :].rpartition(".")
             by_param.setdefault(fqn, []).append(name)
     dest: dict[str, torch.Tensor] = {}
     states: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
@@ -120,8 +129,11 @@ def restore(path, model: nn.Module, opt: torch.optim.Optimizer, mesh) -> None:
     for fqn, p, expert in trained:
         want = _global_shape(p, expert, mesh)
         if tuple(shapes[f"model.{fqn}"][0]) != want:
-            raise CheckpointError(path, f"model.{fqn} has shape {tuple(shapes[f'model.{fqn}'][0])}, this model "
-                                  f"expects {want}; the checkpoint belongs to another model")
+            raise CheckpointError(
+                path,
+                f"model.{fqn} has shape {tuple(shapes[f'model.{fqn}'][0])}, this model "
+                f"expects {want}; the checkpoint belongs to another model",
+            )
         dest[f"model.{fqn}"] = _view(p.detach(), expert, mesh)
         q = held.get(id(p))
         if q is None:
@@ -135,8 +147,11 @@ def restore(path, model: nn.Module, opt: torch.optim.Optimizer, mesh) -> None:
         for name in by_param.get(fqn, []):
             size, dtype = shapes[f"optim.{fqn}.{name}"]
             if tuple(size) == want:
-                buf = torch.zeros(q.shape, dtype=dtype, device=q.device) if not isinstance(q, DTensor) else \
-                    torch.zeros_like(q, dtype=dtype)
+                buf = (
+                    torch.zeros(q.shape, dtype=dtype, device=q.device)
+                    if not isinstance(q, DTensor)
+                    else torch.zeros_like(q, dtype=dtype)
+                )
                 dest[f"optim.{fqn}.{name}"] = _view(buf, expert, mesh)
             else:
                 buf = torch.zeros(tuple(size), dtype=dtype)
@@ -159,4 +174,3 @@ def restore(path, model: nn.Module, opt: torch.optim.Optimizer, mesh) -> None:
                 v = v.to(device=q.device if on_device else "cpu", dtype=torch.float32)
             fixed[name] = v
         opt.state[q] = fixed
-

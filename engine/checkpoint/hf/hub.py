@@ -53,20 +53,32 @@ def _download(repo_id: str, revision: str | None) -> Path:
     offline = _offline()
     where = "not a local directory, so looked up on the Hugging Face hub"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                      ignore_patterns=IGNORE_PATTERNS, local_files_only=offline))
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=ALLOW_PATTERNS,
+                ignore_patterns=IGNORE_PATTERNS,
+                local_files_only=offline,
+            )
+        )
     except GatedRepoError:
-        raise CheckpointNotFoundError(repo_id, f"{where}: the repository is gated; accept its license on "
-                                      "huggingface.co and set HF_TOKEN") from None
+        raise CheckpointNotFoundError(
+            repo_id, f"{where}: the repository is gated; accept its license on huggingface.co and set HF_TOKEN"
+        ) from None
     except RepositoryNotFoundError:
-        raise CheckpointNotFoundError(repo_id, f"{where}: no such repository (or it is private: set HF_TOKEN); "
-                                      "check the spelling or the local path") from None
+        raise CheckpointNotFoundError(
+            repo_id,
+            f"{where}: no such repository (or it is private: set HF_TOKEN); check the spelling or the local path",
+        ) from None
     except RevisionNotFoundError:
         raise CheckpointNotFoundError(repo_id, f"{where}: revision {revision!r} does not exist") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
         raise CheckpointNotFoundError(
-            repo_id, f"{where}: {reason} and the cache has no copy of it. Download it where there is network "
-            f"(`hf download {repo_id}`) and copy the cache or the directory here, or fix the local path") from None
+            repo_id,
+            f"{where}: {reason} and the cache has no copy of it. Download it where there is network "
+            f"(`hf download {repo_id}`) and copy the cache or the directory here, or fix the local path",
+        ) from None
     except HfHubHTTPError as e:
         raise CheckpointError(repo_id, f"{where}: the hub answered with an error: {e}") from None

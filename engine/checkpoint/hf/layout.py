@@ -53,9 +53,11 @@ def _quant_method(config_file: Path) -> str | None:
     method = qc.get("quant_method") if isinstance(qc, dict) else qc
     if method != "mxfp4":
         raise CheckpointError(
-            config_file, f"quantization_config.quant_method={method!r} is not supported; this engine reads "
+            config_file,
+            f"quantization_config.quant_method={method!r} is not supported; this engine reads "
             "BF16/FP16/FP32 checkpoints and MXFP4 ('mxfp4', the published gpt-oss format). Dequantize it to "
-            "BF16 first (e.g. with transformers) and point at that copy")
+            "BF16 first (e.g. with transformers) and point at that copy",
+        )
     return method
 
 
@@ -82,8 +84,11 @@ class HFCheckpoint:
             return {name: (shape, "float")}
         experts, fan_in, fan_out = shape
         if fan_in % GROUP:
-            raise CheckpointError(self.config_file, f"{name} has {fan_in} inputs per row, not a multiple of "
-                                  f"{GROUP}, so it cannot be stored as MXFP4; the config does not fit this format")
+            raise CheckpointError(
+                self.config_file,
+                f"{name} has {fan_in} inputs per row, not a multiple of "
+                f"{GROUP}, so it cannot be stored as MXFP4; the config does not fit this format",
+            )
         groups = (experts, fan_out, fan_in // GROUP)
         return {f"{name}_blocks": (groups + (GROUP // 2,), "uint8"), f"{name}_scales": (groups, "uint8")}
 
@@ -97,25 +102,38 @@ class HFCheckpoint:
             more = f" (and {len(missing) - 1} more, e.g. {missing[1:4]})" if len(missing) > 1 else ""
             why = "the checkpoint is incomplete or not a GPT-OSS model of this config.json"
             if missing[0].endswith("_blocks") and missing[0].removesuffix("_blocks") in infos:
-                why = ("config.json says mxfp4 but the expert weights are stored unquantized; remove its "
-                       "quantization_config")
+                why = (
+                    "config.json says mxfp4 but the expert weights are stored unquantized; remove its "
+                    "quantization_config"
+                )
             raise CheckpointError(self.tensors.where(missing[0]), f"is missing{more}; {why}", missing[0])
         for stored, (shape, kind) in expected.items():
             info = infos[stored]
             if kind == "uint8" and info.dtype != torch.uint8:
                 raise CheckpointError(info.file, f"has dtype {info.dtype}; MXFP4 blocks and scales are uint8", stored)
             if kind == "float" and info.dtype not in FLOAT_DTYPES:
-                raise CheckpointError(info.file, f"has dtype {info.dtype}; expected a floating-point tensor "
-                                      "(BF16, F16 or F32) or, for expert weights, quantization_config mxfp4", stored)
+                raise CheckpointError(
+                    info.file,
+                    f"has dtype {info.dtype}; expected a floating-point tensor "
+                    "(BF16, F16 or F32) or, for expert weights, quantization_config mxfp4",
+                    stored,
+                )
             if info.shape != shape:
-                raise CheckpointError(info.file, f"has shape {list(info.shape)}, expected {list(shape)} from "
-                                      f"{self.config_file}{self._mxfp4_hint(stored)}", stored)
+                raise CheckpointError(
+                    info.file,
+                    f"has shape {list(info.shape)}, expected {list(shape)} from "
+                    f"{self.config_file}{self._mxfp4_hint(stored)}",
+                    stored,
+                )
         extras = sorted(n for n in infos if n not in expected and not HARMLESS_EXTRAS.search(n))
         if extras:
             more = f" and {len(extras) - 1} more: {extras[1:6]}" if len(extras) > 1 else ""
-            raise CheckpointError(infos[extras[0]].file, f"is not part of a GPT-OSS model{more}; is this "
-                                  "checkpoint from another architecture, or quantized without a quantization_config?",
-                                  extras[0])
+            raise CheckpointError(
+                infos[extras[0]].file,
+                f"is not part of a GPT-OSS model{more}; is this "
+                "checkpoint from another architecture, or quantized without a quantization_config?",
+                extras[0],
+            )
 
     def _mxfp4_hint(self, stored: str) -> str:
         if not stored.endswith("_scales"):
@@ -137,7 +155,7 @@ class HFCheckpoint:
         step = max(1, CHUNK_BYTES // (4 * row_values))
         for c0 in range(r0, r1, step):
             c1 = min(c0 + step, r1)
-            out[c0 - r0:c1 - r0].copy_(self._read_rows(name, c0, c1, out))
+            out[c0 - r0 : c1 - r0].copy_(self._read_rows(name, c0, c1, out))
 
     def _read_rows(self, name: str, c0: int, c1: int, like: torch.Tensor) -> torch.Tensor:
         if not self.is_quantized(name):

@@ -7,7 +7,8 @@ Storage, for a weight whose last dimension has N = 32 * G values:
 
 `dequantize_mxfp4` is the loader's path and matches transformers' `convert_moe_packed_tensors` bit
 for bit, for every block and scale byte (both compute `fp4 * 2**e` exactly in fp32, which holds every
-finite such product, and round once to the target dtype). `quantize_mxfp4` exists to build test checkpoints; it rounds to the nearest code.
+finite such product, and round once to the target dtype). `quantize_mxfp4` exists to build test checkpoints;
+it rounds to the nearest code.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def check_mxfp4_shapes(blocks: torch.Size | tuple, scales: torch.Size | tuple) -
     if len(blocks) < 2 or blocks[-1] != GROUP // 2:
         return f"blocks shape {list(blocks)} must end in {GROUP // 2} bytes per group of {GROUP} values"
     if blocks[:-1] != scales:
-        return (f"scales shape {list(scales)} must equal the blocks shape without its last dimension, "
-                f"{list(blocks[:-1])}")
+        return (
+            f"scales shape {list(scales)} must equal the blocks shape without its last dimension, {list(blocks[:-1])}"
+        )
     return None
 
 

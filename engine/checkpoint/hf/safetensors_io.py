@@ -28,8 +28,15 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
     "BOOL": torch.bool,
 }
 
@@ -79,8 +86,9 @@ class SafetensorsIndex:
         except json.JSONDecodeError as e:
             raise CheckpointError(self.index_file, f"invalid JSON at line {e.lineno}: {e.msg}") from None
         except (KeyError, TypeError):
-            raise CheckpointError(self.index_file, "has no 'weight_map' object; is it an HF safetensors index?"
-                                  ) from None
+            raise CheckpointError(
+                self.index_file, "has no 'weight_map' object; is it an HF safetensors index?"
+            ) from None
         by_file: dict[str, list[str]] = {}
         for name, file_name in weight_map.items():
             by_file.setdefault(file_name, []).append(name)
@@ -89,14 +97,21 @@ class SafetensorsIndex:
     def _scan(self, file: Path, listed: list[str] | None) -> None:
         if not file.exists():
             raise CheckpointNotFoundError(
-                file, f"shard is missing ({INDEX_FILE} places this tensor and {len(listed) - 1} others in it); "
-                "download or copy the complete checkpoint", tensor=listed[0])
+                file,
+                f"shard is missing ({INDEX_FILE} places this tensor and {len(listed) - 1} others in it); "
+                "download or copy the complete checkpoint",
+                tensor=listed[0],
+            )
         with _open(file, listed[0] if listed else None) as f:
             present = set(f.keys())
             for name in listed if listed is not None else sorted(present):
                 if name not in present:
-                    raise CheckpointError(file, f"is named as this tensor's shard by {INDEX_FILE} but does not "
-                                          "contain it; the index and the shards are from different exports", name)
+                    raise CheckpointError(
+                        file,
+                        f"is named as this tensor's shard by {INDEX_FILE} but does not "
+                        "contain it; the index and the shards are from different exports",
+                        name,
+                    )
                 s = f.get_slice(name)
                 dtype = s.get_dtype()
                 self.infos[name] = TensorInfo(file, tuple(s.get_shape()), DTYPES.get(dtype, dtype))
@@ -107,10 +122,11 @@ class SafetensorsIndex:
         with _open(info.file, name) as f:
             try:
                 s = f.get_slice(name)
-                return s[rows[0]:rows[1]] if rows is not None else s[:]
+                return s[rows[0] : rows[1]] if rows is not None else s[:]
             except SafetensorError as e:
-                raise CheckpointError(info.file, f"cannot be read ({e}); the file is corrupted, download it again",
-                                      name) from None
+                raise CheckpointError(
+                    info.file, f"cannot be read ({e}); the file is corrupted, download it again", name
+                ) from None
 
 
 class _open:
@@ -123,8 +139,11 @@ class _open:
         try:
             self.handle = safe_open(self.file, framework="pt")
         except SafetensorError as e:
-            raise CheckpointError(self.file, f"is not a valid safetensors file ({e}); it is truncated or corrupted, "
-                                  "download or copy it again", self.tensor) from None
+            raise CheckpointError(
+                self.file,
+                f"is not a valid safetensors file ({e}); it is truncated or corrupted, download or copy it again",
+                self.tensor,
+            ) from None
         except OSError as e:
             raise CheckpointNotFoundError(self.file, f"cannot be opened ({e.strerror})", self.tensor) from None
         return self.handle.__enter__()

@@ -35,8 +35,15 @@ from engine.moe.experts import shard_model_experts
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # Files an HF model directory carries besides its weights; copied as they are on export.
-SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-              "generation_config.json", "chat_template*")
+SIDE_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template*",
+)
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -52,20 +59,25 @@ def _model_options(options: ModelOptions | None, overrides: dict) -> ModelOption
     return dataclasses.replace(options or ModelOptions(), **overrides)
 
 
-def _expert_slice(config: GptOssConfig, expert_range: tuple[int, int] | None, ep_size: int,
-                  ep_rank: int) -> tuple[int, int]:
+def _expert_slice(
+    config: GptOssConfig, expert_range: tuple[int, int] | None, ep_size: int, ep_rank: int
+) -> tuple[int, int]:
     """(ep_size, ep_rank) of the expert slice to build, from either way of saying it."""
     n = config.num_local_experts
     if expert_range is not None:
         e0, e1 = expert_range
         width = e1 - e0
         if not 0 <= e0 < e1 <= n or n % width or e0 % width:
-            raise ValueError(f"expert_range={tuple(expert_range)} must be one expert-parallel slice of the {n} "
-                             f"experts: [r*k, (r+1)*k) with k dividing {n}")
+            raise ValueError(
+                f"expert_range={tuple(expert_range)} must be one expert-parallel slice of the {n} "
+                f"experts: [r*k, (r+1)*k) with k dividing {n}"
+            )
         ep = (n // width, e0 // width)
         if ep_size != 1 and (ep_size, ep_rank) != ep:
-            raise ValueError(f"expert_range={tuple(expert_range)} is ep_size={ep[0]}, ep_rank={ep[1]}, but "
-                             f"ep_size={ep_size}, ep_rank={ep_rank} were given too; give one or the other")
+            raise ValueError(
+                f"expert_range={tuple(expert_range)} is ep_size={ep[0]}, ep_rank={ep[1]}, but "
+                f"ep_size={ep_size}, ep_rank={ep_rank} were given too; give one or the other"
+            )
         return ep
     return ep_size, ep_rank
 
@@ -79,9 +91,18 @@ def _rows(model: GptOssForCausalLM, name: str) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
-def load_hf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-            options: ModelOptions | None = None, expert_range: tuple[int, int] | None = None,
-            ep_size: int = 1, ep_rank: int = 0, progress: bool = False, **option_overrides) -> GptOssForCausalLM:
+def load_hf(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    options: ModelOptions | None = None,
+    expert_range: tuple[int, int] | None = None,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    progress: bool = False,
+    **option_overrides,
+) -> GptOssForCausalLM:
     """A GPT-OSS model with the weights of `path` (local directory or hub id; BF16/FP32 or MXFP4).
 
     `options` / `option_overrides` (e.g. `experts_backend="grouped_mm"`) choose the runtime;
@@ -99,8 +120,15 @@ def load_hf(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: st
 
 
 @torch.no_grad()
-def read_hf_weights(model: GptOssForCausalLM, checkpoint: str | Path | HFCheckpoint, *, dtype: torch.dtype,
-                    device: str | torch.device = "cpu", progress: bool = False, label: str = "") -> GptOssForCausalLM:
+def read_hf_weights(
+    model: GptOssForCausalLM,
+    checkpoint: str | Path | HFCheckpoint,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    label: str = "",
+) -> GptOssForCausalLM:
     """Materialise `model`, built on the meta device (holding all experts or one expert-parallel slice),
     on `device` in `dtype`, and fill it from `checkpoint` (a directory, a hub id or an open HFCheckpoint)
     a bounded chunk at a time, reading only the expert rows it holds."""
@@ -113,18 +141,30 @@ def read_hf_weights(model: GptOssForCausalLM, checkpoint: str | Path | HFCheckpo
     unfilled = [name for name, _ in model.named_buffers() if name not in state]
     assert not unfilled, f"buffers outside the state dict would stay uninitialised: {unfilled}"
     total = sum(t.numel() * t.element_size() for t in state.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {label or ckpt.directory.name}",
-              disable=None if progress else True) as bar:  # None: silent when not a terminal
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=f"loading {label or ckpt.directory.name}",
+        disable=None if progress else True,
+    ) as bar:  # None: silent when not a terminal
         for name, tensor in state.items():
             ckpt.read_into(name, tensor, _rows(model, name))
             bar.update(tensor.numel() * tensor.element_size())
     return model
 
 
-def save_hf(model: GptOssForCausalLM, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-            max_shard_size: int | str = "5GB", source_dir: str | Path | None = None, progress: bool = False,
-            overwrite: bool = False,
-            state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None) -> Path:
+def save_hf(
+    model: GptOssForCausalLM,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: int | str = "5GB",
+    source_dir: str | Path | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
+) -> Path:
     """Export `model` as an HF GPT-OSS checkpoint that `transformers` and `load_hf` read back.
 
     `source_dir`: the checkpoint the model came from; its tokenizer, chat template and generation config
@@ -133,17 +173,35 @@ def save_hf(model: GptOssForCausalLM, out_dir: str | Path, *, dtype: torch.dtype
     if state_dict is None:
         ep = model.config.num_local_experts // model.moe_blocks()[0].experts.num_experts
         if ep > 1:
-            raise ValueError(f"this model holds {ep}-way expert-parallel slices only; pass "
-                             "state_dict= an iterator that gathers every expert tensor, or save from a full model")
+            raise ValueError(
+                f"this model holds {ep}-way expert-parallel slices only; pass "
+                "state_dict= an iterator that gathers every expert tensor, or save from a full model"
+            )
         state_dict = model.state_dict()
     tensors = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
-    return write_hf(model.config, tensors, out_dir, dtype=dtype, max_shard_size=max_shard_size,
-                    source_dir=source_dir, progress=progress, overwrite=overwrite)
+    return write_hf(
+        model.config,
+        tensors,
+        out_dir,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        source_dir=source_dir,
+        progress=progress,
+        overwrite=overwrite,
+    )
 
 
-def write_hf(config: GptOssConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, *,
-             dtype: torch.dtype = torch.bfloat16, max_shard_size: int | str = "5GB",
-             source_dir: str | Path | None = None, progress: bool = False, overwrite: bool = False) -> Path:
+def write_hf(
+    config: GptOssConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: int | str = "5GB",
+    source_dir: str | Path | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Write (name, tensor) pairs, which must be exactly the tensors of `config`'s model, as an HF checkpoint.
 
     Tensors are consumed one by one, so a streaming source (a converter, a gather) holds at most one
@@ -155,16 +213,18 @@ def write_hf(config: GptOssConfig, tensors: Iterable[tuple[str, torch.Tensor]], 
     with atomic_directory(out_dir, overwrite) as partial:
         writer = ShardWriter(partial, max_shard_size)
         # disable=None: tqdm stays silent when the output is not a terminal
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out_dir.name}",
-                  disable=None if progress else True) as bar:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"writing {out_dir.name}", disable=None if progress else True
+        ) as bar:
             for name, tensor in tensors:
                 _check_export_tensor(name, tensor, expected, experts)
                 writer.add(name, tensor.detach().to(device="cpu", dtype=dtype))
                 bar.update(tensor.numel() * dtype.itemsize)
         missing = sorted(expected.keys() - writer.names)
         if missing:
-            raise ValueError(f"export to {out_dir}: {len(missing)} tensors were never given, e.g. {missing[:3]}; "
-                             "nothing was written")
+            raise ValueError(
+                f"export to {out_dir}: {len(missing)} tensors were never given, e.g. {missing[:3]}; nothing was written"
+            )
         writer.finish()
         hf_config = config.to_hf_dict()
         hf_config["torch_dtype"] = hf_config["dtype"] = DTYPE_NAMES[dtype]  # older / newer transformers' key
@@ -174,14 +234,16 @@ def write_hf(config: GptOssConfig, tensors: Iterable[tuple[str, torch.Tensor]], 
     return out_dir
 
 
-def _check_export_tensor(name: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]],
-                         experts: set[str]) -> None:
+def _check_export_tensor(
+    name: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]], experts: set[str]
+) -> None:
     if name not in expected:
         raise ValueError(f"export: {name!r} is not a tensor of this GPT-OSS config; refusing to write it")
     if tuple(tensor.shape) != expected[name]:
         hint = "; gather every expert before saving" if name in experts else ""
-        raise ValueError(f"export: {name!r} has shape {list(tensor.shape)}, the config gives "
-                         f"{list(expected[name])}{hint}")
+        raise ValueError(
+            f"export: {name!r} has shape {list(tensor.shape)}, the config gives {list(expected[name])}{hint}"
+        )
     if not tensor.is_floating_point():
         raise ValueError(f"export: {name!r} has dtype {tensor.dtype}; expected floating-point weights")
 

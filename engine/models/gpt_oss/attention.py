@@ -102,8 +102,7 @@ def flex_attention_with_sinks(q, k, v, sinks, block_mask, scale):
         )
     fn = _compiled_flex() if q.device.type == "cuda" else fa.flex_attention
     if hasattr(fa, "AuxRequest"):
-        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
-                      return_aux=fa.AuxRequest(lse=True))
+        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_aux=fa.AuxRequest(lse=True))
         lse = aux.lse
     else:  # PyTorch releases before return_aux
         out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
@@ -116,7 +115,11 @@ class GptOssAttention(nn.Module):
     def __init__(self, cfg: GptOssConfig, layer_idx: int):
         super().__init__()
         self.layer_type = cfg.layer_types[layer_idx]
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.scale = cfg.head_dim**-0.5
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_width, bias=True)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_width, bias=True)
@@ -145,16 +148,19 @@ class GptOssAttention(nn.Module):
             return blockwise_attention(q, k, v, self.sinks, ctx.window_of(self.layer_type), ctx.doc_ids, self.scale)
         from gptoss_kernels.flash_attention import flash_attention
 
-        return flash_attention(q, k, v, self.sinks, window=ctx.window_of(self.layer_type), doc_ids=ctx.doc_ids,
-                               scale=self.scale)
+        return flash_attention(
+            q, k, v, self.sinks, window=ctx.window_of(self.layer_type), doc_ids=ctx.doc_ids, scale=self.scale
+        )
 
     def _context_parallel(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
         """This rank's queries (two chunks of the row) against the keys they can see: all of them,
         gathered from the group, on full layers; on sliding layers the chunk's own keys and the halo
         (the `window - 1` keys before the chunk, from the rank holding them)."""
         if ctx.backend != "blockwise":
-            raise ValueError(f"context parallelism runs the blockwise attention, not {ctx.backend!r}: "
-                             "set model.attn_backend=blockwise")
+            raise ValueError(
+                f"context parallelism runs the blockwise attention, not {ctx.backend!r}: "
+                "set model.attn_backend=blockwise"
+            )
         cp, window = ctx.cp, ctx.window_of(self.layer_type)
         t = q.shape[2] * cp.size
         halo = cp.halo(t, window)
@@ -167,15 +173,15 @@ class GptOssAttention(nn.Module):
         outs, offset, c = [], 0, t // (2 * cp.size)
         for start, end in cp.chunks(t):
             n = end - start
-            qc = q[:, :, offset:offset + n]
+            qc = q[:, :, offset : offset + n]
             if halo is None:
                 kc, vc, lo = k_all, v_all, 0
             else:
-                kc, vc, lo = k[:, :, offset:offset + n], v[:, :, offset:offset + n], start
+                kc, vc, lo = k[:, :, offset : offset + n], v[:, :, offset : offset + n], start
                 if halo and start:
                     j = start // c  # the chunk before this one is j - 1
                     kc, vc, lo = torch.cat([k_tails[j - 1], kc], 2), torch.cat([v_tails[j - 1], vc], 2), start - halo
-            docs = None if ctx.doc_ids is None else ctx.doc_ids[:, lo:lo + kc.shape[2]]
+            docs = None if ctx.doc_ids is None else ctx.doc_ids[:, lo : lo + kc.shape[2]]
             outs.append(blockwise_attention(qc, kc, vc, self.sinks, window, docs, self.scale, q_offset=start - lo))
             offset += n
         return torch.cat(outs, dim=2)

@@ -130,16 +130,47 @@ class _BlockwiseAttention(torch.autograd.Function):
         kv = k.shape[1]
         view = (b, kv, h // kv, t, d)
         acc = lse.dtype
-        dq, dk, dv, dsink = _backward(q.to(acc).view(view), k.to(acc), v.to(acc), out.to(acc).view(view),
-                                      grad_out.to(acc).reshape(view), lse, sinks.to(acc).view(1, kv, h // kv, 1),
-                                      scale, window, doc_ids, block_q, block_k, q_offset)
-        return (dq.view(b, h, t, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsink.reshape(h).to(sinks.dtype),
-                None, None, None, None, None, None)
+        dq, dk, dv, dsink = _backward(
+            q.to(acc).view(view),
+            k.to(acc),
+            v.to(acc),
+            out.to(acc).view(view),
+            grad_out.to(acc).reshape(view),
+            lse,
+            sinks.to(acc).view(1, kv, h // kv, 1),
+            scale,
+            window,
+            doc_ids,
+            block_q,
+            block_k,
+            q_offset,
+        )
+        return (
+            dq.view(b, h, t, d).to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dsink.reshape(h).to(sinks.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                        window: int | None, doc_ids: torch.Tensor | None, scale: float,
-                        block_q: int = BLOCK_Q, block_k: int = BLOCK_K, q_offset: int = 0) -> torch.Tensor:
+def blockwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    window: int | None,
+    doc_ids: torch.Tensor | None,
+    scale: float,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    q_offset: int = 0,
+) -> torch.Tensor:
     """q [B, H, Tq, D], k/v [B, KV, Tk, D], sinks [H], doc_ids [B, Tk] or None -> [B, H, Tq, D] (v's dtype).
 
     `window` None = full causal; else a query sees itself and the `window - 1` keys before it.
@@ -148,6 +179,8 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"blockwise_attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
     if q_offset < 0 or q_offset + q.shape[2] > k.shape[2]:
-        raise ValueError(f"blockwise_attention: queries at positions [{q_offset}, {q_offset + q.shape[2]}) "
-                         f"lie outside the {k.shape[2]} keys")
+        raise ValueError(
+            f"blockwise_attention: queries at positions [{q_offset}, {q_offset + q.shape[2]}) "
+            f"lie outside the {k.shape[2]} keys"
+        )
     return _BlockwiseAttention.apply(q, k, v, sinks, doc_ids, window, scale, block_q, block_k, q_offset)

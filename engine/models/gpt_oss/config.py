@@ -74,10 +74,21 @@ class GptOssConfig:
     def tiny(cls, **overrides: Any) -> "GptOssConfig":
         """A laptop-sized GPT-OSS with every architectural feature of the real one."""
         base = dict(
-            vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, sliding_window=16,
-            max_position_embeddings=4096, rope_scaling=RopeScaling(original_max_position_embeddings=256),
-            pad_token_id=None, eos_token_id=None, bos_token_id=None,
+            vocab_size=1024,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=64,
+            sliding_window=16,
+            max_position_embeddings=4096,
+            rope_scaling=RopeScaling(original_max_position_embeddings=256),
+            pad_token_id=None,
+            eos_token_id=None,
+            bos_token_id=None,
         )
         base.update(overrides)
         return cls(**base)
@@ -95,8 +106,17 @@ class GptOssConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"GPT-OSS config: {key}={getattr(self, key)!r} {why}")
 
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "head_dim", "num_local_experts", "num_experts_per_tok", "intermediate_size"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "intermediate_size",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise bad(key, "must be a positive integer")
@@ -135,7 +155,9 @@ class GptOssConfig:
         embed = 2 * self.vocab_size * h
         experts = self.num_hidden_layers * e * expert
         total = embed + h + self.num_hidden_layers * per_layer_dense + experts
-        active = self.vocab_size * h + h + self.num_hidden_layers * (per_layer_dense + self.num_experts_per_tok * expert)
+        active = (
+            self.vocab_size * h + h + self.num_hidden_layers * (per_layer_dense + self.num_experts_per_tok * expert)
+        )
         return {"total": total, "experts": experts, "active": active}
 
     # ------------------------------------------------------------------ HF config.json
@@ -144,7 +166,8 @@ class GptOssConfig:
         model_type = d.get("model_type")
         if model_type != "gpt_oss":
             raise ConfigError(
-                f"{source}: model_type is {model_type!r}, expected 'gpt_oss'; this engine loads GPT-OSS checkpoints only"
+                f"{source}: model_type is {model_type!r}, expected 'gpt_oss'; "
+                "this engine loads GPT-OSS checkpoints only"
             )
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", rope.get("type", "yarn"))

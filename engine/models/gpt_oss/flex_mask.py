@@ -48,8 +48,9 @@ def _tile_ranges(doc_ids: torch.Tensor, n: int, block: int) -> tuple[torch.Tenso
     return padded.amin(-1), padded.amax(-1)
 
 
-def tile_classes(t: int, window: int | None, doc_ids: torch.Tensor | None, device,
-                 block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_classes(
+    t: int, window: int | None, doc_ids: torch.Tensor | None, device, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial, full): bool [B | 1, n, n] over (query tile, key tile), n = ceil(t / block), disjoint."""
     n = -(-t // block)
     tile = torch.arange(n, device=device)
@@ -81,8 +82,7 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count[:, None], order[:, None]
 
 
-def flex_block_mask(b: int, t: int, window: int | None, doc_ids: torch.Tensor | None, device,
-                    block: int = BLOCK):
+def flex_block_mask(b: int, t: int, window: int | None, doc_ids: torch.Tensor | None, device, block: int = BLOCK):
     """A FlexAttention BlockMask equal to `attention.dense_mask(b, t, window, doc_ids)`, batch 1
     (broadcast) without documents, else `b`; one head (broadcast). No compile, any device."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -90,8 +90,9 @@ def flex_block_mask(b: int, t: int, window: int | None, doc_ids: torch.Tensor | 
     partial, full = tile_classes(t, window, doc_ids, device, block)
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                    mask_mod=mask_mod_for(window, doc_ids), seq_lengths=(t, t))
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod_for(window, doc_ids), seq_lengths=(t, t)
+    )
 
 
 __all__ = ["flex_block_mask", "tile_classes", "mask_mod_for", "BLOCK"]

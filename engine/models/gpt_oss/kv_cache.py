@@ -27,8 +27,16 @@ from engine.parallel.fsdp import gathered
 class LayerCache:
     """One layer's keys and values [B, KV, S, D] and the batch slot each of the S entries holds."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, window: int | None,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        window: int | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.window = window
         size = min(capacity, window) if window is not None else capacity
         self.k = torch.zeros(batch, kv_heads, size, head_dim, dtype=dtype, device=device)
@@ -40,7 +48,7 @@ class LayerCache:
         """Store the new keys [B, KV, T, D] at `slots` [T]; return (k, v, key_slot) to attend over."""
         if self.window is None:
             self.store(k_new, v_new, slots)
-            return self.k[:, :, :self.length], self.v[:, :, :self.length], self.slot[:self.length]
+            return self.k[:, :, : self.length], self.v[:, :, : self.length], self.slot[: self.length]
         # Ring: attend over the ring's old entries plus all new ones (a chunk longer than the window
         # needs keys it is about to overwrite), then keep the newest `window` in the ring.
         k_all = torch.cat([self.k, k_new], dim=2)
@@ -56,30 +64,38 @@ class LayerCache:
             end = self.length + slots.shape[0]
             if end > self.k.shape[2]:
                 raise RuntimeError(f"KV cache full: capacity {self.k.shape[2]}, asked for {end} positions")
-            self.k[:, :, self.length:end] = k_new
-            self.v[:, :, self.length:end] = v_new
-            self.slot[self.length:end] = slots
+            self.k[:, :, self.length : end] = k_new
+            self.v[:, :, self.length : end] = v_new
+            self.slot[self.length : end] = slots
             self.length = end
             return
-        keep = slots[-self.window:]
+        keep = slots[-self.window :]
         ring = keep % self.window
-        self.k[:, :, ring] = k_new[:, :, -self.window:]
-        self.v[:, :, ring] = v_new[:, :, -self.window:]
+        self.k[:, :, ring] = k_new[:, :, -self.window :]
+        self.v[:, :, ring] = v_new[:, :, -self.window :]
         self.slot[ring] = keep
 
 
 class KVCache:
     """The cache of every layer plus which batch slots hold real tokens (left padding)."""
 
-    def __init__(self, model, batch: int, capacity: int, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None):
+    def __init__(
+        self, model, batch: int, capacity: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ):
         cfg = model.config
         ref = model.lm_head.weight
         dtype, device = dtype or ref.dtype, device or ref.device
         self.capacity = capacity
         self.layers = [
-            LayerCache(batch, cfg.num_key_value_heads, cfg.head_dim, capacity,
-                       cfg.sliding_window if kind == "sliding_attention" else None, dtype, device)
+            LayerCache(
+                batch,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                capacity,
+                cfg.sliding_window if kind == "sliding_attention" else None,
+                dtype,
+                device,
+            )
             for kind in cfg.layer_types
         ]
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # [B, S]
@@ -111,8 +127,16 @@ def _mask(cache: KVCache, q_slots: torch.Tensor, k_slots: torch.Tensor, window: 
     return allowed[None, None] & real[:, None, None, :]
 
 
-def _attention(attn, x: torch.Tensor, cos, sin, layer_cache: LayerCache, cache: KVCache,
-               q_slots: torch.Tensor, prefill: AttentionContext | None) -> torch.Tensor:
+def _attention(
+    attn,
+    x: torch.Tensor,
+    cos,
+    sin,
+    layer_cache: LayerCache,
+    cache: KVCache,
+    q_slots: torch.Tensor,
+    prefill: AttentionContext | None,
+) -> torch.Tensor:
     b, t, _ = x.shape
     q = apply_rotary(attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim), cos, sin)
     k = apply_rotary(attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim), cos, sin)
@@ -138,8 +162,9 @@ def _prefill_context(model, empty: bool, valid: torch.Tensor, cos, sin) -> Atten
     return AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, window=model.config.sliding_window, backend=backend)
 
 
-def cached_forward(model, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
-                   last_only: bool = False) -> torch.Tensor:
+def cached_forward(
+    model, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None, last_only: bool = False
+) -> torch.Tensor:
     """Logits [B, T, V] (or [B, 1, V] with last_only) of T new tokens [B, T] after those in `cache`,
     which is updated. valid [B, T] marks real tokens (False = left padding)."""
     if valid is None:
@@ -151,8 +176,9 @@ def cached_forward(model, input_ids: torch.Tensor, cache: KVCache, valid: torch.
     prefill = _prefill_context(model, empty, valid, cos, sin)
     for layer, layer_cache in zip(model.model.layers, cache.layers):
         with gathered(layer):  # its submodules are called here, not the block: gather its weights (FSDP2)
-            x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, layer_cache, cache, q_slots,
-                               prefill)
+            x = x + _attention(
+                layer.self_attn, layer.input_layernorm(x), cos, sin, layer_cache, cache, q_slots, prefill
+            )
             x = x + layer.mlp(layer.post_attention_layernorm(x))
     h = model.model.norm(x[:, -1:] if last_only else x)
     return model.lm_head(h)

@@ -54,8 +54,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
 
 @torch.no_grad()
-def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                        chunk_size: int = 512) -> torch.Tensor:
+def token_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 512
+) -> torch.Tensor:
     """Per-token loss [...] (fp32 or wider; 0 where labels == IGNORE_INDEX) of logits = hidden @ weight.T, in
     chunks of `chunk_size` rows, no gradients: what evaluation needs to split the loss by token kind."""
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -70,9 +71,11 @@ def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     return out.view(labels.shape)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_size: int = 512) -> torch.Tensor:
-    """Summed token cross-entropy of logits = hidden @ weight.T; hidden [..., H], labels [...] with IGNORE_INDEX ignored."""
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 512
+) -> torch.Tensor:
+    """Summed token cross-entropy of logits = hidden @ weight.T; hidden [..., H], labels [...] (IGNORE_INDEX
+    ignored)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     keep = (y != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync per step, saves every masked row's matmul

@@ -58,9 +58,16 @@ class GptOssDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = GptOssAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoEBlock(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                            alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, experts_backend=opts.experts_backend,
-                            chunk_tokens=opts.moe_chunk_tokens)
+        self.mlp = MoEBlock(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_local_experts,
+            cfg.num_experts_per_tok,
+            alpha=cfg.swiglu_alpha,
+            limit=cfg.swiglu_limit,
+            experts_backend=opts.experts_backend,
+            chunk_tokens=opts.moe_chunk_tokens,
+        )
         self.activation_checkpointing = False  # set by engine.parallel.parallelize
 
     def _forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -121,8 +128,9 @@ class GptOssForCausalLM(nn.Module):
             if offset <= e < offset + p.shape[0]:
                 p[e - offset].copy_(rows)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final normed hidden states [B, T, H]. position_ids [B, T] default to 0..T-1; doc_ids [B, T]
         (packed documents) restrict attention to tokens of the same document. Under context parallelism
         (`with cp:`, engine.parallel.context_parallel) the inputs are full rows and the result holds
@@ -138,16 +146,27 @@ class GptOssForCausalLM(nn.Module):
         cos, sin = cos_sin(self.config, position_ids)
         # Context parallelism runs the blockwise attention; `auto` picks it on every device then.
         backend = "blockwise" if cp is not None and self.options.attn_backend == "auto" else self.options.attn_backend
-        ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, window=self.config.sliding_window,
-                               backend=resolve_attn_backend(backend, x.device), cp=cp)
+        ctx = AttentionContext(
+            cos=cos,
+            sin=sin,
+            doc_ids=doc_ids,
+            window=self.config.sliding_window,
+            backend=resolve_attn_backend(backend, x.device),
+            cp=cp,
+        )
         offload = OffloadChain() if self.options.activation_offload else None
         for layer in self.model.layers:
             x = layer(x, ctx, offload)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                loss_normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        loss_normalizer: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Without labels: logits [B, T, V]. With labels [B, T] (already shifted: labels[b, t] is the
         target at position t, IGNORE_INDEX = ignored): the summed token loss divided by `loss_normalizer`
         (default: the number of target tokens), computed in chunks without full logits. Under context

@@ -13,8 +13,12 @@ from safetensors.torch import save_file
 from engine.checkpoint.hf.mxfp4 import quantize_mxfp4
 from tests.hf_reference import hf_config, hf_model
 
-SIDE_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}",
-              "chat_template.jinja": "{{ messages }}", "generation_config.json": '{"do_sample": true}'}
+SIDE_FILES = {
+    "tokenizer.json": '{"version": "1.0"}',
+    "tokenizer_config.json": "{}",
+    "chat_template.jinja": "{{ messages }}",
+    "generation_config.json": '{"do_sample": true}',
+}
 EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
@@ -58,7 +62,14 @@ def write_mxfp4_checkpoint(hf, directory: Path) -> Path:
             tensors[name] = t.contiguous()
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     config = hf.config.to_dict()
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (directory / "config.json").write_text(json.dumps(config))
     return directory

@@ -26,6 +26,7 @@ def sharded_dir(hf_dir, tmp_path_factory):
 def copy(tmp_path):
     def make(src):
         return shutil.copytree(src, tmp_path / "ckpt")
+
     return make
 
 
@@ -154,8 +155,9 @@ def test_unexpected_tensors_are_named_unless_harmless(hf_dir, copy):
 
 @pytest.fixture(scope="module")
 def mxfp4_dir(tmp_path_factory):
-    return write_mxfp4_checkpoint(tiny_hf(seed=6, hidden_size=64, intermediate_size=32),
-                                  tmp_path_factory.mktemp("mx") / "mxfp4")
+    return write_mxfp4_checkpoint(
+        tiny_hf(seed=6, hidden_size=64, intermediate_size=32), tmp_path_factory.mktemp("mx") / "mxfp4"
+    )
 
 
 def test_mxfp4_scales_with_wrong_shape(mxfp4_dir, copy):
@@ -170,9 +172,11 @@ def test_mxfp4_blocks_in_the_wrong_orientation(mxfp4_dir, copy):
     # Blocks written (in, out) instead of (out, in): caught by shape whenever the matrix is not square.
     d = copy(mxfp4_dir)
     name = "model.layers.0.mlp.experts.down_proj"  # ours [4, I=32, H=64]; stored (out, in) = [4, 64, 1, 16]
+
     def transpose(t):
         t[f"{name}_blocks"] = torch.zeros(4, 32, 2, 16, dtype=torch.uint8)
         t[f"{name}_scales"] = torch.zeros(4, 32, 2, dtype=torch.uint8)
+
     _rewrite(d / "model.safetensors", transpose)
     with _raises(CheckpointError, f"{name}_blocks", "[4, 32, 2, 16]", "expected [4, 64, 1, 16]"):
         load_hf(d)

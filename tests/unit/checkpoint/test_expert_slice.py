@@ -24,15 +24,18 @@ def test_rank_slice_equals_rows_of_full_load(checkpoint, dtype, monkeypatch):
     full = load_hf(checkpoint, dtype=dtype).state_dict()
     reads = []
     original_read = SafetensorsIndex.read
-    monkeypatch.setattr(SafetensorsIndex, "read",
-                        lambda self, name, rows=None: reads.append((name, rows)) or original_read(self, name, rows))
+    monkeypatch.setattr(
+        SafetensorsIndex,
+        "read",
+        lambda self, name, rows=None: reads.append((name, rows)) or original_read(self, name, rows),
+    )
     rank = load_hf(checkpoint, dtype=dtype, ep_size=2, ep_rank=1)
 
     e = rank.config.num_local_experts
     for block in rank.moe_blocks():
         assert (block.experts.expert_offset, block.experts.num_experts) == (e // 2, e // 2)
     for name, tensor in rank.state_dict().items():
-        expected = full[name][e // 2:] if is_expert_tensor(name) else full[name]  # the router keeps all E rows
+        expected = full[name][e // 2 :] if is_expert_tensor(name) else full[name]  # the router keeps all E rows
         assert tensor.dtype == dtype and torch.equal(tensor, expected), name
     # Only this rank's rows were read from the files, never the other experts'.
     expert_reads = [rows for name, rows in reads if is_expert_tensor(name)]
@@ -46,14 +49,17 @@ def test_expert_range_is_the_same_slice(hf_dir):
     assert all(torch.equal(by_options[k], by_range[k]) for k in by_options)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(expert_range=(1, 3)), "one expert-parallel slice"),
-    (dict(expert_range=(0, 5)), "one expert-parallel slice"),
-    (dict(expert_range=(2, 4), ep_size=2, ep_rank=0), "give one or the other"),
-    (dict(ep_size=2, ep_rank=2), "ep_rank=2 must be in"),
-    (dict(ep_size=3), "must divide the number of experts"),
-    (dict(expert_backend="loop"), "unknown model option"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(expert_range=(1, 3)), "one expert-parallel slice"),
+        (dict(expert_range=(0, 5)), "one expert-parallel slice"),
+        (dict(expert_range=(2, 4), ep_size=2, ep_rank=0), "give one or the other"),
+        (dict(ep_size=2, ep_rank=2), "ep_rank=2 must be in"),
+        (dict(ep_size=3), "must divide the number of experts"),
+        (dict(expert_backend="loop"), "unknown model option"),
+    ],
+)
 def test_bad_expert_slices_are_refused(hf_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_hf(hf_dir, **kwargs)

@@ -39,7 +39,8 @@ def test_convert_mxfp4_to_hf_with_verify(mxfp4_dir, tmp_path, capsys, flag, dtyp
     converted = load_hf(dst, dtype=dtype).state_dict()
     assert all(torch.equal(direct[k], converted[k]) for k in direct)
     assert sorted(p.name for p in dst.iterdir() if not p.name.endswith(".safetensors")) == sorted(
-        ["config.json", "model.safetensors.index.json", *SIDE_FILES])
+        ["config.json", "model.safetensors.index.json", *SIDE_FILES]
+    )
 
 
 def test_convert_errors_exit_2_with_a_message(mxfp4_dir, tmp_path, capsys):

@@ -54,8 +54,11 @@ def test_quantize_round_trips():
     assert set((deq / step).unique().tolist()) <= set(FP4_VALUES)  # every value is a code times its scale
 
 
-@pytest.mark.parametrize("shape", [dict(hidden_size=32, intermediate_size=32),
-                                   dict(hidden_size=64, intermediate_size=32)], ids=["square_down_proj", "wide"])
+@pytest.mark.parametrize(
+    "shape",
+    [dict(hidden_size=32, intermediate_size=32), dict(hidden_size=64, intermediate_size=32)],
+    ids=["square_down_proj", "wide"],
+)
 def test_mxfp4_checkpoint_matches_transformers(tmp_path, shape):
     from transformers import Mxfp4Config
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -76,8 +79,9 @@ def test_mxfp4_checkpoint_matches_transformers(tmp_path, shape):
     stored = load_file(directory / "model.safetensors")
     state = {k: v for k, v in stored.items() if not k.endswith(("_blocks", "_scales"))}
     for name in [k.removesuffix("_blocks") for k in stored if k.endswith("_blocks")]:
-        state[name] = convert_moe_packed_tensors(stored[f"{name}_blocks"], stored[f"{name}_scales"],
-                                                 dtype=torch.float32)
+        state[name] = convert_moe_packed_tensors(
+            stored[f"{name}_blocks"], stored[f"{name}_scales"], dtype=torch.float32
+        )
     hf.load_state_dict(state, strict=True)
     assert torch.equal(logits(ours, ids), logits(hf, ids))
     for name, tensor in ours.state_dict().items():

@@ -17,7 +17,7 @@ def test_every_byte_under_every_scale_matches_transformers_bitwise(dtype):
     ref = convert_moe_packed_tensors(blocks, scales, dtype=dtype).transpose(1, 2)  # [1, 4096, 32]
     ours = dequantize_mxfp4(blocks, scales, dtype)
     assert torch.equal(ours.view(INT_VIEW[dtype]), ref.view(INT_VIEW[dtype]))  # bit for bit, signs of zero too
-    top = ours[0, 255 * 16:]
+    top = ours[0, 255 * 16 :]
     assert not top.isnan().any()  # where a plain 0 * 2**128 would give NaN
     assert top.isinf().any() and (top == 0).any()
 

@@ -19,8 +19,17 @@ from engine.config.load import build_config
 from engine.train import REPO, register_recipes
 
 register_recipes()
-TINY = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=32", "data.global_batch_size=4",
-        "data.micro_batch_size=2", "trainer.val_every=0", "trainer.log_every=1", "trainer.progress=false", "optim.warmup_steps=2"]
+TINY = [
+    "recipe=tiny_sft",
+    "data.source=synthetic",
+    "data.max_seq_len=32",
+    "data.global_batch_size=4",
+    "data.micro_batch_size=2",
+    "trainer.val_every=0",
+    "trainer.log_every=1",
+    "trainer.progress=false",
+    "optim.warmup_steps=2",
+]
 
 
 def _cfg(out, *overrides):
@@ -103,8 +112,7 @@ def test_crafted_pickle_in_any_file_runs_nothing(straight, tmp_path, name, form)
 
 
 def test_every_file_the_engine_reads_is_covered(straight):
-    assert _checkpoint_files(ckpt.step_dir(straight, 2)) == [".metadata", "__0_0.distcp", "meta.json",
-                                                             "rank00000.json"]
+    assert _checkpoint_files(ckpt.step_dir(straight, 2)) == [".metadata", "__0_0.distcp", "meta.json", "rank00000.json"]
 
 
 def test_resume_is_bit_exact_and_leaves_no_debris(straight, tmp_path):

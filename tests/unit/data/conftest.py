@@ -25,4 +25,3 @@ def write_jsonl(tmp_path: Path):
         return path
 
     return write
-

@@ -51,7 +51,10 @@ def harmony_messages(record: dict, reasoning_effort: str = "medium", current_dat
         system = system.with_browser_tool() if builtin == "browser" else system.with_python_tool()
     out = [Message.from_role_and_content(Role.SYSTEM, system)]
     if "prompt" in record:
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+        messages = [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["completion"]},
+        ]
     else:
         messages = record["messages"]
     instructions = [m["content"] for m in messages if m["role"] in ("system", "developer")]
@@ -62,7 +65,8 @@ def harmony_messages(record: dict, reasoning_effort: str = "medium", current_dat
             developer = developer.with_instructions("\n\n".join(instructions))
         if tools:
             developer = developer.with_function_tools(
-                [ToolDescription.new(t["name"], t.get("description", ""), t.get("parameters")) for t in tools])
+                [ToolDescription.new(t["name"], t.get("description", ""), t.get("parameters")) for t in tools]
+            )
         out.append(Message.from_role_and_content(Role.DEVELOPER, developer))
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     native = any("channel" in m for m in messages)
@@ -77,8 +81,11 @@ def harmony_messages(record: dict, reasoning_effort: str = "medium", current_dat
                 continue
             author = Author.new(Role.TOOL, m["name"]) if role == "tool" else Author(role=Role(role))
             message = Message.from_author_and_content(author, content)
-            for key, setter in (("channel", "with_channel"), ("recipient", "with_recipient"),
-                                ("content_type", "with_content_type")):
+            for key, setter in (
+                ("channel", "with_channel"),
+                ("recipient", "with_recipient"),
+                ("content_type", "with_content_type"),
+            ):
                 if key in m:
                     message = getattr(message, setter)(m[key])
             out.append(message)
@@ -86,8 +93,11 @@ def harmony_messages(record: dict, reasoning_effort: str = "medium", current_dat
             out.append(Message.from_role_and_content(Role.USER, m["content"]))
         elif role == "tool":
             name = m.get("name") or calls_by_id[m["tool_call_id"]]
-            out.append(Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), m["content"])
-                       .with_recipient("assistant").with_channel("commentary"))
+            out.append(
+                Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), m["content"])
+                .with_recipient("assistant")
+                .with_channel("commentary")
+            )
         else:
             thinking = m.get("thinking") or m.get("reasoning_content") or m.get("reasoning")
             if thinking and i > last_user:
@@ -104,8 +114,11 @@ def harmony_messages(record: dict, reasoning_effort: str = "medium", current_dat
                     args = json.dumps(args, ensure_ascii=False)
                 if "id" in c:
                     calls_by_id[c["id"]] = name
-                out.append(_assistant(args, "commentary").with_recipient(f"functions.{name}")
-                           .with_content_type("<|constrain|>json"))
+                out.append(
+                    _assistant(args, "commentary")
+                    .with_recipient(f"functions.{name}")
+                    .with_content_type("<|constrain|>json")
+                )
     return out
 
 
@@ -127,8 +140,11 @@ def expected_mask(encoding, messages: list[Message], tokens: list[int], loss_mas
         if message.author.role != Role.ASSISTANT:
             continue
         final = message.channel == "final"
-        trained = (loss_mask == "assistant" or (loss_mask == "final_only" and final)
-                   or (loss_mask == "last_turn" and i > last_user))
+        trained = (
+            loss_mask == "assistant"
+            or (loss_mask == "final_only" and final)
+            or (loss_mask == "last_turn" and i > last_user)
+        )
         if not trained:
             continue
         lo, hi = starts[i], starts[i + 1]

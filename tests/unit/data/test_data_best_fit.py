@@ -92,8 +92,9 @@ def test_random_lengths_no_row_overflows_and_every_document_once_per_epoch(pack)
                 continue
             # Window w's rows hold exactly the w-th window of the epoch's order (the unpacked order of
             # the same seed), and each row keeps that order.
-            epoch_order = GlobalOrder(lengths, max_seq_len=capacity, pack=False, shuffle=shuffle,
-                                      seed=trial).epoch(epoch).order
+            epoch_order = (
+                GlobalOrder(lengths, max_seq_len=capacity, pack=False, shuffle=shuffle, seed=trial).epoch(epoch).order
+            )
             position = np.argsort(epoch_order)
             for w in range(len(window_rows) - 1):
                 held = np.concatenate(rows[window_rows[w] : window_rows[w + 1]])
@@ -120,8 +121,9 @@ def test_rows_of_a_window_are_shuffled_by_epoch_and_seed():
         for w in range(len(window_rows) - 1):
             held = docs[starts[window_rows[w]] : starts[window_rows[w + 1]]]
             longest = held[np.argmax(lengths[held])]
-            found.append(int(np.searchsorted(starts, np.flatnonzero(docs == longest)[0], side="right")) - 1
-                         - int(window_rows[w]))
+            found.append(
+                int(np.searchsorted(starts, np.flatnonzero(docs == longest)[0], side="right")) - 1 - int(window_rows[w])
+            )
         return found
 
     assert row_of_longest(plain) == [0] * 5  # best fit opens its first row with the longest document
@@ -135,10 +137,19 @@ def long_document_store(path, lengths: np.ndarray):
     rng = np.random.default_rng(0)
     total = int(lengths.sum())
     writer = StoreWriter(path)
-    writer.add(rng.integers(0, 1000, total, dtype=np.uint32), rng.random(total) < 0.3, lengths,
-               np.zeros((len(lengths), 2), np.int64))
-    counts = {"records": len(lengths), "documents": len(lengths), "skipped_invalid": 0, "dropped_overlong": 0,
-              "truncated": 0}
+    writer.add(
+        rng.integers(0, 1000, total, dtype=np.uint32),
+        rng.random(total) < 0.3,
+        lengths,
+        np.zeros((len(lengths), 2), np.int64),
+    )
+    counts = {
+        "records": len(lengths),
+        "documents": len(lengths),
+        "skipped_invalid": 0,
+        "dropped_overlong": 0,
+        "truncated": 0,
+    }
     return writer.finish({"counts": counts, "token_stats": {"tokens": total}})
 
 
@@ -150,8 +161,9 @@ def test_long_documents_fill_at_least_97_percent_of_the_rows(tmp_path):
     report = TrainLoader(store, DataConfig(prefetch=0), 0, rank=0, world_size=1, micro_batch_size=1, seed=0).report
     assert report["data_packing_efficiency"] >= 0.97, report
     assert report["data_rows"] * 4096 - report["data_padding_tokens"] == int(lengths.sum())
-    next_fit = TrainLoader(store, DataConfig(pack="next_fit", prefetch=0), 0, rank=0, world_size=1,
-                           micro_batch_size=1, seed=0).report
+    next_fit = TrainLoader(
+        store, DataConfig(pack="next_fit", prefetch=0), 0, rank=0, world_size=1, micro_batch_size=1, seed=0
+    ).report
     assert next_fit["data_packing_efficiency"] < 0.8, next_fit
     # Several windows of the default size, several epochs and seeds: the same holds.
     many = np.random.default_rng(2).integers(500, 3001, size=20_000)

@@ -9,8 +9,10 @@ from engine.data.config import DataConfig, default_sample_paths
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"loss_mask": "all"},
-         "data.loss_mask = 'all' is not allowed; choose one of: assistant, final_only, last_turn"),
+        (
+            {"loss_mask": "all"},
+            "data.loss_mask = 'all' is not allowed; choose one of: assistant, final_only, last_turn",
+        ),
         ({"on_error": "ignore"}, "data.on_error = 'ignore' is not allowed; choose one of: raise, skip"),
         ({"overlong": "split"}, "data.overlong = 'split' is not allowed; choose one of: drop, truncate"),
         ({"reasoning_effort": "max"}, "data.reasoning_effort = 'max' is not allowed; choose one of: low, medium, high"),
@@ -22,8 +24,10 @@ from engine.data.config import DataConfig, default_sample_paths
         ({"pack_window": 0}, "data.pack_window = 0 must be an integer >= 1"),
         ({"current_date": "June 1"}, "data.current_date = 'June 1' must look like YYYY-MM-DD"),
         ({"train_path": "/no/such.jsonl"}, "data.train_path = '/no/such.jsonl' does not exist"),
-        ({"global_batch_size": 6, "micro_batch_size": 4},
-         "data.global_batch_size = 6 must be a multiple of data.micro_batch_size = 4"),
+        (
+            {"global_batch_size": 6, "micro_batch_size": 4},
+            "data.global_batch_size = 6 must be a multiple of data.micro_batch_size = 4",
+        ),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -33,7 +37,11 @@ def test_bad_values_are_named(override, message):
 
 def test_pack_choices():
     assert [DataConfig(pack=p).validate().packing for p in ("best_fit", "next_fit", True, False)] == [
-        "best_fit", "next_fit", "best_fit", "none"]
+        "best_fit",
+        "next_fit",
+        "best_fit",
+        "none",
+    ]
     assert DataConfig().packing == "best_fit" and DataConfig().pack_window == 4096
 
 

@@ -13,31 +13,56 @@ from engine.data.prepare import prepare
 from engine.data.records import RecordError
 
 GOOD = {"prompt": "What is 1 + 1?", "completion": "2."}
-CHAT = ('{"messages": [{"role": "user", "content": "Hi"}, '
-        '{"role": "assistant", "content": "Hello.", "thinking": "Greet."}]}')
-TOOLS = ('{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": null, "tool_calls": '
-         '[{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}], '
-         '"tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather now"}}]}')
+CHAT = (
+    '{"messages": [{"role": "user", "content": "Hi"}, '
+    '{"role": "assistant", "content": "Hello.", "thinking": "Greet."}]}'
+)
+TOOLS = (
+    '{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": null, "tool_calls": '
+    '[{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}], '
+    '"tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather now"}}]}'
+)
 
 # (case, the second line of the file, what its error says after `file:2: `)
 LINES = [
     ("nested 5000 deep", "[" * 5000 + "]" * 5000, "JSON nested too deeply to read (Python's limit is about "),
     ("nested inside a message", CHAT.replace('"Hi"', "[" * 3000 + "]" * 3000), "JSON nested too deeply to read"),
-    ("lone surrogate in a prompt", '{"prompt": "a\\ud800b", "completion": "c"}',
-     "'prompt' holds a lone surrogate '\\ud800' at character 1 (half of a UTF-16 pair, not a character)"),
-    ("lone surrogate in content", CHAT.replace('"Hello."', '"Hello \\udfff"'),
-     "messages[1].content holds a lone surrogate '\\udfff' at character 6"),
-    ("lone surrogate in thinking", CHAT.replace('"Greet."', '"\\ud83d"'),
-     "messages[1].thinking holds a lone surrogate"),
-    ("lone surrogate in a tool description", TOOLS.replace("Weather now", "Weather \\ud800"),
-     "tools[0].function.description holds a lone surrogate"),
-    ("lone surrogate in tool arguments", TOOLS.replace('"Paris"', '"Par\\udc00is"'),
-     "messages[1].tool_calls[0].function.arguments holds a lone surrogate"),
+    (
+        "lone surrogate in a prompt",
+        '{"prompt": "a\\ud800b", "completion": "c"}',
+        "'prompt' holds a lone surrogate '\\ud800' at character 1 (half of a UTF-16 pair, not a character)",
+    ),
+    (
+        "lone surrogate in content",
+        CHAT.replace('"Hello."', '"Hello \\udfff"'),
+        "messages[1].content holds a lone surrogate '\\udfff' at character 6",
+    ),
+    (
+        "lone surrogate in thinking",
+        CHAT.replace('"Greet."', '"\\ud83d"'),
+        "messages[1].thinking holds a lone surrogate",
+    ),
+    (
+        "lone surrogate in a tool description",
+        TOOLS.replace("Weather now", "Weather \\ud800"),
+        "tools[0].function.description holds a lone surrogate",
+    ),
+    (
+        "lone surrogate in tool arguments",
+        TOOLS.replace('"Paris"', '"Par\\udc00is"'),
+        "messages[1].tool_calls[0].function.arguments holds a lone surrogate",
+    ),
     ("a surrogate encoded as bytes", b'{"prompt": "a\xed\xa0\x80", "completion": "c"}', "not valid UTF-8"),
-    ("duplicate top-level key", '{"prompt": "a", "completion": "b", "prompt": "c"}',
-     "duplicate key 'prompt' in one JSON object (a parser would keep only its last value); keep one"),
-    ("duplicate key in a message", CHAT.replace('"content": "Hello."', '"content": "Hello.", "content": "Bye."'),
-     "duplicate key 'content' in one JSON object"),
+    (
+        "duplicate top-level key",
+        '{"prompt": "a", "completion": "b", "prompt": "c"}',
+        "duplicate key 'prompt' in one JSON object (a parser would keep only its last value); keep one",
+    ),
+    (
+        "duplicate key in a message",
+        CHAT.replace('"content": "Hello."', '"content": "Hello.", "content": "Bye."'),
+        "duplicate key 'content' in one JSON object",
+    ),
 ]
 
 
@@ -68,14 +93,17 @@ def test_a_bad_line_is_skipped_and_counted_under_skip(tmp_path, tokenizer, line,
 
 def test_duplicate_keys_in_a_json_file_name_the_item(tmp_path, tokenizer):
     path = tmp_path / "data.json"
-    path.write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "a", "completion": "b", "completion": "c"},\n'
-                    ' {"messages": [{"role": "user", "role": "user", "content": "Hi"}, '
-                    '{"role": "assistant", "content": "Hello."}]}]')
+    path.write_text(
+        '[{"prompt": "a", "completion": "b"},\n {"prompt": "a", "completion": "b", "completion": "c"},\n'
+        ' {"messages": [{"role": "user", "role": "user", "content": "Hi"}, '
+        '{"role": "assistant", "content": "Hello."}]}]'
+    )
     store = prepare(path, tmp_path / "store", DataConfig(on_error="skip"), tokenizer, workers=1)
     assert store.manifest["counts"]["skipped_examples"] == [
         f"{path}:item 1: duplicate key 'completion' in one JSON object (a parser would keep only its last value); "
-        "keep one", f"{path}:item 2: duplicate key 'role' in one JSON object (a parser would keep only its last "
-        "value); keep one"]
+        "keep one",
+        f"{path}:item 2: duplicate key 'role' in one JSON object (a parser would keep only its last value); keep one",
+    ]
     with pytest.raises(DataError, match=re.escape(f"{path}:item 1: duplicate key 'completion'")):
         prepare(path, tmp_path / "store2", DataConfig(), tokenizer, workers=1)
 

@@ -61,8 +61,14 @@ def test_batch_contract_on_sample_data(tokenizer, stores):
 @pytest.mark.parametrize("pack", [True, False])
 def test_resume_reproduces_the_following_batches_exactly(tokenizer, write_jsonl, pack, stores):
     # 30 records of 75-95 tokens, 2 rows per batch: packed, an epoch is about 6 batches; unpacked, 15.
-    cfg = DataConfig(train_path=str(write_jsonl(numbered_records(30))), max_seq_len=256, micro_batch_size=2,
-                     global_batch_size=2, pack=pack, prefetch=3)
+    cfg = DataConfig(
+        train_path=str(write_jsonl(numbered_records(30))),
+        max_seq_len=256,
+        micro_batch_size=2,
+        global_batch_size=2,
+        pack=pack,
+        prefetch=3,
+    )
     store = stores()
     for stop_at in (3, 11):
         first = build_train_loader(cfg, tokenizer, store_dir=store, seed=5)
@@ -89,14 +95,24 @@ def test_resume_state_must_match_the_run(tokenizer, stores, write_jsonl):
     loader = build_train_loader(DataConfig(max_seq_len=256), tokenizer, store_dir=store, seed=0)
     state = json.loads(json.dumps(loader.state_dict()))
     assert set(state) == {"epoch", "row", "store", "seed", "shuffle", "pack", "pack_window", "max_seq_len"}
-    for key, value in (("seed", 1), ("shuffle", False), ("store", "0" * 64), ("max_seq_len", 128),
-                       ("pack", "next_fit"), ("pack_window", 64)):
+    for key, value in (
+        ("seed", 1),
+        ("shuffle", False),
+        ("store", "0" * 64),
+        ("max_seq_len", 128),
+        ("pack", "next_fit"),
+        ("pack_window", 64),
+    ):
         other = build_train_loader(DataConfig(max_seq_len=256), tokenizer, store_dir=store, seed=0)
         with pytest.raises(DataError, match=f"checkpoint has data {key} = {value!r}"):
             other.load_state_dict({**state, key: value})
     # Other data behind the same folder: the store's content hash differs.
-    changed = build_train_loader(DataConfig(train_path=str(write_jsonl(numbered_records(9))), max_seq_len=256),
-                                 tokenizer, store_dir=store, seed=0)
+    changed = build_train_loader(
+        DataConfig(train_path=str(write_jsonl(numbered_records(9))), max_seq_len=256),
+        tokenizer,
+        store_dir=store,
+        seed=0,
+    )
     with pytest.raises(DataError, match="checkpoint has data store"):
         changed.load_state_dict(state)
 
@@ -124,8 +140,9 @@ def test_validation_pass_equal_lengths_and_full_coverage(tokenizer, world_size, 
     whole = build_val_loader(cfg, tokenizer, store_dir=store)
     total = sum(b.num_target_tokens for b in whole)
     assert total == whole.store.manifest["token_stats"]["target_tokens"] > 0
-    loaders = [build_val_loader(cfg, tokenizer, store_dir=store, rank=r, world_size=world_size)
-               for r in range(world_size)]
+    loaders = [
+        build_val_loader(cfg, tokenizer, store_dir=store, rank=r, world_size=world_size) for r in range(world_size)
+    ]
     assert len({len(loader) for loader in loaders}) == 1
     assert sum(b.num_target_tokens for loader in loaders for b in loader) == total
     assert all(b.input_ids.shape == (2, 256) for b in loaders[-1])

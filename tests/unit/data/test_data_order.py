@@ -27,10 +27,18 @@ def store(tmp_path_factory, tokenizer):
 
 
 def loaders(store, tokenizer, world_size: int, micro: int, seed: int = 7, pack: object = True, window: int = 4096):
-    cfg = DataConfig(max_seq_len=256, global_batch_size=GLOBAL_BATCH, micro_batch_size=micro, pack=pack,
-                     pack_window=window, prefetch=0)
-    return [build_train_loader(cfg, tokenizer, store_dir=store, rank=r, world_size=world_size, seed=seed)
-            for r in range(world_size)]
+    cfg = DataConfig(
+        max_seq_len=256,
+        global_batch_size=GLOBAL_BATCH,
+        micro_batch_size=micro,
+        pack=pack,
+        pack_window=window,
+        prefetch=0,
+    )
+    return [
+        build_train_loader(cfg, tokenizer, store_dir=store, rank=r, world_size=world_size, seed=seed)
+        for r in range(world_size)
+    ]
 
 
 def global_batches(ranks: list, steps: int, keys=("input_ids",)) -> list[torch.Tensor]:

@@ -26,8 +26,13 @@ def test_packed_row_equals_documents_one_by_one(tokenizer):
     model.init_weights(0)
     model.float()
 
-    packed_loss = model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
-                        doc_ids=batch.doc_ids, loss_normalizer=1.0)
+    packed_loss = model(
+        batch.input_ids,
+        labels=batch.labels,
+        position_ids=batch.position_ids,
+        doc_ids=batch.doc_ids,
+        loss_normalizer=1.0,
+    )
     packed_loss.backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -61,8 +66,9 @@ def test_a_best_fit_epoch_has_the_loss_of_the_same_documents_unpacked(tokenizer,
     lines = DataConfig().resolved_train_path()
     with open(lines, encoding="utf-8") as f:
         path = write_jsonl([line.rstrip("\n") for line in f.readlines()[:24]])
-    store = build_train_loader(DataConfig(train_path=str(path), max_seq_len=256), tokenizer,
-                               store_dir=path.parent / "store", seed=0).store
+    store = build_train_loader(
+        DataConfig(train_path=str(path), max_seq_len=256), tokenizer, store_dir=path.parent / "store", seed=0
+    ).store
     torch.manual_seed(0)
     model = GptOssForCausalLM(GptOssConfig.tiny(), attn_backend="eager")
     model.init_weights(0)
@@ -73,8 +79,13 @@ def test_a_best_fit_epoch_has_the_loss_of_the_same_documents_unpacked(tokenizer,
         rows = [[store.document(int(i)) for i in order.docs(Cursor(0, r))] for r in range(order.rows_in(0))]
         batch = collate(rows, 256, tokenizer.pad_id)
         with torch.no_grad():
-            loss = model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
-                         doc_ids=batch.doc_ids, loss_normalizer=1.0)
+            loss = model(
+                batch.input_ids,
+                labels=batch.labels,
+                position_ids=batch.position_ids,
+                doc_ids=batch.doc_ids,
+                loss_normalizer=1.0,
+            )
         return loss, batch.num_target_tokens, len(rows)
 
     packed, unpacked = epoch("best_fit"), epoch(False)

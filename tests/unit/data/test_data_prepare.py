@@ -19,8 +19,9 @@ from engine.data.prepare import LISTED, ensure_store, main, prepare
 from engine.data.store import FORMAT, MANIFEST, TokenStore
 from engine.data.tokenizer import load_tokenizer
 
-GOOD = {"messages": [{"role": "user", "content": "Hi"},
-                     {"role": "assistant", "content": "Hello.", "thinking": "Greet."}]}
+GOOD = {
+    "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "thinking": "Greet."}]
+}
 NO_ASSISTANT = {"messages": [{"role": "user", "content": "Hi"}]}
 
 
@@ -31,8 +32,14 @@ def records(n: int) -> list[dict]:
         if i % 3 == 2:
             out.append({"prompt": f"What is {i} + 1?", "completion": f"{i + 1}."})
         else:
-            out.append({"messages": [{"role": "user", "content": f"Say {i}."},
-                                     {"role": "assistant", "content": f"{i}.", "thinking": f"It is {i}."}]})
+            out.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Say {i}."},
+                        {"role": "assistant", "content": f"{i}.", "thinking": f"It is {i}."},
+                    ]
+                }
+            )
     return out
 
 
@@ -45,8 +52,12 @@ def sample_with(tmp_path, *bad: str):
 
 def test_bad_last_line_stops_before_anything_is_written(tmp_path, tokenizer):
     path = sample_with(tmp_path, json.dumps(NO_ASSISTANT))
-    with pytest.raises(DataError, match=re.escape(f"1 invalid record(s) of 401 in {path}") + r"(.|\n)*"
-                       + re.escape(f"{path}:401: nothing to train")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"1 invalid record(s) of 401 in {path}")
+        + r"(.|\n)*"
+        + re.escape(f"{path}:401: nothing to train"),
+    ):
         prepare(path, tmp_path / "store", DataConfig(), tokenizer, workers=1)
     assert not (tmp_path / "store").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["chats.jsonl"], "no temporary folder left behind"
@@ -97,8 +108,12 @@ def _write_formats(tmp_path, rows: list[dict]) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    paths = {"jsonl": tmp_path / "d.jsonl", "json": tmp_path / "d.json", "parquet": tmp_path / "d.parquet",
-             "arrow": tmp_path / "d_saved"}
+    paths = {
+        "jsonl": tmp_path / "d.jsonl",
+        "json": tmp_path / "d.json",
+        "parquet": tmp_path / "d.parquet",
+        "arrow": tmp_path / "d_saved",
+    }
     paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     paths["json"].write_text(json.dumps(rows))
     # One column per key of any record (from_pylist / from_list take the first row's keys only).
@@ -110,8 +125,10 @@ def _write_formats(tmp_path, rows: list[dict]) -> dict:
 
 def test_every_input_format_gives_the_same_store(tmp_path, tokenizer):
     paths = _write_formats(tmp_path, records(30))
-    stores = {kind: prepare(path, tmp_path / f"store_{kind}", DataConfig(), tokenizer, workers=1)
-              for kind, path in paths.items()}
+    stores = {
+        kind: prepare(path, tmp_path / f"store_{kind}", DataConfig(), tokenizer, workers=1)
+        for kind, path in paths.items()
+    }
     reference = stores["jsonl"]
     assert len(reference) == 30 and reference.manifest["counts"]["skipped_invalid"] == 0
     for kind, store in stores.items():
@@ -196,8 +213,20 @@ def test_cli_errors_are_one_message_and_exit_2(tmp_path, capsys):
 
 def test_unreachable_hub_id_is_a_clear_error(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    proc = subprocess.run([sys.executable, "-m", "engine.data.prepare", "no-such-owner/no-such-dataset:train",
-                           "--out", str(tmp_path / "s")], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.data.prepare",
+            "no-such-owner/no-such-dataset:train",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no-such-owner/no-such-dataset:train: cannot load the Hub dataset" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -50,12 +50,14 @@ def _resave(name, change):
     def tamper(store):
         array = np.load(store / name)
         np.save(store / name, change(array))
+
     return tamper
 
 
 def _rewrite(name, change):
     def tamper(store):
         (store / name).write_bytes(change((store / name).read_bytes()))
+
     return tamper
 
 
@@ -68,6 +70,7 @@ def _add(i, n):
     def change(a):
         a[i] += n
         return a
+
     return change
 
 
@@ -83,53 +86,148 @@ def _pickled(store):
 
 # (case, tampering, file named, what the message says): the tamperings a review found.
 TAMPERINGS = [
-    ("tokens truncated", _rewrite("tokens.u32", lambda b: b[:-4]), "tokens.u32",
-     r"\d+ bytes, but \[\d+\] uint32 needs \d+ \(truncated\)"),
-    ("tokens extended", _rewrite("tokens.u32", lambda b: b + bytes(8)), "tokens.u32",
-     r"\d+ bytes, but \[\d+\] uint32 needs \d+ \(extended\)"),
-    ("loss mask truncated", _rewrite("loss_mask.u8", lambda b: b[:-1]), "loss_mask.u8",
-     r"\d+ bytes, but \[\d+\] uint8 needs \d+ \(truncated\)"),
-    ("loss mask extended", _rewrite("loss_mask.u8", lambda b: b + b"\x01"), "loss_mask.u8",
-     r"\d+ bytes, but \[\d+\] uint8 needs \d+ \(extended\)"),
-    ("offsets truncated", _rewrite("offsets.npy", lambda b: b[:-8]), "offsets.npy",
-     r"176 bytes, but \[7\] int64 needs 184 \(truncated\)"),
-    ("origins extended", _rewrite("origins.npy", lambda b: b + bytes(16)), "origins.npy",
-     r"240 bytes, but \[6, 2\] int64 needs 224 \(extended\)"),
-    ("offsets of another dtype", _resave("offsets.npy", lambda a: a.astype(np.float64)), "offsets.npy",
-     "dtype float64, the store format has int64"),
-    ("offsets of fewer documents", _resave("offsets.npy", lambda a: a[:-1]), "offsets.npy",
-     r"shape \[6\], the manifest says \[7\]"),
-    ("origins of another shape", _resave("origins.npy", lambda a: np.zeros((6, 3), np.int64)), "origins.npy",
-     r"shape \[6, 3\], the manifest says \[6, 2\]"),
-    ("offsets decreasing", _resave("offsets.npy", _swap), "offsets.npy",
-     r"the offsets do not increase at document 2 \(offsets\[2\] = \d+, offsets\[3\] = \d+\)"),
-    ("offsets past the end", _resave("offsets.npy", _add(-1, 10)), "offsets.npy",
-     r"the last offset \d+ is past the end of tokens.u32 \(\d+ tokens\)"),
+    (
+        "tokens truncated",
+        _rewrite("tokens.u32", lambda b: b[:-4]),
+        "tokens.u32",
+        r"\d+ bytes, but \[\d+\] uint32 needs \d+ \(truncated\)",
+    ),
+    (
+        "tokens extended",
+        _rewrite("tokens.u32", lambda b: b + bytes(8)),
+        "tokens.u32",
+        r"\d+ bytes, but \[\d+\] uint32 needs \d+ \(extended\)",
+    ),
+    (
+        "loss mask truncated",
+        _rewrite("loss_mask.u8", lambda b: b[:-1]),
+        "loss_mask.u8",
+        r"\d+ bytes, but \[\d+\] uint8 needs \d+ \(truncated\)",
+    ),
+    (
+        "loss mask extended",
+        _rewrite("loss_mask.u8", lambda b: b + b"\x01"),
+        "loss_mask.u8",
+        r"\d+ bytes, but \[\d+\] uint8 needs \d+ \(extended\)",
+    ),
+    (
+        "offsets truncated",
+        _rewrite("offsets.npy", lambda b: b[:-8]),
+        "offsets.npy",
+        r"176 bytes, but \[7\] int64 needs 184 \(truncated\)",
+    ),
+    (
+        "origins extended",
+        _rewrite("origins.npy", lambda b: b + bytes(16)),
+        "origins.npy",
+        r"240 bytes, but \[6, 2\] int64 needs 224 \(extended\)",
+    ),
+    (
+        "offsets of another dtype",
+        _resave("offsets.npy", lambda a: a.astype(np.float64)),
+        "offsets.npy",
+        "dtype float64, the store format has int64",
+    ),
+    (
+        "offsets of fewer documents",
+        _resave("offsets.npy", lambda a: a[:-1]),
+        "offsets.npy",
+        r"shape \[6\], the manifest says \[7\]",
+    ),
+    (
+        "origins of another shape",
+        _resave("origins.npy", lambda a: np.zeros((6, 3), np.int64)),
+        "origins.npy",
+        r"shape \[6, 3\], the manifest says \[6, 2\]",
+    ),
+    (
+        "offsets decreasing",
+        _resave("offsets.npy", _swap),
+        "offsets.npy",
+        r"the offsets do not increase at document 2 \(offsets\[2\] = \d+, offsets\[3\] = \d+\)",
+    ),
+    (
+        "offsets past the end",
+        _resave("offsets.npy", _add(-1, 10)),
+        "offsets.npy",
+        r"the last offset \d+ is past the end of tokens.u32 \(\d+ tokens\)",
+    ),
     ("offsets not from 0", _resave("offsets.npy", _add(0, 1)), "offsets.npy", "the first offset is 1, not 0"),
-    ("a pickled object array", _pickled, "offsets.npy",
-     r"holds an array of Python objects \(a pickle\), which is never loaded"),
+    (
+        "a pickled object array",
+        _pickled,
+        "offsets.npy",
+        r"holds an array of Python objects \(a pickle\), which is never loaded",
+    ),
     ("a file missing", lambda s: (s / "loss_mask.u8").unlink(), "loss_mask.u8", "missing"),
-    ("token ids edited, same size", _rewrite("tokens.u32", _edit_token), "tokens.u32",
-     r"sha256 \w+\.\.\. differs from the manifest's \w+\.\.\.: its bytes changed after it was prepared"),
-    ("manifest not JSON", _rewrite("manifest.json", lambda b: b[:-9]), "manifest.json",
-     r"not valid JSON \(.* at line \d+ column \d+\)"),
-    ("manifest not an object", _rewrite("manifest.json", lambda b: b"[" + b + b"]"), "manifest.json",
-     "holds a list, not an object"),
-    ("manifest of another format", lambda s: _manifest(s, format=1), "manifest.json",
-     "store format 1, this engine reads format 2"),
-    ("manifest dtype", lambda s: _manifest(s, **{"files/tokens.u32/dtype": "uint16"}), "manifest.json",
-     r"field 'files.tokens.u32.dtype' = 'uint16', the store format has 'uint32'"),
-    ("manifest shape", lambda s: _manifest(s, **{"files/loss_mask.u8/shape": [3]}), "manifest.json",
-     r"field 'files.loss_mask.u8.shape' = \[3\] disagrees with 'documents' = 6 and 'tokens' = \d+ "
-     r"\(expected \[\d+\]\)"),
-    ("manifest count of another type", lambda s: _manifest(s, documents="six"), "manifest.json",
-     "field 'documents' = 'six' is a string, not an integer"),
-    ("manifest counts disagree", lambda s: _manifest(s, **{"counts/documents": 5}), "manifest.json",
-     r"'counts.documents' = 5 and 'token_stats.tokens' = (\d+) disagree with 'documents' = 6 and 'tokens' = \1"),
+    (
+        "token ids edited, same size",
+        _rewrite("tokens.u32", _edit_token),
+        "tokens.u32",
+        r"sha256 \w+\.\.\. differs from the manifest's \w+\.\.\.: its bytes changed after it was prepared",
+    ),
+    (
+        "manifest not JSON",
+        _rewrite("manifest.json", lambda b: b[:-9]),
+        "manifest.json",
+        r"not valid JSON \(.* at line \d+ column \d+\)",
+    ),
+    (
+        "manifest not an object",
+        _rewrite("manifest.json", lambda b: b"[" + b + b"]"),
+        "manifest.json",
+        "holds a list, not an object",
+    ),
+    (
+        "manifest of another format",
+        lambda s: _manifest(s, format=1),
+        "manifest.json",
+        "store format 1, this engine reads format 2",
+    ),
+    (
+        "manifest dtype",
+        lambda s: _manifest(s, **{"files/tokens.u32/dtype": "uint16"}),
+        "manifest.json",
+        r"field 'files.tokens.u32.dtype' = 'uint16', the store format has 'uint32'",
+    ),
+    (
+        "manifest shape",
+        lambda s: _manifest(s, **{"files/loss_mask.u8/shape": [3]}),
+        "manifest.json",
+        r"field 'files.loss_mask.u8.shape' = \[3\] disagrees with 'documents' = 6 and 'tokens' = \d+ "
+        r"\(expected \[\d+\]\)",
+    ),
+    (
+        "manifest count of another type",
+        lambda s: _manifest(s, documents="six"),
+        "manifest.json",
+        "field 'documents' = 'six' is a string, not an integer",
+    ),
+    (
+        "manifest counts disagree",
+        lambda s: _manifest(s, **{"counts/documents": 5}),
+        "manifest.json",
+        r"'counts.documents' = 5 and 'token_stats.tokens' = (\d+) disagree with 'documents' = 6 and 'tokens' = \1",
+    ),
 ]
-FIELDS = ["format", "content_sha256", "documents", "tokens", "files", "sources", "tokenizer_sha256", "code_sha256",
-          "render", "counts", "token_stats", "render/max_seq_len", "counts/documents", "counts/skipped_examples",
-          "token_stats/tokens", "files/origins.npy"]
+FIELDS = [
+    "format",
+    "content_sha256",
+    "documents",
+    "tokens",
+    "files",
+    "sources",
+    "tokenizer_sha256",
+    "code_sha256",
+    "render",
+    "counts",
+    "token_stats",
+    "render/max_seq_len",
+    "counts/documents",
+    "counts/skipped_examples",
+    "token_stats/tokens",
+    "files/origins.npy",
+]
 
 
 def _case(tmp_path, prepared, tamper):
@@ -151,8 +249,12 @@ def _refused(store, tokenizer) -> str:
 def test_each_tampering_is_one_line_naming_the_file_and_the_field(tmp_path, prepared, tokenizer, tamper, file, says):
     store = _case(tmp_path, prepared, tamper)
     message = _refused(store, tokenizer)
-    assert re.fullmatch(re.escape(f"{store / file}: ") + says + re.escape("; prepare the store again: python -m "
-                        f"engine.data.prepare INPUT... --out {store}"), message), message
+    assert re.fullmatch(
+        re.escape(f"{store / file}: ")
+        + says
+        + re.escape(f"; prepare the store again: python -m engine.data.prepare INPUT... --out {store}"),
+        message,
+    ), message
 
 
 @pytest.mark.parametrize("field", FIELDS)
@@ -171,9 +273,11 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_the_model_sees_them(
     keep = ("sources", "tokenizer_sha256", "render", "code_sha256", "counts", "token_stats")
     writer.finish({k: base.manifest[k] for k in keep})
     message = _refused(tmp_path / "store", tokenizer)
-    assert message.startswith(f"{tmp_path / 'store' / 'tokens.u32'}: token id {tokenizer.vocab_size + 7} "
-                              f"(position 5, document 0) is not below the tokenizer's vocabulary of "
-                              f"{tokenizer.vocab_size} ids; prepare the store again")
+    assert message.startswith(
+        f"{tmp_path / 'store' / 'tokens.u32'}: token id {tokenizer.vocab_size + 7} "
+        f"(position 5, document 0) is not below the tokenizer's vocabulary of "
+        f"{tokenizer.vocab_size} ids; prepare the store again"
+    )
 
 
 def test_a_damaged_store_the_trainer_prepared_is_made_again_in_one_line(tmp_path, prepared, tokenizer, caplog):
@@ -230,8 +334,9 @@ def test_the_verification_is_done_once_and_redone_only_for_files_that_moved(tmp_
         TokenStore(store)
 
 
-def test_a_store_whose_folder_cannot_be_written_is_verified_without_recording_it(tmp_path, prepared, monkeypatch,
-                                                                               caplog):
+def test_a_store_whose_folder_cannot_be_written_is_verified_without_recording_it(
+    tmp_path, prepared, monkeypatch, caplog
+):
     store = _case(tmp_path, prepared, lambda s: None)
     (store / "verified.json").unlink()
 
@@ -242,5 +347,10 @@ def test_a_store_whose_folder_cannot_be_written_is_verified_without_recording_it
     with caplog.at_level(logging.WARNING):
         assert len(TokenStore(store)) == len(RECORDS)
     assert f"cannot record the verification of {store} (Read-only file system)" in caplog.text
-    assert sorted(p.name for p in store.iterdir()) == ["loss_mask.u8", "manifest.json", "offsets.npy",
-                                                       "origins.npy", "tokens.u32"]
+    assert sorted(p.name for p in store.iterdir()) == [
+        "loss_mask.u8",
+        "manifest.json",
+        "offsets.npy",
+        "origins.npy",
+        "tokens.u32",
+    ]

@@ -59,6 +59,7 @@ def _write(path: Path, first_id: int, manifest: dict):
         lengths = np.array([3, 4])
         writer.add(np.arange(first_id, first_id + 7), np.ones(7, bool), lengths, np.array([[0, 1], [0, 2]]))
         return writer.finish(manifest)
+
     return job
 
 
@@ -84,7 +85,8 @@ def test_writers_finishing_together_with_other_content_fail_in_one_line(tmp_path
     (won,) = [s for s in stores if s is not None]
     assert isinstance(lost, DataError) and str(lost) == (
         f"{out}: another process prepared other data into this folder while this preparation ran; give each run "
-        "its own data.prepared_dir (--out), or the same data and options")
+        "its own data.prepared_dir (--out), or the same data and options"
+    )
     assert TokenStore(out).fingerprint == won.fingerprint and len(TokenStore(out)) == 2
     assert _leftovers(tmp_path, "store") == []
 

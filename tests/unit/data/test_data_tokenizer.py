@@ -51,13 +51,28 @@ def test_sample_data_round_trips_and_segments_match_whole_text(tokenizer):
     [
         # Trained messages train what the model writes: the header after `<|start|>assistant`, and
         # `<|start|>assistant` itself where it follows the model's own `<|end|>`.
-        ("assistant", ["<|channel|>final<|message|>3 + 4 = 7.<|end|>",
-                       "<|channel|>analysis<|message|>Double 7.<|end|>",
-                       "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>"]),
-        ("final_only", ["<|channel|>final<|message|>3 + 4 = 7.<|end|>",
-                        "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>"]),
-        ("last_turn", ["<|channel|>analysis<|message|>Double 7.<|end|>",
-                       "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>"]),
+        (
+            "assistant",
+            [
+                "<|channel|>final<|message|>3 + 4 = 7.<|end|>",
+                "<|channel|>analysis<|message|>Double 7.<|end|>",
+                "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>",
+            ],
+        ),
+        (
+            "final_only",
+            [
+                "<|channel|>final<|message|>3 + 4 = 7.<|end|>",
+                "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>",
+            ],
+        ),
+        (
+            "last_turn",
+            [
+                "<|channel|>analysis<|message|>Double 7.<|end|>",
+                "<|start|>assistant<|channel|>final<|message|>7 * 2 = 14.<|return|>",
+            ],
+        ),
     ],
 )
 def test_mask_covers_exactly_the_intended_token_ids(tokenizer, loss_mask, trained_pieces):

@@ -12,12 +12,24 @@ from tools.agentic_sample import agentic_sample_paths
 
 
 def test_preview_marks_trained_spans_and_counts_tokens(write_jsonl, tokenizer):
-    record = {"messages": [{"role": "user", "content": "Hi"},
-                           {"role": "assistant", "content": "Hello.", "thinking": "Greet back."}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello.", "thinking": "Greet back."},
+        ]
+    }
     path = write_jsonl([record, {"messages": []}])
     out = io.StringIO()
-    total, trained = preview(str(path), n=5, tokenizer_path=None, loss_mask="final_only",
-                             reasoning_effort="low", current_date=None, color=False, out=out)
+    total, trained = preview(
+        str(path),
+        n=5,
+        tokenizer_path=None,
+        loss_mask="final_only",
+        reasoning_effort="low",
+        current_date=None,
+        color=False,
+        out=out,
+    )
     text = out.getvalue()
     assert "<|channel|>analysis<|message|>Greet back.<|end|>" in text
     # The model goes on by itself after its analysis: `<|start|>assistant` of the answer trains too.
@@ -29,13 +41,23 @@ def test_preview_marks_trained_spans_and_counts_tokens(write_jsonl, tokenizer):
 
 def test_preview_reports_the_column_pythons_json_parser_reports(tmp_path):
     # The README's pretty-printed example pasted line by line into a .jsonl file, and a trailing comma.
-    lines = ['{"messages": [{"role": "developer", "content": "Answer like a robot."},',
-             '{"prompt": "Name a prime number.", "completion": "7",}']
+    lines = [
+        '{"messages": [{"role": "developer", "content": "Answer like a robot."},',
+        '{"prompt": "Name a prime number.", "completion": "7",}',
+    ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     out = io.StringIO()
-    preview(str(path), n=5, tokenizer_path=None, loss_mask="assistant", reasoning_effort="low", current_date=None,
-            color=False, out=out)
+    preview(
+        str(path),
+        n=5,
+        tokenizer_path=None,
+        loss_mask="assistant",
+        reasoning_effort="low",
+        current_date=None,
+        color=False,
+        out=out,
+    )
     for number, line in enumerate(lines, start=1):
         try:
             json.loads(line)
@@ -91,14 +113,22 @@ def test_agentic_sample_covers_tool_traffic():
 
 def test_preview_shows_tool_calls_results_and_what_trains(tokenizer):
     out = io.StringIO()
-    preview(str(agentic_sample_paths()[0]), n=20, tokenizer_path=None, loss_mask="assistant",
-            reasoning_effort="medium", current_date=None, color=False, out=out)
+    preview(
+        str(agentic_sample_paths()[0]),
+        n=20,
+        tokenizer_path=None,
+        loss_mask="assistant",
+        reasoning_effort="medium",
+        current_date=None,
+        color=False,
+        out=out,
+    )
     text = out.getvalue()
     assert "namespace functions {" in text
     # The call's recipient and arguments train, its headers do not; the tool's result never trains.
     assert "<|start|>assistant[[ to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{" in text
     assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp_c"' in text
-    assert "[[{\"temp_c\"" not in text
+    assert '[[{"temp_c"' not in text
 
 
 def test_agentic_sample_fits_the_tiny_recipe_with_the_shipped_tokenizer(tokenizer):

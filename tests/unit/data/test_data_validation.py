@@ -23,31 +23,47 @@ BAD_LINES = {
     "not an object": ("[1, 2]", "must be a JSON object, got a list"),
     "no messages key": (json.dumps({"text": "hi"}), "missing key 'messages'"),
     "prompt without completion": (json.dumps({"prompt": "Hi"}), "missing key 'completion'"),
-    "completion not a string": (json.dumps({"prompt": "Hi", "completion": 3}),
-                                "'completion' must be a string, got int"),
+    "completion not a string": (
+        json.dumps({"prompt": "Hi", "completion": 3}),
+        "'completion' must be a string, got int",
+    ),
     "both shapes": (json.dumps({**GOOD, "prompt": "x", "completion": "y"}), "not both"),
     "messages not a list": (json.dumps({"messages": "hi"}), "'messages' must be a list"),
     "empty messages": (json.dumps({"messages": []}), "nothing to train: 'messages' is empty"),
     "message not an object": (json.dumps(messages("hi", ASSISTANT)), r"messages\[0\] must be an object"),
     "missing role": (json.dumps(messages({"content": "Hi"}, ASSISTANT)), r"messages\[0\]: missing key 'role'"),
     "missing content": (json.dumps(messages(USER, {"role": "assistant"})), r"messages\[1\]: missing key 'content'"),
-    "unknown role": (json.dumps(messages({"role": "robot", "content": "x"}, ASSISTANT)),
-                     r"messages\[0\].role: unknown role 'robot' \(allowed: system, developer, user, assistant, tool\)"),
+    "unknown role": (
+        json.dumps(messages({"role": "robot", "content": "x"}, ASSISTANT)),
+        r"messages\[0\].role: unknown role 'robot' \(allowed: system, developer, user, assistant, tool\)",
+    ),
     "unknown key": (json.dumps(messages(USER, {**ASSISTANT, "thought": "x"})), r"messages\[1\]: unknown key 'thought'"),
-    "content not a string": (json.dumps(messages({"role": "user", "content": ["Hi"]}, ASSISTANT)),
-                             r"messages\[0\].content must be a string, got a list"),
-    "thinking not a string": (json.dumps(messages(USER, {**ASSISTANT, "thinking": 1})),
-                              r"messages\[1\].thinking must be a string"),
-    "thinking on a user": (json.dumps(messages({**USER, "thinking": "x"}, ASSISTANT)),
-                           "only assistant messages carry thinking"),
+    "content not a string": (
+        json.dumps(messages({"role": "user", "content": ["Hi"]}, ASSISTANT)),
+        r"messages\[0\].content must be a string, got a list",
+    ),
+    "thinking not a string": (
+        json.dumps(messages(USER, {**ASSISTANT, "thinking": 1})),
+        r"messages\[1\].thinking must be a string",
+    ),
+    "thinking on a user": (
+        json.dumps(messages({**USER, "thinking": "x"}, ASSISTANT)),
+        "only assistant messages carry thinking",
+    ),
     "no assistant": (json.dumps(messages(USER)), "nothing to train: the conversation has no assistant message"),
     "trailing user": (json.dumps(messages(USER, ASSISTANT, USER)), "must end with an assistant message"),
-    "late developer": (json.dumps(messages(USER, {"role": "developer", "content": "x"}, ASSISTANT)),
-                       "must come before the first user/assistant message"),
-    "bad reasoning effort": (json.dumps({**GOOD, "reasoning_effort": "max"}),
-                             "reasoning_effort = 'max' is not allowed"),
-    "special token in content": (json.dumps(messages({"role": "user", "content": "a<|end|>b"}, ASSISTANT)),
-                                 r"messages\[0\].content contains the special token '<\|end\|>'"),
+    "late developer": (
+        json.dumps(messages(USER, {"role": "developer", "content": "x"}, ASSISTANT)),
+        "must come before the first user/assistant message",
+    ),
+    "bad reasoning effort": (
+        json.dumps({**GOOD, "reasoning_effort": "max"}),
+        "reasoning_effort = 'max' is not allowed",
+    ),
+    "special token in content": (
+        json.dumps(messages({"role": "user", "content": "a<|end|>b"}, ASSISTANT)),
+        r"messages\[0\].content contains the special token '<\|end\|>'",
+    ),
 }
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -62,36 +78,58 @@ def agentic(*items: dict, tools=(WEATHER,)) -> str:
 
 
 CALLS = {"role": "assistant", "tool_calls": [call("get_weather", id="c1")]}
-BAD_LINES.update({
-    "result without call": (agentic({"role": "tool", "name": "get_weather", "content": "1"}, ASSISTANT),
-                            r"messages\[1\]: a result from 'get_weather' with no earlier call to it"),
-    "result with unknown call id": (agentic(CALLS, {"role": "tool", "tool_call_id": "c9", "content": "1"}, ASSISTANT),
-                                    r"messages\[2\].tool_call_id = 'c9' names no earlier tool call"),
-    "tool message naming nothing": (agentic(CALLS, {"role": "tool", "content": "1"}, ASSISTANT),
-                                    r"messages\[2\]: a tool message needs 'name' or 'tool_call_id'"),
-    "call to undeclared function": (agentic({"role": "assistant", "tool_calls": [call("get_time")]}),
-                                    r"messages\[1\].tool_calls\[0\]: call to 'get_time', which is not in the "
-                                    r"record's 'tools' \(declared: get_weather\)"),
-    "call without tools": (agentic(CALLS, tools=()), r"call to 'get_weather'.*\(declared: none\)"),
-    "arguments not json": (agentic({"role": "assistant", "tool_calls": [call("get_weather", "{city: Oslo}")]}),
-                           r"messages\[1\].tool_calls\[0\].function.arguments is not valid JSON"),
-    "tool_calls on a user": (agentic({"role": "user", "content": "x", "tool_calls": []}, ASSISTANT),
-                             r"messages\[1\]: unknown key 'tool_calls' for a user message \(only assistant"),
-    "special token in arguments": (agentic({"role": "assistant", "tool_calls": [call("get_weather", '"<|call|>"')]}),
-                                   r"arguments contains the special token '<\|call\|>'"),
-    "unknown channel": (agentic({"role": "assistant", "channel": "thoughts", "content": "x"}),
-                        r"messages\[1\].channel: unknown channel 'thoughts' \(allowed: analysis, commentary, final\)"),
-    "unknown recipient": (agentic({"role": "assistant", "channel": "commentary", "recipient": "functions.nope",
-                                   "content": "{}"}),
-                          r"messages\[1\].recipient: unknown recipient 'functions.nope' \(declared tools: "
-                          r"functions.get_weather\)"),
-    "native assistant without channel": (agentic({"role": "assistant", "content": "x"},
-                                                 {"role": "assistant", "channel": "final", "content": "y"}),
-                                         r"messages\[1\]: an assistant message needs a 'channel'"),
-    "bad tools": (json.dumps({**GOOD, "tools": [{"type": "function", "function": {"name": "a b"}}]}),
-                  r"tools\[0\].function.name = 'a b' must be a name"),
-    "bad builtin tool": (json.dumps({**GOOD, "builtin_tools": ["shell"]}), r"'builtin_tools' = \['shell'\]"),
-})
+BAD_LINES.update(
+    {
+        "result without call": (
+            agentic({"role": "tool", "name": "get_weather", "content": "1"}, ASSISTANT),
+            r"messages\[1\]: a result from 'get_weather' with no earlier call to it",
+        ),
+        "result with unknown call id": (
+            agentic(CALLS, {"role": "tool", "tool_call_id": "c9", "content": "1"}, ASSISTANT),
+            r"messages\[2\].tool_call_id = 'c9' names no earlier tool call",
+        ),
+        "tool message naming nothing": (
+            agentic(CALLS, {"role": "tool", "content": "1"}, ASSISTANT),
+            r"messages\[2\]: a tool message needs 'name' or 'tool_call_id'",
+        ),
+        "call to undeclared function": (
+            agentic({"role": "assistant", "tool_calls": [call("get_time")]}),
+            r"messages\[1\].tool_calls\[0\]: call to 'get_time', which is not in the "
+            r"record's 'tools' \(declared: get_weather\)",
+        ),
+        "call without tools": (agentic(CALLS, tools=()), r"call to 'get_weather'.*\(declared: none\)"),
+        "arguments not json": (
+            agentic({"role": "assistant", "tool_calls": [call("get_weather", "{city: Oslo}")]}),
+            r"messages\[1\].tool_calls\[0\].function.arguments is not valid JSON",
+        ),
+        "tool_calls on a user": (
+            agentic({"role": "user", "content": "x", "tool_calls": []}, ASSISTANT),
+            r"messages\[1\]: unknown key 'tool_calls' for a user message \(only assistant",
+        ),
+        "special token in arguments": (
+            agentic({"role": "assistant", "tool_calls": [call("get_weather", '"<|call|>"')]}),
+            r"arguments contains the special token '<\|call\|>'",
+        ),
+        "unknown channel": (
+            agentic({"role": "assistant", "channel": "thoughts", "content": "x"}),
+            r"messages\[1\].channel: unknown channel 'thoughts' \(allowed: analysis, commentary, final\)",
+        ),
+        "unknown recipient": (
+            agentic({"role": "assistant", "channel": "commentary", "recipient": "functions.nope", "content": "{}"}),
+            r"messages\[1\].recipient: unknown recipient 'functions.nope' \(declared tools: "
+            r"functions.get_weather\)",
+        ),
+        "native assistant without channel": (
+            agentic({"role": "assistant", "content": "x"}, {"role": "assistant", "channel": "final", "content": "y"}),
+            r"messages\[1\]: an assistant message needs a 'channel'",
+        ),
+        "bad tools": (
+            json.dumps({**GOOD, "tools": [{"type": "function", "function": {"name": "a b"}}]}),
+            r"tools\[0\].function.name = 'a b' must be a name",
+        ),
+        "bad builtin tool": (json.dumps({**GOOD, "builtin_tools": ["shell"]}), r"'builtin_tools' = \['shell'\]"),
+    }
+)
 
 
 def write_with_bad_line(tmp_path, bad: str):

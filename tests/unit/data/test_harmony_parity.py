@@ -55,8 +55,19 @@ def test_defaults_and_current_date_equal_openai_harmony(effort, encoding, o200k)
 
 
 def test_special_token_ids_are_harmonys(encoding, o200k):
-    for text in ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>", "<|constrain|>",
-                 "<|startoftext|>", "<|endoftext|>", "<|reserved_200013|>", "<|reserved_201087|>"):
+    for text in (
+        "<|start|>",
+        "<|end|>",
+        "<|message|>",
+        "<|channel|>",
+        "<|return|>",
+        "<|call|>",
+        "<|constrain|>",
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|reserved_200013|>",
+        "<|reserved_201087|>",
+    ):
         assert o200k.encode(text) == encoding.encode(text, allowed_special="all"), text
     assert o200k.special_ids["<|start|>"] == 200006 and o200k.pad_id == 199999
     assert o200k.vocab_size == 201088
@@ -67,7 +78,7 @@ TRICKY = [
     "I'LL we'Re they've DON'T it's 1234567 3.14159 -42 1,000,000 ٣٤٥",
     "Zürich naïve über façade — “quotes” ‘single’ … 東京都 日本語のテキスト 한국어 ✓ 😊👍🏽 👨‍👩‍👧",
     "camelCaseWord HTTPServer snake_case_name kebab-case path/to/file.py?x=1&y=2#frag",
-    "{\"a\": [1, 2, {\"b\": null}], \"c\": \"\\u00e9\"}\n```python\nprint('x')\n```",
+    '{"a": [1, 2, {"b": null}], "c": "\\u00e9"}\n```python\nprint(\'x\')\n```',
     "   \n\n\n   leading whitespace and    \u00a0nbsp\u2009thin\u3000ideographic",
     "<| not special |> <|endoftext without close, >|< ",
 ]

@@ -54,14 +54,25 @@ def test_spec_example_renders_byte_for_byte():
 
 
 def test_user_system_message_becomes_developer_instructions():
-    record = {**SPEC_RECORD, "messages": [{"role": "system", "content": "Answer the user's questions like a robot."},
-                                          *SPEC_RECORD["messages"][1:]]}
+    record = {
+        **SPEC_RECORD,
+        "messages": [
+            {"role": "system", "content": "Answer the user's questions like a robot."},
+            *SPEC_RECORD["messages"][1:],
+        ],
+    }
     assert render(record) == SPEC_EXAMPLE
 
 
 def test_system_and_developer_instructions_are_joined_in_order():
-    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Use French."},
-                           {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Salut."}]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": "Use French."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Salut."},
+        ]
+    }
     expected = (
         system("medium")
         + "<|start|>developer<|message|># Instructions\n\nBe brief.\n\nUse French.<|end|>"
@@ -112,8 +123,7 @@ def test_current_date_line_only_when_given():
 
 def test_prompt_completion_is_a_user_turn_and_a_final_answer():
     expected = system("low") + (
-        "<|start|>user<|message|>Capital of Peru?<|end|>"
-        "<|start|>assistant<|channel|>final<|message|>Lima.<|return|>"
+        "<|start|>user<|message|>Capital of Peru?<|end|><|start|>assistant<|channel|>final<|message|>Lima.<|return|>"
     )
     assert render({"prompt": "Capital of Peru?", "completion": "Lima.", "reasoning_effort": "low"}) == expected
 
@@ -133,7 +143,9 @@ def test_mask_assistant_trains_every_assistant_message():
     # Each trained message trains what the model writes after the caller's `<|start|>assistant`;
     # after its own `<|end|>` the model writes `<|start|>assistant` too.
     assert trained_text(MASK_RECORD, "assistant") == [
-        FIRST_ANSWER, "<|channel|>analysis<|message|>Double 7.<|end|>" + LAST_ANSWER]
+        FIRST_ANSWER,
+        "<|channel|>analysis<|message|>Double 7.<|end|>" + LAST_ANSWER,
+    ]
 
 
 def test_mask_final_only_skips_analysis():

@@ -102,8 +102,7 @@ def test_lora_state_dict_round_trip_and_errors():
 def test_report_counts_for_a_partial_target_list():
     _, model = tiny_pair()
     report = apply_lora(model, LoraConfig(rank=2, target_modules=["q_proj", "layers.1.mlp.experts.down_proj"]))
-    assert report["adapted"] == {"q_proj": 2, "k_proj": 0, "v_proj": 0, "o_proj": 0, "gate_up_proj": 0,
-                                 "down_proj": 1}
+    assert report["adapted"] == {"q_proj": 2, "k_proj": 0, "v_proj": 0, "o_proj": 0, "gate_up_proj": 0, "down_proj": 1}
     assert report["expert_matrices"] == {"gate_up_proj": 0, "down_proj": 4}
     # q: [2, 32] + [32, 2] per layer; layer 1 down: A [4, 24, 2] + B [4, 2, 32]
     assert report["trainable_params"] == 2 * (2 * 32 + 32 * 2) + 4 * (24 * 2 + 2 * 32)
@@ -113,11 +112,14 @@ def test_report_counts_for_a_partial_target_list():
     assert "expert gate_up" in text and "expert down" in text
 
 
-@pytest.mark.parametrize("targets,match", [
-    (["q_proj", "router"], "'router' matches no weight"),
-    (["layers.7.self_attn.q_proj"], "matches no weight"),
-    (["experts"], "matches no weight"),
-])
+@pytest.mark.parametrize(
+    "targets,match",
+    [
+        (["q_proj", "router"], "'router' matches no weight"),
+        (["layers.7.self_attn.q_proj"], "matches no weight"),
+        (["experts"], "matches no weight"),
+    ],
+)
 def test_target_that_matches_nothing_raises(targets, match):
     _, model = tiny_pair()
     with pytest.raises(ConfigError, match=match):
@@ -125,11 +127,18 @@ def test_target_that_matches_nothing_raises(targets, match):
     assert all(p.requires_grad for p in model.parameters())  # nothing was changed
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("rank", 0, "peft.rank=0"), ("alpha", -1.0, "peft.alpha"), ("dropout", 1.0, "peft.dropout"),
-    ("init", "orthogonal", "peft.init='orthogonal'.*kaiming"), ("target_modules", [], "peft.target_modules"),
-    ("target_modules", "q_proj", "peft.target_modules"), ("use_rslora", "yes", "peft.use_rslora"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("rank", 0, "peft.rank=0"),
+        ("alpha", -1.0, "peft.alpha"),
+        ("dropout", 1.0, "peft.dropout"),
+        ("init", "orthogonal", "peft.init='orthogonal'.*kaiming"),
+        ("target_modules", [], "peft.target_modules"),
+        ("target_modules", "q_proj", "peft.target_modules"),
+        ("use_rslora", "yes", "peft.use_rslora"),
+    ],
+)
 def test_config_errors_name_key_and_value(field, value, match):
     with pytest.raises(ConfigError, match=match):
         LoraConfig(**{field: value}).validate()
@@ -168,7 +177,7 @@ def test_expert_parallel_slice_names_and_init(shared):
         for name, t in lora_state_dict(part).items():
             expert_param = ".experts." in name
             assert expert_param == (".mlp." in name and not shared), name
-            ref = full_sd[name][ep_rank * e:(ep_rank + 1) * e] if expert_param else full_sd[name]
+            ref = full_sd[name][ep_rank * e : (ep_rank + 1) * e] if expert_param else full_sd[name]
             assert torch.equal(t, ref), name
 
 

@@ -19,9 +19,10 @@ def _reference(x, counts, p, f, scaling, gather_idx=None, alpha=1.702, limit=7.0
     rows = x[gather_idx] if gather_idx is not None else x
     out, start = [], 0
     for e, n in enumerate(counts):
-        xe = rows[start:start + n]
-        a_gu, b_gu = (f["gate_up_A"], f["gate_up_B"]) if f["gate_up_A"].dim() == 2 else \
-            (f["gate_up_A"][e], f["gate_up_B"][e])
+        xe = rows[start : start + n]
+        a_gu, b_gu = (
+            (f["gate_up_A"], f["gate_up_B"]) if f["gate_up_A"].dim() == 2 else (f["gate_up_A"][e], f["gate_up_B"][e])
+        )
         a_d, b_d = (f["down_A"], f["down_B"]) if f["down_A"].dim() == 2 else (f["down_A"][e], f["down_B"][e])
         h = xe @ p["gate_up_proj"][e] + p["gate_up_proj_bias"][e] + scaling * (xe @ a_gu) @ b_gu
         gate, up = h[:, 0::2].clamp(max=limit), h[:, 1::2].clamp(-limit, limit)
@@ -39,8 +40,16 @@ def _experts(backend, shared, dtype, dropout=0.0):
         for p in holder.experts.parameters():
             p.normal_(0, 0.5)
     holder.to(dtype)
-    apply_lora(holder, LoraConfig(rank=R, alpha=ALPHA, dropout=dropout, share_expert_adapters=shared,
-                                  target_modules=["gate_up_proj", "down_proj"]))
+    apply_lora(
+        holder,
+        LoraConfig(
+            rank=R,
+            alpha=ALPHA,
+            dropout=dropout,
+            share_expert_adapters=shared,
+            target_modules=["gate_up_proj", "down_proj"],
+        ),
+    )
     randomize_adapters(holder)
     return holder.eval()
 
@@ -48,7 +57,7 @@ def _experts(backend, shared, dtype, dropout=0.0):
 def _check(backend, shared, gather, dtype, tol, dropout=0.0):
     holder = _experts(backend, shared, dtype, dropout)
     experts = holder.experts
-    (_, lora, _), = adapter_modules(holder)
+    ((_, lora, _),) = adapter_modules(holder)
     counts = torch.tensor(COUNTS)
     gen = torch.Generator().manual_seed(1)
     m = sum(COUNTS)

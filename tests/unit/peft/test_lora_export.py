@@ -32,11 +32,15 @@ def _peft_logits(hf, adapter_dir, ids):
         return loaded(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("cfg", [
-    LoraConfig(rank=4, alpha=8),
-    LoraConfig(rank=4, alpha=6, use_rslora=True, share_expert_adapters=True),
-    LoraConfig(rank=4, alpha=8, target_modules=["v_proj", "layers.1.mlp.experts.down_proj"]),
-], ids=["per_expert", "shared_rslora", "partial"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LoraConfig(rank=4, alpha=8),
+        LoraConfig(rank=4, alpha=6, use_rslora=True, share_expert_adapters=True),
+        LoraConfig(rank=4, alpha=8, target_modules=["v_proj", "layers.1.mlp.experts.down_proj"]),
+    ],
+    ids=["per_expert", "shared_rslora", "partial"],
+)
 def test_peft_export_loads_in_peft_with_our_logits(cfg, tmp_path):
     hf, ours = _adapted(cfg)
     ids = token_ids()

@@ -26,6 +26,7 @@ def _files(root):
 def _break_writes(monkeypatch, error):
     def write_item(*args, **kwargs):
         raise error  # the data file is open (created, empty) when the writer fails
+
     monkeypatch.setattr(dcp_filesystem, "_write_item", write_item)
 
 

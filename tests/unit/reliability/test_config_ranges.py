@@ -48,9 +48,19 @@ def test_bad_value_is_refused_naming_key_and_value(override, named):
     assert isinstance(info.value, EngineError) and isinstance(info.value, ValueError)
 
 
-@pytest.mark.parametrize("override", ["optim.grad_clip=inf", "optim.warmup_steps=60", "optim.warmup_steps=0",
-                                      "optim.min_lr_ratio=0", "optim.min_lr_ratio=1", "optim.betas=[0,0.999]",
-                                      "model.activation_checkpointing=[0,1]", "checkpoint.every=0"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.grad_clip=inf",
+        "optim.warmup_steps=60",
+        "optim.warmup_steps=0",
+        "optim.min_lr_ratio=0",
+        "optim.min_lr_ratio=1",
+        "optim.betas=[0,0.999]",
+        "model.activation_checkpointing=[0,1]",
+        "checkpoint.every=0",
+    ],
+)
 def test_edge_values_that_are_fine_pass(override):
     build_config(_compose("recipe=tiny_sft", override))
 

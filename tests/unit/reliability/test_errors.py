@@ -30,10 +30,18 @@ def test_every_user_error_is_an_engine_error_and_keeps_its_builtin():
     from engine.parallel.mesh import LayoutError as MeshLayoutError
 
     assert ModelConfigError is ConfigError and MeshLayoutError is LayoutError and DatasetError is DataError
-    for cls, builtin in [(ConfigError, ValueError), (LayoutError, ValueError), (DataError, ValueError),
-                         (RecordError, ValueError), (TokenizerError, ValueError), (ResumeError, ValueError),
-                         (CheckpointError, ValueError), (ExportError, ValueError), (StorageError, OSError),
-                         (DivergenceError, FloatingPointError)]:
+    for cls, builtin in [
+        (ConfigError, ValueError),
+        (LayoutError, ValueError),
+        (DataError, ValueError),
+        (RecordError, ValueError),
+        (TokenizerError, ValueError),
+        (ResumeError, ValueError),
+        (CheckpointError, ValueError),
+        (ExportError, ValueError),
+        (StorageError, OSError),
+        (DivergenceError, FloatingPointError),
+    ]:
         assert issubclass(cls, EngineError) and issubclass(cls, builtin), cls
     # A refused memory plan is ours; a real out-of-memory error must not look like one.
     assert issubclass(PlanError, EngineError) and not issubclass(PlanError, MemoryError)

@@ -11,8 +11,7 @@ BROKEN = "cannot import name 'CUDAProperties' from 'kernels'"
 
 
 def test_absent_and_broken_are_told_apart():
-    assert import_failure("peft", ModuleNotFoundError("No module named 'peft'", name="peft")) == \
-        "peft is not installed"
+    assert import_failure("peft", ModuleNotFoundError("No module named 'peft'", name="peft")) == "peft is not installed"
     # Installed, but one of its own imports is missing or mismatched: not "not installed".
     missing_dependency = import_failure("peft", ModuleNotFoundError("No module named 'accelerate'", name="accelerate"))
     assert "installed but cannot be imported" in missing_dependency and "'accelerate'" in missing_dependency

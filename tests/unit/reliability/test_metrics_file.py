@@ -16,8 +16,15 @@ def _strict_load(line):
 
 def test_non_finite_values_are_written_as_null(tmp_path):
     w = MetricsWriter(tmp_path, enabled=True)
-    w.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3,
-             "expert_max_over_mean": [1.5, float("-inf")]})
+    w.write(
+        {
+            "step": 1,
+            "loss": float("nan"),
+            "grad_norm": float("inf"),
+            "lr": 1e-3,
+            "expert_max_over_mean": [1.5, float("-inf")],
+        }
+    )
     line = (tmp_path / "metrics.jsonl").read_text().strip()
     assert "NaN" not in line and "Infinity" not in line
     record = _strict_load(line)
@@ -37,8 +44,10 @@ def test_old_nan_records_are_made_strict_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 2.0}\n')
     MetricsWriter(tmp_path, enabled=True, start_step=2)
-    assert [_strict_load(x) for x in path.read_text().splitlines()] == [{"step": 1, "loss": None},
-                                                                         {"step": 2, "loss": 2.0}]
+    assert [_strict_load(x) for x in path.read_text().splitlines()] == [
+        {"step": 1, "loss": None},
+        {"step": 2, "loss": 2.0},
+    ]
 
 
 def test_other_ranks_leave_the_file_alone(tmp_path):

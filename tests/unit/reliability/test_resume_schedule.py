@@ -71,8 +71,9 @@ def test_changed_keys_replan_the_schedule_from_the_current_step():
     lrs = _steps(model, opt, sched, 12, start=10)
     expected = [_cosine(3e-5, 2, 0.2, 22, s) for s in range(10, 22)]
     assert next_lr == lrs[0]
-    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(lrs, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0
+    )
     assert all(b >= a for a, b in zip(lrs[1:], lrs))  # still decaying: the cosine does not rise again
     decay, no_decay = opt.param_groups
     assert decay["betas"] == (0.8, 0.95) and decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
