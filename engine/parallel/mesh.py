@@ -211,29 +211,9 @@ class Mesh:
 
         # new_group is collective over the whole world: every rank creates every group, in the same order.
         edp = world_size // ep
-        ep_group = edp_group = None
-        if 1 < ep < world_size:
-            for i in range(edp):
-                g = dist.new_group(list(range(i * ep, (i + 1) * ep)), timeout=timeout)
-                if i == rank // ep:
-                    ep_group = g
-        elif ep == world_size:
-            ep_group = dist.group.WORLD
-        if 1 < edp < world_size:
-            for j in range(ep):
-                g = dist.new_group(list(range(j, world_size, ep)), timeout=timeout)
-                if j == rank % ep:
-                    edp_group = g
-        elif edp == world_size:
-            edp_group = dist.group.WORLD
-        cp_group = None
-        if 1 < cp < world_size:
-            for i in range(world_size // cp):
-                g = dist.new_group(list(range(i * cp, (i + 1) * cp)), timeout=timeout)
-                if i == rank // cp:
-                    cp_group = g
-        elif cp == world_size:
-            cp_group = dist.group.WORLD
+        ep_group = _own_group([list(range(i * ep, (i + 1) * ep)) for i in range(edp)], rank, timeout)
+        edp_group = _own_group([list(range(j, world_size, ep)) for j in range(ep)], rank, timeout)
+        cp_group = _own_group([list(range(i * cp, (i + 1) * cp)) for i in range(world_size // cp)], rank, timeout)
         grid = torch.arange(world_size).reshape(edp, ep).T  # [ep, edp]: grid[j, i] = i * ep + j
         device_mesh = DeviceMesh(device.type, grid, mesh_dim_names=("ep", "edp"))
         world_mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
@@ -283,3 +263,18 @@ def _resolve_device(device: torch.device | str, local_rank: int) -> torch.device
     if kind != "cpu":
         raise LayoutError(f"device {device!r} is not supported; use auto, cuda or cpu")
     return torch.device("cpu")
+
+
+def _own_group(partition: list[list[int]], rank: int, timeout: timedelta) -> dist.ProcessGroup | None:
+    """Create every group of `partition` (collective: every rank creates them all, in the same order) and
+    return the one holding `rank`: None for groups of one rank, the world's group for a single group."""
+    if len(partition[0]) == 1:
+        return None
+    if len(partition) == 1:
+        return dist.group.WORLD
+    mine = None
+    for ranks in partition:
+        group = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine = group
+    return mine
