@@ -36,13 +36,13 @@ def take(loader, n: int) -> list[dict]:
 
 def same_batches(a: list[dict], b: list[dict]) -> bool:
     keys = ("input_ids", "labels", "position_ids", "doc_ids")
-    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in keys) for x, y in zip(a, b))
+    return len(a) == len(b) and all(all(torch.equal(getattr(x, k), getattr(y, k)) for k in keys) for x, y in zip(a, b))
 
 
 def test_batch_contract_on_sample_data(tokenizer, stores):
     cfg = DataConfig(max_seq_len=256, micro_batch_size=2, global_batch_size=2)
     for batch in take(build_train_loader(cfg, tokenizer, store_dir=stores(), seed=0), 8):
-        ids, labels, pos, docs = (batch[k] for k in ("input_ids", "labels", "position_ids", "doc_ids"))
+        ids, labels, pos, docs = (getattr(batch, k) for k in ("input_ids", "labels", "position_ids", "doc_ids"))
         for t in (ids, labels, pos, docs):
             assert t.shape == (2, 256) and t.dtype == torch.int64 and t.device.type == "cpu"
         target = labels != IGNORE_INDEX

@@ -53,7 +53,7 @@ def global_batches(ranks: list, steps: int, keys=("input_ids",)) -> list[torch.T
         for _ in range(accum):
             for loader in ranks:
                 batch = next(loader)
-                rows.append(torch.cat([batch[k] for k in keys], dim=1))
+                rows.append(torch.cat([getattr(batch, k) for k in keys], dim=1))
         out.append(torch.cat(rows))
     return out
 

@@ -45,7 +45,7 @@ def test_next_fit_against_a_plain_reference():
 def test_collate_packed_row():
     batch = collate([[A, B], [C]], max_seq_len=9, pad_id=PAD)
     for key in ("input_ids", "labels", "position_ids", "doc_ids"):
-        assert batch[key].dtype == torch.int64 and batch[key].shape == (2, 9)
+        assert getattr(batch, key).dtype == torch.int64 and getattr(batch, key).shape == (2, 9)
     assert batch.input_ids[0].tolist() == [10, 11, 12, 13, 20, 21, 22, PAD, PAD]
     # labels[t] = input_ids[t + 1] where that token is trained; -100 at each document's last token.
     x = IGNORE_INDEX
