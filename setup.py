@@ -25,6 +25,7 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8",
+            "pytest-timeout>=2.1",  # the per-test limits of pytest.ini: a hung process group fails with the test's name
             "transformers>=4.55,<6",
             "peft>=0.17,<0.22",
             "accelerate",
