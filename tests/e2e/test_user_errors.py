@@ -100,13 +100,14 @@ def test_cuda_without_a_gpu(tmp_path):
     _one_line_error(proc, "ConfigError", "trainer.device='cuda'", "trainer.device=cpu")
 
 
+TRAINED = ["recipe=tiny_sft", *SMALL, "trainer.max_steps=2"]
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny_sft run of 2 steps: its output folder holds the step-2 checkpoint. Read-only."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    proc, _ = _run("recipe=tiny_sft", *SMALL, "trainer.max_steps=2", f"trainer.output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def trained(shared_runs):
+    """A tiny_sft run of 2 steps: its output folder holds the step-2 checkpoint. Read-only (shared with
+    tests/e2e/test_export_usable.py)."""
+    return shared_runs.get(1, *TRAINED).out
 
 
 def _copy_run(trained, tmp_path):
