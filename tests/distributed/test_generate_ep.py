@@ -2,7 +2,6 @@
 with ranks that stop at different steps (no rank may hang in an all-to-all)."""
 
 import json
-import subprocess
 import sys
 
 import torch
@@ -11,6 +10,7 @@ from engine.generate import generate, left_pad
 from engine.train import REPO
 from tests.distributed.cases import full_model
 from tests.distributed.generate_worker import prompts_of
+from tests.train_runs import run_command
 
 NEW = 10
 
@@ -25,7 +25,7 @@ def test_expert_parallel_generation_equals_one_process(tmp_path):
     stops = [sorted({int(reference[0][2][r, reference[0][0].shape[1] + 2]) for r in range(2)}), []]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "tests.distributed.generate_worker", str(tmp_path), json.dumps({"ep": 2, "new": NEW, "stops": stops})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_command(cmd, timeout=300)  # its own process group: a hung rank is killed with torchrun
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in range(2):
         ids, mask, full = reference[rank]

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from engine.train import REPO
+from tests.train_runs import run_command
 
 SMALL = ["data.max_seq_len=128", "data.global_batch_size=2", "data.micro_batch_size=2", "trainer.val_every=0",
          "optim.warmup_steps=0", "trainer.log_every=1"]
@@ -156,7 +157,7 @@ def test_nan_guard_stop_is_one_line_and_names_the_last_good_checkpoint(tmp_path)
 def test_under_torchrun_a_config_error_is_said_once(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "engine" / "train.py"), "recipe=tiny_sft", f"trainer.output_dir={tmp_path}", "optim.lr=nan"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_command(cmd, timeout=300)  # its own process group: a hung rank is killed with torchrun
     ours = [x for x in proc.stderr.splitlines() if x.startswith("error (rank")]
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # torchrun reports our exit code 2
     assert ours == [ours[0]] and "optim.lr=nan" in ours[0], proc.stderr  # one line, not one per rank
