@@ -19,7 +19,7 @@ from engine.moe.alltoall import AllToAllDispatcher, apply_expert_parallel, globa
 from engine.moe.dispatch import LocalDispatcher
 from engine.moe.experts import GroupedExperts, shard_experts
 from engine.moe.layer import MoEBlock
-from engine.parallel import (Mesh, clip_grad_norm, global_grad_norm, global_token_count, micro_batches_for,
+from engine.parallel import (LayoutError, Mesh, clip_grad_norm, global_grad_norm, global_token_count, micro_batches_for,
                              rank_slice, sync_gradients)
 from tests.distributed.cases import GLOBAL_BATCH, expert_parallel_model, global_batch
 
@@ -197,9 +197,22 @@ def main() -> None:
     scenario, out_dir, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.set_num_threads(1)
     result: dict = {}
-    if scenario == "layout":
-        mesh = Mesh.from_env(ep=args["ep"], tp=args.get("tp", 1), num_experts=args["num_experts"], timeout_s=20)
-        dist.barrier()  # never reached for a bad layout: the mesh refuses it first
+    if scenario == "layouts":
+        # Every bad layout in turn: each must be refused before any collective (one the mesh accepted
+        # would reach the barrier and print nothing). Each refusal goes to stderr on its own line; the
+        # last one is raised, so the rank ends as under torchrun.
+        refusal: Exception | None = None
+        for layout in args["layouts"]:
+            try:
+                Mesh.from_env(ep=layout["ep"], tp=layout["tp"], num_experts=layout["num_experts"], timeout_s=20)
+            except LayoutError as e:
+                print(f"LayoutError: {e}", file=sys.stderr, flush=True)
+                refusal = e
+                continue
+            dist.barrier()  # never reached for a bad layout: the mesh refuses it first
+        if refusal is None:
+            raise AssertionError("no layout was refused")
+        raise refusal
     elif scenario == "dead_rank":
         mesh = Mesh.from_env(ep=2, num_experts=8, timeout_s=args["timeout_s"])
         if mesh.rank == 1:
