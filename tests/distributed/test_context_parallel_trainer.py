@@ -20,6 +20,9 @@ from engine.train import REPO
 from tests.closeness import assert_tensors_close, assert_weights_close
 from tests.train_runs import run_command
 
+# Every test reads torchrun runs of the trainer.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 LR, STEPS = 3.0e-3, 3
 ARGS = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=64", "data.global_batch_size=4",
         "data.micro_batch_size=2", f"trainer.max_steps={STEPS}", "optim.warmup_steps=1", f"optim.lr={LR}",

@@ -9,6 +9,9 @@ Slow on a small CPU (gloo, 4 processes): a few steps only.
 import pytest
 import torch
 
+# Every test reads torchrun runs of the trainer.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 ARGS = ["recipe=tiny_sft", "data.max_seq_len=256", "data.global_batch_size=8", "data.micro_batch_size=2",
         "trainer.max_steps=3", "optim.warmup_steps=2", "trainer.log_every=1", "trainer.val_every=0", "parallel.timeout_s=300"]
 

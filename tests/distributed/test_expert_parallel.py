@@ -15,6 +15,9 @@ from engine.parallel.grad_sync import is_expert_param
 from tests.distributed.cases import CASES, full_model, reference, reference_steps
 from tests.distributed.launcher import launch, results_or_fail
 
+# Every test reads a launched process group (up to 8 ranks on 2 cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 STEPS = dict(steps=3, lr=1e-2, max_norm=0.5, micro_batch=1)  # micro_batch 1: 2 accumulation steps at world 4
 

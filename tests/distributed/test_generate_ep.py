@@ -4,6 +4,7 @@ with ranks that stop at different steps (no rank may hang in an all-to-all)."""
 import json
 import sys
 
+import pytest
 import torch
 
 from engine.generate import generate, left_pad
@@ -11,6 +12,9 @@ from engine.train import REPO
 from tests.distributed.cases import full_model
 from tests.distributed.generate_worker import prompts_of
 from tests.train_runs import run_command
+
+# A torchrun group of 2 ranks.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 NEW = 10
 

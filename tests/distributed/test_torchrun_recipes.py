@@ -22,6 +22,9 @@ from engine.train import REPO
 from tests.closeness import assert_tensors_close, assert_weights_close
 from tests.train_runs import run_command, train
 
+# Every test reads torchrun runs of the trainer.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 PEAK_LR = {"tiny_sft": 3.0e-3, "tiny_lora": 1.0e-2}  # the recipes' optim.lr (checked below)
 
 SYNTH = ["data.source=synthetic", "data.max_seq_len=32", "data.global_batch_size=8", "data.micro_batch_size=2",
