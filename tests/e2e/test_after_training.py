@@ -32,6 +32,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_samples_are_logged_during_training(run_dir):
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [(s["step"], s["prompt"]) for s in samples] == [(3, "What is 2 + 2?"), (3, "Name a colour."),
@@ -39,6 +40,7 @@ def test_samples_are_logged_during_training(run_dir):
     assert all(isinstance(s["text"], str) and s["text"] for s in samples)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_trainers_validation_loss(run_dir, tmp_path):
     val_loss = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
     out = tmp_path / "eval.json"
@@ -49,12 +51,14 @@ def test_evaluate_reproduces_the_trainers_validation_loss(run_dir, tmp_path):
     assert {"mask/final_only", "channel/analysis", "channel/final", "all"} <= set(groups)
 
 
+@pytest.mark.slow
 def test_chat_answers_once_on_the_run_and_its_hf_export(run_dir):
     for model in (run_dir, run_dir / "hf"):
         proc = _run("-m", "engine.chat", str(model), "--prompt", "What is 2 + 2?", "--max-new-tokens", "24")
         assert proc.stdout.strip(), proc.stderr
 
 
+@pytest.mark.slow
 def test_report_on_the_run(run_dir):
     _run("-m", "engine.report", str(run_dir))
     page = (run_dir / "report" / "index.html").read_text()

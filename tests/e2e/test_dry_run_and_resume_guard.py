@@ -46,6 +46,7 @@ def test_real_lora_recipe_dry_runs_offline_with_the_gpu_plan(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_plans_32_gpus_from_one_process_and_refuses_what_does_not_fit(tmp_path):
     ok = _train("recipe=gptoss120b_sft", "trainer.dry_run=true", "trainer.dry_run_gpus=32",
                 f"trainer.output_dir={tmp_path}")
@@ -58,6 +59,7 @@ def test_dry_run_plans_32_gpus_from_one_process_and_refuses_what_does_not_fit(tm
     assert "exceeds" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_resumed_by_accident(tmp_path):
     common = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=32", "trainer.max_steps=2", "optim.warmup_steps=1",
               "trainer.val_every=0", f"trainer.output_dir={tmp_path}"]

@@ -12,6 +12,9 @@ import torch
 from engine.train import REPO
 from tests.e2e.test_user_errors import TRAINED
 
+# Each test reads tiny runs and runs the export command line.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 
 
 def _python(*args, check=True):

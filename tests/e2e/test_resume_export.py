@@ -46,6 +46,9 @@ SLOW_SAVE = """
 import sys, time, torch
 from torch.distributed.checkpoint import filesystem
 from engine.checkpoint import state as ckpt
+
+# Each test trains through engine/train.py or kills a saving process.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 ckpt.save_checkpoint(sys.argv[1], 2, {"w": torch.ones(3)}, {}, {"world_size": 1}, keep=5)
 print("first saved", flush=True)
 write = filesystem.FileSystemWriter.write_data

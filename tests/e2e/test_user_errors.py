@@ -117,6 +117,7 @@ def _copy_run(trained, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_resume_with_changed_data_is_one_line(trained, tmp_path):
     out = _copy_run(trained, tmp_path)
     sample = (REPO / "engine" / "data" / "assets" / "sample_chat.jsonl").read_text().splitlines()
@@ -126,6 +127,7 @@ def test_resume_with_changed_data_is_one_line(trained, tmp_path):
     _one_line_error(proc, "ResumeError", "step_0000002", "same data", "trainer.resume=none")
 
 
+@pytest.mark.slow
 def test_resume_with_another_recipe_is_one_line(trained, tmp_path):
     out = _copy_run(trained, tmp_path)
     proc, _ = _run("recipe=tiny_lora", *SMALL, "trainer.max_steps=4", f"trainer.output_dir={out}")
@@ -139,6 +141,7 @@ def _strict_records(path):
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_nan_guard_stop_is_one_line_and_names_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc, _ = _run("recipe=tiny_sft", *SMALL, "trainer.max_steps=6", "checkpoint.every=2", "trainer.max_bad_steps=1",
@@ -154,6 +157,7 @@ def test_nan_guard_stop_is_one_line_and_names_the_last_good_checkpoint(tmp_path)
     assert "step 4: non-finite loss/gradient" in proc.stdout
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_config_error_is_said_once(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "engine" / "train.py"), "recipe=tiny_sft", f"trainer.output_dir={tmp_path}", "optim.lr=nan"]
