@@ -155,25 +155,14 @@ def test_fsdp_at_ep2_x_expert_dp2_matches_one_process(shared_runs, recipe, extra
     assert_weights_close(b, a, lr=PEAK_LR[recipe], steps=6, where=f"{recipe} weights, FSDP2 {shard} vs one process")
 
 
-VALIDATION = ["recipe=tiny_sft", "trainer.max_steps=4", "optim.warmup_steps=1", "trainer.log_every=1",
-              "trainer.val_every=2", "trainer.sample_every=2", "trainer.sample_max_new_tokens=6",
-              "parallel.timeout_s=120"]
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("val") / "prompts.txt"
-    path.write_text("What is 2 + 2?\nName a colour.\n")
-    return f"trainer.sample_prompts={path}"
-
-
 @pytest.mark.parametrize("shard", ["full", "optimizer"])
-def test_validation_and_samples_under_fsdp_match_one_process(shared_runs, prompts, shard):
+def test_validation_and_samples_under_fsdp_match_one_process(shared_runs, sampled_overrides, shard):
     # Validation and generation read the root's embedding and head and (generation) call a block's
     # submodules directly, outside FSDP2's forward hooks: they must gather those weights themselves.
     # The training after them must go on as in one process (FSDP2's state left as it was).
-    one = shared_runs.get(1, *VALIDATION, prompts, "parallel.ep=1")
-    fsdp = shared_runs.get(2, *VALIDATION, prompts, f"parallel.shard={shard}", "parallel.ep=1")
+    # 4 steps, validation and samples every 2 (tests/conftest.py: SAMPLED).
+    one = shared_runs.get(1, *sampled_overrides, "parallel.ep=1")
+    fsdp = shared_runs.get(2, *sampled_overrides, f"parallel.shard={shard}", "parallel.ep=1")
     for key in ("loss", "val_loss"):
         a = torch.tensor([r[key] for r in one.records if key in r])
         b = torch.tensor([r[key] for r in fsdp.records if key in r])
