@@ -12,6 +12,9 @@ import torch
 from engine.checkpoint import state as ckpt
 from tests.e2e.test_tiny_sft import _train
 
+# Each test trains through engine/train.py or kills a saving process.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 FAST = ["data.max_seq_len=128", "data.global_batch_size=4", "data.micro_batch_size=2", "trainer.val_every=0"]
 
 
@@ -46,9 +49,6 @@ SLOW_SAVE = """
 import sys, time, torch
 from torch.distributed.checkpoint import filesystem
 from engine.checkpoint import state as ckpt
-
-# Each test trains through engine/train.py or kills a saving process.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 ckpt.save_checkpoint(sys.argv[1], 2, {"w": torch.ones(3)}, {}, {"world_size": 1}, keep=5)
 print("first saved", flush=True)
 write = filesystem.FileSystemWriter.write_data
