@@ -53,13 +53,13 @@ ckpt.save_checkpoint(sys.argv[1], 2, {"w": torch.ones(3)}, {}, {"world_size": 1}
 print("first saved", flush=True)
 write = filesystem.FileSystemWriter.write_data
 def slow_write(self, plan, planner):
-    print("writing", flush=True)
+    print("writing\\n", end="", flush=True)  # one write: the async save's caller prints beside this thread
     time.sleep(60)  # the kill comes in here, in the middle of writing the tensors
     return write(self, plan, planner)
 filesystem.FileSystemWriter.write_data = slow_write
 pending = ckpt.save_checkpoint(sys.argv[1], 4, {"w": torch.zeros(3)}, {}, {"world_size": 1}, keep=5,
                                asynchronous=sys.argv[2] == "async")
-print("saving", flush=True)
+print("saving\\n", end="", flush=True)
 time.sleep(60)  # an async save returns at once: the next training steps would run here
 """
 
