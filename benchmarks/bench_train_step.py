@@ -215,8 +215,10 @@ def main(argv=None) -> None:
         print(f"gpt-oss-20b LoRA, 24 layers, 1 x {args.seq}, checkpointing: {report['lora_20b']}")
         return
     args.json_name = "train_step" if args.step == "all" else f"train_step_{args.step}"
+    report["partial"] = True  # rewritten after each measurement; the last write is the complete one
     for kind in (("lora", "sft") if args.step == "all" else (args.step,)):
         bench_kind(kind, args, report)
+    del report["partial"]
     for kind in ("lora", "sft"):
         if kind in report:
             e = report[kind]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -47,10 +48,12 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, *, needs_cuda: bool =
     return args
 
 
-def _version(module: str) -> str | None:
+def _version(package: str) -> str | None:
+    """The installed version, from the package's metadata (one that fails to import still has one; only
+    an absent package is None)."""
     try:
-        return __import__(module).__version__
-    except ImportError:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -190,9 +193,9 @@ class LiveRows(list):
     """A benchmark's result rows that rewrite its JSON (marked partial) after every append, so a step
     killed by its time limit still leaves every figure it measured; the final write_json replaces it."""
 
-    def __init__(self, name: str, args: argparse.Namespace):
+    def __init__(self, name: str, args: argparse.Namespace, **extra):
         super().__init__()
-        self._name, self._args = name, args
+        self._name, self._args, self._extra = name, args, extra  # extra: written beside the rows
 
     def append(self, row) -> None:
         super().append(row)
@@ -207,7 +210,7 @@ class LiveRows(list):
         return self
 
     def _flush(self) -> None:
-        write_json(self._name, self._args, {"partial": True, "results": list(self)}, quiet=True)
+        write_json(self._name, self._args, {"partial": True, **self._extra, "results": list(self)}, quiet=True)
 
 
 def _cell(value, fmt: str) -> str:
@@ -229,106 +232,3 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]], title: st
     print(line([h for _, h, _ in columns]).rstrip())
     for c in cells:
         print(line(c).rstrip())
-
-
-# ---------------------------------------------------------------------------- the GPU suite's summary
-def _load(directory: Path, name: str, mode: str) -> dict | None:
-    path = directory / f"{name}_{mode}.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def suite_summary(directory: Path, mode: str = "full") -> list[dict]:
-    """The headline figure of each benchmark JSON in `directory`, with its target where it has one.
-    A benchmark whose JSON is missing (failed or timed-out step) is listed as such."""
-    rows: list[dict] = []
-
-    def add(bench, figure, value, fmt="", target=None, ok=None):
-        rows.append({"benchmark": bench, "figure": figure, "value": _cell(value, fmt), "target": target or "",
-                     "status": "" if ok is None or value is None else ("ok" if ok(value) else "MISS")})
-
-    def section(name, file=None):
-        report = _load(directory, file or name, mode)
-        if report is None:
-            add(name, f"no {file or name}_{mode}.json (step failed or timed out?)", None)
-        return report
-
-    if r := section("grouped_gemm"):
-        fwd = {}  # (op, routing) -> method -> TFLOP/s of the forward GEMM
-        for x in r["results"]:
-            if x["op"].startswith("gemm") and x["passes"] == "fwd" and x.get("tflops"):
-                fwd.setdefault((x["op"], x["routing"]), {})[x["method"]] = x["tflops"]
-        for (op, routing), t in fwd.items():
-            if routing != "uniform" or "triton" not in t:
-                continue
-            ours = t["triton"]
-            add("grouped_gemm", f"{op} fwd: triton / dense", ours / t["dense"] if "dense" in t else None, ".0%",
-                ">= 85%", lambda v: v >= 0.85)
-            add("grouped_gemm", f"{op} fwd: triton x grouped_mm", ours / t["grouped_mm"] if "grouped_mm" in t else None,
-                ".2f", ">= 1.3", lambda v: v >= 1.3)
-            for variant in ("heuristic", "persistent", "tma"):  # A/B rows: > 1 = faster than the default's
-                other = t.get(f"triton_{variant}")
-                add("grouped_gemm", f"{op} fwd: triton_{variant} x triton", other / ours if other else None, ".2f")
-        for x in r["results"]:
-            if x["op"].startswith("expert_mlp") and x["passes"] == "fwd+bwd" and x["method"] == "grouped_mm":
-                add("grouped_gemm", f"expert MLP fwd+bwd {x['routing']}: triton x grouped_mm", x["speedup_of_triton"],
-                    ".3g")
-    if r := section("moe_layer"):
-        for routing, e in r["summary"].items():
-            label = f"{routing} ({e['best_backend']})"
-            add("moe_layer", f"{label}: fwd+bwd x hf eager", e["x_hf_eager_fwd_bwd"], ".2f", ">= 4", lambda v: v >= 4)
-            add("moe_layer", f"{label}: fwd+bwd x hf best", e["x_hf_best_fwd_bwd"], ".2f", ">= 4", lambda v: v >= 4)
-            add("moe_layer", f"{label}: expert GEMM share", e["experts_share_fwd_bwd"], ".0%", ">= 75%",
-                lambda v: v >= 0.75)
-    if r := section("attention"):
-        for x in r["results"]:
-            peak = _cell(x.get("fwd_bwd_peak_gib"), ".2f")
-            add("attention", f"{x['layer']} {x['backend']} fwd+bwd ms (peak GiB {peak})", x.get("fwd_bwd_ms"), ".2f")
-    if (r := _load(directory, "attention", "long")) is not None:
-        for x in r["results"]:
-            peak = _cell(x.get("fwd_bwd_peak_gib"), ".2f")
-            add("attention_long", f"{x['seq']} {x['layer']} {x['backend']} fwd+bwd ms (peak GiB {peak})",
-                x.get("fwd_bwd_ms"), ".2f")
-    if mode == "full" and (r := _load(directory, "long_context", mode)) is not None:  # LONG=1 steps only
-        for x in r["results"]:
-            add("long_context", f"20b LoRA {x['seq']} tokens: peak GiB (tokens/s {_cell(x.get('tokens_per_s'), ',.0f')})",
-                x.get("peak_gib"), ".1f", "< 76 (80 GB GPU)", lambda v: v < 76)
-    if r := section("memory"):
-        for layer, e in r["summary"].items():
-            for key in (k for k in e if k.startswith("ratio_vs_")):
-                target, ok = ("<= 0.5", lambda v: v <= 0.5) if layer == "moe" else (None, None)
-                add("memory", f"{layer} saved B/token, {e['ours']} / {key[9:]}", e[key], ".2f", target, ok)
-    step_reports = [r for f in ("train_step", "train_step_lora", "train_step_sft") if (r := _load(directory, f, mode))]
-    if not step_reports:
-        add("train_step", f"no train_step*_{mode}.json (step failed or timed out?)", None)
-    for r in step_reports:
-        for kind in ("lora", "sft"):
-            if kind not in r or not r[kind]["rows"][0].get("tokens_per_s"):
-                continue
-            e, ours = r[kind], r[kind]["rows"][0]
-            label = f"{kind} {e['layers']} layers"
-            add("train_step", f"{label}: tokens/s", ours["tokens_per_s"], ",.0f")
-            lora = kind == "lora"  # the targets are set for LoRA; SFT figures are for reference
-            add("train_step", f"{label}: ours x {e.get('hf_best', 'transformers')}", e.get("x_hf_best"), ".2f",
-                *((">= 3", lambda v: v >= 3) if lora else ()))
-            add("train_step", f"{label}: MFU", ours.get("mfu"), ".1%",
-                *((">= 35%", lambda v: v >= 0.35) if lora else ()))
-            add("train_step", f"{label}: peak GiB", ours.get("peak_gib"), ".1f")
-    if mode == "full" and (r := section("train_step_20b_lora_memory")):
-        e = r["lora_20b"]
-        add("train_step", "gpt-oss-20b LoRA seq 4096 peak GB (steady)", e.get("peak_gb"), ".1f", "< 60",
-            lambda v: v < 60)
-        add("train_step", "gpt-oss-20b LoRA seq 4096 peak GB (first step)", e.get("warmup_peak_gb"), ".1f", "< 60",
-            lambda v: v < 60)
-    if r := section("data"):
-        add("data", f"packed stream tokens/s (seq {r['max_seq_len']})", r["results"]["pack"]["tokens_per_s"], ",.0f")
-    return rows
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Print the summary table of the benchmark JSONs in a folder.")
-    parser.add_argument("directory", type=Path)
-    parser.add_argument("--mode", default="full", choices=("full", "cpu"))
-    summary_args = parser.parse_args()
-    print_table(suite_summary(summary_args.directory, summary_args.mode),
-                [("benchmark", "benchmark", ""), ("figure", "figure", ""), ("value", "value", ""),
-                 ("target", "target", ""), ("status", "status", "")], title="summary")

@@ -1,98 +1,133 @@
 """Typed training config: the schema Hydra's composed config is checked against, once, at startup.
 
-Every section is a dataclass; `build_config(dict)` turns the composed Hydra dict into them and raises
-`ConfigError` naming the full key (`optim.lr`), the bad value and what is allowed.
+Every section is a dataclass whose fields (engine.schema.setting) carry their meaning, allowed values and
+range: the one source of `python engine/train.py --help` and of the checks. `build_config(dict)` turns the
+composed Hydra dict into them and raises `ConfigError` naming the full key (`optim.lr`), the bad value and
+what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import keyword
+import logging
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .data.config import DataConfig as PipelineConfig
 from .errors import ConfigError
 from .peft.config import LoraConfig
+from .schema import Range, setting
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # tiny | gpt-oss-20b | gpt-oss-120b (used when path is null)
-    path: str | None = None  # HF checkpoint dir or hub id; null = random init from the preset
-    overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields, e.g. num_hidden_layers
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
-    experts_backend: str = "auto"  # auto | loop | grouped_mm | triton
-    attn_backend: str = "auto"  # auto (flex on CUDA, blockwise on CPU) | eager | flex | blockwise | triton
-    activation_checkpointing: Any = False  # false | true | list of layer indices
-    activation_offload: bool = False  # checkpointed layers keep their inputs in pinned host memory
-    ce_chunk_size: int = 512
-    moe_chunk_tokens: int | None = None  # the MoE layer runs its tokens in chunks of at most this many (0/null: off)
+    preset: str = setting("tiny", help="the built-in architecture used when model.path is null: tiny, gpt-oss-20b "
+                          "or gpt-oss-120b (checked when the model is built)")
+    path: str | None = setting(None, help="an HF checkpoint folder or hub id (e.g. openai/gpt-oss-20b); null = "
+                               "random init from model.preset; a local folder is recorded as an absolute path")
+    overrides: dict[str, Any] = setting(factory=dict, help="architecture fields over the preset's, e.g. "
+                                        "{num_hidden_layers: 2}")
+    dtype: str = setting("auto", choices=("auto", "bfloat16", "float32"),
+                         help="weights and compute: auto = bf16 on GPU, fp32 on CPU")
+    experts_backend: str = setting("auto", choices=("auto", "loop", "grouped_mm", "triton"),
+                                   help="the experts' math: auto = triton on CUDA, loop elsewhere; loop is the "
+                                   "reference, grouped_mm torch._grouped_mm, triton the fused kernels")
+    attn_backend: str = setting("auto", choices=("auto", "eager", "flex", "blockwise", "triton"),
+                                help="attention: auto = flex on CUDA, blockwise on CPU; eager materialises the "
+                                "scores (reference)")
+    activation_checkpointing: Any = setting(False, help="recompute layers in the backward: false, true (every "
+                                            "layer) or a list of layer indices")
+    activation_offload: bool = setting(False, help="checkpointed layers keep their inputs in pinned host memory "
+                                       "(needs model.activation_checkpointing)")
+    ce_chunk_size: int = setting(512, range=Range(1), help="tokens per chunk of the cross-entropy over the "
+                                 "vocabulary (the full fp32 logits never exist)")
+    moe_chunk_tokens: int | None = setting(None, help="the MoE layer runs its tokens in chunks of at most this "
+                                           "many, each checkpointed (an integer >= 0; 0 or null: off)")
 
 
 @dataclass
 class ParallelConfig:
-    ep: int = 1
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1  # context parallelism: each row split over cp ranks (engine.parallel.context_parallel)
-    timeout_s: int = 600  # a rank that stops answering fails the others after this long
-    shard: str = "none"  # none | optimizer | full: what FSDP2 shards over the data-parallel ranks
+    ep: int = setting(1, range=Range(1), help="expert parallelism: consecutive ranks that share the experts")
+    tp: int = setting(1, range=Range(1), help="tensor parallelism: not implemented, must be 1")
+    pp: int = setting(1, range=Range(1), help="pipeline parallelism: not implemented, must be 1")
+    cp: int = setting(1, range=Range(1), help="context parallelism: each row split over cp ranks "
+                      "(data.max_seq_len a multiple of 2 x cp)")
+    timeout_s: int = setting(600, range=Range(1), help="seconds before a rank that stops answering fails the others")
+    shard: str = setting("none", choices=("none", "optimizer", "full"),
+                         help="what FSDP2 shards over the data-parallel ranks: none, optimizer (gradients, AdamW "
+                         "state, fp32 masters) or full (+ the weights)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | constant
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    shard_state: bool = False  # replaced by parallel.shard (FSDP2); true is refused with a message
-    master_weights: bool = False  # bf16 weights in the model, fp32 masters in the optimizer (full training)
-    impl: str = "auto"  # auto (apex FusedAdam when importable on CUDA, else torch) | torch | apex
+    lr: float = setting(1e-4, range=Range(0, math.inf, True, True), help="peak learning rate, e.g. 1e-4")
+    min_lr_ratio: float = setting(0.1, range=Range(0, 1), help="the cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = setting(10, help="linear warmup steps, from 0 to trainer.max_steps (a longer warmup is "
+                                "cut to trainer.max_steps, with a warning)")
+    schedule: str = setting("cosine", choices=("cosine", "constant"), help="the learning rate after the warmup")
+    betas: tuple[float, float] = setting((0.9, 0.98), help="AdamW's moment decays, two numbers in [0, 1)")
+    eps: float = setting(1e-8, range=Range(0, math.inf, True, True),
+                         help="AdamW's epsilon, added to the denominator (e.g. 1e-8)")
+    weight_decay: float = setting(0.0, range=Range(0, math.inf, False, True),
+                                  help="AdamW's decoupled weight decay (never on biases, norms, sinks, embeddings)")
+    grad_clip: float = setting(1.0, range=Range(0, math.inf, True), help="the largest global gradient norm "
+                               "(inf: no clipping)")
+    shard_state: bool = setting(False, help="replaced by parallel.shard (FSDP2); true is refused with a message")
+    master_weights: bool = setting(False, help="full training: bf16 weights in the model, fp32 masters in the "
+                                   "optimizer")
+    impl: str = setting("auto", choices=("auto", "torch", "apex"),
+                        help="auto = apex FusedAdam when importable on CUDA, else torch AdamW (fused on CUDA)")
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 100
-    output_dir: str = "outputs/run"
-    seed: int = 1234
-    device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 1
-    val_every: int = 0  # validation loss every N steps on data.val_path (0 = never)
-    max_bad_steps: int = 5  # steps with non-finite loss/gradients skipped before the run stops
-    memory_check: bool = True  # refuse to start when the memory plan exceeds the GPU's memory
-    dry_run: bool = False  # check layout, shapes, LoRA targets and data, print the plan, train nothing
-    dry_run_gpus: int = 0  # GPUs a dry run plans for (0: the processes at hand, or lcm(ep, cp) if larger)
-    gpu_memory_gb: float = 80.0  # a dry run without a visible GPU checks its plan against this
-    resume: str = "auto"  # auto | none | PATH
-    progress: bool = True  # a progress bar on rank 0 when the output is a terminal (else log lines)
-    tensorboard: bool = False  # also write the metrics to OUTPUT/tensorboard
-    sample_every: int = 0  # greedy generations for sample_prompts every N steps (0 = never)
-    sample_prompts: str | None = None  # JSONL ({"prompt"} / {"messages"}) or text, one prompt per line
-    sample_max_new_tokens: int = 64
+    max_steps: int = setting(100, range=Range(1), help="optimizer steps of the whole run")
+    output_dir: str = setting("outputs/run", help="metrics, checkpoints and the export; a folder holding a "
+                              "finished run is refused")
+    seed: int = setting(1234, help="seed of the weights' init, dropout and (unless data.seed) the data order")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when a GPU is visible")
+    log_every: int = setting(1, range=Range(1), help="a metrics line every N steps")
+    val_every: int = setting(0, range=Range(0), help="validation loss every N steps on data.val_path (0 = never)")
+    max_bad_steps: int = setting(5, range=Range(0), help="steps with non-finite loss/gradients skipped before "
+                                 "the run stops")
+    memory_check: bool = setting(True, help="refuse to start when the memory plan exceeds the GPU's memory")
+    dry_run: bool = setting(False, help="check layout, shapes, LoRA targets and data, print the memory plan; "
+                            "train nothing")
+    dry_run_gpus: int = setting(0, help="GPUs a dry run plans for (0: the processes at hand, or lcm(ep, cp) if "
+                                "larger)")
+    gpu_memory_gb: float = setting(80.0, help="a dry run without a visible GPU checks its plan against this many GB")
+    resume: str = setting("auto", help="auto (the newest complete checkpoint in trainer.output_dir), none (start "
+                          "over) or the path of a checkpoint")
+    progress: bool = setting(True, help="a progress bar on rank 0 when the output is a terminal (else log lines)")
+    tensorboard: bool = setting(False, help="also write the metrics to OUTPUT/tensorboard (needs tensorboard)")
+    sample_every: int = setting(0, range=Range(0), help="greedy generations for trainer.sample_prompts every N "
+                                "steps (0 = never)")
+    sample_prompts: str | None = setting(None, help="JSONL ({\"prompt\"} / {\"messages\"}) or text, one prompt "
+                                         "per line")
+    sample_max_new_tokens: int = setting(64, range=Range(1), help="tokens generated per sample prompt")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0 = only at the end
-    keep: int = 2
-    async_: bool = False  # `checkpoint.async`: write in the background while the next steps run
+    every: int = setting(0, range=Range(0), help="a checkpoint every N steps (0 = only at the end)")
+    keep: int = setting(2, range=Range(1), help="checkpoints kept (the newest)")
+    async_: bool = setting(False, help="`checkpoint.async`: write in the background while the next steps run")
 
 
 @dataclass
 class PeftConfig(LoraConfig):
-    method: str = "none"  # none (full fine-tuning) | lora
+    method: str = setting("none", choices=("none", "lora"), help="none (full fine-tuning) or lora")
 
 
 @dataclass
 class DataConfig(PipelineConfig):
-    source: str = "jsonl"  # jsonl (harmony chats; null paths = the shipped sample) | synthetic (no files)
+    source: str = setting("jsonl", choices=("jsonl", "synthetic"), help="jsonl (harmony chats; null paths = the "
+                          "shipped sample) or synthetic (a learnable token stream, no files)")
 
 
 @dataclass
@@ -104,36 +139,18 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
-    recipe: str | None = None  # the recipe's name, for logs
+    recipe: str | None = setting(None, help="the recipe's name, for logs (recipe=NAME sets it)")
 
-    def validate(self) -> None:
-        checks = [
-            ("model.dtype", self.model.dtype, ("auto", "bfloat16", "float32")),
-            ("model.experts_backend", self.model.experts_backend, ("auto", "loop", "grouped_mm", "triton")),
-            ("model.attn_backend", self.model.attn_backend, ("auto", "eager", "flex", "blockwise", "triton")),
-            ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
-            ("optim.impl", self.optim.impl, ("auto", "torch", "apex")),
-            ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")),
-            ("peft.method", self.peft.method, ("none", "lora")),
-            ("data.source", self.data.source, ("jsonl", "synthetic")),
-            ("parallel.shard", self.parallel.shard, ("none", "optimizer", "full")),
-        ]
-        for key, value, allowed in checks:
-            if value not in allowed:
-                raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
-        positive = {"trainer.max_steps": self.trainer.max_steps, "parallel.ep": self.parallel.ep,
-                    "parallel.tp": self.parallel.tp, "parallel.pp": self.parallel.pp, "parallel.cp": self.parallel.cp}
-        for key, value in positive.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{key}={value!r} must be a positive integer")
+    def validate(self) -> list[str]:
+        """Raise ConfigError naming the first bad key. Returns what was adjusted to fit (one line each, for
+        the caller to log), e.g. a warmup longer than a short run, cut to its length."""
+        _check_schema(self)
+        adjusted = _fit_warmup(self)
         _check_ranges(self)
         _check_context_parallel(self)
         if self.model.activation_offload and not self.model.activation_checkpointing:
             raise ConfigError("model.activation_offload=true offloads the inputs of checkpointed layers; "
                               "set model.activation_checkpointing=true (or a list of layers) as well")
-        if self.trainer.sample_every < 0 or self.trainer.sample_max_new_tokens < 1:
-            raise ConfigError(f"trainer.sample_every={self.trainer.sample_every} must be >= 0 and "
-                              f"trainer.sample_max_new_tokens={self.trainer.sample_max_new_tokens} >= 1")
         if self.trainer.sample_every and not self.trainer.sample_prompts:
             raise ConfigError(f"trainer.sample_every={self.trainer.sample_every} needs trainer.sample_prompts=FILE "
                               "(JSONL of {\"prompt\": ...} records, or text with one prompt per line)")
@@ -143,43 +160,53 @@ class TrainConfig:
                 self.peft.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        return adjusted
 
 
-def _number(key: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-            high_open: bool = False, why: str = "") -> None:
-    """`value` must be a real number in [low, high] (an open end where asked); nan never passes."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        hi_text = "inf" if high == math.inf else f"{high:g}"
-        raise ConfigError(f"{key}={value!r} must be a number in {lo}{low:g}, {hi_text}{hi}"
-                          + (f"; {why}" if why else ""))
+def _check_schema(cfg: "TrainConfig") -> None:
+    """The choices and ranges the schema gives the keys defined here; the data pipeline's data.* keys and
+    LoRA's peft.* keys are checked by their own validate(), from the same kind of fields."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        own = vars(type(obj)).get("__annotations__", {})
+        hints = get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if f.name not in own:
+                continue
+            key, value = f"{section.name}.{f.name}", getattr(obj, f.name)
+            allowed, rng = f.metadata.get("choices"), f.metadata.get("range")
+            if allowed and value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+            integer = hints[f.name] is int
+            if rng is not None and (not rng.holds(value) or integer and not isinstance(value, int)):
+                raise ConfigError(f"{key}={value!r} must be {rng.text(integer)}; {f.metadata['help']}")
+
+
+def _fit_warmup(cfg: "TrainConfig") -> list[str]:
+    """A warmup longer than the run (a short smoke run of a recipe) is cut to the run's length."""
+    o, t = cfg.optim, cfg.trainer
+    if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps!r} must be an integer >= 0 (the warmup ends at "
+                          f"most at trainer.max_steps={t.max_steps})")
+    if o.warmup_steps <= t.max_steps:
+        return []
+    note = (f"optim.warmup_steps={o.warmup_steps} is longer than trainer.max_steps={t.max_steps}: the warmup is "
+            f"cut to {t.max_steps} steps")
+    o.warmup_steps = t.max_steps
+    return [note]
 
 
 def _check_ranges(cfg: "TrainConfig") -> None:
-    """Every numeric key in its range, with the relations between keys; the first bad one is named."""
+    """The keys whose checks are more than a choice or a range (lists, nullables, relations)."""
     o, t = cfg.optim, cfg.trainer
-    _number("optim.lr", o.lr, 0, low_open=True, high_open=True, why="a finite learning rate such as 1e-4")
-    _number("optim.min_lr_ratio", o.min_lr_ratio, 0, 1, why="the cosine ends at lr * min_lr_ratio (0.1 is usual)")
-    if not 0 <= o.warmup_steps <= t.max_steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps!r} must be between 0 and trainer.max_steps="
-                          f"{t.max_steps}: the warmup must end within the run; set optim.warmup_steps=N to match")
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas={list(o.betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
     for i, beta in enumerate(o.betas):
-        _number(f"optim.betas[{i}]", beta, 0, 1, high_open=True, why="AdamW's moment decay, e.g. [0.9, 0.98]")
-    _number("optim.eps", o.eps, 0, low_open=True, high_open=True, why="AdamW's epsilon, e.g. 1e-8")
-    _number("optim.weight_decay", o.weight_decay, 0, high_open=True, why="0.0 or e.g. 0.1")
-    _number("optim.grad_clip", o.grad_clip, 0, low_open=True,
-            why="the largest global gradient norm (1.0 is usual; inf turns clipping off)")
-    for key, value, low in (("trainer.log_every", t.log_every, 1), ("trainer.val_every", t.val_every, 0),
-                            ("trainer.max_bad_steps", t.max_bad_steps, 0),
-                            ("checkpoint.every", cfg.checkpoint.every, 0), ("checkpoint.keep", cfg.checkpoint.keep, 1),
-                            ("parallel.timeout_s", cfg.parallel.timeout_s, 1),
-                            ("model.ce_chunk_size", cfg.model.ce_chunk_size, 1)):
-        if value < low:
-            raise ConfigError(f"{key}={value!r} must be an integer >= {low}")
+        if not Range(0, 1, high_open=True).holds(beta):
+            raise ConfigError(f"optim.betas[{i}]={beta!r} must be a number in [0, 1); AdamW's moment decay, "
+                              "e.g. [0.9, 0.98]")
     for key in ("output_dir", "resume"):
         if not str(getattr(t, key)).strip():
             raise ConfigError(f"trainer.{key}={getattr(t, key)!r} must not be empty")
@@ -245,9 +272,15 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def build_config(values: dict[str, Any]) -> TrainConfig:
-    """A plain dict (e.g. `OmegaConf.to_container(cfg, resolve=True)`) -> validated TrainConfig."""
+def build_config(values: dict[str, Any], *, quiet: bool = False) -> TrainConfig:
+    """A plain dict (e.g. `OmegaConf.to_container(cfg, resolve=True)`) -> validated TrainConfig. What
+    validation adjusted is logged as a warning (unless `quiet`). A local model.path is made absolute, so
+    the checkpoints and exports that record it work from any directory; a hub id stays as given."""
     values = {k: v for k, v in values.items() if k != "hydra"}
     cfg = _build(TrainConfig, values, "")
-    cfg.validate()
+    for note in cfg.validate():
+        if not quiet:
+            logging.getLogger("engine").warning("%s", note)
+    if cfg.model.path is not None and Path(cfg.model.path).expanduser().exists():
+        cfg.model.path = os.path.abspath(os.path.expanduser(cfg.model.path))
     return cfg

@@ -92,6 +92,11 @@ def _build_checks(cfg: TrainConfig, arch: GptOssConfig) -> dict:
     info = {"params_on_rank": model.num_parameters(), "trainable_on_rank": model.num_parameters(trainable_only=True),
             "micro_batches_per_rank": accum, "first_batch_shape": list(batch["input_ids"].shape),
             "first_batch_target_tokens_all_ranks": n_target}
+    # How the rows pack (first epoch), as the first metrics line will report it.
+    report = getattr(loader, "report", {})
+    info.update({k: report[k] for k in ("data_rows", "data_padding_tokens") if k in report})
+    if "data_packing_efficiency" in report:
+        info["data_packing_efficiency"] = round(report["data_packing_efficiency"], 4)
     log.info("dry run: mesh %s\n  %s\nall checks passed; nothing was trained", rt.mesh,
              "\n  ".join(f"{k}: {v}" for k, v in info.items()))
     rt.mesh.destroy()

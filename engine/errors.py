@@ -72,6 +72,15 @@ class StorageError(EngineError, OSError):
         return str(self.strerror)
 
 
+def import_failure(package: str, e: ImportError) -> str:
+    """Why an optional `package` cannot be used, in one line: "not installed" only when it is absent;
+    an installed package whose import fails (a broken or mismatched dependency) is named with its error."""
+    if isinstance(e, ModuleNotFoundError) and e.name == package:
+        return f"{package} is not installed"
+    first = (str(e).splitlines() or [""])[0]
+    return f"{package} is installed but cannot be imported ({type(e).__name__}: {first})"
+
+
 def size_text(n_bytes: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):

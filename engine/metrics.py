@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import import_failure
 from .models.gpt_oss.config import GptOssConfig
 
 # Dense bf16 peak of the GPUs we quote MFU against (vendor figures, FLOP/s).
@@ -118,8 +119,9 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard; "
-                                  "metrics.jsonl is written either way") from e
+                raise ImportError(f"trainer.tensorboard=true needs the tensorboard package, but "
+                                  f"{import_failure('tensorboard', e)} (pip install tensorboard); metrics.jsonl is "
+                                  "written either way") from e
             self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"),
                                     purge_step=start_step + 1 if start_step else None)
 

@@ -10,11 +10,15 @@ only those.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from .config import OptimConfig
+from .errors import import_failure
+
+log = logging.getLogger("engine")
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
@@ -38,10 +42,13 @@ def _adamw(groups: list[dict], cfg: OptimConfig, on_cuda: bool) -> torch.optim.O
     if cfg.impl in ("apex", "auto") and on_cuda:
         try:
             from apex.optimizers import FusedAdam
-        except ImportError:
+        except ImportError as e:
+            problem = import_failure("apex", e)
             if cfg.impl == "apex":
-                raise ImportError("optim.impl=apex but apex is not importable; install NVIDIA apex with its CUDA "
+                raise ImportError(f"optim.impl=apex but {problem}; install NVIDIA apex with its CUDA "
                                   "extensions or use optim.impl=torch (fused AdamW)") from None
+            if not problem.endswith("not installed"):  # auto: an installed apex that fails is worth a line
+                log.warning("optim.impl=auto: %s; using torch AdamW (fused)", problem)
         else:
             return FusedAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adam_w_mode=True)
     if cfg.impl == "apex" and not on_cuda:

@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# `python engine/train.py` puts engine/ itself on sys.path, where engine/peft would shadow the real
-# `peft` package (and engine/data any `data`); put the repository there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if __name__ == "__main__":
+    # `python engine/train.py` puts engine/ itself on sys.path, where engine/peft would shadow the real
+    # `peft` package (and engine/data any `data`); put the repository there instead. Only as the entry
+    # script: importing engine.train changes nothing.
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
 
 import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
@@ -40,6 +42,17 @@ def register_recipes() -> list[str]:
         cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
         names.append(path.stem)
     return names
+
+
+def usage() -> str:
+    """`--help`: how to run, the recipes, and every key of the schema with its meaning, type, default and
+    allowed values (engine.schema.describe reads them from the dataclasses the config is checked against)."""
+    from engine.config import TrainConfig
+    from engine.schema import describe
+
+    head = [__doc__.strip(), "", f"Recipes (recipe=NAME, recipes/NAME.yaml): {', '.join(register_recipes())}", "",
+            "Keys (KEY=VALUE on the command line, over the recipe's values, over these defaults):"]
+    return "\n".join(head + describe(TrainConfig)) + "\n"
 
 
 def setup_logging(output_dir: str | None = None) -> None:
@@ -131,7 +144,7 @@ def preflight(overrides: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             dcfg = compose("config", overrides=overrides)
-        cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
+        cfg = build_config(OmegaConf.to_container(dcfg, resolve=True), quiet=True)  # main() says what it adjusts
         check_writable(cfg.trainer.output_dir)
     except (HydraException, OmegaConfBaseException) as e:
         bad = re.search(r"Could not override '([^']+)'", str(e))
@@ -140,9 +153,6 @@ def preflight(overrides: list[str]) -> None:
         fail(e, every_rank=False)
     except _user_errors() as e:
         fail(e)
-
-
-register_recipes()
 
 
 @hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base=None)
@@ -168,5 +178,9 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):  # Hydra's own help stays at --hydra-help
+        print(usage(), end="")
+        sys.exit(0)
+    register_recipes()  # before Hydra composes `recipe=NAME`
     preflight(sys.argv[1:])
     main()

@@ -26,8 +26,7 @@ import torch.distributed as dist
 
 from .build import Runtime, build_loaders, build_model, seed_everything, setup_runtime
 from .checkpoint import state as ckpt
-from .checkpoint.errors import CheckpointError
-from .checkpoint.run_state import resume_run, save_run
+from .checkpoint.run_state import refuse_finished_run, resume_run, save_run
 from .config import TrainConfig
 from .errors import ConfigError, DivergenceError
 from .evaluate import validation_loss
@@ -53,22 +52,15 @@ def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t
 
 
-def _refuse_finished_run(out: Path, cfg: TrainConfig, step: int) -> None:
-    """Auto-resume reached a checkpoint at or past trainer.max_steps: a finished run, refused in one line."""
-    raise CheckpointError(ckpt.step_dir(out, step), f"trainer.output_dir holds a finished run (step {step}, "
-                          f"trainer.max_steps={cfg.trainer.max_steps}): write this run elsewhere with "
-                          f"trainer.output_dir=..., start over in {cfg.trainer.output_dir} with trainer.resume=none, "
-                          "or raise trainer.max_steps to train it further")
-
-
 def run(cfg: TrainConfig) -> dict:
     if cfg.trainer.dry_run:
         from .dry_run import dry_run
 
         return dry_run(cfg)
+    out = Path(cfg.trainer.output_dir)
+    refuse_finished_run(cfg, out)  # before anything is built, loaded or planned
     arch = arch_of_run(cfg)
     rt = setup_runtime(cfg, arch)
-    out = Path(cfg.trainer.output_dir)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
@@ -102,8 +94,6 @@ def run(cfg: TrainConfig) -> dict:
             log.info("removed %s, left by an interrupted save", debris)
     rt.barrier()
     start_step, bad_steps = resume_run(cfg, rt, out, model, opt, sched, loader)
-    if cfg.trainer.resume == "auto" and start_step >= cfg.trainer.max_steps > 0:
-        _refuse_finished_run(out, cfg, start_step)
     pending = None  # a checkpoint being written in the background (checkpoint.async_)
 
     writer = MetricsWriter(out, rt.is_main, cfg.trainer.tensorboard, start_step=start_step)

@@ -15,7 +15,9 @@ the heuristic config is used: deterministic, no timing.
 The persistent grid (GPTOSS_KERNEL_PERSISTENT=1) and TMA weight loads (GPTOSS_KERNEL_TMA=1), or
 set_variants(...), add their variants to the candidates and the default: opt-in, because they are
 checked in the interpreter and compiled for sm_90 but not yet timed on a GPU.
-Every candidate is tested in tests/kernels/test_gemm_configs.py and compiled by tests/kernels/sm90_aot.py.
+Every candidate is tested in tests/kernels/test_gemm_configs.py and compiled by tests/kernels/sm90_aot.py,
+which holds each to the occupancy it is designed for (designed_ctas_per_sm: two CTAs per SM where the
+pipelines fit and the accumulator leaves room, one for persistent grids and wide tiles).
 """
 
 import contextlib
@@ -57,8 +59,9 @@ class TileConfig:
 # in some epilogue or variant are dropped by _sm90_safe (found by sm90_aot.py --all-configs).
 _HOPPER = {
     (128, "fwd"): (TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 4), TileConfig(256, 64, 8, 3),
-                   TileConfig(128, 64, 8, 4, group_m=16)),
-    (128, "bwd"): (TileConfig(64, 64, 8, 4), TileConfig(64, 64, 8, 3), TileConfig(64, 128, 8, 3)),
+                   TileConfig(256, 64, 8, 4), TileConfig(128, 64, 8, 4, group_m=16)),
+    (128, "bwd"): (TileConfig(64, 64, 8, 4), TileConfig(64, 64, 8, 3), TileConfig(64, 128, 8, 3),
+                   TileConfig(128, 64, 8, 3)),
     (64, "fwd"): (TileConfig(128, 64, 4, 4), TileConfig(128, 64, 4, 3), TileConfig(256, 64, 8, 3),
                   TileConfig(64, 64, 4, 4)),
     (64, "bwd"): (TileConfig(64, 64, 8, 4), TileConfig(64, 64, 4, 3), TileConfig(64, 128, 8, 3)),
@@ -128,21 +131,58 @@ def heuristic(block_m: int, n: int, k: int, dtype: torch.dtype, epilogue: int) -
     # fp32 tiles take twice the shared memory per stage; they only run in tests.
     block_k = min(64 if dtype.itemsize == 2 else 32, max(16, _runtime.next_pow2(k)))
     big = block_m * block_n >= 128 * 128
-    # The bwd epilogue holds gate, up and d(act) tiles at once: 4 warps spill at BLOCK_M >= 64.
+    # The bwd epilogue holds h, gate, up and d(act) tiles at once: at 8 warps (in 32-column slices) it
+    # stays under 128 registers per thread, so two CTAs share an SM (designed_ctas_per_sm).
     heavy = epilogue == SWIGLU_BWD and block_m >= 64
     config = TileConfig(block_n, block_k, 8 if big or heavy else 4, 3 if big else 4,
                         persistent=_state["persistent"], tma=_state["tma"])
     return _sm90_safe(block_m, epilogue, config) or dataclasses.replace(config, persistent=False)
 
 
+def epilogue_subtiles(block_m: int, c: TileConfig, epilogue: int) -> int:
+    """How many column slices the epilogue walks one after the other (1, 2 or 4): fewer live registers.
+
+    The SwiGLU epilogues hold several fp32 tiles besides the accumulator (gate, up, their gradients, the
+    activation), so they go by 32-column slices (up to 4; 16-column ones for the backward from 64 rows up,
+    which also holds the h slice: at 128x64 and 8 warps, 80 registers per thread instead of 95 in
+    32-column slices and 255 with spills unsliced, sm_90 compile with Triton 3.8; fewer rows keep
+    32 columns, so each thread still reads h in 16-byte pieces); the plain one only splits 256-wide tiles."""
+    if epilogue == PLAIN:
+        return 2 if c.block_n >= 256 else 1
+    width = 16 if epilogue == SWIGLU_BWD and block_m >= 64 else 32
+    return max(1, min(4, c.block_n // width))
+
+
+SM90_REGISTERS = 64 * 1024  # 32-bit registers per SM (H100, H200)
+SM90_SHARED = 228 * 1024  # shared memory per SM; each resident CTA also takes 1 KiB of it
+
+
+def designed_ctas_per_sm(block_m: int, c: TileConfig, epilogue: int, itemsize: int = 2) -> int:
+    """The occupancy a config is designed for (the sm_90 compile test holds each kernel to it).
+
+    Persistent grids launch one program per SM: 1. Otherwise 2 where two CTAs' pipelines fit the SM's
+    shared memory and the fp32 accumulator leaves room in 128 registers per thread at 8 warps (at most
+    64 accumulator registers per thread; 32 for the SwiGLU backward, whose epilogue also holds the
+    h tile): while one CTA runs its epilogue, the other keeps the tensor cores busy."""
+    if c.persistent:
+        return 1
+    smem = c.num_stages * (block_m + c.block_n) * c.block_k * itemsize
+    acc_regs = block_m * c.block_n // (32 * c.num_warps)
+    budget = 32 if epilogue == SWIGLU_BWD else 64
+    return 2 if 2 * (smem + 1024) <= SM90_SHARED and acc_regs <= budget else 1
+
+
+def register_ceiling(ctas: int, num_warps: int) -> int:
+    """Registers per thread that still let `ctas` CTAs of `num_warps` warps share an SM (allocated in
+    steps of 8 per thread, at most 255)."""
+    return min(255, SM90_REGISTERS // (ctas * num_warps * 32) // 8 * 8)
+
+
 def _sm90_safe(block_m: int, epilogue: int, c: TileConfig) -> TileConfig | None:
-    """`c`, or None where sm90_aot.py --all-configs found register spills: 256-wide SwiGLU tiles at
-    128 rows; in the persistent loop, the SwiGLU backward from 32 rows up and, at 32 rows, tiles wider
-    than 128 or deeper than 64."""
-    if block_m >= 128 and epilogue == SWIGLU and c.block_n > 128:
-        return None
-    if c.persistent and ((block_m >= 32 and epilogue == SWIGLU_BWD)
-                         or (block_m == 32 and (c.block_n > 128 or c.block_k > 64))):
+    """`c`, or None where sm90_aot.py --all-configs found register spills: the persistent SwiGLU forward
+    with 128 x 256 tiles (its 128 accumulator registers per thread, plus the next tile's loads in flight
+    during the epilogue, pass 255)."""
+    if c.persistent and block_m >= 128 and epilogue == SWIGLU and c.block_n > 128:
         return None
     return c
 

@@ -6,6 +6,8 @@ reduced across programs (no atomics, deterministic). dBias rides along in the sa
 programs of the first k-block also sum their dy tiles. When W is frozen (LoRA) the kernel runs
 in bias-only mode, which never loads x; when neither is wanted, nothing is launched at all.
 Empty experts still get their (zero) tiles written. The torch reference is in reference.py.
+When K is small (a LoRA rank: dW of B is [rank, N]) the product is computed transposed, dW^T = dy^T @ x,
+so its M side is the wide one: Hopper's wgmma needs 64 rows, and a 16-row K tile would fall back to mma.sync.
 """
 
 import torch
@@ -21,7 +23,7 @@ def _grouped_dw_kernel(
     K, N,
     stride_xm, stride_xk, stride_dym, stride_dyn,
     stride_dwe, stride_dwk, stride_dwn, stride_dbe, stride_dbn,
-    HAS_GATHER: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_GATHER: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, SWAP_AB: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -38,7 +40,10 @@ def _grouped_dw_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_mask = ks < K
     col_mask = cols < N
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:  # dW^T tile [BLOCK_N, BLOCK_K]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -52,14 +57,21 @@ def _grouped_dw_kernel(
                 src = rows.to(tl.int64)
             x = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :] * stride_xk,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-            acc = tl.dot(tl.trans(x), dy, acc, input_precision=DOT_PRECISION)
+            if SWAP_AB:
+                acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(tl.trans(x), dy, acc, input_precision=DOT_PRECISION)
         if COMPUTE_DB:
             db += tl.sum(dy.to(tl.float32), axis=0)
 
     e64 = expert.to(tl.int64)
     if COMPUTE_DW:
-        dw_ptrs = dw_ptr + e64 * stride_dwe + ks[:, None] * stride_dwk + cols[None, :] * stride_dwn
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & col_mask[None, :])
+        if SWAP_AB:
+            dw_ptrs = dw_ptr + e64 * stride_dwe + ks[None, :] * stride_dwk + cols[:, None] * stride_dwn
+            tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[None, :] & col_mask[:, None])
+        else:
+            dw_ptrs = dw_ptr + e64 * stride_dwe + ks[:, None] * stride_dwk + cols[None, :] * stride_dwn
+            tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & col_mask[None, :])
     if COMPUTE_DB:
         if pid_k == 0:  # every k-block summed the same dy tiles; the first one writes
             tl.store(db_ptr + e64 * stride_dbe + cols * stride_dbn, db.to(db_ptr.dtype.element_ty),
@@ -93,6 +105,7 @@ def grouped_weight_grad(x, dy, offsets, *, gather_idx=None, w_dtype=None, b_dtyp
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         *(dw.stride() if compute_dw else (0, 0, 0)), *(db.stride() if compute_db else (0, 0)),
         HAS_GATHER=gather_idx is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+        SWAP_AB=block_k < min(64, block_n),  # the wide side of the product first (wgmma wants 64 rows)
         DOT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=8 if big else 4, num_stages=3,

@@ -11,7 +11,7 @@ A rows can be gathered through an index (row r of the sorted order reads a[gathe
 the permuted copy of the token tensor is never written. A low-rank term can join the accumulator
 before any epilogue: acc += z_r @ L[e] with z [M, R] (R small, e.g. a LoRA rank; computed once per
 row by the caller) and L [E, R, N], so an adapted projection costs no extra [M, N] buffer.
-The torch references are in reference.py.
+The epilogues are in grouped_gemm_epilogue.py; the torch references in reference.py.
 """
 
 import torch
@@ -20,48 +20,12 @@ import triton.language as tl
 
 from gptoss_kernels import _runtime, gemm_configs
 from gptoss_kernels.gemm_configs import PLAIN, SWIGLU, SWIGLU_BWD  # noqa: F401  (the epilogues)
+from gptoss_kernels.grouped_gemm_epilogue import tile_epilogue
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the weight uses pointer loads
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
-
-
-@triton.jit
-def clamp_keep_nan(x, lo, hi):
-    """torch.clamp: a NaN stays NaN (tl.minimum/tl.maximum would turn it into a bound, hiding it)."""
-    return tl.where(x > hi, hi, tl.where(x < lo, lo, x))
-
-
-@triton.jit
-def swiglu_fwd(gate, up, alpha, limit):
-    """GPT-OSS clamped SwiGLU of fp32 pre-activations; NaN passes through the clamps as in torch.clamp."""
-    gate = clamp_keep_nan(gate, -float("inf"), limit)
-    up = clamp_keep_nan(up, -limit, limit)
-    return gate * tl.sigmoid(alpha * gate) * (up + 1.0)
-
-
-@triton.jit
-def swiglu_bwd(d_act, gate_pre, up_pre, alpha, limit, CLAMP_CLOSED: tl.constexpr):
-    """Gradients w.r.t. the unclamped gate and up, and the activation itself (recomputed).
-
-    Clamps pass gradient inside their range, and at the bounds exactly when CLAMP_CLOSED (as the installed
-    torch.clamp does: `_runtime.clamp_grad_at_bounds()`).
-    """
-    gate = clamp_keep_nan(gate_pre, -float("inf"), limit)
-    up = clamp_keep_nan(up_pre, -limit, limit)
-    sig = tl.sigmoid(alpha * gate)
-    glu = gate * sig
-    d_gate = d_act * (up + 1.0) * (sig + alpha * glu * (1.0 - sig))
-    if CLAMP_CLOSED:
-        gate_in = gate_pre <= limit
-        up_in = (up_pre >= -limit) & (up_pre <= limit)
-    else:
-        gate_in = gate_pre < limit
-        up_in = (up_pre > -limit) & (up_pre < limit)
-    d_gate = tl.where(gate_in, d_gate, 0.0)
-    d_up = tl.where(up_in, d_act * glu, 0.0)
-    return d_gate, d_up, glu * (up + 1.0)
 
 
 @triton.jit
@@ -78,22 +42,21 @@ def _tile_coords(pid, num_tiles, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr
 
 
 @triton.jit
-def _gemm_tile(
-    a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
-    offsets_ptr, tile_row_ptr, tile, pid_n, expert,
-    N, K, R, alpha, limit,
-    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
-    stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
-    stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
-    EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
-    BLOCK_R: tl.constexpr, STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr,
+def _tile_rows(tile_row_ptr, offsets_ptr, tile, expert, BLOCK_M: tl.constexpr):
+    """The tile's sorted-order rows [BLOCK_M] and which of them belong to its expert."""
+    row_end = tl.load(offsets_ptr + expert + 1)
+    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
+    return rows, rows < row_end
+
+
+@triton.jit
+def _mainloop(
+    a_ptr, gather_ptr, w_ptr, w_desc, rows, row_mask, pid_n, expert, N, K,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+    HAS_GATHER: tl.constexpr, EVEN_K: tl.constexpr, W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile of one expert: the K loop, the low-rank term, the epilogue."""
-    row_end = tl.load(offsets_ptr + expert + 1)
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)  # [BLOCK_M] sorted-order rows
-    row_mask = rows < row_end
+    """acc [BLOCK_M, BLOCK_N] = a[src(rows)] @ w[expert][:, n-block pid_n], in fp32."""
     if HAS_GATHER:
         src = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     else:
@@ -101,7 +64,6 @@ def _gemm_tile(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
-
     a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
               + ks[:, None] * stride_wk + cols[None, :] * stride_wn)  # [BLOCK_K, BLOCK_N]
@@ -124,48 +86,7 @@ def _gemm_tile(
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-
-    rows64 = rows.to(tl.int64)
-    if HAS_LOW_RANK:  # acc += z[rows] @ L[e][:, cols]: a rank-R update, no extra [M, N] buffer
-        rs = tl.arange(0, BLOCK_R)
-        r_mask = rs < R
-        z = tl.load(z_ptr + rows64[:, None] * stride_zm + rs[None, :] * stride_zr,
-                    mask=row_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
-        low = tl.load(l_ptr + expert.to(tl.int64) * stride_le + rs[:, None] * stride_lr + cols[None, :] * stride_ln,
-                      mask=r_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-        acc = tl.dot(z, low, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + cols * stride_bn,
-                       mask=col_mask, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    if EPILOGUE == 0:  # PLAIN
-        out_ptrs = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
-    elif EPILOGUE == 1:  # SWIGLU: acc is h [BLOCK_M, BLOCK_N], gate/up interleaved
-        if STORE_PRE:
-            pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + cols[None, :] * stride_pn
-            tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
-        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        act = swiglu_fwd(gate, up, alpha, limit)  # [BLOCK_M, BLOCK_N // 2]
-        act_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        out_ptrs = out_ptr + rows64[:, None] * stride_om + act_cols[None, :] * stride_on
-        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & (act_cols < N // 2)[None, :])
-    else:  # SWIGLU_BWD: acc is d(act) [BLOCK_M, BLOCK_N]; h columns 2*cols, 2*cols + 1
-        # Two stride-2 loads (same cache lines) use fewer registers than one wide load + split.
-        mask = row_mask[:, None] & col_mask[None, :]
-        g_ptrs = pre_ptr + rows64[:, None] * stride_pm + (2 * cols)[None, :] * stride_pn
-        gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_N]
-        up = tl.load(g_ptrs + stride_pn, mask=mask, other=0.0).to(tl.float32)
-        d_gate, d_up, act = swiglu_bwd(acc, gate, up, alpha, limit, CLAMP_CLOSED)
-        dh = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * BLOCK_N))  # interleave again
-        h_cols = pid_n * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
-        out_ptrs = out_ptr + rows64[:, None] * stride_om + h_cols[None, :] * stride_on
-        tl.store(out_ptrs, dh.to(out_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & (h_cols < 2 * N)[None, :])
-        if STORE_ACT:
-            act_ptrs = act_ptr + rows64[:, None] * stride_actm + cols[None, :] * stride_actn
-            tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=mask)
+    return acc
 
 
 @triton.jit
@@ -179,7 +100,7 @@ def _grouped_gemm_kernel(
     EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr, SUBTILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One program per (m-tile, n-block) of the upper-bound grid; padding tiles exit at once."""
@@ -187,13 +108,16 @@ def _grouped_gemm_kernel(
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:  # padding tile past the real tile count
         return
-    _gemm_tile(a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
-               offsets_ptr, tile_row_ptr, tile, pid_n, expert, N, K, R, alpha, limit,
-               stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
-               stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
-               stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
-               EPILOGUE, HAS_GATHER, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, EVEN_K,
-               W_TMA, DOT_PRECISION, CLAMP_CLOSED, BLOCK_M, BLOCK_N, BLOCK_K)
+    rows, row_mask = _tile_rows(tile_row_ptr, offsets_ptr, tile, expert, BLOCK_M)
+    acc = _mainloop(a_ptr, gather_ptr, w_ptr, w_desc, rows, row_mask, pid_n, expert, N, K,
+                    stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+                    HAS_GATHER, EVEN_K, W_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    tile_epilogue(acc, rows, row_mask, pid_n, expert, N, R, alpha, limit,
+              bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
+              stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
+              stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
+              EPILOGUE, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, DOT_PRECISION, CLAMP_CLOSED,
+              SUBTILES, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -207,23 +131,39 @@ def _grouped_gemm_persistent_kernel(
     EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, EVEN_K: tl.constexpr,
-    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr,
+    W_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, CLAMP_CLOSED: tl.constexpr, SUBTILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """A fixed grid (about one program per SM) striding over the real tiles only: the tile count is
-    read on the device (tile map), so padding costs nothing and no host sync sizes the loop."""
+    read on the device (tile map), so padding costs nothing and no host sync sizes the loop.
+
+    The tile loop and the K loop are flattened into one software-pipelined loop (flatten=True), so
+    the next tile's first loads are in flight while this tile's epilogue runs. The epilogue finds
+    its tile through its own counter (`done`), not through values carried over from the loads."""
     num_tiles = tl.load(num_tiles_ptr)
+    # The launcher sends K == 0 to the other kernel. Knowing K > 0 spares the flattened loop a second,
+    # unflattened copy for an empty K loop (whose epilogue would be compiled too, with scalar loads).
+    tl.assume(K > 0)
     total = num_tiles * tl.cdiv(N, BLOCK_N)
-    for pid in range(tl.program_id(0), total, tl.num_programs(0)):
+    step = tl.num_programs(0)
+    done = tl.program_id(0) - step
+    for pid in tl.range(tl.program_id(0), total, step, flatten=True):
         tile, pid_n = _tile_coords(pid, num_tiles, N, BLOCK_N, GROUP_M)
         expert = tl.load(tile_expert_ptr + tile)
-        _gemm_tile(a_ptr, gather_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
-                   offsets_ptr, tile_row_ptr, tile, pid_n, expert, N, K, R, alpha, limit,
-                   stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
-                   stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
-                   stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
-                   EPILOGUE, HAS_GATHER, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, EVEN_K,
-                   W_TMA, DOT_PRECISION, CLAMP_CLOSED, BLOCK_M, BLOCK_N, BLOCK_K)
+        rows, row_mask = _tile_rows(tile_row_ptr, offsets_ptr, tile, expert, BLOCK_M)
+        acc = _mainloop(a_ptr, gather_ptr, w_ptr, w_desc, rows, row_mask, pid_n, expert, N, K,
+                        stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+                        HAS_GATHER, EVEN_K, W_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        done += step
+        tile_c, pid_n_c = _tile_coords(done, num_tiles, N, BLOCK_N, GROUP_M)
+        expert_c = tl.load(tile_expert_ptr + tile_c)
+        rows_c, row_mask_c = _tile_rows(tile_row_ptr, offsets_ptr, tile_c, expert_c, BLOCK_M)
+        tile_epilogue(acc, rows_c, row_mask_c, pid_n_c, expert_c, N, R, alpha, limit,
+                  bias_ptr, out_ptr, pre_ptr, act_ptr, z_ptr, l_ptr,
+                  stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_actm, stride_actn,
+                  stride_zm, stride_zr, stride_le, stride_lr, stride_ln,
+                  EPILOGUE, HAS_BIAS, HAS_LOW_RANK, BLOCK_R, STORE_PRE, STORE_ACT, DOT_PRECISION, CLAMP_CLOSED,
+                  SUBTILES, BLOCK_M, BLOCK_N)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -294,10 +234,11 @@ def _launch(a, layout, w, bias, out, *, gather_idx=None, epilogue=PLAIN, pre=Non
     def run(cfg: gemm_configs.TileConfig):
         w_tma, args[3] = _weight_descriptor(w, cfg)
         meta = dict(flags, EVEN_K=k % cfg.block_k == 0, W_TMA=w_tma, BLOCK_M=layout.block_m,
+                    SUBTILES=gemm_configs.epilogue_subtiles(layout.block_m, cfg, epilogue),
                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         tiles = layout.max_tiles * triton.cdiv(n, cfg.block_n)
-        if cfg.persistent:
+        if cfg.persistent and k > 0:  # (the persistent kernel assumes K > 0)
             _grouped_gemm_persistent_kernel[(min(_num_programs(a.device), tiles),)](*args, **meta)
         else:
             _grouped_gemm_kernel[(tiles,)](*args, **meta)

@@ -30,7 +30,7 @@ def _segment_sum_kernel(
     col_mask = cols < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for i in range(tl.load(starts_ptr + token), tl.load(starts_ptr + token + 1)):
-        row = tl.load(order_ptr + i)  # int64 row of y that belongs to this token
+        row = tl.load(order_ptr + i).to(tl.int64)  # a row of y that belongs to this token (rows x H > 2**31)
         v = tl.load(y_ptr + row * stride_ym + cols * stride_yh, mask=col_mask, other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
             v *= tl.load(w_ptr + row).to(tl.float32)

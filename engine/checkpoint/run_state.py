@@ -112,14 +112,33 @@ def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
         try:
             loader.load_state_dict(mine["data"])
         except ValueError as e:
-            raise ResumeError(f"{path}: {e}; resume with the data and seed of that run, or start fresh with "
-                              "trainer.resume=none") from None
+            raise ResumeError(f"{path}: {e}, or write this run elsewhere with trainer.output_dir=..., or start over "
+                              "with trainer.resume=none") from None
     set_rng_state(mine["rng"], source)
     if not same_layout or meta["ep"] != rt.mesh.ep:
         log.info("resharded %s: written by %d ranks (ep %d, shard %s), resumed on %d (ep %d)", path,
                  meta["world_size"], meta["ep"], meta.get("shard"), rt.world_size, rt.mesh.ep)
     log.info("resumed from %s at step %d", path, meta["step"])
     return int(meta["step"]), int(meta.get("bad_steps", 0))
+
+
+def refuse_finished_run(cfg, out: Path) -> None:
+    """Under trainer.resume=auto, an output folder whose newest intact checkpoint is at or past
+    trainer.max_steps holds a finished run: refused in one line before anything is built, loaded, planned or
+    resumed. A checkpoint that cannot be read is passed over, as the resume itself falls back past it."""
+    if cfg.trainer.resume != "auto":
+        return
+    for path in ckpt.resume_candidates(out, "auto"):
+        try:
+            step = ckpt.intact_step(path)
+        except CheckpointError:
+            continue
+        if step >= cfg.trainer.max_steps:
+            raise CheckpointError(path, f"trainer.output_dir holds a finished run (step {step}, trainer.max_steps="
+                                  f"{cfg.trainer.max_steps}): write this run elsewhere with trainer.output_dir=..., "
+                                  f"start over in {cfg.trainer.output_dir} with trainer.resume=none, or raise "
+                                  "trainer.max_steps to train it further")
+        return
 
 
 def resume_run(cfg, rt, out: Path, model, opt, sched, loader) -> tuple[int, int]:

@@ -19,6 +19,7 @@ next steps run; rank 0 completes the checkpoint (meta.json + rename) when the wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,10 +40,19 @@ from .errors import CheckpointError, CheckpointNotFoundError
 from .safe_reader import METADATA_FILE, _first_line, CheckpointCorruptError, SafeFileSystemReader, read_metadata_file
 
 log = logging.getLogger("engine")
-# One process without torch.distributed is a layout like any other here, not a mistake to warn about.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+# DCP's warning when it runs in one process: a layout like any other here, not a mistake to warn about.
+_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
 STEP_PREFIX = "step_"
 FORMAT = "engine-dcp-1"
+
+
+@contextlib.contextmanager
+def _one_process_quiet(alone: bool):
+    """DCP's one-process warning silenced for the call inside (and nothing else, nowhere else)."""
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", message=_ONE_PROCESS)
+        yield
 
 
 def _fsync_dir(path: Path) -> None:
@@ -206,9 +216,12 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, torch.
     alone = not (dist.is_available() and dist.is_initialized())
     try:
         if asynchronous:
+            if alone:  # DCP warns from its own writer thread, which a scoped filter cannot reach
+                warnings.filterwarnings("ignore", message=_ONE_PROCESS)
             future = dcp.async_save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
             return PendingSave(future, finalize, rank, barrier, final, failure)
-        dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+        with _one_process_quiet(alone):
+            dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
         barrier()
         if rank == 0:
             finalize()
@@ -262,6 +275,25 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def intact_step(path: Path) -> int:
+    """The step of a checkpoint whose files are all there and whole, as far as can be told without reading
+    its tensors: meta.json, rank 0's JSON, the metadata, and each data file as long as the metadata needs;
+    CheckpointCorruptError naming the first that is not (what loading it would run into)."""
+    meta = read_meta(path)
+    read_json(rank_file(path, 0))
+    needs: dict[str, int] = {}
+    for info in (read_metadata_file(path / METADATA_FILE).storage_data or {}).values():
+        needs[info.relative_path] = max(needs.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needs.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else 0
+        if size < end:
+            raise CheckpointCorruptError(path / name, f"holds {size} bytes where the checkpoint's metadata needs "
+                                         f"{end}; the checkpoint is truncated, use an earlier one")
+    if not isinstance(meta.get("step"), int):
+        raise CheckpointCorruptError(path / "meta.json", f"step {meta.get('step')!r} is not an integer")
+    return meta["step"]
+
+
 def read_rank_state(path: Path, rank: int, world_size: int) -> dict:
     """This rank's JSON when the checkpoint has the same number of ranks, else rank 0's."""
     meta = read_meta(path)
@@ -284,8 +316,9 @@ def load_tensors(path: Path, tensors: dict[str, torch.Tensor], process_group=Non
     every rank calls this together, or one process `alone` (plain tensors). Errors name the file."""
     alone = alone or not (dist.is_available() and dist.is_initialized())
     try:
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group,
-                 no_dist=alone)
+        with _one_process_quiet(alone):
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group,
+                     no_dist=alone)
     except CheckpointException as e:
         # DCP wraps each rank's failure as (exception, traceback); ours already name the file.
         inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]

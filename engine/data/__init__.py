@@ -9,7 +9,7 @@ from engine.data.config import DataConfig, default_sample_paths, default_tokeniz
 from engine.data.dataset import DataError, DataStats, Document, DocumentEncoder, JsonlFile
 from engine.data.harmony import HARMONY_SPECIAL_TOKENS, Segment, render, render_segments, system_content
 from engine.data.loader import TrainLoader, ValLoader, build_train_loader, build_val_loader, open_store
-from engine.data.packing import IGNORE_INDEX, collate, row_starts
+from engine.data.packing import IGNORE_INDEX, collate, pack_order, row_starts
 from engine.data.records import Conversation, Message, RecordError, parse_record
 from engine.data.sampler import Cursor, GlobalOrder
 from engine.data.store import StoreWriter, TokenStore
@@ -43,6 +43,7 @@ __all__ = [
     "default_tokenizer_path",
     "load_tokenizer",
     "open_store",
+    "pack_order",
     "parse_record",
     "render",
     "row_starts",

@@ -1,14 +1,19 @@
 """Measure the CPU cost of the data pipeline on this machine.
 
     python -m engine.data.bench [--file FILE] [--tokenizer PATH] [--max-seq-len N] [--seconds S]
-        [--startup-docs N]
+        [--startup-docs N] [--packing-docs N]
 
 Figures: encoding alone in this thread (JSON parse + validate + render + tokenize + mask);
 preparation of a store with the worker pool (the file repeated until it holds at least 20k
 records); the training stream read from the store (packing + collating into batch tensors, in the
 calling thread, no prefetch) with the packing efficiency (share of non-padding tokens in the rows);
 and, with --startup-docs, the start-up of a run on an already prepared store of that many
-documents (manifest check, mapping, the epoch's global order, the first batch).
+documents (manifest and file checks, mapping, the epoch's global order, the first batch), and the
+one-time sha256 verification of its files, timed alone.
+
+`bench_packing` compares next-fit and best-fit packing (data.pack) on document lengths: the
+efficiency, rows and padding of one epoch, and the time to order and pack it (what every rank does
+at start-up and at each epoch's start), on N documents of each length distribution.
 
 `bench_harmony` measures render + tokenize of tool-calling conversations with the real
 o200k_harmony tokenizer, on the shipped agentic sample and on the same records with every message
@@ -36,8 +41,10 @@ from engine.data.harmony import render_segments
 from engine.data.loader import build_train_loader
 from engine.data.prepare import default_workers, expected_key, prepare
 from engine.data.records import parse_record
+from engine.data.sampler import GlobalOrder
 from engine.data.sources import resolve_sources
-from engine.data.store import StoreWriter
+from engine.data.store import StoreWriter, TokenStore
+from engine.data.store_check import DTYPES, VERIFIED
 from engine.data.tokenizer import load_tokenizer
 
 
@@ -185,7 +192,14 @@ def bench_startup(cfg: DataConfig, num_docs: int, workdir: Path) -> dict:
         writer.add(rng.integers(0, 256, total, dtype=np.uint32), rng.random(total) < 0.3, chunk,
                    np.zeros((len(chunk), 2), np.int64))
     key = expected_key(resolve_sources(source), cfg, tokenizer)
-    writer.finish({**key, **{k: sample_store.manifest[k] for k in ("counts", "token_stats")}})
+    counts, stats = sample_store.manifest["counts"], sample_store.manifest["token_stats"]
+    writer.finish({**key, "counts": {**counts, "records": num_docs, "documents": num_docs},
+                   "token_stats": {**stats, "tokens": int(lengths.sum())}})
+    # The writer hashed the files as it wrote them; a store copied or touched since is hashed once more.
+    (store_dir / VERIFIED).unlink()
+    start = time.perf_counter()
+    TokenStore(store_dir)
+    verify_s = time.perf_counter() - start
     start = time.perf_counter()
     loader = build_train_loader(DataConfig(**{**vars(cfg), "train_path": str(source)}), tokenizer,
                                 store_dir=store_dir, seed=0)
@@ -193,7 +207,62 @@ def bench_startup(cfg: DataConfig, num_docs: int, workdir: Path) -> dict:
     next(loader)
     first = time.perf_counter()
     loader.close()
-    return {"documents": num_docs, "open_s": opened - start, "first_batch_s": first - start}
+    store_bytes = sum((store_dir / name).stat().st_size for name in DTYPES)
+    return {"documents": num_docs, "store_mib": store_bytes / 2**20, "first_verify_s": verify_s,
+            "verify_mib_per_s": store_bytes / 2**20 / verify_s, "open_s": opened - start,
+            "first_batch_s": first - start}
+
+
+# Synthetic document lengths in tokens: long tool-calling traces of several shapes.
+SYNTHETIC = {
+    "uniform 500-3000": lambda rng, n: rng.integers(500, 3001, n),
+    "lognormal median 1200 sigma 0.6":
+        lambda rng, n: np.maximum(1, rng.lognormal(np.log(1200), 0.6, n).astype(np.int64)),
+    "uniform 1500-4096": lambda rng, n: rng.integers(1500, 4097, n),
+}
+
+
+def sample_lengths(tokenizer_path: str | Path, max_seq_len: int = 1 << 20) -> dict[str, np.ndarray]:
+    """Document lengths of the shipped chat and agentic samples under this tokenizer."""
+    from engine.data.config import default_sample_paths
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    cfg = DataConfig(tokenizer=str(tokenizer_path), max_seq_len=max_seq_len)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench_lengths_") as tmp:
+        for name, path in (("shipped chats", default_sample_paths()[0]), ("agentic sample", agentic_sample_paths()[0])):
+            out[name] = np.asarray(prepare(path, Path(tmp) / "store", cfg, tokenizer, workers=1).lengths)
+    return out
+
+
+def bench_pack(lengths: np.ndarray, max_seq_len: int, pack: str, window: int = 4096) -> dict:
+    """Order and pack one epoch of these documents (longer ones dropped, as data.overlong=drop does)."""
+    kept = lengths[lengths <= max_seq_len]
+    start = time.perf_counter()
+    order = GlobalOrder(kept, max_seq_len=max_seq_len, pack=pack, shuffle=True, seed=0, window=window)
+    order.epoch(0)
+    elapsed = time.perf_counter() - start
+    return {"documents": len(kept), **order.packing_report(0), "pack_s": elapsed}
+
+
+def bench_packing(tokenizer_path: str | Path, num_docs: int, seq_lens=(1024, 4096),
+                  windows=(256, 1024, 4096, 16384)) -> dict:
+    """Next fit vs best fit on `num_docs` documents of each length distribution (the samples'
+    lengths repeated), at each row length; then best fit's window on uniform 500-3000 at 4096."""
+    rng = np.random.default_rng(0)
+    lengths = {name: np.resize(x, num_docs) for name, x in sample_lengths(tokenizer_path).items()}
+    lengths.update({name: draw(rng, num_docs) for name, draw in SYNTHETIC.items()})
+    rows = []
+    for name, x in lengths.items():
+        for max_seq_len in seq_lens:
+            if not (x <= max_seq_len).any():
+                continue  # every document is longer than the row: dropped
+            for pack in ("next_fit", "best_fit"):
+                rows.append({"lengths": name, "max_seq_len": max_seq_len, "pack": pack,
+                             **bench_pack(x, max_seq_len, pack)})
+    sweep = [{"lengths": "uniform 500-3000", "max_seq_len": 4096, "pack": "best_fit", "pack_window": w,
+              **bench_pack(lengths["uniform 500-3000"], 4096, "best_fit", w)} for w in windows]
+    return {"documents_per_distribution": num_docs, "rows": rows, "window_sweep": sweep}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,9 +273,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=3.0, help="time spent on each measurement")
     parser.add_argument("--startup-docs", type=int, default=0, help="also time a run's start on a store this big")
+    parser.add_argument("--packing-docs", type=int, default=0,
+                        help="also compare next fit and best fit on this many documents per length distribution")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.file, args.tokenizer, args.max_seq_len, args.micro_batch_size, args.seconds,
-                         args.startup_docs), indent=1))
+    results = run(args.file, args.tokenizer, args.max_seq_len, args.micro_batch_size, args.seconds, args.startup_docs)
+    if args.packing_docs:
+        from engine.data.config import default_tokenizer_path
+
+        results["packing"] = bench_packing(args.tokenizer or default_tokenizer_path(), args.packing_docs)
+    print(json.dumps(results, indent=1))
 
 
 def run(file, tokenizer, max_seq_len: int, micro_batch_size: int, seconds: float, startup_docs: int = 0,

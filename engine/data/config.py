@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.schema import Range, bounds, choices, setting
+
 LOSS_MASKS = ("assistant", "final_only", "last_turn")
 ON_ERROR = ("raise", "skip")
 OVERLONG = ("drop", "truncate")
+# data.pack: best_fit (true means it too), next_fit, or false (one document per row).
+PACKINGS = ("best_fit", "next_fit")
 REASONING_EFFORTS = ("low", "medium", "high")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
@@ -39,48 +43,51 @@ class DataConfig:
     a model directory or a tokenizer.json path selects another one.
     """
 
-    # A .jsonl/.json/.parquet file, a save_to_disk folder, a Hub id owner/name[:split], a list of
-    # these, or a folder made by `python -m engine.data.prepare` (used as it is). Typed Any
-    # because OmegaConf cannot hold a union of a string and a list; validate() checks them.
-    train_path: Any = None
-    val_path: Any = None
-    tokenizer: str | None = None
-    max_seq_len: int = 4096
-    # Rows (sequences of max_seq_len tokens) per optimizer step, fixed whatever the world size.
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
-    pack: bool = True
-    loss_mask: str = "assistant"
-    on_error: str = "raise"
-    overlong: str = "drop"
-    # Used for records without their own `reasoning_effort`.
-    reasoning_effort: str = "medium"
-    # "YYYY-MM-DD" adds a `Current date:` line to every system message; None leaves it out.
-    current_date: str | None = None
-    shuffle: bool = True
-    # Batches prepared ahead by a background thread; 0 prepares them in the calling thread.
-    prefetch: int = 4
-    # Seed of the data order; None uses the trainer's seed.
-    seed: int | None = None
-    # Where the trainer keeps the prepared stores (train/, val/); None = OUTPUT_DIR/data.
-    prepared_dir: str | None = None
-    # Processes that render and tokenize; 0 = one per core (at most 8).
-    prepare_workers: int = 0
+    # Typed Any because OmegaConf cannot hold a union of a string and a list; validate() checks them.
+    train_path: Any = setting(None, help="a .jsonl/.json/.parquet file, a save_to_disk folder, a Hub id "
+                              "owner/name[:split], a list of these, or a prepared folder; null = the shipped sample")
+    val_path: Any = setting(None, help="the same kinds as train_path; null = the shipped sample's validation file "
+                            "when train_path is null, else no validation")
+    tokenizer: str | None = setting(None, help="a model folder or tokenizer.json; null = the model checkpoint's, "
+                                    "else the shipped one")
+    max_seq_len: int = setting(4096, range=Range(2), help="tokens per row")
+    global_batch_size: int = setting(8, range=Range(1), help="rows per optimizer step, whatever the world size")
+    micro_batch_size: int = setting(1, range=Range(1), help="rows per forward on one rank")
+    # Typed Any because OmegaConf cannot hold a union of a string and a bool; validate() checks it.
+    pack: Any = setting("best_fit", help="best_fit | next_fit | false: documents packed into full rows, best fit "
+                        "decreasing within each window of pack_window documents (true means best_fit), in the "
+                        "epoch's order, or one document per row; attention never crosses documents")
+    pack_window: int = setting(4096, range=Range(1), help="documents of the epoch's order that best_fit packs "
+                               "together (a window); the window's rows are shuffled")
+    loss_mask: str = setting("assistant", choices=LOSS_MASKS, help="which tokens train: every assistant message, "
+                             "final answers only, or the assistant messages after the last user message")
+    on_error: str = setting("raise", choices=ON_ERROR, help="a bad record stops the run (raise) or is counted, "
+                            "reported and left out (skip)")
+    overlong: str = setting("drop", choices=OVERLONG, help="a record longer than max_seq_len is dropped or cut")
+    reasoning_effort: str = setting("medium", choices=REASONING_EFFORTS, help="for records without their own")
+    current_date: str | None = setting(None, help="YYYY-MM-DD adds a `Current date:` line to every system "
+                                       "message; null leaves it out")
+    shuffle: bool = setting(True, help="permute the documents each epoch")
+    prefetch: int = setting(4, range=Range(0), help="batches prepared ahead by a background thread (0: in the "
+                            "calling thread)")
+    seed: int | None = setting(None, help="seed of the data order; null = trainer.seed")
+    prepared_dir: str | None = setting(None, help="where the prepared stores go (train/, val/); null = "
+                                       "OUTPUT_DIR/data")
+    prepare_workers: int = setting(0, range=Range(0), help="processes that render and tokenize; 0 = one per core "
+                                   "(at most 8)")
 
     def validate(self, world_size: int | None = None) -> "DataConfig":
         """Raise ValueError naming the first bad key; with `world_size`, check the batch split."""
-        _choice("loss_mask", self.loss_mask, LOSS_MASKS)
-        _choice("on_error", self.on_error, ON_ERROR)
-        _choice("overlong", self.overlong, OVERLONG)
-        _choice("reasoning_effort", self.reasoning_effort, REASONING_EFFORTS)
-        _at_least("max_seq_len", self.max_seq_len, 2)
-        _at_least("global_batch_size", self.global_batch_size, 1)
-        _at_least("micro_batch_size", self.micro_batch_size, 1)
-        _at_least("prefetch", self.prefetch, 0)
-        _at_least("prepare_workers", self.prepare_workers, 0)
-        for key in ("pack", "shuffle"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"data.{key} = {getattr(self, key)!r} must be true or false")
+        for key in ("loss_mask", "on_error", "overlong", "reasoning_effort"):
+            _choice(key, getattr(self, key), choices(DataConfig, key))
+        for key in ("max_seq_len", "global_batch_size", "micro_batch_size", "prefetch", "prepare_workers",
+                    "pack_window"):
+            _at_least(key, getattr(self, key), int(bounds(DataConfig, key).low))
+        if not isinstance(self.pack, bool) and self.pack not in PACKINGS:
+            raise ValueError(f"data.pack = {self.pack!r} must be true or false, or one of: {', '.join(PACKINGS)} "
+                             "(true packs best_fit; false puts one document per row)")
+        if not isinstance(self.shuffle, bool):
+            raise ValueError(f"data.shuffle = {self.shuffle!r} must be true or false")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"data.seed = {self.seed!r} must be an integer or null")
         if self.current_date is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(self.current_date)):
@@ -101,6 +108,11 @@ class DataConfig:
             self.grad_accum_steps(world_size)
         return self
 
+    @property
+    def packing(self) -> str:
+        """The packing in effect: best_fit, next_fit or none."""
+        return packing_mode(self.pack)
+
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step, so that every step sees global_batch_size rows."""
         rows_per_round = self.micro_batch_size * world_size
@@ -118,6 +130,15 @@ class DataConfig:
         if self.val_path is not None:
             return self.val_path
         return str(default_sample_paths()[1]) if self.train_path is None else None
+
+
+def packing_mode(pack: object) -> str:
+    """data.pack -> best_fit, next_fit or none (false); each of these names maps to itself."""
+    if isinstance(pack, bool):
+        return "best_fit" if pack else "none"
+    if pack not in (*PACKINGS, "none"):
+        raise ValueError(f"data.pack = {pack!r} must be true or false, or one of: {', '.join(PACKINGS)}")
+    return pack
 
 
 def is_hub_id(spec: str) -> bool:

@@ -8,6 +8,7 @@ every record once, in worker processes. `JsonlFile` gives random access to a JSO
 
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,14 +66,34 @@ class DataStats:
         return text
 
 
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object_pairs_hook: an object that gives a key twice is an error, not its last value."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DataError(f"duplicate key {key!r} in one JSON object (a parser would keep only its last value); "
+                        "keep one")
+    return record
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=unique_keys)
+
+
 def decode_json_line(raw: bytes) -> object:
-    """One JSONL line -> the decoded record; DataError saying what is wrong with the bytes."""
+    """One JSONL line -> the decoded record; DataError saying what is wrong with the bytes. The line is
+    parsed without its line ending, so an error at its end is at the column Python's parser names for the
+    line alone (not "column 1" of the line after it). Strict UTF-8 (a leading BOM allowed): an encoded
+    surrogate half is refused here, an escaped one (`\\ud800`) where the text is checked (tools.check_text)."""
     try:
-        return json.loads(raw)
+        return _DECODER.decode(raw.rstrip(b"\r\n").decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
+    except RecursionError:
+        raise DataError(f"JSON nested too deeply to read (Python's limit is about {sys.getrecursionlimit()} "
+                        "levels); no record needs that depth") from None
 
 
 class JsonlFile:
@@ -139,21 +160,25 @@ class DocumentEncoder:
 
     def render_record(self, record: object) -> list[Segment]:
         """Validate and render one decoded record; raise DataError or RecordError."""
-        conversation = parse_record(record)
-        for i, message in enumerate(conversation.messages):
-            for key in ("content", "thinking"):
-                special = self.tokenizer.find_special(getattr(message, key) or "")
-                if special is not None:
-                    raise DataError(
-                        f"messages[{i}].{key} contains the special token {special!r}, which the tokenizer "
-                        "reads as harmony structure, never as text; remove it"
-                    )
-        return render_segments(
-            conversation,
-            loss_mask=self.cfg.loss_mask,
-            reasoning_effort=self.cfg.reasoning_effort,
-            current_date=self.cfg.current_date,
-        )
+        try:
+            conversation = parse_record(record)
+            for i, message in enumerate(conversation.messages):
+                for key in ("content", "thinking"):
+                    special = self.tokenizer.find_special(getattr(message, key) or "")
+                    if special is not None:
+                        raise DataError(
+                            f"messages[{i}].{key} contains the special token {special!r}, which the tokenizer "
+                            "reads as harmony structure, never as text; remove it"
+                        )
+            return render_segments(
+                conversation,
+                loss_mask=self.cfg.loss_mask,
+                reasoning_effort=self.cfg.reasoning_effort,
+                current_date=self.cfg.current_date,
+            )
+        except RecursionError:  # a record decoded from a table or a .json file can be deeper than Python reads
+            raise RecordError(f"the record is nested too deeply to read (Python's limit is about "
+                              f"{sys.getrecursionlimit()} levels)") from None
 
     def fit(self, doc: Document) -> Document | None:
         """Apply data.overlong to one document (None: dropped), counting it in the stats."""

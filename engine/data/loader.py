@@ -9,9 +9,10 @@ same order, whatever W and B, and the trainer's loss (summed over the global bat
 target-token count) is the same number at any layout, up to the order of fp32 sums.
 
 The state is the global position of the next micro-round, a `Cursor` (epoch, row), saved as a
-small JSON-able dict; at a step boundary it names the first row of the next global batch, so a
-checkpoint resumes at any world size. A background thread (`prefetch`) reads and collates ahead
-into a bounded queue; the state reported is that of the last batch handed out.
+small JSON-able dict with the options the order depends on; at a step boundary it names the first
+row of the next global batch, so a checkpoint resumes at any world size. A background thread
+(`prefetch`) reads and collates ahead into a bounded queue; the state reported is that of the last
+batch handed out.
 """
 
 import logging
@@ -21,10 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from engine.data.config import DataConfig
 from engine.data.dataset import DataError, Document
-from engine.data.packing import collate, row_starts
-from engine.data.sampler import Cursor, GlobalOrder
+from engine.data.packing import collate, pack_order
+from engine.data.sampler import Cursor, GlobalOrder, describe_packing, packing_report
 from engine.data.store import MANIFEST, TokenStore
 from engine.data.tokenizer import HarmonyTokenizer
 
@@ -33,7 +36,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Batch = dict
 # What a cursor is only meaningful with: the same stored data, packed and ordered the same way.
-_ORDER_KEYS = ("store", "seed", "shuffle", "pack", "max_seq_len")
+_ORDER_KEYS = ("store", "seed", "shuffle", "pack", "pack_window", "max_seq_len")
+
+
 def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
     """Run `items` in a daemon thread, at most `depth` ahead; re-raise its errors here."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
@@ -83,7 +88,7 @@ class TrainLoader:
         self.store, self.cfg, self.pad_id = store, cfg, pad_id
         self.rank, self.world_size, self.micro_batch_size, self.seed = rank, world_size, micro_batch_size, seed
         self.order = GlobalOrder(store.lengths, max_seq_len=cfg.max_seq_len, pack=cfg.pack, shuffle=cfg.shuffle,
-                                 seed=seed)
+                                 seed=seed, window=cfg.pack_window)
         self._cursor = Cursor()
         # (batch, cursor after it) pairs, opened lazily at the cursor by the first next().
         self._stream: Iterator[tuple[Batch, Cursor]] | None = None
@@ -93,8 +98,10 @@ class TrainLoader:
         return self._cursor
 
     def _order_state(self) -> dict:
+        mode = self.cfg.packing
         return {"store": self.store.fingerprint, "seed": self.seed, "shuffle": self.cfg.shuffle,
-                "pack": self.cfg.pack, "max_seq_len": self.cfg.max_seq_len}
+                "pack": False if mode == "none" else mode, "pack_window": self.cfg.pack_window,
+                "max_seq_len": self.cfg.max_seq_len}
 
     def state_dict(self) -> dict:
         """JSON-able and the same on every rank: the global position plus what it depends on."""
@@ -102,11 +109,17 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         now = self._order_state()
+        if state.get("pack") is True:  # written before best-fit packing existed: packed next-fit
+            state = {**state, "pack": "next_fit"}
         for key in _ORDER_KEYS:
+            if key == "pack_window" and now["pack"] != "best_fit":
+                continue  # only best fit packs in windows
             if state.get(key) != now[key]:
+                option = (f" (data.{key}={str(state.get(key)).lower()})"
+                          if key in ("shuffle", "pack", "pack_window", "max_seq_len") else "")
                 raise DataError(
                     f"cannot resume the data order: the checkpoint has data {key} = {state.get(key)!r}, this run "
-                    f"has {now[key]!r} ({self.store.path}); resume with the same data and data options"
+                    f"has {now[key]!r} ({self.store.path}); resume with the same data and data options{option}"
                 )
         self.close()
         self._cursor = Cursor(int(state["epoch"]), int(state["row"]))
@@ -114,7 +127,7 @@ class TrainLoader:
     @property
     def report(self) -> dict:
         """Counts of the prepared data, for the first line of metrics.jsonl."""
-        return data_report(self.store, "data", self.order.packing_efficiency(0))
+        return data_report(self.store, "data", self.order.packing_report(0))
 
     def __iter__(self) -> "TrainLoader":
         return self
@@ -158,7 +171,8 @@ class TrainLoader:
 class ValLoader:
     """One pass over the validation store in store order, the same number of batches on every rank.
 
-    Rows are packed next-fit in store order and dealt out round-robin; the last round is topped up
+    Rows are packed as data.pack says from the store order (best-fit windows keep their rows in the
+    order they were opened) and dealt out round-robin; the last round is topped up
     with all-padding rows (no targets), so that collective ops per batch stay matched across ranks;
     sum losses and target counts, then divide once.
     """
@@ -167,12 +181,13 @@ class ValLoader:
                  micro_batch_size: int) -> None:
         self.store, self.cfg, self.pad_id = store, cfg, pad_id
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
-        self.starts = row_starts(store.lengths, cfg.max_seq_len, cfg.pack)  # [R + 1]
+        packed = pack_order(store.lengths, np.arange(len(store)), cfg.max_seq_len, cfg.pack, cfg.pack_window)
+        self.order, self.starts = packed.order, packed.starts  # [N], [R + 1]
 
     @property
     def report(self) -> dict:
-        efficiency = float(self.store.lengths.sum()) / ((len(self.starts) - 1) * self.cfg.max_seq_len)
-        return data_report(self.store, "val_data", efficiency)
+        return data_report(self.store, "val_data", packing_report(self.store.lengths, len(self.starts) - 1,
+                                                                  self.cfg.max_seq_len))
 
     def __len__(self) -> int:
         per_round = self.micro_batch_size * self.world_size
@@ -181,7 +196,7 @@ class ValLoader:
     def _row(self, r: int) -> list[Document]:
         if r >= len(self.starts) - 1:
             return []
-        return [self.store.document(i) for i in range(int(self.starts[r]), int(self.starts[r + 1]))]
+        return [self.store.document(int(i)) for i in self.order[self.starts[r] : self.starts[r + 1]]]
 
     def __iter__(self) -> Iterator[Batch]:
         mb = self.micro_batch_size
@@ -190,28 +205,32 @@ class ValLoader:
             yield collate([self._row(first + k) for k in range(mb)], self.cfg.max_seq_len, self.pad_id)
 
 
-def data_report(store: TokenStore, prefix: str, packing_efficiency: float) -> dict:
+def data_report(store: TokenStore, prefix: str, packing: dict) -> dict:
+    """The store's counts and `packing` (sampler.packing_report of the first epoch), keys `{prefix}_*`."""
     c = store.manifest["counts"]
     out = {f"{prefix}_{k}": c[k] for k in ("records", "documents", "skipped_invalid", "dropped_overlong", "truncated")}
     out[f"{prefix}_tokens"] = store.manifest["token_stats"]["tokens"]
-    out[f"{prefix}_packing_efficiency"] = packing_efficiency
+    for key in ("packing_efficiency", "rows", "padding_tokens"):
+        out[f"{prefix}_{key}"] = packing[key]
     return out
 
 
 def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, rank: int = 0,
                world_size: int = 1) -> TokenStore:
-    """The prepared store of `inputs`: a prepared folder given as the input is used as it is; else
-    rank 0 makes or reuses the store at `store_dir` (validating every record) while the other ranks
-    wait, then every rank maps the same files."""
+    """The prepared store of `inputs`: a prepared folder given as the input is used as it is; else the
+    store at `store_dir` is made or reused. Rank 0 does it (validating every record, verifying every
+    file once) while the other ranks wait, then every rank maps the same files."""
     from engine.data.prepare import check_prepared, ensure_store, summary
 
-    if isinstance(inputs, (str, Path)) and (Path(inputs) / MANIFEST).is_file():
-        return check_prepared(TokenStore(inputs), cfg, tokenizer)
+    prepared = isinstance(inputs, (str, Path)) and (Path(inputs) / MANIFEST).is_file()
+    path = Path(inputs) if prepared else Path(store_dir)
     outcome: list = [None, None]  # [error message, store fingerprint] from rank 0
     error: BaseException | None = None
     if rank == 0:
         try:
-            outcome[1] = ensure_store(inputs, store_dir, cfg, tokenizer, workers=cfg.prepare_workers).fingerprint
+            store = (check_prepared(TokenStore(path), cfg, tokenizer) if prepared
+                     else ensure_store(inputs, path, cfg, tokenizer, workers=cfg.prepare_workers))
+            outcome[1] = store.fingerprint
         except (ValueError, OSError) as exc:  # DataError, TokenizerError, unreadable files
             error, outcome[0] = exc, f"{type(exc).__name__}: {exc}"
     if world_size > 1:
@@ -223,13 +242,15 @@ def open_store(inputs, store_dir: str | Path, cfg: DataConfig, tokenizer: Harmon
         raise error
     if outcome[0] is not None:
         raise DataError(f"rank 0 could not prepare the data: {outcome[0]}")
-    store = TokenStore(store_dir)
+    if rank == 0:
+        return store
+    # Rank 0 verified the files and recorded it: opening them here costs O(files).
+    store = check_prepared(TokenStore(path), cfg, tokenizer) if prepared else TokenStore(path)
     if outcome[1] is not None and store.fingerprint != outcome[1]:
-        raise DataError(f"rank {rank} reads another store at {store_dir} than rank 0 wrote; data.prepared_dir "
+        raise DataError(f"rank {rank} reads another store at {path} than rank 0 wrote; data.prepared_dir "
                         "must be a folder every rank sees (a shared filesystem)")
-    if rank != 0:  # rank 0 logged it while preparing; the other ranks' logs say what they train on
-        log.info("data store %s: %s", store_dir, summary(store.manifest))
-    return store
+    log.info("data store %s: %s", path, summary(store.manifest))  # rank 0 logged it while preparing
+    return store.check_vocab(tokenizer.vocab_size)
 
 
 def build_train_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_dir: str | Path | None = None,
@@ -243,8 +264,11 @@ def build_train_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_di
         raise ValueError("no folder for the prepared data: set data.prepared_dir")
     store = open_store(cfg.resolved_train_path(), root, cfg, tokenizer, rank=rank, world_size=world_size)
     order_seed = cfg.seed if cfg.seed is not None else (seed if seed is not None else 0)
-    return TrainLoader(store, cfg, tokenizer.pad_id, rank=rank, world_size=world_size,
-                       micro_batch_size=micro_batch_size or cfg.micro_batch_size, seed=order_seed)
+    loader = TrainLoader(store, cfg, tokenizer.pad_id, rank=rank, world_size=world_size,
+                         micro_batch_size=micro_batch_size or cfg.micro_batch_size, seed=order_seed)
+    if rank == 0:
+        log.info("data order: %s", describe_packing(loader.order.packing_report(0), cfg, order_seed))
+    return loader
 
 
 def build_val_loader(cfg: DataConfig, tokenizer: HarmonyTokenizer, *, store_dir: str | Path | None = None,

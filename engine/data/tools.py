@@ -51,6 +51,14 @@ def type_name(value: object) -> str:
 def check_text(where: str, value: object) -> str:
     if not isinstance(value, str):
         raise RecordError(f"{where} must be a string, got {type_name(value)}")
+    if not value.isascii():  # JSON's `\ud800` decodes to half a UTF-16 pair, which no tokenizer takes
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RecordError(
+                f"{where} holds a lone surrogate {value[exc.start]!r} at character {exc.start} (half of a "
+                "UTF-16 pair, not a character); fix that escape in the data"
+            ) from None
     if "<|" in value:
         match = _SPECIAL.search(value)
         if match:

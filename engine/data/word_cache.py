@@ -44,7 +44,9 @@ class WordCacheEncoder:
         """An encoder when the tokenizer's pipeline is exactly split + byte-level + BPE, else None."""
         try:
             import regex  # noqa: F401  (a dependency of transformers)
-        except ImportError:
+        except ModuleNotFoundError as e:  # absent: the plain tokenizer path; installed but broken: its error
+            if e.name != "regex":
+                raise
             return None
         if backend.normalizer is not None or backend.pre_tokenizer is None:
             return None

@@ -19,6 +19,7 @@ PEFT layout (what `peft.PeftModel.from_pretrained(transformers.GptOssForCausalLM
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint.atomic_dir import atomic_directory
+from ..errors import import_failure
 from .lora import ExpertLoRA, LoraLinear, _fold, adapter_modules, lora_state_dict
 
 PEFT_PREFIX = "base_model.model."
@@ -173,14 +175,17 @@ def _check_installed_peft(projs: tuple[str, ...]) -> None:
     """Load a converted random adapter into the installed peft on a tiny GPT-OSS and compare names,
     shapes and every expert's weight delta with ours; raise if they differ (the layout is peft's
     internal choice and could change between versions)."""
-    try:
-        import peft
-        import transformers
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    except ImportError:
-        warnings.warn("peft/transformers are not installed here, so the expert adapter layout could not be "
-                      "checked against the peft that will load it (tests check it against peft 0.21)", stacklevel=3)
-        return
+    for package in ("transformers", "peft"):
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            warnings.warn(f"{import_failure(package, e)}, so the expert adapter layout could not be checked "
+                          "against the peft that will load it (tests check it against peft 0.21)", stacklevel=3)
+            return
+    import peft
+    import transformers
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
     e, h, i, r, alpha = 3, 4, 3, 2, 3.0
     hf_cfg = transformers.GptOssConfig(vocab_size=8, hidden_size=h, num_hidden_layers=1, num_attention_heads=1,
                                        num_key_value_heads=1, head_dim=4, num_local_experts=e, num_experts_per_tok=1,

@@ -10,6 +10,7 @@ checkpoint it continues into a folder of its own.
 """
 
 import json
+import re
 import shutil
 import sys
 
@@ -191,6 +192,8 @@ def test_real_recipe_dry_run_at_full_scale(tmp_path, recipe, preset, nproc):
     proc = run_command(cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "all checks passed" in proc.stdout
+    rows = int(re.search(r"data_rows: (\d+)", proc.stdout).group(1))  # the first epoch's packing, reported
+    assert rows > 0 and 0 < float(re.search(r"data_packing_efficiency: ([\d.]+)", proc.stdout).group(1)) <= 1
     expected = lora_param_count(arch, 32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
                                 nproc, False)
     assert f"trainable_on_rank: {expected}" in proc.stdout

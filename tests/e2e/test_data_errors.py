@@ -61,3 +61,6 @@ def test_skip_reports_how_many_everywhere(tmp_path):
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and first["data_skipped_invalid"] == 3
     assert (first["data_records"], first["data_documents"], first["data_dropped_overlong"]) == (403, 400, 0)
+    # How the rows pack (data.pack=best_fit, the default): every row slot is a token or padding.
+    assert first["data_rows"] * 256 - first["data_padding_tokens"] == first["data_tokens"]
+    assert first["data_packing_efficiency"] == first["data_tokens"] / (first["data_rows"] * 256)

@@ -60,15 +60,22 @@ def test_dry_run_plans_32_gpus_from_one_process_and_refuses_what_does_not_fit(tm
 
 
 @pytest.mark.slow
-def test_a_finished_run_is_not_resumed_by_accident(tmp_path):
-    common = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=32", "trainer.max_steps=2", "optim.warmup_steps=1",
+def test_a_smoke_run_shorter_than_the_warmup_runs_and_a_finished_run_is_refused_at_once(tmp_path):
+    common = ["recipe=tiny_sft", "data.source=synthetic", "data.max_seq_len=32", "trainer.max_steps=2",
               "trainer.val_every=0", f"trainer.output_dir={tmp_path}"]
-    first = _train(*common)
+    first = _train(*common)  # tiny_sft warms up for 5 steps: cut to the run's 2, said in one line
     assert first.returncode == 0, first.stderr[-3000:]
+    said = [line for line in (first.stdout + first.stderr).splitlines() if "warmup" in line]
+    assert len(said) == 1 and "optim.warmup_steps=5" in said[0] and "trainer.max_steps=2" in said[0], said
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
     again = _train(*common)
     assert again.returncode == 2
     lines = [line for line in again.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, again.stderr
     assert "finished run" in lines[0] and "trainer.output_dir" in lines[0] and "trainer.resume=none" in lines[0]
+    # Refused before anything was built, loaded, planned or resumed: the log holds the config's own note alone.
+    assert [line for line in again.stdout.splitlines() if line.strip() and "warmup" not in line] == [], again.stdout
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
     longer = _train(*common[:-2], "trainer.max_steps=3", common[-1])  # raising max_steps trains on
     assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "resumed from" in longer.stdout and "step_0000002" in longer.stdout

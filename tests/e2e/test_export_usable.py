@@ -2,6 +2,7 @@
 clear one-line refusals for the wrong format or an existing output folder."""
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -16,9 +17,8 @@ from tests.e2e.test_user_errors import TRAINED
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-
-def _python(*args, check=True):
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+def _python(*args, check=True, cwd=REPO):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -74,3 +74,18 @@ def test_readme_recipe_for_loading_a_trained_lora_model(runs):
     ids = torch.randint(0, 64, (1, 8))
     with torch.no_grad():
         assert torch.isfinite(model(ids)).all()
+
+
+def test_a_lora_run_on_a_relative_model_path_exports_and_loads_from_any_directory(runs, tmp_path):
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    shutil.copytree(runs["tiny_sft"] / "hf", launch / "base")
+    elsewhere.mkdir()
+    _python(str(REPO / "engine" / "train.py"), "recipe=tiny_lora", "model.path=base", "trainer.max_steps=1",
+            "trainer.val_every=0", "trainer.output_dir=lora", cwd=launch)
+    adapter_config = json.loads((launch / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(launch / "base")  # absolute: valid from anywhere
+    step = launch / "lora" / "checkpoints" / "step_0000001"
+    _python("-m", "engine.export", str(step), "--out", str(tmp_path / "merged"), "--format", "merged", cwd=elsewhere)
+    assert (tmp_path / "merged" / "config.json").is_file()
+    _python("-c", "import sys; from engine.loading import load_for_inference; "
+            "assert load_for_inference(sys.argv[1]).model is not None", str(launch / "lora"), cwd=elsewhere)

@@ -144,3 +144,64 @@ def test_readme_commands_run_in_order_on_a_fresh_copy(readme_run):
     for i, step, took, _ in readme_run.ran:
         print(f"README step {i} ({took:.0f} s): {step.splitlines()[0]}")
     assert readme_run.failure is None, readme_run.failure
+
+
+def _train_commands(text: str) -> set[tuple[str, ...]]:
+    """The engine/train.py overrides of every training command in the README, in code blocks and in inline
+    code alike (dry runs and --help write no run)."""
+    lines = [c for kind, c in readme_steps(text) if kind == "sh"]
+    lines += [m.group(1) for m in re.finditer(r"`((?:[A-Z_]+=\S+\s+)*(?:python3?|torchrun)\s[^`]*)`", text)]
+    found = set()
+    for line in lines:
+        words = shlex.split(line)
+        if "engine/train.py" in words:
+            args = tuple(words[words.index("engine/train.py") + 1:])
+            if "trainer.dry_run=true" not in args and not any(a.startswith("-") for a in args):
+                found.add(args)
+    return found
+
+
+def test_each_readme_training_command_writes_its_own_output_dir():
+    # A command that shares another's trainer.output_dir resumes (or is refused by) that other run.
+    from tests.unit.test_recipes import _compose
+
+    commands = _train_commands((REPO / "README.md").read_text())
+    assert ("recipe=tiny_sft", "data.train_path=engine/data/assets/sample_agentic.jsonl") in {
+        tuple(a for a in c if not a.startswith("trainer.output_dir=")) for c in commands}
+    by_dir: dict[str, list] = {}
+    for args in commands:
+        by_dir.setdefault(_compose(*args)["trainer"]["output_dir"], []).append(" ".join(args))
+    shared = {d: c for d, c in by_dir.items() if len(c) > 1}
+    assert not shared, f"README commands writing the same trainer.output_dir: {shared}"
+
+
+def test_readme_data_examples_are_valid_jsonl_as_pasted():
+    # A data example is a ```jsonl block (one record per line, as pasted into a .jsonl file), or a ```json
+    # block of one pretty-printed record followed by its one-line form.
+    import json
+
+    from engine.data.records import parse_record
+
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", (REPO / "README.md").read_text(), re.MULTILINE | re.DOTALL)
+    assert not [b for lang, b in blocks if lang in ("", "text") and b.lstrip().startswith("{")], \
+        "a data example without its jsonl form"
+    lines = [line for lang, b in blocks if lang == "jsonl" for line in b.splitlines() if line.strip()]
+    assert len(lines) >= 3
+    for line in lines:
+        parse_record(json.loads(line))
+    for lang, block in blocks:
+        if lang == "json":
+            assert json.dumps(json.loads(block), ensure_ascii=False) in lines
+
+
+def test_readme_prose_after_each_code_block_and_the_layout_lists_each_folder_once():
+    lines = (REPO / "README.md").read_text().splitlines()
+    fences = [i for i, line in enumerate(lines) if line.startswith("```")]
+    closing = fences[1::2]
+    stray = [lines[i + 1] for i in closing if i + 1 < len(lines) and lines[i + 1].strip()]
+    assert not stray, f"text glued to a code block's end: {stray}"
+    layout = lines[lines.index("## Layout"):]
+    block = layout[layout.index("```") + 1:]
+    block = block[:block.index("```")]
+    folders = [line.split()[0] for line in block if re.match(r"^\s*[\w/]+/\s", line)]
+    assert len(folders) == len(set(folders)), sorted(f for f in folders if folders.count(f) > 1)

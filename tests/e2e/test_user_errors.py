@@ -62,7 +62,7 @@ CONFIG_ERRORS = [
     (["optim.betas=[2,0.5]"], ["optim.betas[0]=2"]),
     (["optim.lr=nan"], ["optim.lr=nan"]),
     (["trainer.log_every=0"], ["trainer.log_every=0"]),
-    (["trainer.max_steps=3"], ["optim.warmup_steps=5", "trainer.max_steps=3"]),
+    (["optim.warmup_steps=-1"], ["optim.warmup_steps=-1"]),
     (["trainer.max_stepz=3"], ["unknown config key 'trainer.max_stepz'", "did you mean 'trainer.max_steps'"]),
     (["optimm.lr=1"], ["unknown config key 'optimm.lr'", "'optim'"]),
     (["+trainer.max_stepz=3"], ["trainer.max_stepz", "trainer.max_steps"]),
@@ -124,7 +124,8 @@ def test_resume_with_changed_data_is_one_line(trained, tmp_path):
     (tmp_path / "fewer.jsonl").write_text("\n".join(sample[: len(sample) // 2]) + "\n")
     proc, _ = _run("recipe=tiny_sft", *SMALL, "trainer.max_steps=4", f"trainer.output_dir={out}",
                    f"data.train_path={tmp_path / 'fewer.jsonl'}")
-    _one_line_error(proc, "ResumeError", "step_0000002", "same data", "trainer.resume=none")
+    line = _one_line_error(proc, "ResumeError", "step_0000002", "same data", "trainer.resume=none")
+    assert line.count("resume with") == 1 and "trainer.output_dir" in line, line  # each piece of advice once
 
 
 @pytest.mark.slow

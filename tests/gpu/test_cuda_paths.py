@@ -11,7 +11,8 @@ import torch
 
 from tests.hf_reference import hf_config, hf_model, to_ours
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by gpu_suite.sh)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by gpu_suite.sh)")]
 
 # bf16 against an fp32 reference: a few bf16 ulps of logits of size ~1-5.
 BF16 = dict(rtol=5e-2, atol=5e-2)

@@ -9,7 +9,8 @@ from gptoss_kernels.flash_attention import flash_attention
 from gptoss_kernels.flash_attention_reference import attention_reference
 from tests.hf_reference import hf_config, hf_model, to_ours
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by gpu_suite.sh)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by gpu_suite.sh)")]
 
 
 @pytest.mark.parametrize("window,docs", [(None, False), (128, False), (128, True), (None, True)])

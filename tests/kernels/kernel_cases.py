@@ -13,8 +13,14 @@ GROUP_CASES = {
 # Tiny tiles so these tiny shapes still span many m-tiles, n-blocks and k-steps.
 SMALL_BLOCKS = dict(block_m=16, block_n=16, block_k=16, block_m_dw=16)
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a GPU: "
-                                "the Triton interpreter cannot compute in bf16")
+_skip_without_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a GPU: "
+                                       "the Triton interpreter cannot compute in bf16")
+
+
+def needs_cuda(test):
+    """A GPU-specific kernel test: marked `gpu` (the GPU suite selects them with `-m gpu`), skipped without one."""
+    return pytest.mark.gpu(_skip_without_gpu(test))
+
 
 
 def device() -> str:

@@ -9,33 +9,38 @@ H = I = 2880, plus a LoRA-sized grouped_linear); each kernel object is swapped f
 so what gets compiled is exactly what the launchers would launch, specialized the way Triton's
 JIT specializes (ints equal to 1 become constants, 16-divisible ints and pointers get hints).
 Each compiled kernel must fit Hopper's shared memory, use wgmma if it does matrix products (the
-grouped GEMM's 16- and 32-row tiles excepted: wgmma needs 64 rows), and spill no registers.
-Prints one line per kernel, FAIL lines for violations, and exits non-zero if there was any.
+grouped GEMM's 16- and 32-row tiles excepted: wgmma needs 64 rows), spill no registers, and keep
+the occupancy it is designed for (gemm_configs.designed_ctas_per_sm: registers per thread and shared
+memory for that many CTAs per SM). The grouped GEMM's epilogue loads no bf16 element by itself (at
+most one bias element), the SwiGLU backward reads its h tile in 16-byte vectors, and the persistent
+variant's tile and K loops are flattened into one pipelined loop. Prints one line per kernel, FAIL
+lines for violations, and exits non-zero if there was any.
 """
 
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
+from sm90_facts import Facts, basic_problems, compile_sm90, occupancy_problems  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from gptoss_kernels import _runtime, gemm_configs, grouped_dw, grouped_gemm, scatter_combine, tile_map  # noqa: E402
+from gptoss_kernels.gemm_configs import SM90_SHARED, SWIGLU_BWD, TileConfig  # noqa: E402
 from gptoss_kernels.grouped_linear import grouped_linear  # noqa: E402
 from gptoss_kernels.moe_experts import expert_mlp  # noqa: E402
+from gptoss_kernels.moe_lora import expert_mlp_lora  # noqa: E402
 
-HOPPER_SMEM = 227 * 1024  # opt-in shared memory per block on H100/H200
 OPTIONS = ("num_warps", "num_stages")
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+# CTAs per SM the other kernels are designed for: the memory-bound ones want many warps in flight.
+OTHER_OCCUPANCY = {"_tile_map_kernel": 1, "_segment_sum_kernel": 4, "_combine_bwd_kernel": 4}
 
 
 class Recorder:
@@ -81,6 +86,14 @@ def record_launches(all_configs: bool = False):
     out.backward(torch.empty_like(out))
     lora = grouped_linear(meta(m, hidden), counts, meta(experts, hidden, 16))  # LoRA A, rank 16
     lora.backward(torch.empty_like(lora))
+    if not all_configs:  # LoRA on the experts: the low-rank term joins every GEMM of the path
+        rank, frozen = 16, dict(grad=False)
+        adapters = [(meta(experts, hidden, rank), meta(experts, rank, 2 * width)),
+                    (meta(experts, width, rank), meta(experts, rank, hidden))]
+        y = expert_mlp_lora(meta(tokens, hidden), counts, meta(experts, hidden, 2 * width, **frozen),
+                            meta(experts, 2 * width, **frozen), meta(experts, width, hidden, **frozen),
+                            meta(experts, hidden, **frozen), *adapters, 2.0, gather_idx=gather_idx)
+        y.backward(torch.empty_like(y))
     if all_configs:  # fewer rows per expert: the 64-, 32- and 16-row tile buckets' candidates
         for few in (512, 256, 64):
             x = meta(few, hidden)
@@ -109,39 +122,56 @@ def to_source(kernel, args, kwargs):
     return ASTSource(kernel, signature, constexprs, attrs), {k: kwargs[k] for k in OPTIONS if k in kwargs}
 
 
+def gemm_problems(kernel_name: str, facts: Facts, kwargs: dict, tma: bool) -> list[str]:
+    """The grouped GEMM's rules: see the module docstring."""
+    block_m, block_n, warps = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]
+    persistent = kernel_name == "_grouped_gemm_persistent_kernel"
+    config = TileConfig(block_n, kwargs["BLOCK_K"], warps, kwargs["num_stages"], kwargs["GROUP_M"], persistent)
+    ctas = gemm_configs.designed_ctas_per_sm(block_m, config, kwargs["EPILOGUE"])
+    # wgmma needs 64 rows per warpgroup: the 16- and 32-row tiles use mma.sync.
+    problems = basic_problems(facts, needs_wgmma=block_m >= 64) + occupancy_problems(facts, ctas)
+    if facts.bytes16_scalar_loads() > 1:
+        problems.append(f"{facts.bytes16_scalar_loads()} scalar bf16 global loads (an unvectorised epilogue)")
+    if kwargs["EPILOGUE"] == SWIGLU_BWD:  # the h tile [BLOCK_M, 2 * BLOCK_N] in 16-byte pieces
+        need = block_m * 2 * block_n * 2 // (16 * 32 * warps)
+        if facts.vector_loads(".v4.b32") < need:
+            problems.append(f"h tile read with {facts.vector_loads()} 16-byte loads per thread, expected {need}")
+    if persistent and not facts.fused_loop:
+        problems.append("the persistent tile loop and K loop are not flattened into one pipelined loop")
+    if tma and not facts.tma:
+        problems.append("no TMA load")
+    return problems
+
+
+def other_problems(kernel_name: str, facts: Facts) -> list[str]:
+    if kernel_name == "_grouped_dw_kernel":  # 2 CTAs where their pipelines fit shared memory
+        ctas = 2 if 2 * (facts.shared + 1024) <= SM90_SHARED else 1
+        return basic_problems(facts, needs_wgmma=True) + occupancy_problems(facts, ctas)
+    problems = basic_problems(facts, needs_wgmma=False) + occupancy_problems(facts, OTHER_OCCUPANCY[kernel_name])
+    if kernel_name != "_tile_map_kernel" and not facts.vector_loads():
+        problems.append("rows are not read in 16-byte vectors")
+    return problems
+
+
 def main() -> int:
     seen, failures = set(), 0
     for kernel, args, kwargs in record_launches(all_configs="--all-configs" in sys.argv[1:]):
         src, options = to_source(kernel, args, kwargs)
-        key = (kernel.fn.__name__, str(src.signature), str(sorted(src.constants.items())), str(options))
+        name = kernel.fn.__name__
+        key = (name, str(src.signature), str(sorted(src.constants.items())), str(options))
         if key in seen:
             continue
         seen.add(key)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True,
-                                   text=True, check=True).stdout
-        regs_line = next(line.strip() for line in usage.splitlines() if "REG:" in line)
-        stack = int(regs_line.split("STACK:")[1].split()[0])
-        shared = compiled.metadata.shared
-        uses_dot = "tl.dot" in kernel.src or "_gemm_tile(" in kernel.src  # the GEMMs' dot is in that helper
-        # wgmma needs 64 rows per warpgroup: the grouped GEMM's 16- and 32-row tiles use mma.sync.
-        if "_gemm_tile(" in kernel.src and kwargs["BLOCK_M"] < 64:
-            uses_dot = False
-        wgmma = "wgmma" in compiled.asm["ptx"]
+        facts = compile_sm90(src, options, name)
         flags = {k: v for k, v in kwargs.items() if k.isupper() and k != "DOT_PRECISION"}
         tma = any(isinstance(a, TensorDescriptor) for a in args)
-        print(f"{kernel.fn.__name__:21s} smem={shared:6d} stack={stack} wgmma={wgmma!s:5s} {options} {flags}"
-              + (f" tma={'cp.async.bulk.tensor' in compiled.asm['ptx']}" if tma else ""))
-        problems = [msg for bad, msg in ((shared > HOPPER_SMEM, "shared memory over Hopper's limit"),
-                                         (stack > 0, "register spills"),
-                                         (uses_dot and not wgmma, "no wgmma"),
-                                         (tma and "cp.async.bulk.tensor" not in compiled.asm["ptx"], "no TMA load"))
-                    if bad]
+        print(f"{facts.line()} {options} {flags}" + (f" tma={facts.tma}" if tma else ""), flush=True)
+        if name.startswith("_grouped_gemm"):
+            problems = gemm_problems(name, facts, kwargs, tma)
+        else:
+            problems = other_problems(name, facts)
         if problems:
-            print(f"FAIL {kernel.fn.__name__}: {', '.join(problems)}")
+            print(f"FAIL {name}: {', '.join(problems)}")
             failures += 1
     print(f"{len(seen)} kernel variants compiled for sm_90, {failures} failed")
     return 1 if failures else 0

@@ -6,26 +6,27 @@ The public op runs forward and backward on `meta` tensors (bf16, 64 query heads 
 4096 tokens in the model's [B, T, heads, D] layout transposed), for full and sliding (128) layers,
 with and without document ids; each kernel object is swapped for a recorder, and what the
 launcher would launch is compiled, specialized as Triton's JIT does (see sm90_aot.py). Each
-compiled kernel must fit Hopper's shared memory, use wgmma and spill no registers.
+compiled kernel must fit Hopper's shared memory, use wgmma (the delta preprocess kernel has no
+product), spill no registers, keep the occupancy it is designed for (OCCUPANCY), and read its tiles in
+16-byte vectors.
 """
 
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from sm90_aot import CUOBJDUMP, HOPPER_SMEM, Recorder, to_source  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from sm90_aot import Recorder, to_source  # noqa: E402
+from sm90_facts import basic_problems, compile_sm90, occupancy_problems  # noqa: E402
 
 from gptoss_kernels import _runtime  # noqa: E402
 from gptoss_kernels import flash_attention as fa  # noqa: E402
 
-KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+KERNELS = ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+# CTAs per SM each kernel is designed for (registers and shared memory must allow it).
+OCCUPANCY = {"_fwd_kernel": 1, "_bwd_preprocess_kernel": 4, "_bwd_dkdv_kernel": 2, "_bwd_dq_kernel": 2}
 
 
 def record_launches():
@@ -48,33 +49,26 @@ def record_launches():
 
 
 def main() -> int:
-    seen = set()
+    seen, failures = set(), 0
     for kernel, args, kwargs in record_launches():
         src, options = to_source(kernel, args, kwargs)
-        key = (kernel.fn.__name__, str(src.signature), str(sorted(src.constants.items())), str(options))
+        name = kernel.fn.__name__
+        key = (name, str(src.signature), str(sorted(src.constants.items())), str(options))
         if key in seen:
             continue
         seen.add(key)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True,
-                                   text=True, check=True).stdout
-        regs_line = next(line.strip() for line in usage.splitlines() if "REG:" in line)
-        stack = int(regs_line.split("STACK:")[1].split()[0])
-        shared = compiled.metadata.shared
-        wgmma = "wgmma" in compiled.asm["ptx"]
+        facts = compile_sm90(src, options, name)
         flags = {k: v for k, v in kwargs.items() if k.isupper() and k != "DOT_PRECISION"}
-        print(f"{kernel.fn.__name__:17s} smem={shared:6d} {regs_line.split()[0]} stack={stack} wgmma={wgmma!s:5s} "
-              f"{options} {flags}")
-        problems = [msg for bad, msg in ((shared > HOPPER_SMEM, "shared memory over Hopper's limit"),
-                                         (stack > 0, "register spills"), (not wgmma, "no wgmma")) if bad]
+        print(f"{facts.line()} {options} {flags}", flush=True)
+        problems = basic_problems(facts, needs_wgmma=name != "_bwd_preprocess_kernel")
+        problems += occupancy_problems(facts, OCCUPANCY[name])
+        if not facts.vector_loads():
+            problems.append("tiles are not read in 16-byte vectors")
         if problems:
-            print(f"FAIL {kernel.fn.__name__}: {', '.join(problems)}")
-            return 1
-    print(f"{len(seen)} flash-attention kernel variants compiled for sm_90")
-    return 0
+            print(f"FAIL {name}: {', '.join(problems)}")
+            failures += 1
+    print(f"{len(seen)} flash-attention kernel variants compiled for sm_90, {failures} failed")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from gptoss_kernels.tile_map import build_layout
 K, N = 40, 48  # neither a multiple of the 16-wide test tiles' counts nor of 32/64
 
 
-def _run(sizes, *, dtype=torch.float32, bias=True, gather=False, n=N, counts_dtype=torch.int32):
+def _run(sizes, *, dtype=torch.float32, bias=True, gather=False, n=N, counts_dtype=torch.int32, k=K):
     torch.manual_seed(0)
     m = sum(sizes)
     num_tokens = (m + 1) // 2
-    x = randn(num_tokens if gather else m, K, dtype=dtype)
-    inputs = dict(x=x, w=randn(len(sizes), K, n, scale=K**-0.5, dtype=dtype),
+    x = randn(num_tokens if gather else m, k, dtype=dtype)
+    inputs = dict(x=x, w=randn(len(sizes), k, n, scale=k**-0.5, dtype=dtype),
                   b=randn(len(sizes), n, dtype=dtype) if bias else None)
     gather_idx = gather_for(m, num_tokens) if gather else None
     counts = counts_of(sizes, counts_dtype)
@@ -53,6 +53,15 @@ def test_lora_sized_output():
 def test_default_blocks():
     # The heuristic's own tiles (BLOCK_M 64 here) on ~200 rows.
     _run([70, 0, 3, 57, 71], gather=True)
+
+
+def test_small_k_weight_gradient_is_computed_transposed(monkeypatch):
+    # K = a LoRA rank (the B adapter's dW is [rank, N]): the dW kernel computes dW^T = dy^T @ x so the
+    # product's wide side comes first (Hopper's wgmma needs 64 rows); values as always.
+    spy = LaunchSpy(grouped_dw._grouped_dw_kernel)
+    monkeypatch.setattr(grouped_dw, "_grouped_dw_kernel", spy)
+    _run([70, 0, 3, 57, 71], k=4, gather=True)
+    assert [launch["SWAP_AB"] for launch in spy.launches] == [True]
 
 
 def test_fp16():

@@ -1,4 +1,5 @@
-"""Every flash-attention kernel launch compiles for Hopper with wgmma, no spills and shared memory that fits."""
+"""Every flash-attention kernel launch compiles for Hopper with wgmma, no spills, shared memory that fits, the
+occupancy it is designed for and 16-byte tile loads (under this venv's Triton and the GPU image's)."""
 
 import os
 import subprocess
@@ -24,4 +25,5 @@ def test_flash_attention_compiles_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "12 flash-attention kernel variants compiled" in result.stdout, result.stdout
+    # forward, dK/dV and dQ for {full, sliding} x {documents or not}, and the delta preprocess kernel
+    assert "13 flash-attention kernel variants compiled for sm_90, 0 failed" in result.stdout, result.stdout

@@ -2,8 +2,9 @@
 
 Backends (`attn_backend`):
 - `eager`: the reference. Materialises the [T, T] scores, appends the sink column, softmaxes, drops it.
-- `flex`: FlexAttention with block masks (causal / sliding window / documents); the sink enters as a
-  rescale of the sink-free output by sigmoid(lse - sink), with the gradient flowing through lse.
+- `flex`: FlexAttention with block masks (causal / sliding window / documents, built tile by tile in
+  `flex_mask.py`: no T x T tensor); the sink enters as a rescale of the sink-free output by
+  sigmoid(lse - sink), with the gradient flowing through lse.
 - `blockwise`: plain-torch flash-attention schedule with its own backward (`blockwise_attention.py`);
   memory linear in T on any device; the CPU default.
 - `triton`: our fused flash-attention kernel, forward and backward (`gptoss_kernels/flash_attention.py`);
@@ -25,6 +26,7 @@ from torch import nn
 
 from .blockwise_attention import blockwise_attention
 from .config import GptOssConfig
+from .flex_mask import flex_block_mask
 from .rope import apply_rotary
 
 ATTN_BACKENDS = ("eager", "flex", "blockwise", "triton")
@@ -65,20 +67,6 @@ def dense_mask(b: int, t: int, window: int | None, doc_ids: torch.Tensor | None,
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])  # [B, 1, T, T]
     return allowed
-
-
-def flex_block_mask(b: int, t: int, window: int | None, doc_ids: torch.Tensor | None, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(bi, h, qi, ki):
-        keep = ki <= qi
-        if window is not None:
-            keep = keep & (qi - ki < window)
-        if doc_ids is not None:
-            keep = keep & (doc_ids[bi, qi] == doc_ids[bi, ki])
-        return keep
-
-    return create_block_mask(mask_mod, b if doc_ids is not None else None, None, t, t, device=device)
 
 
 @functools.cache
@@ -142,21 +130,23 @@ class GptOssAttention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if ctx.cp is not None:
-            out = self._context_parallel(q, k, v, ctx)
-        elif ctx.backend == "eager":
-            out = eager_attention(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
-        elif ctx.backend == "flex":
-            out = flex_attention_with_sinks(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
-        elif ctx.backend == "blockwise":
-            out = blockwise_attention(q, k, v, self.sinks, ctx.window_of(self.layer_type), ctx.doc_ids, self.scale)
-        else:
-            from gptoss_kernels.flash_attention import flash_attention
-
-            out = flash_attention(q, k, v, self.sinks, window=ctx.window_of(self.layer_type), doc_ids=ctx.doc_ids,
-                                  scale=self.scale)
+        out = self._context_parallel(q, k, v, ctx) if ctx.cp is not None else self.attend(q, k, v, ctx)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """q [B, H, T, D], k/v [B, KV, T, D] of the same T positions -> [B, H, T, D], by `ctx.backend`
+        (also the KV cache's prefill of a prompt)."""
+        if ctx.backend == "eager":
+            return eager_attention(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
+        if ctx.backend == "flex":
+            return flex_attention_with_sinks(q, k, v, self.sinks, ctx.mask(self.layer_type), self.scale)
+        if ctx.backend == "blockwise":
+            return blockwise_attention(q, k, v, self.sinks, ctx.window_of(self.layer_type), ctx.doc_ids, self.scale)
+        from gptoss_kernels.flash_attention import flash_attention
+
+        return flash_attention(q, k, v, self.sinks, window=ctx.window_of(self.layer_type), doc_ids=ctx.doc_ids,
+                               scale=self.scale)
 
     def _context_parallel(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
         """This rank's queries (two chunks of the row) against the keys they can see: all of them,

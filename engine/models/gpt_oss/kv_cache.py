@@ -7,16 +7,19 @@ first column of `input_ids`; pad columns are keys no query may see (`key_valid`)
 positions count only real tokens, so a left-padded row computes what it would alone.
 
 The module walks the model's own submodules (norms, projections, experts, LoRA wrappers and the
-expert-parallel dispatcher included), so whatever the training forward runs, decoding runs; the
-sink softmax is attention.eager_attention itself. A test holds `cached_forward` to the full
-forward at 1e-5.
+expert-parallel dispatcher included), so whatever the training forward runs, decoding runs. The
+prompt (the first forward, on an empty cache) goes through the attention backend the model trains
+with (`model.options.attn_backend`: blockwise on CPU, flex on CUDA under `auto`), whose memory is
+linear in the prompt's length, with left padding as a document of its own; the later steps, a few
+queries against the cache, use attention.eager_attention over the cached keys. A test holds
+`cached_forward` to the full forward at 1e-5.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .attention import eager_attention
+from .attention import AttentionContext, eager_attention, resolve_attn_backend
 from ...parallel.fsdp import gathered
 from .rope import apply_rotary, cos_sin
 
@@ -35,27 +38,34 @@ class LayerCache:
 
     def attend_keys(self, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor):
         """Store the new keys [B, KV, T, D] at `slots` [T]; return (k, v, key_slot) to attend over."""
-        t = slots.shape[0]
         if self.window is None:
-            end = self.length + t
+            self.store(k_new, v_new, slots)
+            return self.k[:, :, :self.length], self.v[:, :, :self.length], self.slot[:self.length]
+        # Ring: attend over the ring's old entries plus all new ones (a chunk longer than the window
+        # needs keys it is about to overwrite), then keep the newest `window` in the ring.
+        k_all = torch.cat([self.k, k_new], dim=2)
+        v_all = torch.cat([self.v, v_new], dim=2)
+        slot_all = torch.cat([self.slot, slots])
+        self.store(k_new, v_new, slots)
+        return k_all, v_all, slot_all
+
+    def store(self, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keep the new keys [B, KV, T, D] at `slots` [T]: appended (full layers), or the newest
+        `window` of them in the ring (sliding layers)."""
+        if self.window is None:
+            end = self.length + slots.shape[0]
             if end > self.k.shape[2]:
                 raise RuntimeError(f"KV cache full: capacity {self.k.shape[2]}, asked for {end} positions")
             self.k[:, :, self.length:end] = k_new
             self.v[:, :, self.length:end] = v_new
             self.slot[self.length:end] = slots
             self.length = end
-            return self.k[:, :, :end], self.v[:, :, :end], self.slot[:end]
-        # Ring: attend over the ring's old entries plus all new ones (a chunk longer than the window
-        # needs keys it is about to overwrite), then keep the newest `window` in the ring.
-        k_all = torch.cat([self.k, k_new], dim=2)
-        v_all = torch.cat([self.v, v_new], dim=2)
-        slot_all = torch.cat([self.slot, slots])
+            return
         keep = slots[-self.window:]
         ring = keep % self.window
         self.k[:, :, ring] = k_new[:, :, -self.window:]
         self.v[:, :, ring] = v_new[:, :, -self.window:]
         self.slot[ring] = keep
-        return k_all, v_all, slot_all
 
 
 class KVCache:
@@ -102,16 +112,30 @@ def _mask(cache: KVCache, q_slots: torch.Tensor, k_slots: torch.Tensor, window: 
 
 
 def _attention(attn, x: torch.Tensor, cos, sin, layer_cache: LayerCache, cache: KVCache,
-               q_slots: torch.Tensor) -> torch.Tensor:
+               q_slots: torch.Tensor, prefill: AttentionContext | None) -> torch.Tensor:
     b, t, _ = x.shape
     q = apply_rotary(attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim), cos, sin)
     k = apply_rotary(attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim), cos, sin)
     v = attn.v_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-    k_all, v_all, k_slots = layer_cache.attend_keys(k, v, q_slots)
-    mask = _mask(cache, q_slots, k_slots, layer_cache.window)
-    out = eager_attention(q, k_all, v_all, attn.sinks, mask, attn.scale)
+    if prefill is not None:  # the prompt on an empty cache: its own keys only, no [T, T] scores
+        layer_cache.store(k, v, q_slots)
+        out = attn.attend(q, k, v, prefill)
+    else:
+        k_all, v_all, k_slots = layer_cache.attend_keys(k, v, q_slots)
+        mask = _mask(cache, q_slots, k_slots, layer_cache.window)
+        out = eager_attention(q, k_all, v_all, attn.sinks, mask, attn.scale)
     return attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
+
+
+def _prefill_context(model, empty: bool, valid: torch.Tensor, cos, sin) -> AttentionContext | None:
+    """The training attention over a prompt read into an empty cache (None: the eager cached path).
+    Left padding is a document of its own (doc 0, real tokens doc 1), so real tokens never see it."""
+    backend = resolve_attn_backend(model.options.attn_backend, valid.device)
+    if not empty or valid.shape[1] == 1 or backend == "eager":
+        return None
+    doc_ids = None if bool(valid.all()) else valid.long()
+    return AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, window=model.config.sliding_window, backend=backend)
 
 
 def cached_forward(model, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
@@ -120,12 +144,15 @@ def cached_forward(model, input_ids: torch.Tensor, cache: KVCache, valid: torch.
     which is updated. valid [B, T] marks real tokens (False = left padding)."""
     if valid is None:
         valid = torch.ones_like(input_ids, dtype=torch.bool)
+    empty = cache.next_slot == 0
     q_slots, positions = cache.advance(valid)
     x = model.model.embed_tokens(input_ids)
     cos, sin = cos_sin(model.config, positions)
+    prefill = _prefill_context(model, empty, valid, cos, sin)
     for layer, layer_cache in zip(model.model.layers, cache.layers):
         with gathered(layer):  # its submodules are called here, not the block: gather its weights (FSDP2)
-            x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, layer_cache, cache, q_slots)
+            x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, layer_cache, cache, q_slots,
+                               prefill)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
     h = model.model.norm(x[:, -1:] if last_only else x)
     return model.lm_head(h)

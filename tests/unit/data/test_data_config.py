@@ -18,6 +18,8 @@ from engine.data.config import DataConfig, default_sample_paths
         ({"micro_batch_size": 0}, "data.micro_batch_size = 0 must be an integer >= 1"),
         ({"prefetch": -1}, "data.prefetch = -1 must be an integer >= 0"),
         ({"pack": "yes"}, "data.pack = 'yes' must be true or false"),
+        ({"pack": "first_fit"}, "data.pack = 'first_fit' must be true or false, or one of: best_fit, next_fit"),
+        ({"pack_window": 0}, "data.pack_window = 0 must be an integer >= 1"),
         ({"current_date": "June 1"}, "data.current_date = 'June 1' must look like YYYY-MM-DD"),
         ({"train_path": "/no/such.jsonl"}, "data.train_path = '/no/such.jsonl' does not exist"),
         ({"global_batch_size": 6, "micro_batch_size": 4},
@@ -27,6 +29,12 @@ from engine.data.config import DataConfig, default_sample_paths
 def test_bad_values_are_named(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         DataConfig(**override).validate()
+
+
+def test_pack_choices():
+    assert [DataConfig(pack=p).validate().packing for p in ("best_fit", "next_fit", True, False)] == [
+        "best_fit", "next_fit", "best_fit", "none"]
+    assert DataConfig().packing == "best_fit" and DataConfig().pack_window == 4096
 
 
 def test_batch_split_over_ranks():
@@ -49,3 +57,5 @@ def test_hydra_structured_config_round_trip():
     conf = OmegaConf.merge(OmegaConf.structured(DataConfig), {"max_seq_len": 512, "loss_mask": "last_turn"})
     cfg = OmegaConf.to_object(conf)
     assert isinstance(cfg, DataConfig) and cfg.validate().max_seq_len == 512
+    for pack in ("next_fit", False):  # data.pack holds a name or a bool
+        assert OmegaConf.to_object(OmegaConf.merge(conf, {"pack": pack})).validate().pack == pack

@@ -88,8 +88,9 @@ def test_resume_state_must_match_the_run(tokenizer, stores, write_jsonl):
     store = stores()
     loader = build_train_loader(DataConfig(max_seq_len=256), tokenizer, store_dir=store, seed=0)
     state = json.loads(json.dumps(loader.state_dict()))
-    assert set(state) == {"epoch", "row", "store", "seed", "shuffle", "pack", "max_seq_len"}
-    for key, value in (("seed", 1), ("shuffle", False), ("store", "0" * 64), ("max_seq_len", 128)):
+    assert set(state) == {"epoch", "row", "store", "seed", "shuffle", "pack", "pack_window", "max_seq_len"}
+    for key, value in (("seed", 1), ("shuffle", False), ("store", "0" * 64), ("max_seq_len", 128),
+                       ("pack", "next_fit"), ("pack_window", 64)):
         other = build_train_loader(DataConfig(max_seq_len=256), tokenizer, store_dir=store, seed=0)
         with pytest.raises(DataError, match=f"checkpoint has data {key} = {value!r}"):
             other.load_state_dict({**state, key: value})
@@ -98,6 +99,22 @@ def test_resume_state_must_match_the_run(tokenizer, stores, write_jsonl):
                                  tokenizer, store_dir=store, seed=0)
     with pytest.raises(DataError, match="checkpoint has data store"):
         changed.load_state_dict(state)
+
+
+def test_a_state_from_before_best_fit_resumes_next_fit_only(tokenizer, stores):
+    # Such a state says pack = true and has no pack_window: its rows were packed next-fit.
+    store = stores()
+    cfg = DataConfig(max_seq_len=256, pack="next_fit", prefetch=0)
+    saved = build_train_loader(cfg, tokenizer, store_dir=store, seed=0)
+    [next(saved) for _ in range(3)]
+    old = {k: v for k, v in saved.state_dict().items() if k != "pack_window"} | {"pack": True}
+    expected = [next(saved) for _ in range(2)]
+    resumed = build_train_loader(cfg, tokenizer, store_dir=store, seed=0)
+    resumed.load_state_dict(old)
+    assert same_batches([next(resumed) for _ in range(2)], expected)
+    default = build_train_loader(DataConfig(max_seq_len=256), tokenizer, store_dir=store, seed=0)
+    with pytest.raises(DataError, match=r"data pack = 'next_fit', this run has 'best_fit'.*\(data.pack=next_fit\)"):
+        default.load_state_dict(old)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

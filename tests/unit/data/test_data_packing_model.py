@@ -50,3 +50,34 @@ def test_packed_row_equals_documents_one_by_one(tokenizer):
             alone = model(torch.from_numpy(doc.input_ids)[None])  # [1, L, V]
             torch.testing.assert_close(packed_logits[:, start : start + len(doc)], alone, **TOL)
             start += len(doc)
+
+
+def test_a_best_fit_epoch_has_the_loss_of_the_same_documents_unpacked(tokenizer, write_jsonl):
+    # 24 sample chats; best fit in windows of 7 documents puts them in 12 rows instead of 24: the
+    # epoch's summed token loss and target count are those of one document per row.
+    from engine.data.loader import build_train_loader
+    from engine.data.sampler import Cursor, GlobalOrder
+
+    lines = DataConfig().resolved_train_path()
+    with open(lines, encoding="utf-8") as f:
+        path = write_jsonl([line.rstrip("\n") for line in f.readlines()[:24]])
+    store = build_train_loader(DataConfig(train_path=str(path), max_seq_len=256), tokenizer,
+                               store_dir=path.parent / "store", seed=0).store
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(GptOssConfig.tiny(), attn_backend="eager")
+    model.init_weights(0)
+    model.float()
+
+    def epoch(pack):
+        order = GlobalOrder(store.lengths, max_seq_len=256, pack=pack, shuffle=True, seed=3, window=7)
+        rows = [[store.document(int(i)) for i in order.docs(Cursor(0, r))] for r in range(order.rows_in(0))]
+        batch = collate(rows, 256, tokenizer.pad_id)
+        with torch.no_grad():
+            loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                         doc_ids=batch["doc_ids"], loss_normalizer=1.0)
+        return loss, batch["num_target_tokens"], len(rows)
+
+    packed, unpacked = epoch("best_fit"), epoch(False)
+    assert unpacked[2] == 24 and packed[2] < 16
+    assert packed[1] == unpacked[1] == store.manifest["token_stats"]["target_tokens"]
+    torch.testing.assert_close(packed[0], unpacked[0], **TOL)

@@ -16,7 +16,7 @@ from engine.data.config import DataConfig, default_sample_paths
 from engine.data.dataset import DataError
 from engine.data.loader import build_train_loader
 from engine.data.prepare import LISTED, ensure_store, main, prepare
-from engine.data.store import MANIFEST, TokenStore
+from engine.data.store import FORMAT, MANIFEST, TokenStore
 from engine.data.tokenizer import load_tokenizer
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"},
@@ -171,7 +171,7 @@ def test_stale_stores_are_made_again_never_reused(tmp_path, tokenizer, write_jso
     (out / MANIFEST).write_text(json.dumps({**manifest, "format": 0}))
     assert "store format 0" in again()[1]
     (out / MANIFEST).write_text("{not json")
-    assert "is stale" in again()[1] and TokenStore(out).manifest["format"] == 1
+    assert "not valid JSON" in again()[1] and TokenStore(out).manifest["format"] == FORMAT
     other = tmp_path / "tokenizer.json"  # the same tokenizer in other bytes: another hash
     other.write_text(json.dumps(json.loads(load_tokenizer().backend.to_str()), indent=1))
     assert "another tokenizer" in again(tok=load_tokenizer(other))[1]

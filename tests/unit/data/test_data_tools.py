@@ -27,6 +27,24 @@ def test_preview_marks_trained_spans_and_counts_tokens(write_jsonl, tokenizer):
     assert f"{path}:1: {total} tokens, {trained} trained" in text
 
 
+def test_preview_reports_the_column_pythons_json_parser_reports(tmp_path):
+    # The README's pretty-printed example pasted line by line into a .jsonl file, and a trailing comma.
+    lines = ['{"messages": [{"role": "developer", "content": "Answer like a robot."},',
+             '{"prompt": "Name a prime number.", "completion": "7",}']
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = io.StringIO()
+    preview(str(path), n=5, tokenizer_path=None, loss_mask="assistant", reasoning_effort="low", current_date=None,
+            color=False, out=out)
+    for number, line in enumerate(lines, start=1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as e:
+            expected = f"{path}:{number}: INVALID: invalid JSON: {e.msg} (column {e.colno})"
+        assert expected in out.getvalue(), (expected, out.getvalue())
+    assert "(column 72)" in out.getvalue()  # at the end of the first line, where Python's parser stops
+
+
 def test_preview_cli_colors_on_request(capsys):
     preview_main([str(default_sample_paths()[0]), "--n", "1", "--color", "always"])
     out = capsys.readouterr().out
