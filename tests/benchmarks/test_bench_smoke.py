@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The benchmark scripts run as processes (minutes on 2 cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 HEADER = ("benchmark", "mode", "device", "torch", "triton", "date")

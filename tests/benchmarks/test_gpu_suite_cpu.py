@@ -6,6 +6,11 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
+# The suite script runs two benchmarks as processes.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -11,6 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Two training steps at 1K and 16K tokens, each in its own process.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_long_context.py"
 
 

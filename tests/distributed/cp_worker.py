@@ -1,9 +1,10 @@
-"""One rank of the context-parallel test: `python -m tests.distributed.cp_worker RANK WORLD STORE OUT [WINDOW]`.
+"""One rank of the context-parallel test: `python -m tests.distributed.cp_worker RANK WORLD STORE OUT WINDOW...`.
 
 Full packed rows go in on every rank; the model keeps this rank's two chunks of each row. The loss
 shares and the gradients are summed over the group (as the trainer sums data-parallel gradients),
-and rank 0 saves them, with what the sliding layer exchanged ("halo" or "full"). WORLD 1 runs
-without context parallelism: the reference. WINDOW is the sliding layer's window (default 6).
+and rank 0 saves them, with what the sliding layer exchanged ("halo" or "full"), for each sliding
+WINDOW in turn in the same process group: OUT holds {window: result}. `run(window)` without a group
+is the reference without context parallelism (the test calls it in its own process).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def batch(vocab: int):
     return ids, labels, pos, doc_ids
 
 
-def main(rank: int, world: int, store: str, out: str, window: int = 6) -> None:
+def run(window: int, rank: int = 0, world: int = 1) -> dict:
+    """Loss and gradients of the model with sliding window `window`; summed over the group when world > 1."""
     torch.manual_seed(0)
     cfg = GptOssConfig.tiny(num_hidden_layers=2, sliding_window=window)  # one sliding, one full layer
     model = GptOssForCausalLM(cfg, attn_backend="blockwise", experts_backend="loop")
@@ -46,7 +48,6 @@ def main(rank: int, world: int, store: str, out: str, window: int = 6) -> None:
         loss = model(ids, labels=labels, position_ids=pos, doc_ids=doc_ids)
         loss.backward()
     else:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
         cp = ContextParallel()
         with cp:
             loss = model(ids, labels=labels, position_ids=pos, doc_ids=doc_ids)
@@ -56,13 +57,16 @@ def main(rank: int, world: int, store: str, out: str, window: int = 6) -> None:
             dist.all_reduce(p.grad)
         loss = loss.detach().clone()
         dist.all_reduce(loss)
-        dist.destroy_process_group()
+    return {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}, "exchange": exchange}
+
+
+def main(rank: int, world: int, store: str, out: str, windows: list[int]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {window: run(window, rank, world) for window in windows}
+    dist.destroy_process_group()
     if rank == 0:
-        torch.save(
-            {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}, "exchange": exchange},
-            out,
-        )
+        torch.save(results, out)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], *map(int, sys.argv[5:]))
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], [int(w) for w in sys.argv[5:]])

@@ -3,8 +3,10 @@ packed rows (documents, restarting positions) and both sliding and full layers i
 
 48-token rows: chunks of 12 (CP 2) and 6 (CP 4). With window 6 the sliding layer exchanges only the
 5-key halo before each chunk (at CP 4 the halo is nearly the whole previous chunk, which also sits
-on another rank); with window 16 the CP 4 chunks are shorter than the halo and it gathers every key."""
+on another rank); with window 16 the CP 4 chunks are shorter than the halo and it gathers every key.
+One process group per CP size runs every window of that size; the reference runs in the test's process."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -16,8 +18,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(world: int, tmp: Path, window: int = 6) -> dict:
-    out, store = tmp / f"cp{world}_{window}.pt", tmp / f"store{world}_{window}"
+WINDOWS = {2: [6], 4: [6, 16]}  # CP size -> the sliding windows its one process group runs
+
+
+def _launch(world: int, tmp: Path) -> dict:
+    out, store = tmp / f"cp{world}.pt", tmp / f"store{world}"
     env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
@@ -29,7 +34,7 @@ def _run(world: int, tmp: Path, window: int = 6) -> dict:
                 str(world),
                 str(store),
                 str(out),
-                str(window),
+                *map(str, WINDOWS[world]),
             ],
             cwd=ROOT,
             env=env,
@@ -48,22 +53,30 @@ def _run(world: int, tmp: Path, window: int = 6) -> dict:
     return torch.load(out)
 
 
-_REFERENCES: dict = {}
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    def get(window: int) -> dict:
-        if window not in _REFERENCES:
-            _REFERENCES[window] = _run(1, tmp_path_factory.mktemp(f"cp1_{window}"), window)
-        return _REFERENCES[window]
+def launched(tmp_path_factory):
+    """launched(cp) -> {window: rank 0's result}: one process group per CP size, started on first use."""
+    found: dict = {}
+
+    def get(cp: int) -> dict:
+        if cp not in found:
+            found[cp] = _launch(cp, tmp_path_factory.mktemp(f"cp{cp}"))
+        return found[cp]
 
     return get
 
 
+@functools.cache
+def reference(window: int) -> dict:
+    from tests.distributed.cp_worker import run
+
+    return run(window)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("cp,window,exchange", [(2, 6, "halo"), (4, 6, "halo"), (4, 16, "full")])
-def test_context_parallel_equals_one_process(reference, cp, window, exchange, tmp_path):
-    got, ref = _run(cp, tmp_path, window), reference(window)
+def test_context_parallel_equals_one_process(launched, cp, window, exchange):
+    got, ref = launched(cp)[window], reference(window)
     assert got["exchange"] == exchange
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-5)
     for name, expected in ref["grads"].items():

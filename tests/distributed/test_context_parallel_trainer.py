@@ -10,7 +10,6 @@ another order than one process (tolerances: tests/closeness.py).
 """
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +18,10 @@ import torch
 from engine.export import gather_trained_weights
 from engine.train import REPO
 from tests.closeness import assert_tensors_close, assert_weights_close
+from tests.train_runs import run_command
+
+# Every test reads torchrun runs of the trainer.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 LR, STEPS = 3.0e-3, 3
 ARGS = [
@@ -44,7 +47,7 @@ def _run(out, nproc, *overrides):
         else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     )
     cmd = [*launcher, script, *ARGS, *overrides, f"trainer.output_dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = run_command(cmd, timeout=600)  # its own process group: a hung rank is killed with torchrun
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc.stdout + proc.stderr

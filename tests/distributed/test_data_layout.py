@@ -6,14 +6,11 @@ is summed over it and divided by its target-token count.
 Slow on a small CPU (gloo, 4 processes): a few steps only.
 """
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from engine.train import REPO
+# Every test reads torchrun runs of the trainer.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ARGS = [
     "recipe=tiny_sft",
@@ -28,24 +25,11 @@ ARGS = [
 ]
 
 
-def _run(out, nproc):
-    script = str(REPO / "engine" / "train.py")
-    launcher = (
-        [sys.executable]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    )
-    cmd = [*launcher, script, *ARGS, f"trainer.output_dir={out}", f"parallel.ep={nproc}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_sample_chats_give_the_same_losses_at_every_layout(tmp_path, nproc):
-    one = _run(tmp_path / "one", 1)
-    many = _run(tmp_path / f"ep{nproc}", nproc)
+def test_sample_chats_give_the_same_losses_at_every_layout(shared_runs, nproc):
+    # The one-process run is trained once and read by both layouts' tests (tests/train_runs.py).
+    one = shared_runs.get(1, *ARGS, "parallel.ep=1").records
+    many = shared_runs.get(nproc, *ARGS, f"parallel.ep={nproc}", timeout=900).records
     assert [r["step"] for r in many] == [r["step"] for r in one] == [1, 2, 3]
     assert [r["target_tokens"] for r in many] == [r["target_tokens"] for r in one]
     # fp32; ranks sum their shares in another order than one process does.

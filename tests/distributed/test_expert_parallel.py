@@ -15,10 +15,14 @@ from tests.distributed.cases import CASES, full_model, reference, reference_step
 from tests.distributed.launcher import launch, results_or_fail
 from tests.distributed.layout import is_expert_param
 
+# Every test reads a launched process group (up to 8 ranks on 2 cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 STEPS = dict(steps=3, lr=1e-2, max_norm=0.5, micro_batch=1)  # micro_batch 1: 2 accumulation steps at world 4
 
-# One launch per layout serves all of that layout's tests. World 8 stays a single launch (2 cores).
+# One launch per world size serves all of its layouts' tests (EP4 and EP2 x expert-DP2 share the
+# 4-rank group, one after the other). World 8 stays a single launch (2 cores).
 LAYOUTS = {
     "ep2": dict(world=2, ep=2, cases=list(CASES), dispatcher_checks=True),
     "ep4": dict(world=4, ep=4, cases=["uniform", "skewed"], steps=STEPS),
@@ -28,10 +32,18 @@ LAYOUTS = {
 
 
 @functools.cache
+def _launch(world: int) -> list[dict]:
+    layouts = {
+        name: {k: v for k, v in spec.items() if k != "world"}
+        for name, spec in LAYOUTS.items()
+        if spec["world"] == world
+    }
+    return results_or_fail(launch("parity", world, deadline_s=150 * len(layouts), layouts=layouts))
+
+
 def ranks_of(layout: str) -> list[dict]:
-    spec = dict(LAYOUTS[layout])
-    world = spec.pop("world")
-    return results_or_fail(launch("parity", world, deadline_s=150, **spec))
+    """Each rank's results for `layout`, from the launch of its world size."""
+    return [ranks[layout] for ranks in _launch(LAYOUTS[layout]["world"])]
 
 
 cached_reference = functools.cache(reference)

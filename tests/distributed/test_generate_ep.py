@@ -2,15 +2,18 @@
 with ranks that stop at different steps (no rank may hang in an all-to-all)."""
 
 import json
-import subprocess
 import sys
 
+import pytest
 import torch
 
 from engine.inference.generate import generate, left_pad
-from engine.train import REPO
 from tests.distributed.cases import full_model
 from tests.distributed.generate_worker import prompts_of
+from tests.train_runs import run_command
+
+# A torchrun group of 2 ranks.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 NEW = 10
 
@@ -34,7 +37,7 @@ def test_expert_parallel_generation_equals_one_process(tmp_path):
         str(tmp_path),
         json.dumps({"ep": 2, "new": NEW, "stops": stops}),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_command(cmd, timeout=300)  # its own process group: a hung rank is killed with torchrun
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in range(2):
         ids, mask, full = reference[rank]

@@ -1,6 +1,9 @@
 """The mesh: layout checks (on every rank, before any collective), failure of a dead or stalled rank
 within the configured timeout, the single-process fallback, and the batch layout helpers."""
 
+import functools
+import re
+
 import pytest
 import torch
 
@@ -8,22 +11,32 @@ from engine.parallel import LayoutError, Mesh, check_layout, global_grad_norm, g
 from tests.distributed.launcher import describe, launch
 from tests.distributed.layout import expert_range, micro_batches_for, rank_slice
 
+BAD_LAYOUTS = [
+    (3, 1, 6, "parallel.ep=3 does not divide the world size 4"),
+    (4, 1, 6, "parallel.ep=4 does not divide the number of experts (6)"),
+    (2, 2, 8, "parallel.tp=2 with parallel.ep=2: tensor parallelism must be 1"),
+]
 
-@pytest.mark.parametrize(
-    "ep,tp,num_experts,message",
-    [
-        (3, 1, 6, "parallel.ep=3 does not divide the world size 4"),
-        (4, 1, 6, "parallel.ep=4 does not divide the number of experts (6)"),
-        (2, 2, 8, "parallel.tp=2 with parallel.ep=2: tensor parallelism must be 1"),
-    ],
-)
+
+@functools.cache
+def _bad_layouts_launch():
+    """One launch of 4 ranks in which every rank tries each bad layout in turn (tests/distributed/worker.py)."""
+    return launch(
+        "layouts", 4, deadline_s=60, layouts=[dict(ep=ep, tp=tp, num_experts=n) for ep, tp, n, _ in BAD_LAYOUTS]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep,tp,num_experts,message", BAD_LAYOUTS)
 def test_bad_layout_fails_on_every_rank(ep, tp, num_experts, message):
-    results = launch("layout", 4, deadline_s=60, ep=ep, tp=tp, num_experts=num_experts)
+    results = _bad_layouts_launch()
+    refused = re.compile(r"^LayoutError: .*" + re.escape(message), re.MULTILINE)
     for r in results:
         assert r.returncode not in (0, None), describe(results)
-        assert "LayoutError" in r.stderr and message in r.stderr, describe(results)
+        assert refused.search(r.stderr), describe(results)
 
 
+@pytest.mark.slow
 def test_dead_rank_fails_the_others_within_timeout():
     timeout_s = 20
     results = launch("dead_rank", 2, deadline_s=timeout_s + 40, timeout_s=timeout_s)
@@ -34,6 +47,7 @@ def test_dead_rank_fails_the_others_within_timeout():
     assert "Error" in survivor.stderr, describe(results)
 
 
+@pytest.mark.slow
 def test_stalled_rank_fails_the_others_at_the_timeout():
     """A rank that is alive but never joins a collective: the others raise when the timeout expires."""
     results = launch("stalled_rank", 2, deadline_s=60, timeout_s=4, stall_s=12)

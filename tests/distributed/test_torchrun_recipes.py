@@ -3,12 +3,15 @@
 The synthetic data source gives every layout the same global batch (rank r takes its slice of each
 global micro-batch), so losses must agree up to fp32 summation order; the LoRA adapters trained at
 EP=2 must equal those trained at EP=1 after their expert slices are put back together.
+
+Runs that several tests read (the one-process references, the EP2 run the resume tests continue)
+are trained once per session (tests/train_runs.py) and never written to: a resume copies the
+checkpoint it continues into a folder of its own.
 """
 
 import json
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -18,6 +21,10 @@ import yaml
 from engine.export import gather_trained_weights
 from engine.train import REPO
 from tests.closeness import assert_tensors_close, assert_weights_close
+from tests.train_runs import run_command, train
+
+# Every test reads torchrun runs of the trainer.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PEAK_LR = {"tiny_sft": 3.0e-3, "tiny_lora": 1.0e-2}  # the recipes' optim.lr (checked below)
 
@@ -30,78 +37,77 @@ SYNTH = [
     "trainer.log_every=1",
     "trainer.val_every=0",
     "parallel.timeout_s=120",
-]
+    "checkpoint.every=3",
+    "checkpoint.keep=3",
+]  # checkpoints at steps 3 (resumed from) and 6 (compared)
 
 
-def _run(out, nproc, *overrides, ep=None):
-    script = str(REPO / "engine" / "train.py")
-    if nproc == 1:
-        cmd = [sys.executable, script]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    cmd += [*overrides, f"trainer.output_dir={out}", f"parallel.ep={ep or nproc}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def _overrides(recipe, nproc, *extra, ep=None):
+    return [f"recipe={recipe}", *SYNTH, *extra, f"parallel.ep={ep or nproc}"]
+
+
+def _shared(shared_runs, recipe, nproc, *extra, ep=None):
+    """The synthetic run of `recipe` on `nproc` ranks, trained once per session. Read-only."""
+    return shared_runs.get(nproc, *_overrides(recipe, nproc, *extra, ep=ep))
+
+
+def _losses(run):
+    return [r["loss"] for r in run.records]
 
 
 @pytest.mark.parametrize("recipe,nproc", [("tiny_sft", 2), ("tiny_sft", 4), ("tiny_lora", 2), ("tiny_lora", 4)])
-def test_expert_parallel_run_matches_one_process(tmp_path, recipe, nproc):
-    one = _run(tmp_path / "ep1", 1, f"recipe={recipe}", *SYNTH)
-    ep = _run(tmp_path / f"ep{nproc}", nproc, f"recipe={recipe}", *SYNTH)
-    a = torch.tensor([r["loss"] for r in one])
-    b = torch.tensor([r["loss"] for r in ep])
+def test_expert_parallel_run_matches_one_process(shared_runs, recipe, nproc):
+    one = _shared(shared_runs, recipe, 1)
+    ep = _shared(shared_runs, recipe, nproc)
+    a = torch.tensor(_losses(one))
+    b = torch.tensor(_losses(ep))
     assert a[-1] < a[0]
     assert_tensors_close(b, a, rtol=1e-5, atol=1e-5, where=f"loss per step, EP{nproc} vs one process")
     assert_tensors_close(
-        torch.tensor([r["grad_norm"] for r in ep]),
-        torch.tensor([r["grad_norm"] for r in one]),
+        torch.tensor([r["grad_norm"] for r in ep.records]),
+        torch.tensor([r["grad_norm"] for r in one.records]),
         rtol=1e-4,
         atol=1e-6,
         where=f"grad norm per step, EP{nproc} vs one process",
     )
     assert yaml.safe_load((REPO / "recipes" / f"{recipe}.yaml").read_text())["optim"]["lr"] == PEAK_LR[recipe]
-    w1 = gather_trained_weights(tmp_path / "ep1" / "checkpoints" / "step_0000006")
-    wn = gather_trained_weights(tmp_path / f"ep{nproc}" / "checkpoints" / "step_0000006")
+    w1 = gather_trained_weights(one.out / "checkpoints" / "step_0000006")
+    wn = gather_trained_weights(ep.out / "checkpoints" / "step_0000006")
     # Experts' (and expert adapters') slices put back together in expert order; the tolerance
     # grows with lr and the number of steps (tests/closeness.py says why).
     assert_weights_close(wn, w1, lr=PEAK_LR[recipe], steps=6, where=f"{recipe} weights, EP{nproc} vs one process")
     export = "adapter" if recipe == "tiny_lora" else "hf"
-    assert (tmp_path / f"ep{nproc}" / export).is_dir()
+    assert (ep.out / export).is_dir()
     if recipe == "tiny_lora":  # the EP run's adapter export (read back from its checkpoint) is the same
         from safetensors.torch import load_file
 
-        a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("ep1", f"ep{nproc}"))
+        a, b = (load_file(run.out / "adapter" / "adapter_model.safetensors") for run in (one, ep))
         assert_weights_close(b, a, lr=PEAK_LR[recipe], steps=6, where=f"adapter export, EP{nproc} vs one process")
 
 
+def _resume_from_step_3(straight, out, nproc, overrides):
+    """Continue `straight`'s step-3 checkpoint in a folder of its own, with the same overrides."""
+    shutil.copytree(straight.out / "checkpoints" / "step_0000003", out / "checkpoints" / "step_0000003")
+    return train(out, nproc, *overrides)
+
+
 @pytest.mark.parametrize("extra", [[], ["parallel.shard=full"]])
-def test_resume_at_ep2_is_bit_exact(tmp_path, extra):
-    common = ["recipe=tiny_sft", *SYNTH, "checkpoint.every=3", "checkpoint.keep=3", *extra]
-    straight = _run(tmp_path / "a", 2, *common)
-    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_0000003", tmp_path / "b" / "checkpoints" / "step_0000003")
-    resumed = _run(tmp_path / "b", 2, *common)
-    assert [r["step"] for r in resumed] == [4, 5, 6]
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[3:]]
+def test_resume_at_ep2_is_bit_exact(shared_runs, tmp_path, extra):
+    straight = _shared(shared_runs, "tiny_sft", 2, *extra)
+    resumed = _resume_from_step_3(straight, tmp_path / "b", 2, _overrides("tiny_sft", 2, *extra))
+    assert [r["step"] for r in resumed.records] == [4, 5, 6]
+    assert _losses(resumed) == _losses(straight)[3:]
 
 
-def test_checkpoint_from_two_ranks_resumes_at_four_and_at_one(tmp_path):
+def test_checkpoint_from_two_ranks_resumes_at_four_and_at_one(shared_runs, tmp_path):
     # Written at EP2 on 2 ranks, read at EP4 on 4 ranks and in one process: the same run continues
     # (fp32; the layouts sum in different orders).
-    common = ["recipe=tiny_sft", *SYNTH, "checkpoint.every=3", "checkpoint.keep=3"]
-    straight = _run(tmp_path / "a", 2, *common)
+    straight = _shared(shared_runs, "tiny_sft", 2)
     for nproc in (4, 1):
-        out = tmp_path / f"resumed{nproc}"
-        shutil.copytree(tmp_path / "a" / "checkpoints" / "step_0000003", out / "checkpoints" / "step_0000003")
-        resumed = _run(out, nproc, *common)
-        assert [r["step"] for r in resumed] == [4, 5, 6]
+        resumed = _resume_from_step_3(straight, tmp_path / f"resumed{nproc}", nproc, _overrides("tiny_sft", nproc))
+        assert [r["step"] for r in resumed.records] == [4, 5, 6]
         torch.testing.assert_close(
-            torch.tensor([r["loss"] for r in resumed]),
-            torch.tensor([r["loss"] for r in straight[3:]]),
-            rtol=1e-5,
-            atol=1e-5,
+            torch.tensor(_losses(resumed)), torch.tensor(_losses(straight)[3:]), rtol=1e-5, atol=1e-5
         )
 
 
@@ -113,7 +119,7 @@ def test_checkpoint_holds_each_tensor_once(tmp_path, ep):
     from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM
 
     wide = ["++model.overrides.hidden_size=128", "++model.overrides.intermediate_size=256"]
-    _run(tmp_path / "run", 2, "recipe=tiny_sft", *SYNTH, "trainer.max_steps=1", "optim.warmup_steps=1", *wide, ep=ep)
+    train(tmp_path / "run", 2, *_overrides("tiny_sft", 2, "trainer.max_steps=1", "optim.warmup_steps=1", *wide, ep=ep))
     with torch.device("meta"):
         n = GptOssForCausalLM(GptOssConfig.tiny(hidden_size=128, intermediate_size=256)).num_parameters()
     expected = 3 * 4 * n
@@ -133,7 +139,7 @@ def test_bad_layout_fails_fast_on_every_rank(tmp_path):
         "parallel.ep=3",
         f"trainer.output_dir={tmp_path}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_command(cmd, timeout=300)
     assert proc.returncode != 0
     for rank in range(4):
         assert f"error (rank {rank}): LayoutError: parallel.ep=3 does not divide the world size 4" in proc.stderr
@@ -151,7 +157,7 @@ BF16_MASTERS = ["model.dtype=bfloat16", "optim.master_weights=true"]
         ("tiny_sft", BF16_MASTERS, "full"),
     ],
 )
-def test_fsdp_at_ep2_x_expert_dp2_matches_one_process(tmp_path, recipe, extra, shard):
+def test_fsdp_at_ep2_x_expert_dp2_matches_one_process(shared_runs, recipe, extra, shard):
     # EP2 x expert-DP2 on 4 ranks under FSDP2: dense weights sharded over 4 ranks, experts over 2.
     # fp32: the ranks sum in another order than one process, nothing else differs.
     # bf16 compute + fp32 masters: one process keeps bf16 weights (fp32 masters in the optimizer) and
@@ -160,62 +166,40 @@ def test_fsdp_at_ep2_x_expert_dp2_matches_one_process(tmp_path, recipe, extra, s
     # agree to 3.5e-4 relative and grad norms to 1.2 % over 6 steps; checked at 1e-3 and 3e-2 (an
     # averaged instead of summed gradient would be off by 4x).
     bf16 = extra == BF16_MASTERS
-    common = [f"recipe={recipe}", *SYNTH, "checkpoint.every=3", *extra]
-    one = _run(tmp_path / "one", 1, *common)
-    fsdp = _run(tmp_path / "fsdp", 4, *common, f"parallel.shard={shard}", ep=2)
+    one = _shared(shared_runs, recipe, 1, *extra)
+    fsdp = _shared(shared_runs, recipe, 4, *extra, f"parallel.shard={shard}", ep=2)
     torch.testing.assert_close(
-        torch.tensor([r["loss"] for r in fsdp]),
-        torch.tensor([r["loss"] for r in one]),
-        rtol=1e-3 if bf16 else 1e-5,
-        atol=1e-5,
+        torch.tensor(_losses(fsdp)), torch.tensor(_losses(one)), rtol=1e-3 if bf16 else 1e-5, atol=1e-5
     )
     torch.testing.assert_close(
-        torch.tensor([r["grad_norm"] for r in fsdp]),
-        torch.tensor([r["grad_norm"] for r in one]),
+        torch.tensor([r["grad_norm"] for r in fsdp.records]),
+        torch.tensor([r["grad_norm"] for r in one.records]),
         rtol=3e-2 if bf16 else 1e-4,
         atol=1e-6,
     )
     if bf16:
         return
-    a = gather_trained_weights(tmp_path / "one" / "checkpoints" / "step_0000006")
-    b = gather_trained_weights(tmp_path / "fsdp" / "checkpoints" / "step_0000006")
+    a = gather_trained_weights(one.out / "checkpoints" / "step_0000006")
+    b = gather_trained_weights(fsdp.out / "checkpoints" / "step_0000006")
     # As in the EP test above: Adam carries fp32 rounding of near-cancelled gradients into the weights,
     # bounded by a fraction of the distance Adam can move them (tests/closeness.py).
     assert_weights_close(b, a, lr=PEAK_LR[recipe], steps=6, where=f"{recipe} weights, FSDP2 {shard} vs one process")
 
 
-@pytest.fixture(scope="module")
-def one_process_with_validation(tmp_path_factory):
-    out = tmp_path_factory.mktemp("val") / "one"
-    prompts = out.parent / "prompts.txt"
-    prompts.write_text("What is 2 + 2?\nName a colour.\n")
-    common = [
-        "recipe=tiny_sft",
-        "trainer.max_steps=4",
-        "optim.warmup_steps=1",
-        "trainer.log_every=1",
-        "trainer.val_every=2",
-        "trainer.sample_every=2",
-        f"trainer.sample_prompts={prompts}",
-        "trainer.sample_max_new_tokens=6",
-        "parallel.timeout_s=120",
-    ]
-    return common, _run(out, 1, *common), (out / "samples.jsonl").read_text()
-
-
 @pytest.mark.parametrize("shard", ["full", "optimizer"])
-def test_validation_and_samples_under_fsdp_match_one_process(tmp_path, one_process_with_validation, shard):
+def test_validation_and_samples_under_fsdp_match_one_process(shared_runs, sampled_overrides, shard):
     # Validation and generation read the root's embedding and head and (generation) call a block's
     # submodules directly, outside FSDP2's forward hooks: they must gather those weights themselves.
     # The training after them must go on as in one process (FSDP2's state left as it was).
-    common, one, samples = one_process_with_validation
-    fsdp = _run(tmp_path / "fsdp", 2, *common, f"parallel.shard={shard}", ep=1)
+    # 4 steps, validation and samples every 2 (tests/conftest.py: SAMPLED).
+    one = shared_runs.get(1, *sampled_overrides, "parallel.ep=1")
+    fsdp = shared_runs.get(2, *sampled_overrides, f"parallel.shard={shard}", "parallel.ep=1")
     for key in ("loss", "val_loss"):
-        a = torch.tensor([r[key] for r in one if key in r])
-        b = torch.tensor([r[key] for r in fsdp if key in r])
+        a = torch.tensor([r[key] for r in one.records if key in r])
+        b = torch.tensor([r[key] for r in fsdp.records if key in r])
         assert len(a) == (4 if key == "loss" else 2)
         assert_tensors_close(b, a, rtol=1e-5, atol=1e-5, where=f"{key}, FSDP2 shard={shard} on 2 ranks vs one process")
-    assert (tmp_path / "fsdp" / "samples.jsonl").read_text() == samples
+    assert (fsdp.out / "samples.jsonl").read_text() == (one.out / "samples.jsonl").read_text()
 
 
 @pytest.mark.parametrize(
@@ -250,7 +234,7 @@ def test_real_recipe_dry_run_at_full_scale(tmp_path, recipe, preset, nproc):
         f"trainer.output_dir={tmp_path / 'out'}",
         "trainer.device=cpu",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = run_command(cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "all checks passed" in proc.stdout
     rows = int(re.search(r"data_rows: (\d+)", proc.stdout).group(1))  # the first epoch's packing, reported

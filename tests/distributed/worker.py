@@ -19,7 +19,7 @@ from engine.moe.alltoall import AllToAllDispatcher, global_expert_load
 from engine.moe.dispatch import LocalDispatcher
 from engine.moe.experts import GroupedExperts, shard_experts
 from engine.moe.layer import MoEBlock
-from engine.parallel import Mesh, clip_grad_norm, global_grad_norm, global_token_count, sync_gradients
+from engine.parallel import LayoutError, Mesh, clip_grad_norm, global_grad_norm, global_token_count, sync_gradients
 from engine.parallel.parallelize import apply_expert_parallel
 from tests.distributed.cases import GLOBAL_BATCH, expert_parallel_model, global_batch
 from tests.distributed.layout import expert_range, micro_batches_for, rank_slice
@@ -220,13 +220,41 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b).abs().max()) if b.numel() else 0.0
 
 
+def parity(mesh: Mesh, spec: dict) -> dict:
+    """Everything the parity tests compare for one layout (tests/distributed/test_expert_parallel.py)."""
+    result = {"cases": {case: run_case(case, mesh) for case in spec["cases"]}}
+    if spec.get("dispatcher_checks"):
+        result["round_trip"] = round_trip(mesh)
+        # only rank 0 has tokens: rank 1 sends nothing, some experts get nothing
+        result["empty_rank"] = dispatcher_vs_local(mesh, [6 if r == 0 else 0 for r in range(mesh.ep)], False)
+        result["autocast"] = dispatcher_vs_local(mesh, [5 + r for r in range(mesh.ep)], True)
+        result["moe_chunks"] = chunked_moe_vs_full(mesh)
+    if spec.get("steps"):
+        result["steps"] = run_steps(mesh, **spec["steps"])
+    result["mesh"] = {"ep_rank": mesh.ep_rank, "edp_rank": mesh.edp_rank, "ep": mesh.ep}
+    return result
+
+
 def main() -> None:
     scenario, out_dir, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.set_num_threads(1)
     result: dict = {}
-    if scenario == "layout":
-        mesh = Mesh.from_env(ep=args["ep"], tp=args.get("tp", 1), num_experts=args["num_experts"], timeout_s=20)
-        dist.barrier()  # never reached for a bad layout: the mesh refuses it first
+    if scenario == "layouts":
+        # Every bad layout in turn: each must be refused before any collective (one the mesh accepted
+        # would reach the barrier and print nothing). Each refusal goes to stderr on its own line; the
+        # last one is raised, so the rank ends as under torchrun.
+        refusal: Exception | None = None
+        for layout in args["layouts"]:
+            try:
+                Mesh.from_env(ep=layout["ep"], tp=layout["tp"], num_experts=layout["num_experts"], timeout_s=20)
+            except LayoutError as e:
+                print(f"LayoutError: {e}", file=sys.stderr, flush=True)
+                refusal = e
+                continue
+            dist.barrier()  # never reached for a bad layout: the mesh refuses it first
+        if refusal is None:
+            raise AssertionError("no layout was refused")
+        raise refusal
     elif scenario == "dead_rank":
         mesh = Mesh.from_env(ep=2, num_experts=8, timeout_s=args["timeout_s"])
         if mesh.rank == 1:
@@ -239,18 +267,14 @@ def main() -> None:
             os._exit(0)
         _model("uniform", mesh)(global_batch(64)[0][:1])
     elif scenario == "parity":
-        mesh = Mesh.from_env(ep=args["ep"], num_experts=8, timeout_s=60)
-        result["cases"] = {case: run_case(case, mesh) for case in args["cases"]}
-        if args.get("dispatcher_checks"):
-            result["round_trip"] = round_trip(mesh)
-            # only rank 0 has tokens: rank 1 sends nothing, some experts get nothing
-            result["empty_rank"] = dispatcher_vs_local(mesh, [6 if r == 0 else 0 for r in range(mesh.ep)], False)
-            result["autocast"] = dispatcher_vs_local(mesh, [5 + r for r in range(mesh.ep)], True)
-            result["moe_chunks"] = chunked_moe_vs_full(mesh)
-        if args.get("steps"):
-            result["steps"] = run_steps(mesh, **args["steps"])
-        result["mesh"] = {"ep_rank": mesh.ep_rank, "edp_rank": mesh.edp_rank, "ep": mesh.ep}
-        mesh.destroy()
+        # Each layout of this world size in turn, in the same process group: the first mesh creates
+        # it, the next ones build their EP / expert-DP groups inside it.
+        meshes = []
+        for name, spec in args["layouts"].items():
+            mesh = Mesh.from_env(ep=spec["ep"], num_experts=8, timeout_s=60)
+            meshes.append(mesh)
+            result[name] = parity(mesh, spec)
+        meshes[0].destroy()
     else:
         raise ValueError(f"unknown scenario {scenario!r}")
     torch.save(result, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))

@@ -21,37 +21,24 @@ def _run(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("after")
-    prompts = tmp / "prompts.txt"
-    prompts.write_text("What is 2 + 2?\nName a colour.\n")
-    out = tmp / "run"
-    _run(
-        str(REPO / "engine" / "train.py"),
-        "recipe=tiny_sft",
-        f"trainer.output_dir={out}",
-        "trainer.max_steps=6",
-        "trainer.val_every=3",
-        "trainer.log_every=1",
-        "trainer.sample_every=3",
-        f"trainer.sample_prompts={prompts}",
-        "trainer.sample_max_new_tokens=8",
-        "trainer.progress=false",
-    )
-    return out
+def run_dir(shared_runs, sampled_overrides):
+    """tiny_sft, 4 steps, validation and samples every 2 (tests/conftest.py: SAMPLED); shared, read-only."""
+    return shared_runs.get(1, *sampled_overrides, "parallel.ep=1").out
 
 
+@pytest.mark.slow
 def test_samples_are_logged_during_training(run_dir):
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [(s["step"], s["prompt"]) for s in samples] == [
-        (3, "What is 2 + 2?"),
-        (3, "Name a colour."),
-        (6, "What is 2 + 2?"),
-        (6, "Name a colour."),
+        (2, "What is 2 + 2?"),
+        (2, "Name a colour."),
+        (4, "What is 2 + 2?"),
+        (4, "Name a colour."),
     ]
     assert all(isinstance(s["text"], str) and s["text"] for s in samples)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_trainers_validation_loss(run_dir, tmp_path):
     val_loss = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
     out = tmp_path / "eval.json"
@@ -62,12 +49,14 @@ def test_evaluate_reproduces_the_trainers_validation_loss(run_dir, tmp_path):
     assert {"mask/final_only", "channel/analysis", "channel/final", "all"} <= set(groups)
 
 
+@pytest.mark.slow
 def test_chat_answers_once_on_the_run_and_its_hf_export(run_dir):
     for model in (run_dir, run_dir / "hf"):
         proc = _run("-m", "engine.chat", str(model), "--prompt", "What is 2 + 2?", "--max-new-tokens", "24")
         assert proc.stdout.strip(), proc.stderr
 
 
+@pytest.mark.slow
 def test_report_on_the_run(run_dir):
     _run("-m", "engine.report", str(run_dir))
     page = (run_dir / "report" / "index.html").read_text()

@@ -7,8 +7,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from engine.data.config import default_sample_paths
 from engine.train import REPO
+
+# Each test tokenizes the shipped chats in a run of engine/train.py.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 NO_ASSISTANT = json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
 ONE_STEP = [

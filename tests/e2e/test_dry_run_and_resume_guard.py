@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from engine.train import REPO
 
 GiB = 2**30
@@ -50,6 +52,7 @@ def test_real_lora_recipe_dry_runs_offline_with_the_gpu_plan(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_plans_32_gpus_from_one_process_and_refuses_what_does_not_fit(tmp_path):
     ok = _train(
         "recipe=gptoss120b_sft", "trainer.dry_run=true", "trainer.dry_run_gpus=32", f"trainer.output_dir={tmp_path}"
@@ -69,6 +72,7 @@ def test_dry_run_plans_32_gpus_from_one_process_and_refuses_what_does_not_fit(tm
     assert "exceeds" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_smoke_run_shorter_than_the_warmup_runs_and_a_finished_run_is_refused_at_once(tmp_path):
     common = [
         "recipe=tiny_sft",

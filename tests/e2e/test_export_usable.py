@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from engine.train import REPO
+from tests.e2e.test_user_errors import TRAINED
 
-SHORT = ["trainer.max_steps=2", "optim.warmup_steps=1", "trainer.val_every=0", "trainer.log_every=1"]
+# Each test reads tiny runs and runs the export command line.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def _python(*args, check=True, cwd=REPO):
@@ -23,15 +25,13 @@ def _python(*args, check=True, cwd=REPO):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    for recipe in ("tiny_sft", "tiny_lora"):
-        _python(str(REPO / "engine" / "train.py"), f"recipe={recipe}", *SHORT, f"trainer.output_dir={root / recipe}")
-    return root
+def runs(shared_runs):
+    """{recipe: output folder} of 2-step tiny runs; the tiny_sft one is tests/e2e/test_user_errors.py's. Read-only."""
+    return {recipe: shared_runs.get(1, f"recipe={recipe}", *TRAINED[1:]).out for recipe in ("tiny_sft", "tiny_lora")}
 
 
 def test_hf_export_of_a_run_loads_with_its_tokenizer_in_the_runs_dtype(runs):
-    hf = runs / "tiny_sft" / "hf"
+    hf = runs["tiny_sft"] / "hf"
     shipped = REPO / "engine" / "data" / "assets" / "tokenizer" / "tokenizer.json"
     assert (hf / "tokenizer.json").read_bytes() == shipped.read_bytes()  # the tokenizer the run trained with
     config = json.loads((hf / "config.json").read_text())
@@ -44,7 +44,7 @@ def test_hf_export_of_a_run_loads_with_its_tokenizer_in_the_runs_dtype(runs):
 
 
 def test_export_cli_dtype_format_and_existing_out(runs, tmp_path):
-    step = runs / "tiny_sft" / "checkpoints" / "step_0000002"
+    step = runs["tiny_sft"] / "checkpoints" / "step_0000002"
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         proc = _python("-W", "error::FutureWarning", "-m", "engine.export", str(step), "--out", str(tmp_path / "a"))
@@ -56,7 +56,7 @@ def test_export_cli_dtype_format_and_existing_out(runs, tmp_path):
     again = _python("-m", "engine.export", str(step), "--out", str(tmp_path / "b"), check=False)
     assert again.returncode == 2
     assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr and "--overwrite" in again.stderr
-    lora_step = runs / "tiny_lora" / "checkpoints" / "step_0000002"
+    lora_step = runs["tiny_lora"] / "checkpoints" / "step_0000002"
     peft = _python("-W", "error::FutureWarning", "-m", "engine.export", str(lora_step), "--out", str(tmp_path / "p"))
     assert "FutureWarning" not in peft.stderr and (tmp_path / "p" / "adapter_config.json").is_file()
     wrong = _python("-m", "engine.export", str(lora_step), "--out", str(tmp_path / "c"), "--format", "hf", check=False)
@@ -67,7 +67,7 @@ def test_readme_recipe_for_loading_a_trained_lora_model(runs):
     # What the README shows: the trained LoRA model back in Python, adapters applied.
     from engine.export import load_trained_model
 
-    cfg, model = load_trained_model(runs / "tiny_lora" / "checkpoints" / "step_0000002", torch.float32)
+    cfg, model = load_trained_model(runs["tiny_lora"] / "checkpoints" / "step_0000002", torch.float32)
     assert cfg.peft.method == "lora"
     lora = [n for n, p in model.named_parameters() if "lora" in n]
     assert lora and any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
@@ -78,7 +78,7 @@ def test_readme_recipe_for_loading_a_trained_lora_model(runs):
 
 def test_a_lora_run_on_a_relative_model_path_exports_and_loads_from_any_directory(runs, tmp_path):
     launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
-    shutil.copytree(runs / "tiny_sft" / "hf", launch / "base")
+    shutil.copytree(runs["tiny_sft"] / "hf", launch / "base")
     elsewhere.mkdir()
     _python(
         str(REPO / "engine" / "train.py"),

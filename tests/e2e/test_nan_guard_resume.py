@@ -8,6 +8,9 @@ import pytest
 
 from tests.e2e.test_user_errors import SMALL, _run, _strict_records
 
+# Each test trains through engine/train.py.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 
 @pytest.fixture(scope="module")
 def skipped_once(tmp_path_factory):

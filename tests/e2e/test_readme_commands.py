@@ -14,8 +14,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 from engine.train import REPO
+from tests.train_runs import run_command
 
 SKIP = {
     "python3 -m venv .venv && . .venv/bin/activate": "the set-up: .ci/run makes a fresh environment",
@@ -96,8 +101,28 @@ def test_readme_steps_are_found():
     assert set(SKIP) <= set(commands), sorted(set(SKIP) - set(commands))  # no stale skips
 
 
-def test_readme_commands_run_in_order_on_a_fresh_copy(tmp_path):
-    repo = fresh_copy(tmp_path / "repo")
+@dataclass
+class ReadmeRun:
+    """The README's commands run in order on a fresh copy: what succeeded (index, command, seconds, stdout),
+    and the first failure (None when every command succeeded). Its outputs/ is read by other end-to-end tests
+    (tests/e2e/conftest.py): the tiny runs are trained once per session."""
+
+    repo: Path
+    ran: list = field(default_factory=list)
+    failure: str | None = None
+
+    def succeeded(self, command: str) -> bool:
+        return self.stdout(command) is not None
+
+    def stdout(self, command: str) -> str | None:
+        """What a command that succeeded printed; None when it did not run or failed."""
+        return next((out for _, step, _, out in self.ran if step == command), None)
+
+
+def run_readme(dest: Path) -> ReadmeRun:
+    """Every README command in order, on a fresh copy of the repository in `dest`; stops at the first failure."""
+    run = ReadmeRun(fresh_copy(dest))
+    repo = run.repo
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1"}
     for i, (kind, step) in enumerate(readme_steps((repo / "README.md").read_text())):
         if kind == "sh" and step in SKIP:
@@ -109,13 +134,28 @@ def test_readme_commands_run_in_order_on_a_fresh_copy(tmp_path):
             if step in AS_DRY_RUN:
                 argv.append("trainer.dry_run=true")
         t0 = time.perf_counter()
-        proc = subprocess.run(argv, cwd=repo, env={**base_env, **env}, capture_output=True, text=True, timeout=1200)
+        try:
+            proc = run_command(argv, timeout=1200, env={**base_env, **env}, cwd=repo)
+        except AssertionError as e:  # timed out: the process group is killed, the message says where
+            run.failure = f"README step {i} failed:\n{step}\n{e}"
+            return run
         took = time.perf_counter() - t0
-        assert proc.returncode == 0, (
-            f"README step {i} failed after {took:.0f} s (exit {proc.returncode}):\n{step}\n"
-            f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
-        )
+        if proc.returncode != 0:
+            run.failure = (
+                f"README step {i} failed after {took:.0f} s (exit {proc.returncode}):\n{step}\n"
+                f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+            )
+            return run
+        run.ran.append((i, step, took, proc.stdout))
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_readme_commands_run_in_order_on_a_fresh_copy(readme_run):
+    for i, step, took, _ in readme_run.ran:
         print(f"README step {i} ({took:.0f} s): {step.splitlines()[0]}")
+    assert readme_run.failure is None, readme_run.failure
 
 
 def _train_commands(text: str) -> set[tuple[str, ...]]:

@@ -5,13 +5,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from engine.checkpoint.dcp import state as ckpt
 from tests.e2e.test_tiny_sft import _train
+
+# Each test trains through engine/train.py or kills a saving process.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FAST = ["data.max_seq_len=128", "data.global_batch_size=4", "data.micro_batch_size=2", "trainer.val_every=0"]
 
@@ -62,12 +64,13 @@ ckpt.save_checkpoint(sys.argv[1], 2, {"w": torch.ones(3)}, {}, {"world_size": 1}
 print("first saved", flush=True)
 write = filesystem.FileSystemWriter.write_data
 def slow_write(self, plan, planner):
+    print("writing\\n", end="", flush=True)  # one write: the async save's caller prints beside this thread
     time.sleep(60)  # the kill comes in here, in the middle of writing the tensors
     return write(self, plan, planner)
 filesystem.FileSystemWriter.write_data = slow_write
 pending = ckpt.save_checkpoint(sys.argv[1], 4, {"w": torch.zeros(3)}, {}, {"world_size": 1}, keep=5,
                                asynchronous=sys.argv[2] == "async")
-print("saving", flush=True)
+print("saving\\n", end="", flush=True)
 time.sleep(60)  # an async save returns at once: the next training steps would run here
 """
 
@@ -81,9 +84,14 @@ def test_sigkill_during_save_leaves_a_resumable_run(tmp_path, mode):
         cwd=str(ckpt.Path(__file__).resolve().parents[2]),
     )
     assert proc.stdout.readline().strip() == "first saved"
-    if mode == "async":
-        assert proc.stdout.readline().strip() == "saving"
-    time.sleep(2.0)  # inside the second save now, writing the tensors
+    # Killed once the second save is inside the tensor write (no fixed wait); an async save has also
+    # returned to the caller by then (in either order: the write runs in the background).
+    expected, seen = {"writing", "saving"} if mode == "async" else {"writing"}, set()
+    while not expected <= seen:
+        line = proc.stdout.readline()
+        assert line, f"the saving process ended early (seen {sorted(seen)})"
+        seen.add(line.strip())
+    assert seen == expected, seen
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_0000002"]

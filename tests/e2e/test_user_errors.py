@@ -11,6 +11,7 @@ import time
 import pytest
 
 from engine.train import REPO
+from tests.train_runs import run_command
 
 SMALL = [
     "data.max_seq_len=128",
@@ -115,13 +116,14 @@ def test_cuda_without_a_gpu(tmp_path):
     _one_line_error(proc, "ConfigError", "trainer.device='cuda'", "trainer.device=cpu")
 
 
+TRAINED = ["recipe=tiny_sft", *SMALL, "trainer.max_steps=2"]
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny_sft run of 2 steps: its output folder holds the step-2 checkpoint. Read-only."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    proc, _ = _run("recipe=tiny_sft", *SMALL, "trainer.max_steps=2", f"trainer.output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def trained(shared_runs):
+    """A tiny_sft run of 2 steps: its output folder holds the step-2 checkpoint. Read-only (shared with
+    tests/e2e/test_export_usable.py)."""
+    return shared_runs.get(1, *TRAINED).out
 
 
 def _copy_run(trained, tmp_path):
@@ -130,6 +132,7 @@ def _copy_run(trained, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_resume_with_changed_data_is_one_line(trained, tmp_path):
     out = _copy_run(trained, tmp_path)
     sample = (REPO / "engine" / "data" / "assets" / "sample_chat.jsonl").read_text().splitlines()
@@ -145,6 +148,7 @@ def test_resume_with_changed_data_is_one_line(trained, tmp_path):
     assert line.count("resume with") == 1 and "trainer.output_dir" in line, line  # each piece of advice once
 
 
+@pytest.mark.slow
 def test_resume_with_another_recipe_is_one_line(trained, tmp_path):
     out = _copy_run(trained, tmp_path)
     proc, _ = _run("recipe=tiny_lora", *SMALL, "trainer.max_steps=4", f"trainer.output_dir={out}")
@@ -158,6 +162,7 @@ def _strict_records(path):
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_nan_guard_stop_is_one_line_and_names_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc, _ = _run(
@@ -186,6 +191,7 @@ def test_nan_guard_stop_is_one_line_and_names_the_last_good_checkpoint(tmp_path)
     assert "step 4: non-finite loss/gradient" in proc.stdout
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_config_error_is_said_once(tmp_path):
     cmd = [
         sys.executable,
@@ -198,7 +204,7 @@ def test_under_torchrun_a_config_error_is_said_once(tmp_path):
         f"trainer.output_dir={tmp_path}",
         "optim.lr=nan",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_command(cmd, timeout=300)  # its own process group: a hung rank is killed with torchrun
     ours = [x for x in proc.stderr.splitlines() if x.startswith("error (rank")]
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # torchrun reports our exit code 2
     assert ours == [ours[0]] and "optim.lr=nan" in ours[0], proc.stderr  # one line, not one per rank
