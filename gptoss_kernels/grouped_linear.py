@@ -30,10 +30,12 @@ def check_rows(x, counts, gather_idx) -> int:
     return gather_idx.shape[0]
 
 
-def check_weight(name: str, w, bias, x, num_experts: int, k: int):
+def check_weight(name: str, w, bias, x, num_experts: int, k: int, as_stored: bool = False):
     """Validate a 3-D expert weight [E, k, N] (or an Mxfp4Weight standing for one) and its optional bias [E, N]
-    against x."""
+    against x. as_stored: an MXFP4 weight must not be a transposed view (a square one would pass the shapes)."""
     if isinstance(w, Mxfp4Weight):
+        if as_stored and w.transposed:
+            raise ValueError(f"{name} is a transposed MXFP4 view; pass the weight as the checkpoint stores it")
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"{name} is MXFP4: x must be bf16, fp16 or fp32 (the weight dequantizes to x's dtype), "
                              f"got {x.dtype}")

@@ -89,10 +89,10 @@ def expert_mlp(x, counts, w_gu, b_gu, w_d, b_d, *, alpha=1.702, limit=7.0, gathe
     _runtime.check_tensors(x, counts, *tensors_of(w_gu), b_gu, *tensors_of(w_d), b_d, gather_idx)
     check_rows(x, counts, gather_idx)
     num_experts = counts.numel()
-    check_weight("w_gu", w_gu, b_gu, x, num_experts, x.shape[1])
+    check_weight("w_gu", w_gu, b_gu, x, num_experts, x.shape[1], as_stored=True)
     if w_gu.shape[2] % 2:
         raise ValueError(f"w_gu must have an even number of (interleaved gate/up) columns, got {w_gu.shape[2]}")
-    check_weight("w_d", w_d, b_d, x, num_experts, w_gu.shape[2] // 2)
+    check_weight("w_d", w_d, b_d, x, num_experts, w_gu.shape[2] // 2, as_stored=True)
     # h is saved only when a backward can follow (inside autograd.Function grad mode is off).
     keep_pre = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_gu, b_gu, w_d, b_d)

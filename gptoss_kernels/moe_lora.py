@@ -120,11 +120,11 @@ def expert_mlp_lora(x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *
                            *(lora_gu or ()), *(lora_d or ()))
     check_rows(x, counts, gather_idx)
     e = counts.numel()
-    check_weight("w_gu", w_gu, b_gu, x, e, x.shape[1])
+    check_weight("w_gu", w_gu, b_gu, x, e, x.shape[1], as_stored=True)
     if w_gu.shape[2] % 2:
         raise ValueError(f"w_gu must have an even number of (interleaved gate/up) columns, got {w_gu.shape[2]}")
     inter = w_gu.shape[2] // 2
-    check_weight("w_d", w_d, b_d, x, e, inter)
+    check_weight("w_d", w_d, b_d, x, e, inter, as_stored=True)
     a_gu, bb_gu = _check_adapter("gate_up", lora_gu, x, e, x.shape[1], 2 * inter)
     a_d, bb_d = _check_adapter("down", lora_d, x, e, inter, w_d.shape[2])
     tensors = (x, w_gu, b_gu, w_d, b_d, a_gu, bb_gu, a_d, bb_d)

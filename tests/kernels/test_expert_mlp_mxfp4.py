@@ -165,6 +165,8 @@ def test_weight_shape_errors_name_the_weight():
         expert_mlp(t["x"], counts_of([2, 3]), w_gu, t["b_gu"], w_gu, t["b_d"])  # gate_up's weight as down's
     with pytest.raises(ValueError, match="w_gu"):
         expert_mlp(t["x"][:, :64], counts_of([2, 3]), w_gu, t["b_gu"], w_d, t["b_d"])
+    with pytest.raises(ValueError, match="w_d is a transposed MXFP4 view"):  # square: the shapes cannot tell
+        expert_mlp(t["x"], counts_of([2, 3]), w_gu, t["b_gu"], w_d.transpose(1, 2), t["b_d"])
 
 
 PRODUCTION_SIZES = [300, 0, 129, 200]  # 128-row tiles (wgmma), ragged tails, an empty expert
