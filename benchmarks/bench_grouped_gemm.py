@@ -9,7 +9,9 @@ some empty), forward and forward+backward; our GEMM as the library runs it (auto
 with the heuristic config, and (forward only) its persistent-grid and TMA-weight variants; then
 the whole expert MLP (fused gather + SwiGLU epilogue) against the same math composed from
 torch._grouped_mm, with trainable and frozen
-weights; then scatter_combine against index_add. Prints a table and the tile config each bucket
+weights; then the two GEMMs with MXFP4 weights (the checkpoint's packed experts, dequantized in the K loop),
+forward and dX, beside bf16 weights holding the same values (uniform routing); then scatter_combine against
+index_add. Prints a table and the tile config each bucket
 ran with (and the autotuner's timings), and writes every figure as JSON to $OUT (if set) or
 benchmarks/results/ (`tile_configs` in the header).
 """
@@ -17,6 +19,7 @@ benchmarks/results/ (`tile_configs` in the header).
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -106,22 +109,20 @@ CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # max |out - ref| / max
 
 def check_methods(results, methods: dict, reference, dtype, **key) -> set:
     """Compare each method's output with `reference()` (fp32) before anything is timed; one entry per
-    method in the JSON's `checks`. Returns the methods that may be timed: a wrong result is not timed."""
+    method in the JSON's `checks`. Returns the methods that may be timed: a wrong result, or one that raised,
+    is not timed (its check carries the error; the summary lists it as FAILED)."""
     with torch.no_grad():
         ref = reference().float()
         scale = ref.abs().max().clamp(min=1e-12)
         passed = set()
         for method, fn in methods.items():
-            err = float((fn().float() - ref).abs().max() / scale)
-            ok = err <= CHECK_TOL[dtype]  # NaN fails too
-            results.checks.append(
-                dict(
-                    key,
-                    method=method,
-                    max_rel_err=err,
-                    **({} if ok else {"error": f"result off by {err:.2e} of max |ref|: not timed"}),
-                )
-            )
+            try:
+                err = float((fn().float() - ref).abs().max() / scale)
+                error = None if err <= CHECK_TOL[dtype] else f"result off by {err:.2e} of max |ref|: not timed"
+            except Exception as exc:  # e.g. torch._grouped_mm missing on this build
+                err, error = None, f"raised {type(exc).__name__}: {exc}"[:300]
+            ok = error is None  # (NaN fails the tolerance too)
+            results.checks.append(dict(key, method=method, max_rel_err=err, **({} if ok else {"error": error})))
             if not ok:
                 print(f"!!! {key} {method}: {results.checks[-1]['error']}")
             if ok:
@@ -202,6 +203,48 @@ def run_expert_mlp(kernels, cfg, device, bench, results):
                     record(results, bench, fn, flops, op=op, routing=routing, passes=passes, method=method)
 
 
+def mxfp4_weight(experts, n_out, n_in, device):
+    """(blocks, scales) of a random MXFP4 weight, as a checkpoint stores it ((out, in), 32 inputs a group):
+    every code, scales giving values of about 1/sqrt(n_in) (random codes have an rms of ~3.2)."""
+    e = round(math.log2(n_in**-0.5 / 3.2)) + 127
+    blocks = torch.randint(0, 256, (experts, n_out, n_in // 32, 16), dtype=torch.uint8, device=device)
+    return blocks, torch.randint(e - 1, e + 1, (experts, n_out, n_in // 32), dtype=torch.uint8, device=device)
+
+
+def run_mxfp4_gemms(kernels, cfg, device, bench, results):
+    """x @ W (forward) and dy @ W^T (dX) with W in MXFP4, beside the same products on bf16 weights holding the
+    same (dequantized) values; each checked against fp32 products of those values before timing."""
+    m, e, deq = cfg["tokens"] * cfg["top_k"], cfg["experts"], kernels["dequantize_mxfp4"]
+    _, counts = route(cfg["tokens"], cfg["top_k"], e, False, device)
+    counts_host, offs = counts.tolist(), torch.cumsum(counts, 0, dtype=torch.int32)
+    for name, n_in, n_out in (("gate_up", cfg["hidden"], 2 * cfg["width"]), ("down", cfg["width"], cfg["hidden"])):
+        packed = kernels["Mxfp4Weight"](*mxfp4_weight(e, n_out, n_in, device))
+        w = torch.stack([deq(packed.blocks[i], packed.scales[i], cfg["dtype"]).t() for i in range(e)])  # [E, in, out]
+        for passes, a_width in (("fwd", n_in), ("dX", n_out)):
+            if passes == "dX":  # the transposed orientation: K = outputs, N = inputs (the groups run along N)
+                packed, w = packed.transpose(1, 2), w.transpose(1, 2)
+            a = torch.randn(m, a_width, device=device, dtype=cfg["dtype"])
+            methods = {
+                "triton": lambda: kernels["grouped_linear"](a, counts, w),
+                "triton_mxfp4": lambda: kernels["grouped_linear"](a, counts, packed),
+                "grouped_mm": lambda: torch._grouped_mm(a, w, offs=offs),
+            }
+            ref = lambda: torch.cat([ae.float() @ w[i].float() for i, ae in enumerate(a.split(counts_host))])  # noqa: E731
+            op = f"mxfp4 {name} {n_in}x{n_out}"  # the forward's K x N, for both passes
+            ok = check_methods(results, methods, ref, cfg["dtype"], op=op, routing="uniform", passes=passes)
+            for method in (m_ for m_ in methods if m_ in ok):
+                record(
+                    results,
+                    bench,
+                    methods[method],
+                    2 * m * n_in * n_out,
+                    op=op,
+                    routing="uniform",
+                    passes=passes,
+                    method=method,
+                )
+
+
 def run_combine(kernels, cfg, device, bench, results):
     t, h = cfg["tokens"], cfg["hidden"]
     gather_idx, _ = route(t, cfg["top_k"], cfg["experts"], False, device)
@@ -250,7 +293,7 @@ def print_table(results):
 
 def print_configs(configs):
     """Which tile config each grouped-GEMM bucket ran with, and the autotuner's timings (ms) where it tuned."""
-    print("tile configs (bucket: epilogue|BLOCK_M|M|N|K|dtype|gather,bias,low-rank,pre,act|persistent,tma):")
+    print("tile configs (bucket: epilogue|BLOCK_M|M|N|K|dtype|gather,bias,low-rank,pre,act,mxfp4|persistent,tma):")
     for key, name in configs["used"].items():
         print(f"  {key}: {name}")
     for entry in configs["tuned"]:
@@ -279,7 +322,8 @@ def main(argv=None):
     from gptoss_kernels import gemm_configs
     from gptoss_kernels.grouped_linear import grouped_linear
     from gptoss_kernels.moe_experts import expert_mlp
-    from gptoss_kernels.reference import scatter_combine_reference, swiglu_reference
+    from gptoss_kernels.mxfp4 import Mxfp4Weight
+    from gptoss_kernels.reference import dequantize_mxfp4, scatter_combine_reference, swiglu_reference
     from gptoss_kernels.scatter_combine import scatter_combine
 
     gemm_configs.configure(autotune=args.autotune)
@@ -288,6 +332,8 @@ def main(argv=None):
         expert_mlp=expert_mlp,
         scatter_combine=scatter_combine,
         gemm_settings=gemm_configs.settings,
+        Mxfp4Weight=Mxfp4Weight,
+        dequantize_mxfp4=dequantize_mxfp4,
         scatter_combine_reference=scatter_combine_reference,
         swiglu_reference=swiglu_reference,
     )
@@ -309,6 +355,7 @@ def main(argv=None):
     bench, results = timer(device), _LiveResults(path, header)
     run_gemms(kernels, cfg, device, bench, results)
     run_expert_mlp(kernels, cfg, device, bench, results)
+    run_mxfp4_gemms(kernels, cfg, device, bench, results)
     run_combine(kernels, cfg, device, bench, results)
     add_ratios(results)
     print_table(results)

@@ -88,8 +88,9 @@ def grouped_gemm(r: dict, rows: Rows, mode: str) -> None:
     for x in results:
         if x["op"].startswith("expert_mlp") and x["passes"] == "fwd+bwd" and x["method"] == "grouped_mm":
             rows.add(f"expert MLP fwd+bwd {x['routing']}: triton x grouped_mm", x.get("speedup_of_triton"), ".3g")
+    _mxfp4_rows(results, rows)
     ops = {x["op"] for x in results}
-    for part in ("gemm gate_up", "gemm down", "expert_mlp", "scatter_combine"):
+    for part in ("gemm gate_up", "gemm down", "expert_mlp", "mxfp4 gate_up", "mxfp4 down", "scatter_combine"):
         if not any(op.startswith(part) for op in ops):
             rows.missing(part)
     for part in ("gemm gate_up", "gemm down", "expert_mlp"):
@@ -98,6 +99,26 @@ def grouped_gemm(r: dict, rows: Rows, mode: str) -> None:
                 x["op"].startswith(part) and x["routing"] == routing for x in results
             ):
                 rows.missing(f"{part} {routing}")
+
+
+def _mxfp4_rows(results: list, rows: Rows) -> None:
+    """The GEMMs on MXFP4 weights: TFLOP/s and the share of the same product on bf16 weights, forward and dX."""
+    by_op = {}  # (op, passes) -> method -> TFLOP/s
+    for x in results:
+        if x["op"].startswith("mxfp4") and x.get("tflops"):
+            by_op.setdefault((x["op"], x["passes"]), {})[x["method"]] = x["tflops"]
+    for (op, passes), t in by_op.items():
+        if "triton_mxfp4" in t:
+            rows.add(f"{op} {passes}: triton_mxfp4 TFLOP/s", t["triton_mxfp4"], ".0f")
+            rows.add(
+                f"{op} {passes}: triton_mxfp4 / triton bf16",
+                t["triton_mxfp4"] / t["triton"] if "triton" in t else None,
+                ".0%",
+            )
+    for op in {op for op, _ in by_op}:
+        for passes in ("fwd", "dX"):
+            if (op, passes) not in by_op:
+                rows.missing(f"{op} {passes}")
 
 
 def moe_layer(r: dict, rows: Rows, mode: str) -> None:

@@ -11,6 +11,10 @@ A rows can be gathered through an index (row r of the sorted order reads a[gathe
 the permuted copy of the token tensor is never written. A low-rank term can join the accumulator
 before any epilogue: acc += z_r @ L[e] with z [M, R] (R small, e.g. a LoRA rank; computed once per
 row by the caller) and L [E, R, N], so an adapted projection costs no extra [M, N] buffer.
+The weight may be MXFP4 (an Mxfp4Weight: uint8 blocks and scales as the checkpoint stores them): its tiles are
+dequantized in registers inside the K loop (mxfp4_tile.py) and fed to the same tl.dot, in the forward
+orientation (w[e] = dequant^T, K = inputs, a 32-group inside each BLOCK_K) or the dX one (a transposed view:
+K = outputs, N = inputs, a 32-group inside each BLOCK_N).
 The epilogues are in grouped_gemm_epilogue.py; the torch references in reference.py.
 """
 
@@ -18,9 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_kernels import _runtime, gemm_configs
+from gptoss_kernels import _runtime, gemm_configs, mxfp4_configs
 from gptoss_kernels.gemm_configs import PLAIN, SWIGLU, SWIGLU_BWD  # noqa: F401  (the epilogues)
 from gptoss_kernels.grouped_gemm_epilogue import tile_epilogue
+from gptoss_kernels.mxfp4 import Mxfp4Weight
+from gptoss_kernels.mxfp4_tile import mxfp4_scales, mxfp4_strides, mxfp4_tile
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the weight uses pointer loads
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -55,6 +61,7 @@ def _mainloop(
     gather_ptr,
     w_ptr,
     w_desc,
+    s_ptr,
     rows,
     row_mask,
     pid_n,
@@ -66,15 +73,24 @@ def _mainloop(
     stride_we,
     stride_wk,
     stride_wn,
+    stride_qe,
+    stride_qo,
+    stride_qg,
+    stride_qb,
+    stride_se,
+    stride_so,
+    stride_sg,
     HAS_GATHER: tl.constexpr,
     EVEN_K: tl.constexpr,
     W_TMA: tl.constexpr,
+    W_MXFP4: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc [BLOCK_M, BLOCK_N] = a[src(rows)] @ w[expert][:, n-block pid_n], in fp32."""
+    """acc [BLOCK_M, BLOCK_N] = a[src(rows)] @ w[expert][:, n-block pid_n], in fp32. W_MXFP4: w_ptr holds MXFP4
+    blocks and s_ptr their scales (strides q*, s*), dequantized tile by tile (1: forward, 2: dX orientation)."""
     if HAS_GATHER:
         src = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     else:
@@ -87,6 +103,14 @@ def _mainloop(
         w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     )  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if W_MXFP4 == 1:  # the first tile's scales; each step fetches the next step's (masked past K)
+        s = mxfp4_scales(
+            s_ptr, expert, pid_n * BLOCK_N, 0, N, K, stride_se, stride_so, stride_sg, BLOCK_N, BLOCK_K, True, True
+        )
+    elif W_MXFP4 == 2:
+        s = mxfp4_scales(
+            s_ptr, expert, 0, pid_n * BLOCK_N, K, N, stride_se, stride_so, stride_sg, BLOCK_K, BLOCK_N, True, True
+        )
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
@@ -94,7 +118,79 @@ def _mainloop(
             k_mask = ks < K - k0
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         # TMA zero-fills past the expert's own K and N (3-D descriptor), so it needs no mask.
-        if W_TMA == 1:  # w[e] is [K, N] with N contiguous
+        if W_MXFP4 == 1:  # w[e] = dequant(blocks[e])^T: the [BLOCK_N outputs, BLOCK_K inputs] tile, transposed
+            s_next = mxfp4_scales(
+                s_ptr,
+                expert,
+                pid_n * BLOCK_N,
+                k0 + BLOCK_K,
+                N,
+                K,
+                stride_se,
+                stride_so,
+                stride_sg,
+                BLOCK_N,
+                BLOCK_K,
+                True,
+                True,
+            )
+            w = tl.trans(
+                mxfp4_tile(
+                    w_ptr,
+                    s,
+                    expert,
+                    pid_n * BLOCK_N,
+                    k0,
+                    N,
+                    K,
+                    stride_qe,
+                    stride_qo,
+                    stride_qg,
+                    stride_qb,
+                    BLOCK_N,
+                    BLOCK_K,
+                    True,
+                    not EVEN_K,
+                    a_ptr.dtype.element_ty,
+                )
+            )
+            s = s_next
+        elif W_MXFP4 == 2:  # dX: w[e] = dequant(blocks[e]), K = outputs, N = inputs (the groups run along N)
+            s_next = mxfp4_scales(
+                s_ptr,
+                expert,
+                k0 + BLOCK_K,
+                pid_n * BLOCK_N,
+                K,
+                N,
+                stride_se,
+                stride_so,
+                stride_sg,
+                BLOCK_K,
+                BLOCK_N,
+                True,
+                True,
+            )
+            w = mxfp4_tile(
+                w_ptr,
+                s,
+                expert,
+                k0,
+                pid_n * BLOCK_N,
+                K,
+                N,
+                stride_qe,
+                stride_qo,
+                stride_qg,
+                stride_qb,
+                BLOCK_K,
+                BLOCK_N,
+                not EVEN_K,
+                True,
+                a_ptr.dtype.element_ty,
+            )
+            s = s_next
+        elif W_TMA == 1:  # w[e] is [K, N] with N contiguous
             w = tl.reshape(w_desc.load([expert, k0, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
         elif W_TMA == 2:  # a transposed view: the descriptor walks the stored [E, N, K]
             w = tl.trans(tl.reshape(w_desc.load([expert, pid_n * BLOCK_N, k0]), (BLOCK_N, BLOCK_K)))
@@ -114,6 +210,7 @@ def _grouped_gemm_kernel(
     gather_ptr,
     w_ptr,
     w_desc,
+    s_ptr,
     bias_ptr,
     out_ptr,
     pre_ptr,
@@ -135,6 +232,13 @@ def _grouped_gemm_kernel(
     stride_we,
     stride_wk,
     stride_wn,
+    stride_qe,
+    stride_qo,
+    stride_qg,
+    stride_qb,
+    stride_se,
+    stride_so,
+    stride_sg,
     stride_be,
     stride_bn,
     stride_om,
@@ -157,6 +261,7 @@ def _grouped_gemm_kernel(
     STORE_ACT: tl.constexpr,
     EVEN_K: tl.constexpr,
     W_TMA: tl.constexpr,
+    W_MXFP4: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CLAMP_CLOSED: tl.constexpr,
     SUBTILES: tl.constexpr,
@@ -176,6 +281,7 @@ def _grouped_gemm_kernel(
         gather_ptr,
         w_ptr,
         w_desc,
+        s_ptr,
         rows,
         row_mask,
         pid_n,
@@ -187,9 +293,17 @@ def _grouped_gemm_kernel(
         stride_we,
         stride_wk,
         stride_wn,
+        stride_qe,
+        stride_qo,
+        stride_qg,
+        stride_qb,
+        stride_se,
+        stride_so,
+        stride_sg,
         HAS_GATHER,
         EVEN_K,
         W_TMA,
+        W_MXFP4,
         DOT_PRECISION,
         BLOCK_M,
         BLOCK_N,
@@ -244,6 +358,7 @@ def _grouped_gemm_persistent_kernel(
     gather_ptr,
     w_ptr,
     w_desc,
+    s_ptr,
     bias_ptr,
     out_ptr,
     pre_ptr,
@@ -265,6 +380,13 @@ def _grouped_gemm_persistent_kernel(
     stride_we,
     stride_wk,
     stride_wn,
+    stride_qe,
+    stride_qo,
+    stride_qg,
+    stride_qb,
+    stride_se,
+    stride_so,
+    stride_sg,
     stride_be,
     stride_bn,
     stride_om,
@@ -287,6 +409,7 @@ def _grouped_gemm_persistent_kernel(
     STORE_ACT: tl.constexpr,
     EVEN_K: tl.constexpr,
     W_TMA: tl.constexpr,
+    W_MXFP4: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CLAMP_CLOSED: tl.constexpr,
     SUBTILES: tl.constexpr,
@@ -317,6 +440,7 @@ def _grouped_gemm_persistent_kernel(
             gather_ptr,
             w_ptr,
             w_desc,
+            s_ptr,
             rows,
             row_mask,
             pid_n,
@@ -328,9 +452,17 @@ def _grouped_gemm_persistent_kernel(
             stride_we,
             stride_wk,
             stride_wn,
+            stride_qe,
+            stride_qo,
+            stride_qg,
+            stride_qb,
+            stride_se,
+            stride_so,
+            stride_sg,
             HAS_GATHER,
             EVEN_K,
             W_TMA,
+            W_MXFP4,
             DOT_PRECISION,
             BLOCK_M,
             BLOCK_N,
@@ -418,20 +550,23 @@ def _weight_descriptor(w, cfg: gemm_configs.TileConfig):
 def _launch(
     a, layout, w, bias, out, *, gather_idx=None, epilogue=PLAIN, pre=None, act=None, alpha=0.0, limit=0.0, low_rank=None
 ):
-    """Run the kernel; `w` is [E, K, N] (any strides, e.g. a transposed view); `low_rank`: (z [M, R],
-    L [E, R, N]) added to the product before the epilogue, or None. The tile config comes from
-    gemm_configs (forced, cached, autotuned on CUDA, or the heuristic default)."""
+    """Run the kernel; `w` is [E, K, N] (any strides, e.g. a transposed view) or an Mxfp4Weight standing for
+    one (forward, or its transposed dX view); `low_rank`: (z [M, R], L [E, R, N]) added to the product before
+    the epilogue, or None. The tile config comes from gemm_configs (forced, cached, autotuned on CUDA, or the
+    heuristic default)."""
     if layout.max_tiles == 0:  # no rows at all
         return
     z, low = low_rank if low_rank is not None else (out, None)
     r = low.shape[1] if low is not None else 0
     n, k = w.shape[2], w.shape[1]
+    mx = (2 if w.transposed else 1) if isinstance(w, Mxfp4Weight) else 0
     flags = dict(
         EPILOGUE=epilogue,
         HAS_GATHER=gather_idx is not None,
         HAS_BIAS=bias is not None,
         HAS_LOW_RANK=low is not None,
         BLOCK_R=max(16, _runtime.next_pow2(r)),
+        W_MXFP4=mx,
         STORE_PRE=epilogue == SWIGLU and pre is not None,
         STORE_ACT=epilogue == SWIGLU_BWD and act is not None,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
@@ -441,8 +576,9 @@ def _launch(
     args = [
         a,
         gather_idx if gather_idx is not None else out,
-        w,
+        w.blocks if mx else w,
         None,
+        w.scales if mx else out,
         bias if bias is not None else out,
         out,
         pre if pre is not None else out,
@@ -461,9 +597,8 @@ def _launch(
         limit,
         a.stride(0),
         a.stride(1),
-        w.stride(0),
-        w.stride(1),
-        w.stride(2),
+        *((0, 0, 0) if mx else w.stride()),
+        *(mxfp4_strides(w) if mx else (0,) * 7),
         *(bias.stride() if bias is not None else (0, 0)),
         out.stride(0),
         out.stride(1),
@@ -474,13 +609,15 @@ def _launch(
     ]
 
     def run(cfg: gemm_configs.TileConfig):
-        w_tma, args[3] = _weight_descriptor(w, cfg)
+        if mx:  # a whole 32-group of inputs per tile along K (forward) or N (dX); no TMA for packed bytes
+            cfg = mxfp4_configs.fit(cfg, mx)
+        w_tma, args[3] = _weight_descriptor(w, cfg) if not mx else (0, None)
         meta = dict(
             flags,
             EVEN_K=k % cfg.block_k == 0,
             W_TMA=w_tma,
             BLOCK_M=layout.block_m,
-            SUBTILES=gemm_configs.epilogue_subtiles(layout.block_m, cfg, epilogue),
+            SUBTILES=(mxfp4_configs if mx else gemm_configs).epilogue_subtiles(layout.block_m, cfg, epilogue),
             BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m,
@@ -493,14 +630,20 @@ def _launch(
         else:
             _grouped_gemm_kernel[(tiles,)](*args, **meta)
 
-    cands = gemm_configs.candidates(layout.block_m, n, k, a.dtype, epilogue)
-    flag_key = "".join(str(int(flags[f])) for f in ("HAS_GATHER", "HAS_BIAS", "HAS_LOW_RANK", "STORE_PRE", "STORE_ACT"))
+    if mx:
+        cands = mxfp4_configs.candidates(layout.block_m, n, k, a.dtype, epilogue, mx)
+    else:
+        cands = gemm_configs.candidates(layout.block_m, n, k, a.dtype, epilogue)
+    flag_key = "".join(
+        str(int(flags[f])) for f in ("HAS_GATHER", "HAS_BIAS", "HAS_LOW_RANK", "STORE_PRE", "STORE_ACT", "W_MXFP4")
+    )
     key = gemm_configs.bucket_key(layout.block_m, layout.num_rows, n, k, a.dtype, epilogue, flag_key)
     run(gemm_configs.choose(key, cands, a.device, run))
 
 
 def grouped_matmul(a, layout, w, bias=None, *, gather_idx=None, low_rank=None):
-    """out[r] = a[src(r)] @ w[e(r)] + bias[e(r)] (+ z[r] @ L[e(r)]); a [M or T, K], w [E, K, N] -> out [M, N]."""
+    """out[r] = a[src(r)] @ w[e(r)] + bias[e(r)] (+ z[r] @ L[e(r)]); a [M or T, K], w [E, K, N] (or an Mxfp4Weight
+    standing for one) -> out [M, N]."""
     out = _runtime.empty((layout.num_rows, w.shape[2]), a.dtype, a.device)
     _launch(a, layout, w, bias, out, gather_idx=gather_idx, low_rank=low_rank)
     return out

@@ -14,7 +14,8 @@ Backward, with the frozen base weights getting no gradient work unless they requ
   v = s dh B_gu^T                     [M, r]
   dB_gu = z1^T dh, dA_gu = x^T v      (x rows gathered through gather_idx)
   dx = dh W_gu^T + v A_gu^T           one GEMM; with gather_idx, summed back per token
-Saved for the backward: x (an input), h [M, 2I], z1 and z2 [M, r]. The torch reference is
+Saved for the backward: x (an input), h [M, 2I], z1 and z2 [M, r]. W_gu and W_d may be Mxfp4Weights (frozen,
+dequantized in registers inside the same GEMMs; see moe_experts.py). The torch reference is
 gptoss_kernels.reference.expert_mlp_lora_reference.
 """
 
@@ -24,6 +25,7 @@ from gptoss_kernels import _runtime
 from gptoss_kernels.grouped_dw import grouped_weight_grad
 from gptoss_kernels.grouped_gemm import grouped_matmul, grouped_matmul_swiglu, grouped_matmul_swiglu_bwd
 from gptoss_kernels.grouped_linear import check_rows, check_weight
+from gptoss_kernels.mxfp4 import join, split, tensors_of
 from gptoss_kernels.scatter_combine import scatter_rows
 from gptoss_kernels.tile_map import build_layout, choose_block_m
 
@@ -63,7 +65,7 @@ class _ExpertMLPLoRA(torch.autograd.Function):
         )  # [M, I], [M, 2I]
         z2 = grouped_matmul(act, layout, a_d) * scaling if a_d is not None else None
         y = grouped_matmul(act, layout, w_d, b_d, low_rank=_low(z2, bb_d))  # [M, H]
-        ctx.save_for_backward(x, w_gu, w_d, h, gather_idx, a_gu, bb_gu, a_d, bb_d, z1, z2)
+        ctx.save_for_backward(x, *split(w_gu), *split(w_d), h, gather_idx, a_gu, bb_gu, a_d, bb_d, z1, z2)
         ctx.layout, ctx.scaling, ctx.alpha, ctx.limit = layout, scaling, alpha, limit
         ctx.b_dtypes = (None if b_gu is None else b_gu.dtype, None if b_d is None else b_d.dtype)
         return y
@@ -71,7 +73,8 @@ class _ExpertMLPLoRA(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the backward kernels have no backward
     def backward(ctx, dy):
-        x, w_gu, w_d, h, gather_idx, a_gu, bb_gu, a_d, bb_d, z1, z2 = ctx.saved_tensors
+        x, w_gu, gu_scales, w_d, d_scales, h, gather_idx, a_gu, bb_gu, a_d, bb_d, z1, z2 = ctx.saved_tensors
+        w_gu, w_d = join(w_gu, gu_scales), join(w_d, d_scales)  # need_wgu / need_wd are False for MXFP4
         (need_x, _, need_wgu, need_bgu, need_wd, need_bd, need_agu, need_bbgu, need_ad, need_bbd) = (
             ctx.needs_input_grad[:10]
         )
@@ -137,16 +140,19 @@ def expert_mlp_lora(
     x, counts, w_gu, b_gu, w_d, b_d, lora_gu, lora_d, scaling, *, alpha=1.702, limit=7.0, gather_idx=None
 ) -> torch.Tensor:
     """gptoss_kernels.moe_experts.expert_mlp with LoRA: lora_gu / lora_d are (A [E, in, r], B [E, r, out]) or None
-    (a shared adapter can be passed as stride-0 expanded views). Differentiable w.r.t. x, the adapters
-    and any base weight that requires grad; y [M, H] in sorted order."""
-    _runtime.check_tensors(x, counts, w_gu, b_gu, w_d, b_d, gather_idx, *(lora_gu or ()), *(lora_d or ()))
+    (a shared adapter can be passed as stride-0 expanded views). w_gu / w_d may be Mxfp4Weights (frozen, as in
+    expert_mlp). Differentiable w.r.t. x, the adapters, the biases and any dense base weight that requires grad;
+    y [M, H] in sorted order."""
+    _runtime.check_tensors(
+        x, counts, *tensors_of(w_gu), b_gu, *tensors_of(w_d), b_d, gather_idx, *(lora_gu or ()), *(lora_d or ())
+    )
     check_rows(x, counts, gather_idx)
     e = counts.numel()
-    check_weight("w_gu", w_gu, b_gu, x, e, x.shape[1])
+    check_weight("w_gu", w_gu, b_gu, x, e, x.shape[1], as_stored=True)
     if w_gu.shape[2] % 2:
         raise ValueError(f"w_gu must have an even number of (interleaved gate/up) columns, got {w_gu.shape[2]}")
     inter = w_gu.shape[2] // 2
-    check_weight("w_d", w_d, b_d, x, e, inter)
+    check_weight("w_d", w_d, b_d, x, e, inter, as_stored=True)
     a_gu, bb_gu = _check_adapter("gate_up", lora_gu, x, e, x.shape[1], 2 * inter)
     a_d, bb_d = _check_adapter("down", lora_d, x, e, inter, w_d.shape[2])
     tensors = (x, w_gu, b_gu, w_d, b_d, a_gu, bb_gu, a_d, bb_d)

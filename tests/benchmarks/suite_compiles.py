@@ -56,6 +56,7 @@ def grouped_gemm_step() -> int:
     from gptoss_kernels import gemm_configs
     from gptoss_kernels.grouped_linear import grouped_linear
     from gptoss_kernels.moe_experts import expert_mlp
+    from gptoss_kernels.mxfp4 import Mxfp4Weight
     from gptoss_kernels.scatter_combine import scatter_combine
 
     c = b.FULL
@@ -76,6 +77,19 @@ def grouped_gemm_step() -> int:
             x = meta(t, h)
             weights = [meta(*s, grad=not frozen) for s in ((e, h, 2 * i), (e, 2 * i), (e, i, h), (e, h))]
             fwd_bwd(expert_mlp(x, counts, *weights, gather_idx=gather_idx))
+        for n_in, n_out in ((h, 2 * i), (i, h)):  # the MXFP4 rows and their bf16 twins: forward and dX
+            packed = Mxfp4Weight(
+                meta(e, n_out, n_in // 32, 16, dtype=torch.uint8, grad=False),
+                meta(e, n_out, n_in // 32, dtype=torch.uint8, grad=False),
+            )
+            w = meta(e, n_in, n_out, grad=False)
+            for a, weight in (
+                (meta(m, n_in), packed),
+                (meta(m, n_in), w),
+                (meta(m, n_out), packed.transpose(1, 2)),
+                (meta(m, n_out), w.transpose(1, 2)),
+            ):
+                grouped_linear(a.detach(), counts, weight)
         y = meta(m, h)
         fwd_bwd(scatter_combine(y, gather_idx, meta(m, dtype=torch.float32), t))
     return 0

@@ -45,6 +45,10 @@ def partial_run(tmp_path, monkeypatch):
         gemm.append(
             dict(op="gemm gate_up 2880x5760", routing="uniform", passes="fwd", method=method, ms=1.0, tflops=tflops)
         )
+    for method, tflops in (("triton", 600.0), ("triton_mxfp4", 450.0)):
+        gemm.append(
+            dict(op="mxfp4 gate_up 2880x5760", routing="uniform", passes="fwd", method=method, ms=1.0, tflops=tflops)
+        )
     moe = common.LiveRows("moe_layer", _args())
     moe += [
         dict(routing="random", impl="hf eager", fwd_ms=10.0, fwd_bwd_ms=30.0),
@@ -141,8 +145,17 @@ def test_partial_jsons_show_what_was_measured_and_name_the_rest(partial_run):
     assert ratio["value"] == format(600 / 700, ".0%") and ratio["status"] == "ok"
     assert _has(gemm, "ok", "triton x grouped_mm")  # 600 / 400 = 1.5 >= 1.3
     assert _has(gemm, "FAILED", "check", "triton_tma")
-    for part in ("gemm down", "expert_mlp", "scatter_combine", "gemm gate_up skewed"):
+    for part in (
+        "gemm down",
+        "expert_mlp",
+        "scatter_combine",
+        "gemm gate_up skewed",
+        "mxfp4 down",
+        "mxfp4 gate_up 2880x5760 dX",
+    ):
         assert _has(gemm, "missing", part), part
+    share = next(r for r in gemm if "mxfp4 gate_up 2880x5760 fwd: triton_mxfp4 / triton bf16" in r["figure"])
+    assert share["value"] == format(450 / 600, ".0%")
     moe = s["moe_layer"]
     assert _has(moe, "MISS", "random (loop): fwd+bwd x hf eager")  # 2.5 < 4
     assert _has(moe, "ok", "expert GEMM share")

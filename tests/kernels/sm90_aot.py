@@ -6,15 +6,17 @@ Run as a script, without TRITON_INTERPRET (the kernels must be real @triton.jit 
                                                     # launch, with its persistent-grid and TMA variants
 The public ops run on `meta` tensors at real shapes (bf16, 16k tokens x top-4 over 32 experts,
 H = I = 2880, plus a LoRA-sized grouped_linear); each kernel object is swapped for a recorder,
-so what gets compiled is exactly what the launchers would launch, specialized the way Triton's
+so what gets compiled is exactly what the launchers would launch (the expert MLP with dense weights, and
+with the checkpoint's MXFP4 weights, with and without LoRA), specialized the way Triton's
 JIT specializes (ints equal to 1 become constants, 16-divisible ints and pointers get hints).
 Each compiled kernel must fit Hopper's shared memory, use wgmma if it does matrix products (the
 grouped GEMM's 16- and 32-row tiles excepted: wgmma needs 64 rows), spill no registers, and keep
 the occupancy it is designed for (gemm_configs.designed_ctas_per_sm: registers per thread and shared
 memory for that many CTAs per SM). The grouped GEMM's epilogue loads no bf16 element by itself (at
 most one bias element), the SwiGLU backward reads its h tile in 16-byte vectors, and the persistent
-variant's tile and K loops are flattened into one pipelined loop. Prints one line per kernel, FAIL
-lines for violations, and exits non-zero if there was any.
+variant's tile and K loops are flattened into one pipelined loop. A grouped GEMM with an MXFP4 weight
+keeps the occupancy mxfp4_configs designs for it and copies its packed codes in 16-byte pieces. Prints one
+line per kernel, FAIL lines for violations, and exits non-zero if there was any.
 """
 
 import os
@@ -32,15 +34,25 @@ from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from gptoss_kernels import _runtime, gemm_configs, grouped_dw, grouped_gemm, scatter_combine, tile_map  # noqa: E402
+from gptoss_kernels import (  # noqa: E402
+    _runtime,
+    gemm_configs,
+    grouped_dw,
+    grouped_gemm,
+    mxfp4_configs,
+    mxfp4_tile,
+    scatter_combine,
+    tile_map,
+)
 from gptoss_kernels.gemm_configs import SM90_SHARED, SWIGLU_BWD, TileConfig  # noqa: E402
 from gptoss_kernels.grouped_linear import grouped_linear  # noqa: E402
 from gptoss_kernels.moe_experts import expert_mlp  # noqa: E402
 from gptoss_kernels.moe_lora import expert_mlp_lora  # noqa: E402
+from gptoss_kernels.mxfp4 import Mxfp4Weight  # noqa: E402
 
 OPTIONS = ("num_warps", "num_stages")
 # CTAs per SM the other kernels are designed for: the memory-bound ones want many warps in flight.
-OTHER_OCCUPANCY = {"_tile_map_kernel": 1, "_segment_sum_kernel": 4, "_combine_bwd_kernel": 4}
+OTHER_OCCUPANCY = {"_tile_map_kernel": 1, "_segment_sum_kernel": 4, "_combine_bwd_kernel": 4, "_dequantize_kernel": 4}
 
 
 class Recorder:
@@ -57,6 +69,7 @@ def record_launches(all_configs: bool = False):
     launches = []
     for module, name in (
         (tile_map, "_tile_map_kernel"),
+        (mxfp4_tile, "_dequantize_kernel"),
         (grouped_gemm, "_grouped_gemm_kernel"),
         (grouped_gemm, "_grouped_gemm_persistent_kernel"),
         (grouped_dw, "_grouped_dw_kernel"),
@@ -78,6 +91,12 @@ def record_launches(all_configs: bool = False):
 
     def meta(*shape, dtype=torch.bfloat16, grad=True):
         return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
+
+    def mxfp4(num_experts, n_out, n_in):  # as the checkpoint stores a projection: (out, in), 32 inputs a group
+        return Mxfp4Weight(
+            meta(num_experts, n_out, n_in // 32, 16, dtype=torch.uint8, grad=False),
+            meta(num_experts, n_out, n_in // 32, dtype=torch.uint8, grad=False),
+        )
 
     tokens, top_k, experts, hidden, width = 16384, 4, 32, 2880, 2880
     m = tokens * top_k
@@ -113,6 +132,32 @@ def record_launches(all_configs: bool = False):
             *adapters,
             2.0,
             gather_idx=gather_idx,
+        )
+        y.backward(torch.empty_like(y))
+        # The same on the checkpoint's MXFP4 experts (frozen; their biases train), with and without LoRA.
+        y = expert_mlp_lora(
+            meta(tokens, hidden),
+            counts,
+            mxfp4(experts, 2 * width, hidden),
+            meta(experts, 2 * width),
+            mxfp4(experts, hidden, width),
+            meta(experts, hidden),
+            *adapters,
+            2.0,
+            gather_idx=gather_idx,
+        )
+        y.backward(torch.empty_like(y))
+    mxfp4_tile.dequantize(mxfp4(experts, hidden, width), torch.bfloat16)  # whole experts (the GEMM's helper)
+    for few in (tokens,) + ((512, 256, 64) if all_configs else ()):  # all configs: every tile bucket
+        idx = torch.empty(few * top_k, dtype=torch.int64, device="meta")
+        y = expert_mlp(
+            meta(few, hidden),
+            counts,
+            mxfp4(experts, 2 * width, hidden),
+            meta(experts, 2 * width),
+            mxfp4(experts, hidden, width),
+            meta(experts, hidden),
+            gather_idx=idx,
         )
         y.backward(torch.empty_like(y))
     if all_configs:  # fewer rows per expert: the 64-, 32- and 16-row tile buckets' candidates
@@ -155,7 +200,8 @@ def gemm_problems(kernel_name: str, facts: Facts, kwargs: dict, tma: bool) -> li
     block_m, block_n, warps = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]
     persistent = kernel_name == "_grouped_gemm_persistent_kernel"
     config = TileConfig(block_n, kwargs["BLOCK_K"], warps, kwargs["num_stages"], kwargs["GROUP_M"], persistent)
-    ctas = gemm_configs.designed_ctas_per_sm(block_m, config, kwargs["EPILOGUE"])
+    mxfp4 = kwargs["W_MXFP4"]
+    ctas = (mxfp4_configs if mxfp4 else gemm_configs).designed_ctas_per_sm(block_m, config, kwargs["EPILOGUE"])
     # wgmma needs 64 rows per warpgroup: the 16- and 32-row tiles use mma.sync.
     problems = basic_problems(facts, needs_wgmma=block_m >= 64) + occupancy_problems(facts, ctas)
     if facts.bytes16_scalar_loads() > 1:
@@ -164,6 +210,13 @@ def gemm_problems(kernel_name: str, facts: Facts, kwargs: dict, tma: bool) -> li
         need = block_m * 2 * block_n * 2 // (16 * 32 * warps)
         if facts.vector_loads(".v4.b32") < need:
             problems.append(f"h tile read with {facts.vector_loads()} 16-byte loads per thread, expected {need}")
+    if mxfp4:  # the packed codes (and A) go through cp.async, each thread's share of the codes in one piece
+        codes_per_thread = block_n * kwargs["BLOCK_K"] // 2 // (32 * warps)
+        if not facts.async_copies or min(facts.async_copies) < min(16, codes_per_thread):
+            problems.append(
+                f"global -> shared copies by bytes {facts.async_copies}: packed codes in pieces under "
+                f"{min(16, codes_per_thread)} bytes"
+            )
     if persistent and not facts.fused_loop:
         problems.append("the persistent tile loop and K loop are not flattened into one pipelined loop")
     if tma and not facts.tma:
@@ -171,10 +224,11 @@ def gemm_problems(kernel_name: str, facts: Facts, kwargs: dict, tma: bool) -> li
     return problems
 
 
-def other_problems(kernel_name: str, facts: Facts) -> list[str]:
+def other_problems(kernel_name: str, facts: Facts, kwargs: dict) -> list[str]:
     if kernel_name == "_grouped_dw_kernel":  # 2 CTAs where their pipelines fit shared memory
         ctas = 2 if 2 * (facts.shared + 1024) <= SM90_SHARED else 1
-        return basic_problems(facts, needs_wgmma=True) + occupancy_problems(facts, ctas)
+        # (bias-only mode, for frozen weights with trained biases, has no product)
+        return basic_problems(facts, needs_wgmma=kwargs["COMPUTE_DW"]) + occupancy_problems(facts, ctas)
     problems = basic_problems(facts, needs_wgmma=False) + occupancy_problems(facts, OTHER_OCCUPANCY[kernel_name])
     if kernel_name != "_tile_map_kernel" and not facts.vector_loads():
         problems.append("rows are not read in 16-byte vectors")
@@ -192,12 +246,14 @@ def main() -> int:
         seen.add(key)
         facts = compile_sm90(src, options, name)
         flags = {k: v for k, v in kwargs.items() if k.isupper() and k != "DOT_PRECISION"}
+        if facts.async_copies:
+            flags["cp.async"] = facts.async_copies
         tma = any(isinstance(a, TensorDescriptor) for a in args)
         print(f"{facts.line()} {options} {flags}" + (f" tma={facts.tma}" if tma else ""), flush=True)
         if name.startswith("_grouped_gemm"):
             problems = gemm_problems(name, facts, kwargs, tma)
         else:
-            problems = other_problems(name, facts)
+            problems = other_problems(name, facts, kwargs)
         if problems:
             print(f"FAIL {name}: {', '.join(problems)}")
             failures += 1

@@ -20,6 +20,8 @@ HOPPER_SMEM = 227 * 1024  # opt-in shared memory per block on H100/H200
 # ld.global / st.global with their vector width and element type: ".v4.b32", ".b16", ...
 _GLOBAL = r"{}\.global(?:\.[A-Za-z0-9:_]+)*?((?:\.v\d)?\.[bfsu]\d+)\s"
 _LOADS, _STORES = re.compile(_GLOBAL.format("ld")), re.compile(_GLOBAL.format("st"))
+# cp.async.{ca,cg}.shared.global [dst], [src], bytes: the pipeliner's global -> shared copies by size
+_ASYNC_COPY = re.compile(r"cp\.async\.c[ag]\.shared\.global\S*\s+\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
 @dataclasses.dataclass
@@ -34,6 +36,7 @@ class Facts:
     stores: dict
     fused_loop: bool  # an innermost loop that loads (async), multiplies and stores: a flattened persistent loop
     num_warps: int
+    async_copies: dict = dataclasses.field(default_factory=dict)  # cp.async by bytes per copy, e.g. {16: 10}
 
     def bytes16_scalar_loads(self) -> int:
         """Scalar global loads of 16-bit data (a bf16 element per instruction)."""
@@ -96,6 +99,7 @@ def compile_sm90(src, options: dict, name: str) -> Facts:
         stores=dict(collections.Counter(_STORES.findall(ptx))),
         fused_loop=has_fused_loop(compiled.asm["ttgir"]),
         num_warps=options.get("num_warps", 4),
+        async_copies=dict(collections.Counter(int(n, 0) for n in _ASYNC_COPY.findall(ptx))),
     )
 
 

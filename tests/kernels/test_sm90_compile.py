@@ -1,5 +1,6 @@
-"""Every kernel of the expert path compiles for Hopper with wgmma, no spills, shared memory that fits, the
-occupancy it is designed for, vectorised epilogue loads and (persistent) one flattened pipelined loop.
+"""Every kernel of the expert path (dense and MXFP4 weights) compiles for Hopper with wgmma, no spills, shared
+memory that fits, the occupancy it is designed for, vectorised epilogue loads and (persistent) one flattened
+pipelined loop.
 
 Runs on machines without a GPU (Triton compiles for a named target; its wheel ships ptxas), so a
 kernel change that would spill or stop using wgmma on an H100 shows up in CPU-only CI. Written for the
@@ -43,6 +44,15 @@ def test_kernels_compile_for_sm90():
     # The SwiGLU backward reads h in 16-byte vectors and fits two CTAs per SM (checked per kernel by the
     # script; here, that the launch it checks is really among those compiled).
     assert "'EPILOGUE': 2" in out and "HAS_LOW_RANK': True" in out, out
+    # The MXFP4 weights' GEMMs, both orientations (forward, dX), each epilogue, with and without LoRA.
+    mxfp4 = [line for line in out.splitlines() if "'W_MXFP4': 1" in line or "'W_MXFP4': 2" in line]
+    assert {("'EPILOGUE': 0" in line, "'EPILOGUE': 1" in line, "'W_MXFP4': 2" in line) for line in mxfp4} == {
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+        (True, False, True),
+    }, out
+    assert sum("'HAS_LOW_RANK': True" in line for line in mxfp4) == 4 and len(mxfp4) == 8, out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real instead")
