@@ -55,6 +55,8 @@ def test_kernels_compile_for_sm90():
     assert sum("'HAS_LOW_RANK': True" in line for line in mxfp4) == 4 and len(mxfp4) == 8, out
 
 
+@pytest.mark.slow  # every candidate of every bucket, MXFP4 ones included: about 2.5 minutes on 2 cores
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real instead")
 def test_every_autotune_candidate_compiles_for_sm90():
     # Every tile config the autotuner may time, persistent and TMA variants included (~260 compiles,
