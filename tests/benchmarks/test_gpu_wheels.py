@@ -74,6 +74,7 @@ def test_a_missing_module_without_wheels_is_named(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a download and two venv installs
 def test_the_carried_set_installs_and_the_trainer_needs_nothing_else(tmp_path):
     # Downloads about 3 MB from the package index (CI has one; the GPU machine does not).
     wheels, site = tmp_path / "whl", tmp_path / "site"

@@ -36,6 +36,7 @@ def test_shares_fit_one_command():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # every step's compiles, cold
 def test_every_step_compiles_within_its_share():
     libtriton = pytest.importorskip("triton._C.libtriton", reason="needs a Triton build with the CUDA backend")
     if not hasattr(libtriton, "native_specialize_impl"):
