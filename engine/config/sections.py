@@ -154,8 +154,8 @@ class CheckpointConfig:
     async_: bool = setting(False, help="`checkpoint.async`: write in the background while the next steps run")
     verify: bool = setting(
         True,
-        help="check every checkpoint file against the sha256 meta.json records before resuming or exporting "
-        "(reads the checkpoint once, split over the ranks; about 1 GB/s per rank on a CPU core)",
+        help="record every checkpoint file's sha256 in meta.json as it is written, and check them before "
+        "resuming (each rank its share) or exporting; false skips both (see the README for the cost)",
     )
 
 

@@ -21,7 +21,7 @@ def checked_config(path: Path, verify: bool = True):
     meta = fields.check_meta(path, ckpt.read_meta(path), resume=False)
     try:
         cfg = config_of_checkpoint(meta["config"])
-    except ConfigError as e:
+    except (ConfigError, AttributeError, TypeError) as e:  # a section that is not a mapping, too
         raise ckpt.CheckpointCorruptError(
             path / "meta.json", f"field 'config' is not a valid config ({e}); the checkpoint is corrupt"
         ) from None

@@ -213,6 +213,7 @@ class Checkpointer:
             keep=keep or cfg.checkpoint.keep,
             process_group=rt.mesh.ckpt_group,
             asynchronous=asynchronous,
+            checksums=cfg.checkpoint.verify,
         )
 
     def after_step(self, step: int, bad_steps: int) -> float | None:

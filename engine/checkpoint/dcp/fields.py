@@ -166,7 +166,11 @@ def data_files(path: Path) -> list[str]:
 def verify_files(path: Path, meta: dict, names: list[str] | None = None) -> None:
     """`names` (default: the metadata and every tensor data file) checked against meta.json's sha256."""
     if "checksums" not in meta:
-        log.warning("%s records no checksums (written by an earlier engine): its files are not verified", path)
+        log.warning(
+            "%s records no checksums (saved with checkpoint.verify=false, or by an earlier engine): its files "
+            "are not verified",
+            path,
+        )
         return
     checksums.verify(path, meta["checksums"], data_files(path) if names is None else names)
 

@@ -205,10 +205,12 @@ def save_checkpoint(
     keep: int = 2,
     process_group=None,
     asynchronous: bool = False,
+    checksums: bool = True,
 ) -> Path | PendingSave:
     """Write one checkpoint. `tensors`: FQN -> tensor or DTensor (global view; replicated entries are
     written once by DCP's de-duplication); `rank_state`: this rank's JSON; `meta`: rank 0's JSON.
-    Every rank calls this together. Returns the final path (sync) or a PendingSave (async).
+    Every rank calls this together. Returns the final path (sync) or a PendingSave (async). With
+    `checksums`, meta.json records the sha256 of every other file, hashed as it is written.
     A write that fails (full disk, permissions) raises StorageError after removing the unfinished
     checkpoint; the earlier checkpoints are untouched."""
     root = checkpoints_root(output_dir)
@@ -226,10 +228,11 @@ def save_checkpoint(
     except BaseException as e:  # noqa: BLE001
         failure.raise_(e)
     meta = {"format": FORMAT, "step": step, **meta}
-    writer = ChecksumWriter(str(tmp), extra={rank_file(tmp, rank).name: rank_sha}, sync_files=True, thread_count=1)
+    extra = {rank_file(tmp, rank).name: rank_sha} if checksums else {}
+    writer = ChecksumWriter(str(tmp), hashing=checksums, extra=extra, sync_files=True, thread_count=1)
 
     def finalize() -> None:
-        _write_json(tmp / "meta.json", {**meta, "checksums": writer.checksums})
+        _write_json(tmp / "meta.json", {**meta, "checksums": writer.checksums} if checksums else meta)
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step after a resume: swap atomically, then drop the old one
             old = root / f".old_{final.name}"

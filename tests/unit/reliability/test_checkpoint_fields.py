@@ -104,3 +104,15 @@ def test_a_bad_rank_field_is_named_with_its_file(field, state, says):
         fields.check_rank_state(file, state)
     text = str(info.value)
     assert text.startswith(f"{file}: field {field!r}") and says in text and "\n" not in text
+
+
+@pytest.mark.parametrize("config", [{"optim": 3}, {"optim": {"lr": "fast"}}], ids=["section", "value"])
+def test_an_export_refuses_a_recorded_config_that_is_not_one(tmp_path, config):
+    import torch
+
+    from engine.checkpoint.dcp import state
+    from engine.export.rebuild import checked_config
+
+    path = state.save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {}, {"config": config})
+    with pytest.raises(CheckpointCorruptError, match=r"meta\.json: field 'config' is not a valid config"):
+        checked_config(path)

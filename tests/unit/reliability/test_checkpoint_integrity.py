@@ -65,13 +65,15 @@ def test_torch_zip_writer_loses_the_errno_of_a_full_disk(tmp_path, monkeypatch):
     assert "No space left" not in str(info.value)
 
 
-@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
-def test_full_disk_inside_the_tensor_write_is_one_line(tmp_path, monkeypatch, asynchronous):
+@pytest.mark.parametrize(
+    "asynchronous,checksums", [(False, True), (True, True), (False, False)], ids=["sync", "async", "unhashed"]
+)
+def test_full_disk_inside_the_tensor_write_is_one_line(tmp_path, monkeypatch, asynchronous, checksums):
     first = _save(tmp_path, 1)
     before = _files(tmp_path)
     _fill_up_inside_the_tensor_write(monkeypatch)
     with pytest.raises(StorageError) as info:
-        _save(tmp_path, 2, asynchronous=asynchronous)
+        _save(tmp_path, 2, asynchronous=asynchronous, checksums=checksums)
     text = str(info.value)
     assert text.startswith("no space left on the device mounted at") and "\n" not in text
     assert ".tmp_step_0000002" in text and "the unfinished checkpoint was removed" in text
@@ -103,6 +105,15 @@ def test_checksums_of_every_written_file_are_in_meta_json(tmp_path, asynchronous
     on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir() if p.name != "meta.json"}
     assert recorded == on_disk and set(recorded) == {".metadata", "__0_0.distcp", "rank00000.json"}
     fields.verify_files(path, json.loads((path / "meta.json").read_text()))  # a sound checkpoint passes
+
+
+def test_checksums_off_records_none_and_verifying_says_so(tmp_path, caplog):
+    path = _save(tmp_path, 1, checksums=False)
+    meta = json.loads((path / "meta.json").read_text())
+    assert "checksums" not in meta
+    with caplog.at_level("WARNING", logger="engine"):
+        fields.verify_files(path, meta)
+    assert any("records no checksums" in r.getMessage() for r in caplog.records)
 
 
 def _flip_a_byte_inside(path, tensor: str) -> str:
