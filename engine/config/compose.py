@@ -91,6 +91,20 @@ def unknown_key(key: str) -> ConfigError:
     return ConfigError(f"cannot override {key!r}")
 
 
+def refuse_group_deletion(overrides: list[str]) -> None:
+    """`~optim` (or `~trainer`, any section) would drop the recipe's whole group and train on the
+    schema's defaults, or break what refers to it: refused, naming what to do instead."""
+    hints = typing.get_type_hints(TrainConfig)
+    for arg in overrides:
+        deleted = re.fullmatch(r"~([\w.]+)(=.*)?", arg)
+        if deleted and dataclasses.is_dataclass(hints.get(deleted.group(1))):
+            group = deleted.group(1)
+            raise ConfigError(
+                f"{arg!r} deletes the required group {group!r}: the run would train on the schema's defaults "
+                f"instead of the recipe's; override its keys instead ({group}.KEY=VALUE)"
+            )
+
+
 def compose_config(overrides: list[str]) -> TrainConfig:
     """conf/config.yaml + the recipe + `overrides`, composed by Hydra and validated (quietly: the run says
     what it adjusted). Every problem is a ConfigError naming the key."""
@@ -102,6 +116,7 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     from engine.config.load import build_config
 
     recipes = register_recipes()
+    refuse_group_deletion(overrides)
     for arg in overrides:
         name = re.fullmatch(r"\+?recipe=(.*)", arg)
         if name and name.group(1) not in recipes:

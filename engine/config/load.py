@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from engine.config.schema import Range
+from engine.config.schema import Range, type_text
 from engine.config.sections import TrainConfig
 from engine.errors import ConfigError
 
@@ -139,6 +139,15 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if dataclasses.is_dataclass(typ):
         return _build(typ, value, key)
     origin = get_origin(typ)
+    if origin in (tuple, list) and value is not None and not isinstance(value, (list, tuple)):
+        raise ConfigError(
+            f"{key}={value!r} must be a list {type_text(typ)}, not a {type(value).__name__}; "
+            f"give it in brackets: {key}=[...]"
+        )
+    if origin is dict and value is not None and not isinstance(value, dict):
+        raise ConfigError(
+            f"{key}={value!r} must be a mapping, not a {type(value).__name__}; e.g. {key}={{name: value}}"
+        )
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):

@@ -62,15 +62,15 @@ def bounds(cls: type, name: str) -> Range:
     return spec(cls, name).metadata["range"]
 
 
-def _type_text(hint: Any) -> str:
+def type_text(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_text(a) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
+        return " or ".join(type_text(a) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
     if origin is tuple:
-        return "[" + ", ".join(_type_text(a) for a in args) + "]"
+        return "[" + ", ".join(type_text(a) for a in args) + "]"
     if origin is list:
-        return f"list of {_type_text(args[0])}"
+        return f"list of {type_text(args[0])}"
     if origin is dict:
         return "mapping"
     return {Any: "any", bool: "bool", int: "int", float: "float", str: "str"}.get(
@@ -101,7 +101,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             allowed = rng.text(hint is int)
         elif hint is bool:
             allowed = "true | false"
-        head = f"  {key}  ({_type_text(hint)}, default {_default_text(f)}"
+        head = f"  {key}  ({type_text(hint)}, default {_default_text(f)}"
         lines.append(head + (f"; allowed: {allowed})" if allowed else ")"))
         lines.append(f"      {f.metadata.get('help', '')}")
     return lines

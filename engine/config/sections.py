@@ -152,6 +152,11 @@ class CheckpointConfig:
     every: int = setting(0, range=Range(0), help="a checkpoint every N steps (0 = only at the end)")
     keep: int = setting(2, range=Range(1), help="checkpoints kept (the newest)")
     async_: bool = setting(False, help="`checkpoint.async`: write in the background while the next steps run")
+    verify: bool = setting(
+        True,
+        help="record every checkpoint file's sha256 in meta.json as it is written, and check them before "
+        "resuming (each rank its share) or exporting; false skips both (see the README for the cost)",
+    )
 
 
 @dataclass

@@ -9,8 +9,25 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoint.dcp import fields
 from engine.checkpoint.dcp import state as ckpt
 from engine.config.load import config_of_checkpoint
+from engine.errors import ConfigError
+
+
+def checked_config(path: Path, verify: bool = True):
+    """The TrainConfig a checkpoint recorded, after meta.json's fields are checked and (unless its
+    checkpoint.verify is off) the metadata and tensor files are checked against their sha256."""
+    meta = fields.check_meta(path, ckpt.read_meta(path), resume=False)
+    try:
+        cfg = config_of_checkpoint(meta["config"])
+    except (ConfigError, AttributeError, TypeError) as e:  # a section that is not a mapping, too
+        raise ckpt.CheckpointCorruptError(
+            path / "meta.json", f"field 'config' is not a valid config ({e}); the checkpoint is corrupt"
+        ) from None
+    if verify and cfg.checkpoint.verify:
+        fields.verify_files(path, meta)
+    return cfg
 
 
 def gather_trained_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -32,7 +49,7 @@ def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
     from engine.training.build import build_model
     from engine.training.runtime import Runtime
 
-    cfg = config_of_checkpoint(ckpt.read_meta(path)["config"])
+    cfg = checked_config(path)
     rt = Runtime(Mesh.single("cpu"), param_dtype=dtype, compute_dtype=dtype)
     model = build_model(cfg, rt)
     trained = gather_trained_weights(path)
@@ -57,7 +74,7 @@ def load_adapters_only(path: Path):
     from engine.peft import apply_lora
     from engine.training.build import arch_of_run, lora_config
 
-    cfg = config_of_checkpoint(ckpt.read_meta(path)["config"])
+    cfg = checked_config(path)
     with torch.device("meta"):
         model = GptOssForCausalLM(arch_of_run(cfg))
     apply_lora(model, lora_config(cfg), seed=cfg.trainer.seed)

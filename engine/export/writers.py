@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint.dcp import state as ckpt
-from engine.config.load import config_of_checkpoint
 from engine.errors import ExportError
 from engine.export.files import export_target
-from engine.export.rebuild import load_adapters_only, load_trained_model
+from engine.export.rebuild import checked_config, load_adapters_only, load_trained_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -92,7 +91,7 @@ def export(
             f"{path}: not a complete training checkpoint (no meta.json); pass a checkpoints/step_XXXXXXX directory"
         )
     meta = ckpt.read_meta(path)
-    lora = config_of_checkpoint(meta["config"]).peft.method == "lora"
+    lora = checked_config(path, verify=False).peft.method == "lora"  # verified when its tensors are read
     fmt = fmt or ("peft" if lora else "hf")
     if fmt in ("peft", "merged") and not lora:
         raise ExportError(f"--format {fmt} needs a LoRA run; this checkpoint is full fine-tuning: use --format hf")

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.checkpoint.dcp import fields, train_state
 from engine.checkpoint.dcp import state as ckpt
-from engine.checkpoint.dcp import train_state
 from engine.checkpoint.dcp.safe_reader import CheckpointCorruptError
 from engine.checkpoint.errors import CheckpointError
 from engine.errors import ResumeError
@@ -76,11 +76,12 @@ def _say_schedule(cfg, meta: dict, next_lr: float, rt) -> None:
 
 def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
     error: CheckpointError | None = None
-    try:
-        meta = ckpt.read_meta(path)
-        mine = ckpt.read_rank_state(path, rt.rank, rt.world_size)
+    try:  # every field of the JSON checked, and this rank's share of the files against their sha256
+        meta, mine = fields.read_for_resume(path, rt.rank, rt.world_size, cfg.checkpoint.verify)
     except CheckpointError as e:
         error = e
+        if not rt.is_main:  # rank 0 names only its own part
+            log.warning("rank %d cannot resume from %s: %s", rt.rank, path, e)
     if any_rank(error is not None, rt.mesh.dp_group if rt.mesh.distributed else None, rt.device):
         raise error or CheckpointCorruptError(path, "another rank could not read its part (see that rank's log)")
     fresh = fresh_hyperparameters(opt)  # the current config's settings, before the checkpoint's come back
@@ -125,7 +126,7 @@ def refuse_finished_run(cfg, out: Path) -> None:
         return
     for path in ckpt.resume_candidates(out, "auto"):
         try:
-            step = ckpt.intact_step(path)
+            step = fields.intact_step(path)
         except CheckpointError:
             continue
         if step >= cfg.trainer.max_steps:
@@ -143,6 +144,9 @@ def resume_run(cfg, rt, out: Path, model, opt, sched, loader) -> tuple[int, int]
     """(step, skipped steps) of the checkpoint the run continues from, (0, 0) for a fresh start.
     Under trainer.resume=auto a checkpoint that cannot be read is named and the previous one is used."""
     candidates = ckpt.resume_candidates(out, cfg.trainer.resume)
+    if cfg.trainer.resume == "auto" and rt.is_main:
+        for skipped in ckpt.incomplete_checkpoints(out):
+            log.warning("skipping %s: it has no meta.json (an interrupted or damaged save); not resumed from", skipped)
     for i, path in enumerate(candidates):
         try:
             return _load(path, cfg, rt, model, opt, sched, loader)
@@ -209,6 +213,7 @@ class Checkpointer:
             keep=keep or cfg.checkpoint.keep,
             process_group=rt.mesh.ckpt_group,
             asynchronous=asynchronous,
+            checksums=cfg.checkpoint.verify,
         )
 
     def after_step(self, step: int, bad_steps: int) -> float | None:

@@ -22,6 +22,7 @@ copies: the dense weights' share by the world size, the experts' by the expert-D
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from engine.errors import PlanError
@@ -217,13 +218,23 @@ def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> 
     )
 
 
-def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool) -> None:
-    """Refuse a run whose plan exceeds 95% of the GPU's memory, with what to change."""
+def host_memory() -> int | None:
+    """This machine's physical memory in bytes (what a CPU run's plan is checked against), None if unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool, device: str = "GPU") -> None:
+    """Refuse a run whose plan exceeds 95% of the GPU's memory (`device="CPU"`: of this machine's memory,
+    per process), with what to change, before any weight or buffer is allocated."""
     if capacity is None or not enabled or plan.total <= 0.95 * capacity:
         return
+    unit, whose = ("GPU", "this GPU's") if device == "GPU" else ("process", "this machine's")
     # The plan itself is in the log just above; the error stays one line.
     raise PlanError(
-        f"memory plan {plan.total / GiB:.1f} GiB per GPU exceeds 95% of this GPU's {capacity / GiB:.1f} GiB; "
+        f"memory plan {plan.total / GiB:.1f} GiB per {unit} exceeds 95% of {whose} {capacity / GiB:.1f} GiB; "
         "to fit: model.activation_checkpointing=true (and model.activation_offload=true), a smaller "
         "data.micro_batch_size or data.max_seq_len, parallel.shard=optimizer or full, a larger parallel.ep (more "
         "GPUs), or peft.method=lora; trainer.memory_check=false starts anyway"

@@ -20,7 +20,8 @@ from engine.errors import ConfigError
 from engine.parallel.fsdp import is_sharded
 from engine.training.build import arch_of_run, build_loaders, build_model
 from engine.training.checkpointer import Checkpointer, refuse_finished_run
-from engine.training.memory_plan import check_fits, plan_for_run
+from engine.training.folders import check_run_folders
+from engine.training.memory_plan import check_fits, host_memory, plan_for_run
 from engine.training.metrics import MetricsWriter, StepMetrics
 from engine.training.optim import build_optimizer, build_scheduler
 from engine.training.runtime import Runtime, seed_everything, setup_runtime
@@ -54,6 +55,7 @@ def run(cfg) -> dict:
         return dry_run(cfg)
     out = Path(cfg.trainer.output_dir)
     refuse_finished_run(cfg, out)  # before anything is built, loaded or planned
+    check_run_folders(cfg, out)  # an unwritable checkpoints/ or export folder, before step 1
     arch = arch_of_run(cfg)
     rt = setup_runtime(cfg, arch)
     if rt.is_main:
@@ -134,9 +136,10 @@ def _check_memory(cfg, arch, rt: Runtime) -> None:
         cfg.parallel.shard,
         plan.format(),
     )
-    capacity = torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda" else None
-    check_fits(plan, capacity, cfg.trainer.memory_check)
-    if capacity:
+    on_gpu = rt.device.type == "cuda"
+    capacity = torch.cuda.get_device_properties(rt.device).total_memory if on_gpu else host_memory()
+    check_fits(plan, capacity, cfg.trainer.memory_check, "GPU" if on_gpu else "CPU")
+    if on_gpu:
         log.info("memory plan %.1f GiB of this GPU's %.1f GiB: fits", plan.total / 2**30, capacity / 2**30)
 
 

@@ -9,6 +9,7 @@ are trained once per session (tests/train_runs.py) and never written to: a resum
 checkpoint it continues into a folder of its own.
 """
 
+import hashlib
 import json
 import re
 import shutil
@@ -103,7 +104,11 @@ def test_checkpoint_from_two_ranks_resumes_at_four_and_at_one(shared_runs, tmp_p
     # Written at EP2 on 2 ranks, read at EP4 on 4 ranks and in one process: the same run continues
     # (fp32; the layouts sum in different orders).
     straight = _shared(shared_runs, "tiny_sft", 2)
-    for nproc in (4, 1):
+    written = straight.out / "checkpoints" / "step_0000003"
+    recorded = json.loads((written / "meta.json").read_text())["checksums"]  # both ranks' files, from rank 0
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in written.iterdir() if p.name != "meta.json"}
+    assert recorded == files and {"__1_0.distcp", "rank00001.json"} <= files.keys(), sorted(recorded)
+    for nproc in (4, 1):  # each rank verifies its share of the files before reading them
         resumed = _resume_from_step_3(straight, tmp_path / f"resumed{nproc}", nproc, _overrides("tiny_sft", nproc))
         assert [r["step"] for r in resumed.records] == [4, 5, 6]
         torch.testing.assert_close(

@@ -81,6 +81,8 @@ CONFIG_ERRORS = [
     (["optimm.lr=1"], ["unknown config key 'optimm.lr'", "'optim'"]),
     (["+trainer.max_stepz=3"], ["trainer.max_stepz", "trainer.max_steps"]),
     (["trainer.max_steps=many"], ["trainer.max_steps='many'"]),
+    (["optim.betas=0.9"], ["ConfigError", "optim.betas=0.9 must be a list [float, float]"]),
+    (["~trainer"], ["ConfigError", "'~trainer' deletes the required group 'trainer'"]),
 ]
 
 
@@ -107,6 +109,19 @@ def test_output_folder_that_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("x")
     proc, _ = _run("recipe=tiny_sft", f"trainer.output_dir={tmp_path / 'taken'}")
     _one_line_error(proc, "is a file, not a folder")
+
+
+@pytest.mark.slow
+def test_what_would_fail_after_step_1_is_one_line_before_it(tmp_path):
+    # A plan over this machine's memory (not a 149 GiB allocation's traceback), then a checkpoints/
+    # folder that cannot be created (not a failed save after the training).
+    proc, _ = _run("recipe=tiny_sft", *SMALL, f"trainer.output_dir={tmp_path / 'a'}", "data.max_seq_len=10000000000")
+    _one_line_error(proc, "PlanError", "per process exceeds 95% of this machine's", "data.max_seq_len")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "checkpoints").write_text("x")
+    proc, _ = _run("recipe=tiny_sft", *SMALL, f"trainer.output_dir={tmp_path / 'b'}", "trainer.max_steps=2")
+    _one_line_error(proc, "StorageError", "its checkpoints/ folder", "is a file")
+    assert not any((tmp_path / d / "metrics.jsonl").exists() for d in "ab")
 
 
 def test_cuda_without_a_gpu(tmp_path):

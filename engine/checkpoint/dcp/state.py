@@ -5,7 +5,8 @@ Layout: OUTPUT/checkpoints/step_0000040/
                                                  weights as chunks of the full [E, ...] tensor, so any
                                                  world size / EP degree / sharding reads its own part
     rank00000.json, rank00001.json, ...          per-rank JSON: data-loader position, RNG states
-    meta.json                                    written LAST: step, layout, scheduler, the run's config
+    meta.json                                    written LAST: step, layout, scheduler, the run's config,
+                                                 the sha256 of every other file (engine.checkpoint.dcp.checksums)
 
 Nothing in a checkpoint is unpickled with code: tensors are read by torch's `weights_only` loader, DCP's
 `.metadata` by a restricted unpickler (engine.checkpoint.dcp.safe_reader), everything else is JSON.
@@ -20,6 +21,7 @@ next steps run; rank 0 completes the checkpoint (meta.json + rename) when the wr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -31,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
+from engine.checkpoint.dcp.checksums import ChecksumWriter
 from engine.checkpoint.dcp.safe_reader import (
     METADATA_FILE,
     CheckpointCorruptError,
@@ -68,14 +70,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, obj) -> None:
-    """JSON written to a temporary name, fsynced and renamed: the file is whole or absent."""
+def _write_json(path: Path, obj) -> str:
+    """JSON written to a temporary name, fsynced and renamed: the file is whole or absent. Returns the
+    sha256 of the bytes written."""
+    data = json.dumps(obj, indent=1, allow_nan=False).encode()
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_json(path: Path) -> dict:
@@ -137,12 +142,13 @@ class _SaveFailure:
         self.tmp, self.rank, self.needs_bytes = tmp, rank, needs_bytes
 
     def raise_(self, e: BaseException) -> None:
-        """Called in the `except` block that caught `e`; always raises."""
-        if self.rank == 0:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        """Called in the `except` block that caught `e`; always raises. The free space is measured before
+        the unfinished folder is removed: what the write had, not what the cleanup gave back."""
         err = storage_error(
             e, self.tmp, self.needs_bytes, cleanup="the unfinished checkpoint was removed and the earlier ones are kept"
         )
+        if self.rank == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         if err is e:
             raise  # not the user's to fix: the original error, traceback and all
         raise err from e
@@ -199,10 +205,12 @@ def save_checkpoint(
     keep: int = 2,
     process_group=None,
     asynchronous: bool = False,
+    checksums: bool = True,
 ) -> Path | PendingSave:
     """Write one checkpoint. `tensors`: FQN -> tensor or DTensor (global view; replicated entries are
     written once by DCP's de-duplication); `rank_state`: this rank's JSON; `meta`: rank 0's JSON.
-    Every rank calls this together. Returns the final path (sync) or a PendingSave (async).
+    Every rank calls this together. Returns the final path (sync) or a PendingSave (async). With
+    `checksums`, meta.json records the sha256 of every other file, hashed as it is written.
     A write that fails (full disk, permissions) raises StorageError after removing the unfinished
     checkpoint; the earlier checkpoints are untouched."""
     root = checkpoints_root(output_dir)
@@ -216,13 +224,15 @@ def save_checkpoint(
                 shutil.rmtree(tmp)  # debris of an earlier crashed save of the same step
             tmp.mkdir()
         barrier()
-        _write_json(rank_file(tmp, rank), rank_state)
+        rank_sha = _write_json(rank_file(tmp, rank), rank_state)
     except BaseException as e:  # noqa: BLE001
         failure.raise_(e)
     meta = {"format": FORMAT, "step": step, **meta}
+    extra = {rank_file(tmp, rank).name: rank_sha} if checksums else {}
+    writer = ChecksumWriter(str(tmp), hashing=checksums, extra=extra, sync_files=True, thread_count=1)
 
     def finalize() -> None:
-        _write_json(tmp / "meta.json", meta)
+        _write_json(tmp / "meta.json", {**meta, "checksums": writer.checksums} if checksums else meta)
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step after a resume: swap atomically, then drop the old one
             old = root / f".old_{final.name}"
@@ -236,7 +246,6 @@ def save_checkpoint(
         _fsync_dir(root)
         _prune(root, keep)
 
-    writer = FileSystemWriter(str(tmp), sync_files=True, thread_count=1)
     alone = not (dist.is_available() and dist.is_initialized())
     try:
         if asynchronous:
@@ -267,6 +276,13 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and is_complete(p)]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Step folders without meta.json: never resumed from, named when skipped."""
+    root = checkpoints_root(output_dir)
+    found = root.iterdir() if root.is_dir() else ()
+    return sorted(p for p in found if p.name.startswith(STEP_PREFIX) and p.is_dir() and not is_complete(p))
 
 
 def resume_candidates(output_dir: str | Path, resume: str) -> list[Path]:
@@ -303,34 +319,6 @@ def read_meta(path: Path) -> dict:
             "checkpoint was written by another version of the engine and cannot be resumed",
         )
     return meta
-
-
-def intact_step(path: Path) -> int:
-    """The step of a checkpoint whose files are all there and whole, as far as can be told without reading
-    its tensors: meta.json, rank 0's JSON, the metadata, and each data file as long as the metadata needs;
-    CheckpointCorruptError naming the first that is not (what loading it would run into)."""
-    meta = read_meta(path)
-    read_json(rank_file(path, 0))
-    needs: dict[str, int] = {}
-    for info in (read_metadata_file(path / METADATA_FILE).storage_data or {}).values():
-        needs[info.relative_path] = max(needs.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(needs.items()):
-        size = (path / name).stat().st_size if (path / name).is_file() else 0
-        if size < end:
-            raise CheckpointCorruptError(
-                path / name,
-                f"holds {size} bytes where the checkpoint's metadata needs "
-                f"{end}; the checkpoint is truncated, use an earlier one",
-            )
-    if not isinstance(meta.get("step"), int):
-        raise CheckpointCorruptError(path / "meta.json", f"step {meta.get('step')!r} is not an integer")
-    return meta["step"]
-
-
-def read_rank_state(path: Path, rank: int, world_size: int) -> dict:
-    """This rank's JSON when the checkpoint has the same number of ranks, else rank 0's."""
-    meta = read_meta(path)
-    return read_json(rank_file(path, rank if meta["world_size"] == world_size else 0))
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:

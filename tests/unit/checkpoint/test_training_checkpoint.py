@@ -154,6 +154,67 @@ def test_corrupt_newest_checkpoint_is_named_and_auto_falls_back(straight, tmp_pa
     assert sorted(b) == [3, 4] and all(a[s] == b[s] for s in b)
 
 
+def _edit_json(file: Path, edit) -> None:
+    value = json.loads(file.read_text())
+    edit(value)
+    file.write_text(json.dumps(value))
+
+
+def _flip_weight_byte(path: Path) -> None:
+    from engine.checkpoint.dcp.safe_reader import read_metadata_file
+
+    md = read_metadata_file(path / ".metadata")
+    info = next(v for k, v in md.storage_data.items() if k.fqn.startswith("model.") and v.length > 4096)
+    data = bytearray((path / info.relative_path).read_bytes())
+    data[info.offset + info.length // 2] ^= 0x40  # a weight's value: the zip around it stays readable
+    (path / info.relative_path).write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "step_eight": (
+        "meta.json",
+        "field 'step'",
+        lambda p: _edit_json(p / "meta.json", lambda m: m.update(step="eight")),
+    ),
+    "data_cursor": (
+        "rank00000.json",
+        "field 'data.row'",
+        lambda p: _edit_json(p / "rank00000.json", lambda r: r["data"].update(row="3")),
+    ),
+    "flipped_weight": ("__0_0.distcp", "sha256", _flip_weight_byte),
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_a_damaged_field_or_weight_is_named_and_auto_falls_back(straight, tmp_path, how, caplog):
+    out = tmp_path / "run"
+    for step in (2, 4):
+        shutil.copytree(ckpt.step_dir(straight, step), ckpt.step_dir(out, step))
+    name, says, damage = DAMAGE[how]
+    newest = ckpt.step_dir(out, 4)
+    damage(newest)
+    half = ckpt.step_dir(out, 6)  # a step folder without meta.json: named when skipped
+    half.mkdir()
+    with pytest.raises(CheckpointError) as info:
+        _train(tmp_path / "other", "trainer.max_steps=6", f"trainer.resume={newest}")
+    assert str(info.value).startswith(str(newest / name)) and says in str(info.value)
+    if name != "rank00000.json":  # the export reads meta.json and the tensors, never the per-rank JSON
+        from engine.export import export
+
+        with pytest.raises(CheckpointError) as info:
+            export(newest, tmp_path / "export", "hf", dtype="fp32")
+        assert str(info.value).startswith(str(newest / name)) and says in str(info.value)
+    # auto names the file and continues from step 2 (to step 6: a damaged weight's checkpoint at the last
+    # step would look finished, as telling it from a sound one means reading all of it)
+    with caplog.at_level("WARNING", logger="engine"):
+        _train(out, "trainer.max_steps=6", "checkpoint.every=2", "checkpoint.keep=5")
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"{newest / name}: " in m and says in m and "step_0000002" in m for m in said), said
+    assert any(f"skipping {half}: it has no meta.json" in m for m in said), said
+    a, b = _losses(straight), _losses(out)
+    assert sorted(b) == [3, 4, 5, 6] and a[3] == b[3]  # step 3 from step 2's state, bit for bit
+
+
 def test_async_and_sync_saves_write_the_same_checkpoint(straight, tmp_path):
     out = tmp_path / "async"
     _train(out, "trainer.max_steps=4", "checkpoint.every=2", "checkpoint.keep=5", "checkpoint.async=true")
