@@ -89,10 +89,12 @@ def run(cfg) -> dict:
     try:
         losses, bad_steps, stopped = _train(r, start_step, bad_steps, watch)
         if stopped is not None:
-            _preempted(r, watch, stopped, bad_steps)
+            _stop(r, watch, stopped, r.checkpointer.preempted(stopped, bad_steps))
+        final = checkpointer.final(bad_steps)
+        if watch.agreed(rt):  # a signal during the final save: the export is left to the rerun
+            _stop(r, watch, cfg.trainer.max_steps, final)
     finally:
-        watch.restore()
-    final = checkpointer.final(bad_steps)
+        watch.restore()  # a signal during the export ends the process as before; the rerun finishes it
     loader.close()
     export_dir = _export(cfg, rt, out, model, final)
     log.info(
@@ -136,10 +138,9 @@ def _train(r: _Run, start_step: int, bad_steps: int, watch: PreemptWatch) -> tup
     return losses, guard.bad_steps, None
 
 
-def _preempted(r: _Run, watch: PreemptWatch, step: int, bad_steps: int) -> None:
-    """The checkpoint at `step` (an in-flight save completed first), one line, and Preempted raised;
-    the export is left to the rerun."""
-    path = r.checkpointer.preempted(step, bad_steps)
+def _stop(r: _Run, watch: PreemptWatch, step: int, path: Path) -> None:
+    """After a preemption, checkpoint `path` at `step` saved: one line, and Preempted raised (the export,
+    when the run is finished, is left to the rerun)."""
     watch.done()
     r.loader.close()
     stop = watch.stopped(r.rt, step, path)

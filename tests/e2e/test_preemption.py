@@ -143,3 +143,37 @@ def test_a_run_killed_in_its_final_export_finishes_the_export_on_the_rerun(share
 
     refused = subprocess.run(command(1, *overrides, f"trainer.output_dir={out}"), capture_output=True, text=True)
     assert refused.returncode == 2 and "finished run" in refused.stderr  # exported: finished for good
+
+
+SIGNAL_IN_FINAL_SAVE = """
+import runpy, sys, time
+from engine.training import preempt
+from engine.training.checkpointer import Checkpointer
+watches, init, final = [], preempt.PreemptWatch.__init__, Checkpointer.final
+def noted(self, cfg):
+    init(self, cfg)
+    watches.append(self)
+def final_after_the_signal(self, bad_steps):
+    print("final save", flush=True)
+    while watches[0].received is None:  # the signal arrives during the final save
+        time.sleep(0.01)
+    return final(self, bad_steps)
+preempt.PreemptWatch.__init__, Checkpointer.final = noted, final_after_the_signal
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_signal_during_the_final_save_keeps_it_and_the_rerun_exports(shared_runs, tmp_path):
+    overrides = _overrides("tiny_sft", 1)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", SIGNAL_IN_FINAL_SAVE, TRAIN, *overrides, f"trainer.output_dir={out}"]
+    rc, stdout, stderr = _until_then(cmd, out, "final save", signal.SIGTERM)
+    assert rc == PREEMPTED_EXIT_CODE, stdout[-2000:] + stderr[-3000:]
+    assert _preempted_step(stdout) == 6 and not (out / "hf").exists()
+    again = train(out, 1, *overrides)
+    assert "never completed" in again.stdout and "resumed from" not in again.stdout, again.stdout
+    straight = shared_runs.get(1, *overrides)
+    assert _losses(out) == _losses(straight.out)
+    a, b = (load_file(run / "hf" / "model.safetensors") for run in (straight.out, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
