@@ -112,34 +112,42 @@ def test_sigterm_to_torchrun_at_ep2_saves_and_the_rerun_resumes_bit_exact(shared
 KILLED_IN_EXPORT = """
 import runpy, sys, time
 from engine.checkpoint.hf import safetensors_io
-def finish(self):
+from engine.peft import peft_format
+def writing(*args, **kwargs):
     print("writing the export", flush=True)
-    time.sleep(300)  # killed in here, its shards in the partial folder
-safetensors_io.ShardWriter.finish = finish
+    time.sleep(300)  # killed in here, inside the partial folder
+safetensors_io.ShardWriter.finish = peft_format.save_file = writing  # the HF and the adapter export
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_a_run_killed_in_its_final_export_finishes_the_export_on_the_rerun(shared_runs, tmp_path):
-    overrides = _overrides("tiny_sft", 1)
+@pytest.mark.parametrize(
+    "recipe,export,weights",
+    [("tiny_sft", "hf", "model.safetensors"), ("tiny_lora", "adapter", "adapter_model.safetensors")],
+)
+def test_a_run_killed_in_its_final_export_finishes_the_export_on_the_rerun(
+    shared_runs, tmp_path, recipe, export, weights
+):
+    overrides = _overrides(recipe, 1)
     out = tmp_path / "run"
     cmd = [sys.executable, "-c", KILLED_IN_EXPORT, TRAIN, *overrides, f"trainer.output_dir={out}"]
     rc, stdout, _ = _until_then(cmd, out, "writing the export", signal.SIGKILL)
     assert rc == -signal.SIGKILL
-    partials = [p.name for p in out.iterdir() if p.name.startswith(".hf.partial-")]
-    assert len(partials) == 1 and not (out / "hf").exists(), sorted(p.name for p in out.iterdir())
+    partials = [p.name for p in out.iterdir() if p.name.startswith(f".{export}.partial-")]
+    assert len(partials) == 1 and not (out / export).exists(), sorted(p.name for p in out.iterdir())
     assert (out / "checkpoints" / "step_0000006" / "meta.json").is_file()
 
     again = train(out, 1, *overrides)  # the same command: no training, the export finished
     assert "resumed from" not in again.stdout and "step 1/6" not in again.stdout, again.stdout
     said = [line for line in again.stdout.splitlines() if "export" in line and "never completed" in line]
     assert len(said) == 1, again.stdout
-    assert not [p for p in out.iterdir() if p.name.startswith(".hf.")], sorted(p.name for p in out.iterdir())
+    assert not [p for p in out.iterdir() if p.name.startswith(f".{export}.")], sorted(p.name for p in out.iterdir())
     straight = shared_runs.get(1, *overrides)
-    a, b = (load_file(run / "hf" / "model.safetensors") for run in (straight.out, out))
+    a, b = (load_file(run / export / weights) for run in (straight.out, out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (out / "hf" / "config.json").read_text() == (straight.out / "hf" / "config.json").read_text()
+    config = "config.json" if export == "hf" else "adapter_config.json"
+    assert (out / export / config).read_text() == (straight.out / export / config).read_text()
 
     refused = subprocess.run(command(1, *overrides, f"trainer.output_dir={out}"), capture_output=True, text=True)
     assert refused.returncode == 2 and "finished run" in refused.stderr  # exported: finished for good
