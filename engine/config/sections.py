@@ -151,7 +151,7 @@ class TrainerConfig:
     )
     preempt_grace_s: float = setting(
         25.0,
-        range=Range(0, math.inf, True),
+        range=Range(0, math.inf, True, True),
         help="seconds from a preemption signal to the end of its checkpoint; past them the run stops without it",
     )
 

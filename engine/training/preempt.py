@@ -37,6 +37,8 @@ class Preempted(Exception):
 
 
 def _signal_numbers(names) -> list[signal.Signals]:
+    if isinstance(names, str):
+        raise ConfigError(f"trainer.preempt_signals={names!r} must be a list of signal names, e.g. [SIGTERM,SIGUSR1]")
     out = []
     for name in names:
         sig = getattr(signal.Signals, str(name).upper(), None)

@@ -63,6 +63,8 @@ def _cfg(signals, grace=25.0):
 def test_signals_are_named_and_restored():
     with pytest.raises(ConfigError, match="trainer.preempt_signals: 'SIGNOPE'"):
         PreemptWatch(_cfg(["SIGTERM", "SIGNOPE"]))
+    with pytest.raises(ConfigError, match=r"trainer.preempt_signals='SIGTERM' must be a list"):
+        PreemptWatch(_cfg("SIGTERM"))
     with pytest.raises(ConfigError, match="SIGKILL"):
         PreemptWatch(_cfg(["SIGKILL"]))
     before = signal.getsignal(signal.SIGUSR1)
