@@ -5,6 +5,9 @@
 
 Hydra composes conf/config.yaml + recipes/NAME.yaml + the command-line overrides; the result is
 checked against the typed schema (engine/config/sections.py) before anything heavy starts.
+
+Exit codes: 0 done; 2 a user error (one line on stderr); 75 preempted (a SIGTERM or SIGUSR1 stopped the
+run at a step boundary with a checkpoint there: rerun the same command to resume; engine/training/preempt.py).
 """
 
 from __future__ import annotations
@@ -101,9 +104,13 @@ def main(dcfg: DictConfig) -> None:
         cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))
         check_writable(cfg.trainer.output_dir)
         setup_logging(cfg.trainer.output_dir)
+        from engine.training.preempt import PREEMPTED_EXIT_CODE, Preempted
         from engine.training.trainer import run  # the heavy imports, once the config is known to be good
 
-        run(cfg)
+        try:
+            run(cfg)
+        except Preempted:  # its checkpoint saved and said so: the scheduler may requeue the same command
+            sys.exit(PREEMPTED_EXIT_CODE)
     except _user_errors() as e:
         fail(e)
     except Exception as e:  # noqa: BLE001 (a full disk or a permission problem, however reported; else re-raised)

@@ -145,6 +145,15 @@ class TrainerConfig:
     )
     sample_prompts: str | None = setting(None, help='JSONL ({"prompt"} / {"messages"}) or text, one prompt per line')
     sample_max_new_tokens: int = setting(64, range=Range(1), help="tokens generated per sample prompt")
+    preempt_signals: list[str] = setting(
+        factory=lambda: ["SIGTERM", "SIGUSR1"],
+        help="signals that stop the run at the next step boundary with a checkpoint and exit code 75 ([] = none)",
+    )
+    preempt_grace_s: float = setting(
+        25.0,
+        range=Range(0, math.inf, True, True),
+        help="seconds from a preemption signal to the end of its checkpoint; past them the run stops without it",
+    )
 
 
 @dataclass

@@ -118,18 +118,27 @@ def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
     return int(meta["step"]), int(meta.get("bad_steps", 0))
 
 
-def refuse_finished_run(cfg, out: Path) -> None:
+def export_folder(cfg, out: Path) -> Path:
+    """Where a run's export goes: out/adapter (LoRA) or out/hf."""
+    return out / ("adapter" if cfg.peft.method == "lora" else "hf")
+
+
+def refuse_finished_run(cfg, out: Path) -> Path | None:
     """Under trainer.resume=auto, an output folder whose newest intact checkpoint is at or past
     trainer.max_steps holds a finished run: refused in one line before anything is built, loaded, planned or
-    resumed. A checkpoint that cannot be read is passed over, as the resume itself falls back past it."""
+    resumed. A checkpoint that cannot be read is passed over, as the resume itself falls back past it.
+    A finished run without its export (killed while exporting) is not refused: its final checkpoint is
+    returned, for the caller to finish the export."""
     if cfg.trainer.resume != "auto":
-        return
+        return None
     for path in ckpt.resume_candidates(out, "auto"):
         try:
             step = fields.intact_step(path)
         except CheckpointError:
             continue
         if step >= cfg.trainer.max_steps:
+            if not export_folder(cfg, out).exists():
+                return path
             raise CheckpointError(
                 path,
                 f"trainer.output_dir holds a finished run (step {step}, trainer.max_steps="
@@ -137,7 +146,8 @@ def refuse_finished_run(cfg, out: Path) -> None:
                 f"start over in {cfg.trainer.output_dir} with trainer.resume=none, or raise "
                 "trainer.max_steps to train it further",
             )
-        return
+        return None
+    return None
 
 
 def resume_run(cfg, rt, out: Path, model, opt, sched, loader) -> tuple[int, int]:
@@ -243,6 +253,17 @@ class Checkpointer:
             held = time.perf_counter() - t0
         self.bad_at_boundary = bad_steps
         return held
+
+    def preempted(self, step: int, bad_steps: int) -> Path:
+        """The checkpoint of a run preempted after `step`, the save in flight completed first: this step's
+        periodic checkpoint when it has one, else one saved now (kept beside the last good one if dirty)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+        if self.last_good == ckpt.step_dir(self.out, step):
+            return self.last_good
+        dirty = bad_steps > self.bad_at_boundary
+        return self.save(step, bad_steps, keep=self.cfg.checkpoint.keep + dirty)
 
     def final(self, bad_steps: int) -> Path:
         """The last checkpoint, at trainer.max_steps. One reached through skipped steps is still saved (the

@@ -9,6 +9,7 @@ checkpoint policy (engine/training/checkpointer.py) -> samples every trainer.sam
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ import torch
 from engine.errors import ConfigError
 from engine.parallel.fsdp import is_sharded
 from engine.training.build import arch_of_run, build_loaders, build_model
-from engine.training.checkpointer import Checkpointer, refuse_finished_run
+from engine.training.checkpointer import Checkpointer, export_folder, refuse_finished_run
 from engine.training.folders import check_run_folders
 from engine.training.memory_plan import check_fits, host_memory, plan_for_run
 from engine.training.metrics import MetricsWriter, StepMetrics
 from engine.training.optim import build_optimizer, build_scheduler
+from engine.training.preempt import PreemptWatch
 from engine.training.runtime import Runtime, seed_everything, setup_runtime
 from engine.training.samples import build_sampler
 from engine.training.step import NonFiniteGuard, train_step
@@ -54,8 +56,11 @@ def run(cfg) -> dict:
 
         return dry_run(cfg)
     out = Path(cfg.trainer.output_dir)
-    refuse_finished_run(cfg, out)  # before anything is built, loaded or planned
+    finished = refuse_finished_run(cfg, out)  # before anything is built, loaded or planned
+    if finished is not None:
+        return _finish_export(cfg, out, finished)
     check_run_folders(cfg, out)  # an unwritable checkpoints/ or export folder, before step 1
+    watch = PreemptWatch(cfg)
     arch = arch_of_run(cfg)
     rt = setup_runtime(cfg, arch)
     if rt.is_main:
@@ -82,8 +87,16 @@ def run(cfg) -> dict:
         cfg.data.micro_batch_size,
     )
     start_step, bad_steps = checkpointer.resume()
-    losses, bad_steps = _train(r, start_step, bad_steps)
-    final = checkpointer.final(bad_steps)
+    watch.install()  # from here on a preemption signal stops the run at a step boundary, with a checkpoint
+    try:
+        losses, bad_steps, stopped = _train(r, start_step, bad_steps, watch)
+        if stopped is not None:
+            _stop(r, watch, stopped, r.checkpointer.preempted(stopped, bad_steps))
+        final = checkpointer.final(bad_steps)
+        if watch.agreed(rt):  # a signal during the final save: the export is left to the rerun
+            _stop(r, watch, cfg.trainer.max_steps, final)
+    finally:
+        watch.restore()  # a signal during the export ends the process as before; the rerun finishes it
     loader.close()
     export_dir = _export(cfg, rt, out, model, final)
     log.info(
@@ -93,8 +106,9 @@ def run(cfg) -> dict:
     return {"losses": losses, "checkpoint": str(final), "export": str(export_dir) if export_dir else None}
 
 
-def _train(r: _Run, start_step: int, bad_steps: int) -> tuple[list[float], int]:
-    """The steps from `start_step` to trainer.max_steps; (their losses, the skipped-step count)."""
+def _train(r: _Run, start_step: int, bad_steps: int, watch: PreemptWatch) -> tuple[list[float], int, int | None]:
+    """The steps from `start_step` to trainer.max_steps; (their losses, the skipped-step count, the step
+    after which a preemption stopped them or None)."""
     cfg, rt, max_steps = r.cfg, r.rt, r.cfg.trainer.max_steps
     writer = MetricsWriter(r.out, rt.is_main, cfg.trainer.tensorboard, start_step=start_step)
     metrics, guard = StepMetrics(cfg, rt, r.model, r.accum), NonFiniteGuard(cfg.trainer.max_bad_steps, bad_steps)
@@ -121,7 +135,19 @@ def _train(r: _Run, start_step: int, bad_steps: int) -> tuple[list[float], int]:
         progress(record)
         if sampler is not None and step % cfg.trainer.sample_every == 0:
             sampler(r.model, step)
-    return losses, guard.bad_steps
+        if watch.agreed(rt):  # every rank stops after the same step
+            return losses, guard.bad_steps, step
+    return losses, guard.bad_steps, None
+
+
+def _stop(r: _Run, watch: PreemptWatch, step: int, path: Path) -> None:
+    """After a preemption, checkpoint `path` at `step` saved: one line, and Preempted raised (the export,
+    when the run is finished, is left to the rerun)."""
+    watch.done()
+    r.loader.close()
+    stop = watch.stopped(r.rt, step, path)
+    r.rt.mesh.destroy()
+    raise stop
 
 
 def _check_memory(cfg, arch, rt: Runtime) -> None:
@@ -162,11 +188,25 @@ def _export(cfg, rt: Runtime, out: Path, model, final: Path) -> Path | None:
     from engine.export import export, write_export
 
     lora = cfg.peft.method == "lora"
-    target = out / ("adapter" if lora else "hf")
+    target = export_folder(cfg, out)
     dtype = "fp32" if rt.compute_dtype == torch.float32 else "bf16"  # the run's own dtype
     if rt.mesh.ep > 1 or is_sharded(model):  # rank 0 does not hold the whole model: read it back
         return export(final, target, dtype=dtype, overwrite=True)
     return write_export(cfg, model, target, "peft" if lora else "hf", dtype=dtype, overwrite=True)
+
+
+def _finish_export(cfg, out: Path, final: Path) -> dict:
+    """A finished run whose export was interrupted (killed while writing it): rank 0 writes the export from
+    the final checkpoint (removing the folders the killed export left); nothing trains."""
+    if os.environ.get("RANK", "0") != "0":
+        return {"losses": [], "checkpoint": str(final), "export": None}
+    from engine.export import export
+
+    target = export_folder(cfg, out)
+    log.info("%s is finished but its export %s was never completed: exporting it now", final, target)
+    written = export(final, target, overwrite=True)  # in the run's dtype, as at the end of training
+    log.info("done: checkpoint %s, export %s", final, written)
+    return {"losses": [], "checkpoint": str(final), "export": str(written)}
 
 
 def _progress(cfg, rt: Runtime, start_step: int):
