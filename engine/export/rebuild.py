@@ -30,9 +30,12 @@ def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     from engine.parallel import Mesh
     from engine.training.build import build_model
+    from engine.training.checkpointer import check_base
     from engine.training.runtime import Runtime
 
-    cfg = config_of_checkpoint(ckpt.read_meta(path)["config"])
+    meta = ckpt.read_meta(path)
+    cfg = config_of_checkpoint(meta["config"])
+    check_base(path, meta, cfg)  # a LoRA run's adapters go over the base they were trained on
     rt = Runtime(Mesh.single("cpu"), param_dtype=dtype, compute_dtype=dtype)
     model = build_model(cfg, rt)
     trained = gather_trained_weights(path)

@@ -83,7 +83,7 @@ def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
         error = e
     if any_rank(error is not None, rt.mesh.dp_group if rt.mesh.distributed else None, rt.device):
         raise error or CheckpointCorruptError(path, "another rank could not read its part (see that rank's log)")
-    _check_base(path, meta, cfg)
+    check_base(path, meta, cfg)
     fresh = fresh_hyperparameters(opt)  # the current config's settings, before the checkpoint's come back
     train_state.restore(path, model, opt, rt.mesh)
     try:
@@ -127,7 +127,7 @@ def frozen_base(cfg) -> Path | None:
     return resolve_checkpoint(cfg.model.path)
 
 
-def _check_base(path: Path, meta: dict, cfg) -> None:
+def check_base(path: Path, meta: dict, cfg) -> None:
     """Refuse to put adapters on another base than the one they were trained on."""
     saved = meta.get("base_signature")
     base = frozen_base(cfg) if saved else None

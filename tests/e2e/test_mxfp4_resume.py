@@ -24,8 +24,32 @@ def _losses(out):
 
 
 def _base(seed, directory):
-    hf = tiny_hf(seed=seed, hidden_size=64, intermediate_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # vocab 1024: the shipped tokenizer's, which inference falls back to
+    hf = tiny_hf(
+        seed=seed, hidden_size=64, intermediate_size=32, vocab_size=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     return write_mxfp4_checkpoint(hf, directory)
+
+
+def _export_merged_and_reload(step, out):
+    """`--format merged` from a run on the packed base writes dense weights that give the logits of the
+    training checkpoint loaded for inference (packed base + adapters)."""
+    import os
+    import sys
+
+    import torch
+
+    from engine.checkpoint.hf import load_hf
+    from engine.inference.loading import load_for_inference
+
+    cmd = [sys.executable, "-m", "engine.export", str(step), "--out", str(out), "--format", "merged"]
+    proc = run_command(cmd, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    packed = load_for_inference(step, dtype=torch.float32, device="cpu").model
+    assert packed.model.layers[0].mlp.experts.packed
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), load_hf(out, dtype=torch.float32)(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_mxfp4_lora_resume_is_bit_exact_and_refuses_another_base(tmp_path):
@@ -58,6 +82,7 @@ def test_mxfp4_lora_resume_is_bit_exact_and_refuses_another_base(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     a, b = _losses(straight), _losses(resumed)
     assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in b), (a, b)  # bit for bit
+    _export_merged_and_reload(straight / "checkpoints" / "step_0000006", tmp_path / "merged")
     # Another base (same shapes, other experts) under the same path: refused before any step, in one line.
     shutil.rmtree(base)
     _base(6, base)
