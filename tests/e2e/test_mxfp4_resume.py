@@ -45,6 +45,7 @@ def _export_merged_and_reload(step, out):
     cmd = [sys.executable, "-m", "engine.export", str(step), "--out", str(out), "--format", "merged"]
     proc = run_command(cmd, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MXFP4 experts are written dense" in proc.stdout, proc.stdout
     packed = load_for_inference(step, dtype=torch.float32, device="cpu").model
     assert packed.model.layers[0].mlp.experts.packed
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))

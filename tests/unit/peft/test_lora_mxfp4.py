@@ -67,6 +67,20 @@ def test_lora_on_mxfp4_experts_equals_lora_on_the_dequantized_weights(mxfp4_dir,
     assert l_dense[-1] < l_dense[0]  # the adapters did learn
 
 
+def test_activation_checkpointing_recomputes_the_packed_experts(mxfp4_dir):
+    from engine.parallel.parallelize import apply_activation_checkpointing
+
+    batches = _batches()[:2]
+    plain = load_hf(mxfp4_dir, dtype=torch.float32, experts_backend="loop", expert_weights="mxfp4")
+    checkpointed = load_hf(mxfp4_dir, dtype=torch.float32, experts_backend="loop", expert_weights="mxfp4")
+    apply_activation_checkpointing(checkpointed, True)
+    (l_plain, g_plain), (l_ckpt, g_ckpt) = _train(plain, batches), _train(checkpointed, batches)
+    for step in range(len(batches)):
+        torch.testing.assert_close(l_ckpt[step], l_plain[step], rtol=0, atol=0)
+        for name, g in g_plain[step].items():
+            torch.testing.assert_close(g_ckpt[step][name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_meta_model_holds_the_packed_size():
     cfg = GptOssConfig.from_preset("gpt-oss-20b")
     with torch.device("meta"):

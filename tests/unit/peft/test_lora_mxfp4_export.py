@@ -22,7 +22,10 @@ R, ALPHA = 4, 8.0
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory):
     """A LoRA model over packed MXFP4 experts, with non-zero adapters, and its checkpoint."""
-    hf = tiny_hf(seed=5, hidden_size=64, intermediate_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # vocab 1024: the shipped tokenizer's, which loading for inference falls back to
+    hf = tiny_hf(
+        seed=5, hidden_size=64, intermediate_size=32, vocab_size=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     base = write_mxfp4_checkpoint(hf, tmp_path_factory.mktemp("mx_export") / "mxfp4")
     model = load_hf(base, dtype=torch.float32, expert_weights="mxfp4").eval()
     apply_lora(model, LoraConfig(rank=R, alpha=ALPHA, target_modules=TARGETS), seed=3)
@@ -99,3 +102,18 @@ def test_greedy_generation_on_the_packed_base_equals_the_dequantized_one(adapted
     packed_tokens = generate(model, prompt, max_new_tokens=6)
     assert torch.equal(packed_tokens, generate(dense, prompt, max_new_tokens=6))
     assert packed_tokens.shape[-1] >= 6
+
+
+def test_an_adapter_folder_attached_to_the_packed_base_equals_it_folded_into_the_dense_one(adapted, tmp_path):
+    from engine.inference.loading import load_for_inference
+
+    base, model = adapted
+    adapter = export_peft(model, tmp_path / "adapter", base_model_name_or_path=str(base))
+    packed = load_for_inference(base, adapter=adapter, dtype=torch.float32, device="cpu", expert_weights="mxfp4")
+    folded = load_for_inference(base, adapter=adapter, dtype=torch.float32, device="cpu")
+    assert packed.model.model.layers[0].mlp.experts.packed and "12 weights adapted" in packed.source
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids)
+        torch.testing.assert_close(packed.model(ids), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(folded.model(ids), expected, rtol=1e-5, atol=1e-5)
