@@ -129,6 +129,11 @@ def _check_expert_weights(cfg: TrainConfig) -> None:
             f"model.expert_weights=mxfp4 keeps the experts frozen, but peft.method={cfg.peft.method!r} would train "
             "them; use peft.method=lora, or model.expert_weights=dense for full fine-tuning"
         )
+    if cfg.parallel.shard != "none":
+        raise ConfigError(
+            f"model.expert_weights=mxfp4 with parallel.shard={cfg.parallel.shard!r} is not supported yet (FSDP2 "
+            "shards parameters, not the packed expert buffers); use parallel.shard=none, the base is frozen anyway"
+        )
     if not cfg.model.path:
         raise ConfigError(
             "model.expert_weights=mxfp4 reads the packed experts from an MXFP4 checkpoint; set model.path "

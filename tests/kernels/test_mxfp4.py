@@ -31,7 +31,7 @@ def bits(t):
 def test_reference_matches_transformers_and_the_loader_bitwise(dtype):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from engine.checkpoint.mxfp4 import dequantize_mxfp4 as loader_dequantize
+    from engine.checkpoint.hf.mxfp4 import dequantize_mxfp4 as loader_dequantize
 
     blocks, scales = (t.cpu() for t in every_code_under_every_scale())
     ours = dequantize_mxfp4(blocks, scales, dtype)  # [1, 256, 512] (out, in)

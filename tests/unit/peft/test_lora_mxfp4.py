@@ -118,12 +118,14 @@ def test_merging_into_packed_experts_is_refused(mxfp4_dir):
     [
         ({"model": {"path": "x"}}, "peft.method='none' would train"),
         ({"peft": {"method": "lora"}}, "set model.path"),
+        ({"model": {"path": "x"}, "peft": {"method": "lora"}, "parallel": {"shard": "full"}}, "parallel.shard='full'"),
     ],
 )
 def test_config_refusals_name_the_key(overrides, message):
     from engine.config.load import build_config
 
-    values = {"model": {"expert_weights": "mxfp4", **overrides.get("model", {})}, **{"peft": overrides.get("peft", {})}}
+    values = {"model": {"expert_weights": "mxfp4", **overrides.get("model", {})}}
+    values.update({k: v for k, v in overrides.items() if k != "model"})
     with pytest.raises(ConfigError, match=message) as err:
         build_config(values, quiet=True)
     assert "model.expert_weights=mxfp4" in str(err.value) and "\n" not in str(err.value)
