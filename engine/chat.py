@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("model", help="run folder, training checkpoint, or HF checkpoint folder")
     p.add_argument("--adapter", help="PEFT adapter folder to apply to an HF model")
+    p.add_argument(
+        "--expert-weights",
+        choices=["dense", "mxfp4"],
+        default="dense",
+        help="mxfp4: keep an MXFP4 HF checkpoint's experts packed (the adapter runs unmerged)",
+    )
     p.add_argument("--reasoning", choices=["low", "medium", "high"], default="medium")
     p.add_argument("--tools", help="JSON file: a list of function tools the model may call")
     p.add_argument("--prompt", help="answer this one message and exit")
@@ -40,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         tools = read_tools(args.tools)
-        loaded = load_for_inference(args.model, adapter=args.adapter, device=args.device)
+        loaded = load_for_inference(
+            args.model, adapter=args.adapter, device=args.device, expert_weights=args.expert_weights
+        )
         print(f"model: {loaded.source}", file=sys.stderr)
         history = [{"role": "developer", "content": args.system}] if args.system else []
         turns = [args.prompt] if args.prompt is not None else None

@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="run folder, training checkpoint, or HF checkpoint folder")
     p.add_argument("--data", required=True, help="JSONL of harmony records (the training data format)")
     p.add_argument("--adapter", help="PEFT adapter folder to apply to an HF model")
+    p.add_argument(
+        "--expert-weights",
+        choices=["dense", "mxfp4"],
+        default="dense",
+        help="mxfp4: keep an MXFP4 HF checkpoint's experts packed (the adapter runs unmerged)",
+    )
     p.add_argument("--max-seq-len", type=int, default=4096, help="records are cut to this many tokens")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -30,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         records = read_records(Path(args.data))
-        loaded = load_for_inference(args.model, adapter=args.adapter, device=args.device)
+        loaded = load_for_inference(
+            args.model, adapter=args.adapter, device=args.device, expert_weights=args.expert_weights
+        )
         result = evaluate_records(
             loaded.model, loaded.tokenizer, records, max_seq_len=args.max_seq_len, batch_size=args.batch_size
         )

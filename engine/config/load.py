@@ -40,6 +40,7 @@ def validate(cfg: TrainConfig) -> list[str]:
             "model.activation_offload=true offloads the inputs of checkpointed layers; "
             "set model.activation_checkpointing=true (or a list of layers) as well"
         )
+    _check_expert_weights(cfg)
     if cfg.trainer.sample_every and not cfg.trainer.sample_prompts:
         raise ConfigError(
             f"trainer.sample_every={cfg.trainer.sample_every} needs trainer.sample_prompts=FILE "
@@ -117,6 +118,27 @@ def _check_ranges(cfg: TrainConfig) -> None:
         isinstance(ac, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ac)
     ):
         raise ConfigError(f"model.activation_checkpointing={ac!r} must be true, false or a list of layer indices")
+
+
+def _check_expert_weights(cfg: TrainConfig) -> None:
+    """MXFP4 experts are frozen and read packed from an MXFP4 checkpoint."""
+    if cfg.model.expert_weights != "mxfp4":
+        return
+    if cfg.peft.method != "lora":
+        raise ConfigError(
+            f"model.expert_weights=mxfp4 keeps the experts frozen, but peft.method={cfg.peft.method!r} would train "
+            "them; use peft.method=lora, or model.expert_weights=dense for full fine-tuning"
+        )
+    if cfg.parallel.shard != "none":
+        raise ConfigError(
+            f"model.expert_weights=mxfp4 with parallel.shard={cfg.parallel.shard!r} is not supported yet (FSDP2 "
+            "shards parameters, not the packed expert buffers); use parallel.shard=none, the base is frozen anyway"
+        )
+    if not cfg.model.path:
+        raise ConfigError(
+            "model.expert_weights=mxfp4 reads the packed experts from an MXFP4 checkpoint; set model.path "
+            "(e.g. openai/gpt-oss-20b), or model.expert_weights=dense for a randomly initialised model"
+        )
 
 
 def _check_context_parallel(cfg: TrainConfig) -> None:

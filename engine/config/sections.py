@@ -14,6 +14,7 @@ from engine.config.schema import Range, setting
 from engine.data.config import DataConfig
 from engine.models.gpt_oss.attention import ATTN_BACKENDS
 from engine.moe.backends import EXPERT_BACKENDS
+from engine.moe.experts import EXPERT_WEIGHTS
 from engine.parallel.fsdp import SHARD_MODES
 from engine.peft.config import PEFT_METHODS, LoraConfig
 from engine.training.optim import OPTIMIZER_IMPLS, SCHEDULES
@@ -57,6 +58,12 @@ class ModelConfig:
         512,
         range=Range(1),
         help="tokens per chunk of the cross-entropy over the vocabulary (the full fp32 logits never exist)",
+    )
+    expert_weights: str = setting(
+        "dense",
+        choices=EXPERT_WEIGHTS,
+        help="the experts' projections: dense (trainable, in model.dtype) or mxfp4 (frozen, kept packed as "
+        "an MXFP4 checkpoint stores them, ~4.25 bits a weight; needs model.path to one and peft.method=lora)",
     )
     moe_chunk_tokens: int | None = setting(
         None,

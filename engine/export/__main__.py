@@ -67,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
             else f" in {run_dtype(ckpt.read_meta(Path(args.checkpoint)))} (the run's dtype; --dtype to choose)"
         )
     )
+    meta_config = ckpt.read_meta(Path(args.checkpoint))["config"]
+    if fmt == "merged" and meta_config.get("model", {}).get("expert_weights") == "mxfp4":
+        said += (
+            "; the run's MXFP4 experts are written dense (about 3.8x their packed size in bf16), "
+            "dequantized one layer's projection at a time"
+        )
     print(f"exported {args.checkpoint} -> {out} ({fmt}{said})")
     return 0
 

@@ -47,9 +47,11 @@ def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     from engine.parallel import Mesh
     from engine.training.build import build_model
+    from engine.training.checkpointer import check_base
     from engine.training.runtime import Runtime
 
     cfg = checked_config(path)
+    check_base(path, ckpt.read_meta(path), cfg)  # a LoRA run's adapters go over the base they were trained on
     rt = Runtime(Mesh.single("cpu"), param_dtype=dtype, compute_dtype=dtype)
     model = build_model(cfg, rt)
     trained = gather_trained_weights(path)

@@ -50,7 +50,8 @@ def _export_bytes(model, fmt: str, dtype: str) -> int:
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     if fmt == "peft":
         return sum(p.numel() * p.element_size() for p in lora)
-    return (sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lora)) * DTYPES[dtype].itemsize
+    packed = sum(b.numel() * 2 for n, b in model.named_buffers() if n.endswith("_blocks"))  # 2 values a byte
+    return (sum(p.numel() for p in model.parameters()) + packed - sum(p.numel() for p in lora)) * DTYPES[dtype].itemsize
 
 
 def _write(cfg, model, out, fmt: str, *, dtype: str, attention_only: bool, overwrite: bool) -> Path:

@@ -45,8 +45,15 @@ def _checkpoint_of(path: Path) -> Path | None:
 
 
 def load_for_inference(
-    path: str | Path, *, adapter: str | Path | None = None, dtype: torch.dtype | None = None, device: str = "auto"
+    path: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    device: str = "auto",
+    expert_weights: str = "dense",
 ) -> Loaded:
+    """`expert_weights="mxfp4"` keeps an MXFP4 HF checkpoint's experts packed (a PEFT adapter is then attached
+    unmerged); a training checkpoint uses its run's own model.expert_weights."""
     from engine.data.tokenizer import load_tokenizer
 
     path = Path(path)
@@ -69,14 +76,19 @@ def load_for_inference(
         from engine.checkpoint.hf import load_hf
         from engine.checkpoint.hf.hub import resolve_checkpoint
 
-        model = load_hf(path if path.exists() else str(path), dtype=dtype)
+        model = load_hf(path if path.exists() else str(path), dtype=dtype, expert_weights=expert_weights)
         local = resolve_checkpoint(str(path))
         tokenizer = load_tokenizer(local if (local / "tokenizer.json").is_file() else None)
         source = f"HF checkpoint {path}"
         if adapter is not None:
-            from engine.peft.peft_format import fold_peft_adapter
+            if expert_weights == "mxfp4":  # packed experts take no fold: the adapters run as LoRA modules
+                from engine.peft.peft_attach import attach_peft_adapter
 
-            n = fold_peft_adapter(model, adapter)
+                n = attach_peft_adapter(model, adapter)
+            else:
+                from engine.peft.peft_format import fold_peft_adapter
+
+                n = fold_peft_adapter(model, adapter)
             source += f" + PEFT adapter {adapter} ({n} weights adapted)"
     else:
         raise FileNotFoundError(

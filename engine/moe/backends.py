@@ -9,7 +9,9 @@ optionally gathered from the token tensor through gather_idx [M]):
 
 - `loop`: gptoss_kernels.reference itself (one matmul per expert, a host sync for the group sizes): the
   reference the other backends are tested against, not a second copy of it.
-- `grouped_mm`: torch._grouped_mm; no host sync; frozen weights get no weight gradient.
+- `grouped_mm`: torch._grouped_mm; no host sync; frozen weights get no weight gradient. MXFP4 weights
+  (gptoss_kernels.mxfp4.Mxfp4Weight) go through the reference's per-expert products (one expert dequantized
+  at a time), since torch._grouped_mm takes dense operands only.
 - `triton`: the project's Triton kernels (gptoss_kernels/): gather fused into the first GEMM, SwiGLU in its
   epilogue, LoRA accumulated inside the same GEMMs, deterministic scatter-combine.
 - `auto`: triton for CUDA tensors, loop elsewhere (decided per call from the tensors' device, since a
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from gptoss_kernels import reference
+from gptoss_kernels.mxfp4 import Mxfp4Weight
 
 EXPERT_BACKENDS = ("loop", "grouped_mm", "triton")
 
@@ -145,6 +148,8 @@ class GroupedMMBackend(ExpertsBackend):
     name = "grouped_mm"
 
     def linear(self, x, counts, w, b=None, gather_idx=None):
+        if isinstance(w, Mxfp4Weight):
+            return reference.grouped_linear_reference(x, counts, w, b, gather_idx)
         if gather_idx is not None:
             x = x[gather_idx]
         offsets = torch.cumsum(counts, 0).to(torch.int32)  # end row of each group

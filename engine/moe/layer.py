@@ -33,11 +33,18 @@ class MoEBlock(nn.Module):
         limit: float,
         experts_backend: str = "auto",
         chunk_tokens: int = 0,
+        expert_weights: str = "dense",
     ):
         super().__init__()
         self.router = TopKRouter(hidden_size, num_experts, top_k)
         self.experts = GroupedExperts(
-            num_experts, hidden_size, intermediate_size, alpha=alpha, limit=limit, backend=experts_backend
+            num_experts,
+            hidden_size,
+            intermediate_size,
+            alpha=alpha,
+            limit=limit,
+            backend=experts_backend,
+            expert_weights=expert_weights,
         )
         # Replaced from outside (engine.parallel.parallelize.apply_expert_parallel) when experts are spread over ranks.
         self.dispatcher = LocalDispatcher(num_experts)

@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.moe.backends import ExpertAdapters
-from engine.moe.experts import EXPERT_PARAMS, GroupedExperts, compute_weights, recast_in_backward
+from engine.moe.experts import (
+    GroupedExperts,
+    Mxfp4Access,
+    compute_weights,
+    expert_tensor_names_of,
+    recast_in_backward,
+)
 from engine.peft.config import LoraConfig
 
 _SHORT = {"gate_up_proj": "gate_up", "down_proj": "down"}  # parameter name stems inside ExpertLoRA
@@ -83,8 +89,9 @@ class ExpertLoRA(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         lead = () if shared else (experts.num_experts,)
         for proj in self.projections:
-            w = getattr(experts, proj)  # [E, in, out]
-            kw = dict(dtype=w.dtype, device=w.device)
+            w = getattr(experts, proj)  # [E, in, out], dense or MXFP4 (engine.moe.experts)
+            bias = getattr(experts, f"{proj}_bias")
+            kw = dict(dtype=bias.dtype, device=bias.device)
             setattr(self, f"{_SHORT[proj]}_A", nn.Parameter(torch.empty(*lead, w.shape[1], cfg.rank, **kw)))
             setattr(self, f"{_SHORT[proj]}_B", nn.Parameter(torch.zeros(*lead, cfg.rank, w.shape[2], **kw)))
 
@@ -98,6 +105,11 @@ class ExpertLoRA(nn.Module):
         return ExpertAdapters(pair["gate_up_proj"], pair["down_proj"], self.scaling, dropout)
 
     def fold(self, experts: nn.Module, sign: int) -> None:
+        if getattr(experts, "packed", False):
+            raise ValueError(
+                "model.expert_weights=mxfp4: the adapters cannot be merged into the packed MXFP4 experts; "
+                "run them unmerged, or export with --format merged (which writes dense weights)"
+            )
         for proj in self.projections:
             w, (a, b) = getattr(experts, proj), self.factors(proj)
             for e in range(w.shape[0]):  # one expert at a time: a temporary of one expert's size
@@ -108,15 +120,19 @@ class ExpertLoRA(nn.Module):
         return f"{', '.join(self.projections)}, rank={self.cfg.rank}, {kind}, merged={self.merged}"
 
 
-class LoraExperts(nn.Module):
-    """GroupedExperts plus low-rank adapters; the experts' parameters are taken over, not copied."""
+class LoraExperts(Mxfp4Access, nn.Module):
+    """GroupedExperts plus low-rank adapters; the experts' parameters (or MXFP4 buffers) are taken over, not
+    copied."""
 
     holds_experts = True  # the experts' own parameters (engine.parallel.placement)
 
     def __init__(self, base: GroupedExperts, lora: ExpertLoRA, register_lora: bool = True):
         super().__init__()
-        for name in EXPERT_PARAMS:
-            setattr(self, name, getattr(base, name))
+        for name in expert_tensor_names_of(base):
+            if name in base._buffers:
+                self.register_buffer(name, base._buffers[name], persistent=False)
+            else:
+                setattr(self, name, getattr(base, name))
         self.total_experts, self.num_experts = base.total_experts, base.num_experts
         self.expert_offset = base.expert_offset
         self.alpha, self.limit, self.backend = base.alpha, base.limit, base.backend
@@ -137,7 +153,11 @@ class LoraExperts(nn.Module):
 
     def extra_repr(self) -> str:
         e, h, i2 = self.gate_up_proj.shape
-        return f"experts={e} (offset {self.expert_offset}), hidden={h}, intermediate={i2 // 2}, backend={self.backend}"
+        weights = ", mxfp4" if self.packed else ""
+        return (
+            f"experts={e} (offset {self.expert_offset}), hidden={h}, intermediate={i2 // 2}, "
+            f"backend={self.backend}{weights}"
+        )
 
 
 def adapter_modules(model: nn.Module):

@@ -53,7 +53,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> dict:
     chosen, linears, experts = _targets(model, cfg)
     for name, ex in experts.items():
         if ex.backend.name == "grouped_mm" and any(name + "." + p in chosen for p in EXPERT_TARGETS):
-            itemsize = ex.gate_up_proj.element_size()
+            itemsize = ex.gate_up_proj_bias.element_size()
             if cfg.rank * itemsize % 16:
                 raise ConfigError(
                     f"peft.rank={cfg.rank} with model.experts_backend=grouped_mm: torch._grouped_mm "

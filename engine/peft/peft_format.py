@@ -121,6 +121,7 @@ def export_peft(
             "the exported adapter is not the trained model. Use export_merged for an exact export.",
             stacklevel=2,
         )
+    _warn_single_expert_projection(adapters, attention_only)
     tensors, targets = peft_tensors(model, attention_only=attention_only)
     if not tensors:
         raise ValueError("attention_only=True but no attention projection has an adapter; nothing to export")
@@ -147,6 +148,22 @@ def export_peft(
         )
         (partial / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
+
+
+def _warn_single_expert_projection(adapters: list, attention_only: bool) -> None:
+    """Servers that read gpt-oss expert LoRA by position (vLLM: `experts.base_layer.lora_*` is gate_up and
+    `experts.lora_*` is down) cannot tell a lone projection's tensors apart: peft names either one
+    `experts.lora_*`."""
+    if attention_only:
+        return
+    lone = {a.projections for _, a, _ in adapters if isinstance(a, ExpertLoRA) and len(a.projections) == 1}
+    if lone == {("gate_up_proj",)} or len(lone) > 1:
+        warnings.warn(
+            "export_peft: the experts have a gate_up_proj adapter without a down_proj one; peft names it "
+            "`experts.lora_*`, which servers reading the gpt-oss MoE LoRA layout by position (vLLM) take for "
+            "down_proj: adapt both (peft.target_modules) or export --format merged for those servers",
+            stacklevel=3,
+        )
 
 
 def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -176,11 +193,39 @@ def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                         tensor[e], a if adapter.shared else a[e], b if adapter.shared else b[e], adapter.scaling
                     )
         yield name, tensor
+    yield from _packed_merged(model, folds)
+
+
+def _packed_merged(model: nn.Module, folds: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """The MXFP4 experts (model.expert_weights=mxfp4) as dense [E, in, out] tensors in the biases' dtype, one
+    projection of one layer at a time (dequantized one expert at a time, as transformers does), adapters
+    folded in: host memory for these is one such tensor."""
+    from engine.checkpoint.hf.mxfp4 import dequantize_mxfp4
+
+    for prefix, module in model.named_modules():
+        if not getattr(module, "packed", False):
+            continue
+        for proj in ("gate_up_proj", "down_proj"):
+            w = getattr(module, proj)  # Mxfp4Weight standing for [E, in, out]
+            dtype = getattr(module, f"{proj}_bias").dtype
+            tensor = torch.empty(tuple(w.shape), dtype=dtype)
+            adapter, _ = folds.get(f"{prefix}.{proj}", (None, None))
+            for e in range(w.num_experts):
+                tensor[e] = dequantize_mxfp4(w.blocks[e], w.scales[e], dtype).t().cpu()  # (out, in) -> (in, out)
+                if adapter is not None:
+                    a, b = adapter.factors(proj)
+                    add_product(
+                        tensor[e], a if adapter.shared else a[e], b if adapter.shared else b[e], adapter.scaling
+                    )
+            yield f"{prefix}.{proj}", tensor
+            del tensor
 
 
 def export_merged(model: nn.Module, out_dir: str | Path, **save_hf_kwargs) -> Path:
     """An HF checkpoint with the adapters folded in, which transformers loads without peft (through
-    engine.checkpoint.hf.save_hf; its keyword arguments pass through). `model` is left unchanged."""
+    engine.checkpoint.hf.save_hf; its keyword arguments pass through). `model` is left unchanged. The tensors
+    are streamed one by one; MXFP4 experts (model.expert_weights=mxfp4) are written dense, one projection of
+    one layer dequantized at a time (host memory: the largest such tensor plus the shard being written)."""
     from engine.checkpoint.hf import save_hf
 
     if "state_dict" in save_hf_kwargs:

@@ -36,6 +36,7 @@ def model_options(cfg) -> ModelOptions:
         ce_chunk_size=m.ce_chunk_size,
         activation_offload=m.activation_offload,
         moe_chunk_tokens=m.moe_chunk_tokens or 0,
+        expert_weights=m.expert_weights,
     )
 
 

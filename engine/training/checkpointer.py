@@ -84,6 +84,7 @@ def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
             log.warning("rank %d cannot resume from %s: %s", rt.rank, path, e)
     if any_rank(error is not None, rt.mesh.dp_group if rt.mesh.distributed else None, rt.device):
         raise error or CheckpointCorruptError(path, "another rank could not read its part (see that rank's log)")
+    check_base(path, meta, cfg)
     fresh = fresh_hyperparameters(opt)  # the current config's settings, before the checkpoint's come back
     train_state.restore(path, model, opt, rt.mesh)
     try:
@@ -121,6 +122,32 @@ def _load(path: Path, cfg, rt, model, opt, sched, loader) -> tuple[int, int]:
 def export_folder(cfg, out: Path) -> Path:
     """Where a run's export goes: out/adapter (LoRA) or out/hf."""
     return out / ("adapter" if cfg.peft.method == "lora" else "hf")
+
+
+def frozen_base(cfg) -> Path | None:
+    """The checkpoint directory a LoRA run's frozen base is read from (not saved in its checkpoints)."""
+    if cfg.peft.method != "lora" or not cfg.model.path:
+        return None
+    from engine.checkpoint.hf.hub import resolve_checkpoint
+
+    return resolve_checkpoint(cfg.model.path)
+
+
+def check_base(path: Path, meta: dict, cfg) -> None:
+    """Refuse to put adapters on another base than the one they were trained on."""
+    saved = meta.get("base_signature")
+    base = frozen_base(cfg) if saved else None
+    if base is None:
+        return
+    from engine.checkpoint.hf.signature import base_signature, signature_difference
+
+    diff = signature_difference(saved, base_signature(base))
+    if diff:
+        raise ResumeError(
+            f"{path} was trained on another base than model.path={cfg.model.path} ({diff}); the checkpoint holds "
+            "only the adapters, read again over that base on resume: point model.path at the base it was trained "
+            "on, or start over with trainer.resume=none"
+        )
 
 
 def refuse_finished_run(cfg, out: Path) -> Path | None:
@@ -182,6 +209,7 @@ class Checkpointer:
         self.pending = None  # a checkpoint being written in the background
         self.last_good: Path | None = None
         self.bad_at_boundary = 0  # skipped steps counted at the last checkpoint step
+        self._base_signature = None  # of model.path, computed at the first save (LoRA runs)
 
     def resume(self) -> tuple[int, int]:
         """Remove the debris of interrupted saves, then (step, skipped steps) of the checkpoint the run
@@ -212,6 +240,13 @@ class Checkpointer:
             "compute_dtype": str(rt.compute_dtype).replace("torch.", ""),
             "schedule": schedule_settings(cfg.optim, cfg.trainer.max_steps),
         }
+        base = frozen_base(cfg)
+        if base is not None:
+            if self._base_signature is None:
+                from engine.checkpoint.hf.signature import base_signature
+
+                self._base_signature = base_signature(base)
+            meta["base_signature"] = self._base_signature
         return ckpt.save_checkpoint(
             self.out,
             step,

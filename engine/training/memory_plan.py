@@ -2,7 +2,9 @@
 
 Estimates, in bytes per rank:
   weights      dense weights (replicated) + this rank's 1/EP of the experts; fp32 master weights for
-               full training, the training dtype (bf16) for a frozen LoRA base
+               full training, the training dtype (bf16) for a frozen LoRA base; with
+               model.expert_weights=mxfp4 the experts' matrices at their packed size, 4.25 bits a weight
+               (FP4 values and one 8-bit scale per 32), never sharded (frozen buffers), biases in bf16
   gradients    one per trainable weight, in its dtype
   optimizer    AdamW: two fp32 moments per trainable weight (+ an fp32 master copy when the weight
                itself is not fp32)
@@ -29,6 +31,7 @@ from engine.errors import PlanError
 from engine.models.gpt_oss.config import GptOssConfig
 
 GiB = 2**30
+MXFP4_BYTES = 17 / 32  # bytes per MXFP4 weight: 16 bytes of FP4 codes + 1 scale byte per 32 values
 
 
 @dataclass
@@ -39,6 +42,7 @@ class MemoryPlan:
     activations: float
     loss: float
     host: float = 0.0  # pinned host memory, not counted in the GPU total
+    packed: float = 0.0  # the MXFP4 experts' share of `weights` (model.expert_weights=mxfp4)
 
     @property
     def total(self) -> float:
@@ -47,6 +51,7 @@ class MemoryPlan:
     def rows(self) -> list[tuple[str, float]]:
         return [
             ("weights", self.weights),
+            *([("  of which MXFP4 experts", self.packed)] if self.packed else []),
             ("gradients", self.gradients),
             ("optimizer state", self.optimizer),
             ("activations / micro-batch", self.activations),
@@ -154,8 +159,16 @@ def plan_memory(
     offload: bool = False,
     cp: int = 1,
     moe_chunk: int = 0,
+    packed_experts: bool = False,
 ) -> MemoryPlan:
-    counts = cfg.param_counts()
+    counts = dict(cfg.param_counts())
+    packed = 0.0  # this rank's MXFP4 expert bytes (model.expert_weights=mxfp4), outside every other term
+    if packed_experts:
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        matrices = cfg.num_hidden_layers * cfg.num_local_experts * (h * 2 * i + i * h)
+        counts["experts"] -= matrices  # the biases stay in the training dtype
+        counts["total"] -= matrices
+        packed = matrices / ep * MXFP4_BYTES
     dense = counts["total"] - counts["experts"]
     local = dense + counts["experts"] // ep
     world = world_size or ep
@@ -168,7 +181,7 @@ def plan_memory(
     if lora_rank:
         lora = lora_param_count(cfg, lora_rank, lora_targets or [], ep, shared_expert_adapters)
         base = {"none": local, "optimizer": local + share, "full": share + block}[shard]
-        weights = base * train_bytes + lora * 4
+        weights = base * train_bytes + packed + lora * 4
         grads = lora * 4
         optim = lora * 8
     elif shard == "none":
@@ -191,7 +204,7 @@ def plan_memory(
         acts += 2 * cfg.kv_width * seq_len * micro_batch * train_bytes * (1 if checkpointing else cfg.num_hidden_layers)
     loss = 2 * min(ce_chunk, tokens) * cfg.vocab_size * 4 + tokens * cfg.hidden_size * 4
     host = tokens * cfg.num_hidden_layers * cfg.hidden_size * train_bytes if offload else 0.0
-    return MemoryPlan(weights, grads, optim, acts, loss, host)
+    return MemoryPlan(weights, grads, optim, acts, loss, host, packed)
 
 
 def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> MemoryPlan:
@@ -215,6 +228,7 @@ def plan_for_run(cfg, arch: GptOssConfig, device_type: str, world_size: int) -> 
         offload=cfg.model.activation_offload,
         cp=getattr(cfg.parallel, "cp", 1),
         moe_chunk=cfg.model.moe_chunk_tokens or 0,
+        packed_experts=cfg.model.expert_weights == "mxfp4",
     )
 
 
@@ -237,5 +251,6 @@ def check_fits(plan: MemoryPlan, capacity: float | None, enabled: bool, device: 
         f"memory plan {plan.total / GiB:.1f} GiB per {unit} exceeds 95% of {whose} {capacity / GiB:.1f} GiB; "
         "to fit: model.activation_checkpointing=true (and model.activation_offload=true), a smaller "
         "data.micro_batch_size or data.max_seq_len, parallel.shard=optimizer or full, a larger parallel.ep (more "
-        "GPUs), or peft.method=lora; trainer.memory_check=false starts anyway"
+        "GPUs), or peft.method=lora (with model.expert_weights=mxfp4 on an MXFP4 checkpoint: packed frozen experts); "
+        "trainer.memory_check=false starts anyway"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.checkpoint.hf.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
 from engine.moe.experts import shard_model_experts
 from engine.parallel.parallelize import apply_activation_checkpointing
@@ -26,7 +27,11 @@ CASES = {
     "skewed_grouped_mm": {"hot": (0, 1), "backend": "grouped_mm"},  # the backend without host syncs
     "frozen_dense": {"freeze_dense": True},  # LoRA-like: only experts train, dense grads are skipped
     "checkpointed": {"checkpointing": True},  # recompute re-runs the exchanges inside the backward
+    # LoRA over experts each rank keeps packed as MXFP4 (model.expert_weights=mxfp4), against the single
+    # process's LoRA over the same values as dense weights; intermediate 32: whole groups of 32 inputs.
+    "mxfp4_lora": {"cfg": {"intermediate_size": 32}, "mxfp4": True},
 }
+MXFP4_LORA = dict(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "gate_up_proj", "down_proj"])
 
 
 def tiny_config(**overrides) -> GptOssConfig:
@@ -58,8 +63,26 @@ def full_model(case: str, seed: int = 0) -> GptOssForCausalLM:
         for block in model.moe_blocks():
             for e in spec.get("hot", ()):
                 block.router.bias[e] += 50.0
+            if spec.get("mxfp4"):  # values MXFP4 holds exactly: the packed copy dequantizes to them
+                for name in ("gate_up_proj", "down_proj"):
+                    w = getattr(block.experts, name)
+                    w.copy_(dequantize_mxfp4(*quantize_mxfp4(w.transpose(1, 2)), torch.float32).transpose(1, 2))
     _configure(model, spec)
+    if spec.get("mxfp4"):
+        _lora(model)
     return model
+
+
+def _lora(model: GptOssForCausalLM) -> None:
+    """The same adapters on every rank (seeded), B made non-zero so that A gets a gradient too."""
+    from engine.peft import LoraConfig, apply_lora
+
+    apply_lora(model, LoraConfig(**MXFP4_LORA), seed=3)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and name.endswith("B"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)  # a rank's own are replaced by the full model's
 
 
 def _configure(model: GptOssForCausalLM, spec: dict) -> None:
@@ -73,7 +96,12 @@ def _configure(model: GptOssForCausalLM, spec: dict) -> None:
 def expert_parallel_model(case: str, ep: int, ep_rank: int, seed: int = 0) -> GptOssForCausalLM:
     """This rank's model: the full model's weights with only experts [ep_rank*E/ep, ...) kept."""
     full = full_model(case, seed)
-    opts = ModelOptions(experts_backend=full.options.experts_backend, attn_backend="eager")
+    mxfp4 = CASES[case].get("mxfp4", False)
+    opts = ModelOptions(
+        experts_backend=full.options.experts_backend,
+        attn_backend="eager",
+        expert_weights="mxfp4" if mxfp4 else "dense",
+    )
     model = GptOssForCausalLM(full.config, opts)
     shard_model_experts(model, ep, ep_rank)
     local = full.config.num_local_experts // ep
@@ -81,9 +109,23 @@ def expert_parallel_model(case: str, ep: int, ep_rank: int, seed: int = 0) -> Gp
         name: (t[ep_rank * local : (ep_rank + 1) * local] if is_expert_param(name) else t)
         for name, t in full.state_dict().items()
     }
+    if mxfp4:
+        _lora(model)
+        _pack_experts(model, state)
     model.load_state_dict(state, strict=True)
     _configure(model, CASES[case])
     return model
+
+
+@torch.no_grad()
+def _pack_experts(model: GptOssForCausalLM, state: dict) -> None:
+    """Fill the packed experts from (and take out of `state`) this rank's dense expert matrices."""
+    for prefix, module in model.named_modules():
+        if getattr(module, "packed", False):
+            for name in ("gate_up_proj", "down_proj"):
+                blocks, scales = quantize_mxfp4(state.pop(f"{prefix}.{name}").transpose(1, 2))
+                module._buffers[f"{name}_blocks"].copy_(blocks)
+                module._buffers[f"{name}_scales"].copy_(scales)
 
 
 def global_batch(vocab: int, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,3 +98,38 @@ def test_a_smoke_run_shorter_than_the_warmup_runs_and_a_finished_run_is_refused_
     longer = _train(*common[:-2], "trainer.max_steps=3", common[-1])  # raising max_steps trains on
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "resumed from" in longer.stdout and "step_0000002" in longer.stdout
+
+
+def _weights_row(stdout: str, row: str) -> float:
+    return float(re.search(rf"{row}\s+([\d.]+) GiB", stdout).group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe, gpu_gb, arch_name", [("gptoss120b_lora_1gpu", 80, "120b"), ("gptoss20b_lora_24gb", 24, "20b")]
+)
+def test_mxfp4_lora_recipes_plan_one_gpu_with_packed_experts(tmp_path, recipe, gpu_gb, arch_name):
+    from engine.models.gpt_oss import GptOssConfig
+
+    proc = _train(
+        f"recipe={recipe}", "trainer.dry_run=true", f"trainer.gpu_memory_gb={gpu_gb}", f"trainer.output_dir={tmp_path}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "for 1 GPUs" in out and "all checks passed" in out
+    assert _plan_total(out) < 0.95 * gpu_gb
+    arch = getattr(GptOssConfig, f"gpt_oss_{arch_name}")()
+    h, i = arch.hidden_size, arch.intermediate_size
+    matrices = arch.num_hidden_layers * arch.num_local_experts * (h * 2 * i + i * h)
+    # 4.25 bits a weight: FP4 codes and one 8-bit scale per 32 values
+    assert _weights_row(out, "of which MXFP4 experts") == pytest.approx(matrices * 4.25 / 8 / GiB, abs=0.01)
+    if arch_name == "120b":  # the same recipe with the experts dequantized to bf16 cannot fit one GPU
+        dense = _train(
+            f"recipe={recipe}",
+            "model.expert_weights=dense",
+            "trainer.dry_run=true",
+            f"trainer.gpu_memory_gb={gpu_gb}",
+            f"trainer.output_dir={tmp_path}",
+        )
+        assert dense.returncode == 2, dense.stderr[-3000:]
+        assert "exceeds" in dense.stderr and "Traceback" not in dense.stderr

@@ -69,6 +69,9 @@ def _with(key: str, value) -> dict:
     values[section][name] = value
     if key == "data.global_batch_size":  # tiny_sft's micro-batches of 2 would not divide a batch of 1
         values["data"]["micro_batch_size"] = 1
+    if key == "model.expert_weights":  # packed experts are frozen, read from a checkpoint
+        values = copy.deepcopy(_tiny_sft("lora"))
+        values["model"].update(expert_weights=value, path="openai/gpt-oss-20b")
     return values
 
 

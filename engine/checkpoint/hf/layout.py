@@ -166,6 +166,17 @@ class HFCheckpoint:
         scales = self.tensors.read(f"{name}_scales", (c0, c1)).to(like.device)
         return dequantize_mxfp4(blocks, scales, like.dtype).transpose(-1, -2)  # (out, in) -> our (in, out)
 
+    def read_packed_into(self, stored: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Fill the uint8 `out` with expert rows [r0, r1) of the stored MXFP4 tensor `stored` (`..._blocks` or
+        `..._scales`) as they are, a bounded chunk at a time."""
+        info = self.tensors.infos[stored]
+        r0, r1 = rows if rows is not None else (0, info.shape[0])
+        assert tuple(out.shape) == (r1 - r0,) + tuple(info.shape[1:]), (stored, tuple(out.shape), rows)
+        step = max(1, CHUNK_BYTES // max(1, out[0].numel()))
+        for c0 in range(r0, r1, step):
+            c1 = min(c0 + step, r1)
+            out[c0 - r0 : c1 - r0].copy_(self.tensors.read(stored, (c0, c1)))
+
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Our whole tensor `name` in `dtype`, on CPU."""
         out = torch.empty(self.shapes[name], dtype=dtype)

@@ -27,11 +27,12 @@ import torch
 from tqdm import tqdm
 
 from engine.checkpoint.atomic_dir import atomic_directory
+from engine.checkpoint.errors import CheckpointError
 from engine.checkpoint.hf.hub import resolve_checkpoint
 from engine.checkpoint.hf.layout import HFCheckpoint, expert_tensor_names, full_shapes
 from engine.checkpoint.hf.safetensors_io import ShardWriter
 from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM, ModelOptions
-from engine.moe.experts import shard_model_experts
+from engine.moe.experts import MATRICES, packed_buffer_names, shard_model_experts
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # Files an HF model directory carries besides its weights; copied as they are on export.
@@ -136,11 +137,19 @@ def read_hf_weights(
     ckpt = checkpoint if isinstance(checkpoint, HFCheckpoint) else HFCheckpoint(resolve_checkpoint(checkpoint))
     if model.config != ckpt.config:
         raise ValueError(f"{ckpt.config_file} describes another architecture than the model being built")
-    model.to(dtype=dtype).to_empty(device=device)
+    packed = packed_buffers(model)
+    if packed and ckpt.quantization != "mxfp4":
+        raise CheckpointError(
+            ckpt.config_file,
+            "stores dense expert weights but model.expert_weights=mxfp4 keeps the checkpoint's MXFP4 blocks "
+            "(nothing is re-quantized); point model.path at an MXFP4 checkpoint or set model.expert_weights=dense",
+        )
+    model.to(dtype=dtype).to_empty(device=device)  # uint8 buffers keep their dtype
     state = model.state_dict()  # detached views of the parameters: filling them fills the model
-    unfilled = [name for name, _ in model.named_buffers() if name not in state]
+    packed = packed_buffers(model)  # the materialised buffers
+    unfilled = [name for name, _ in model.named_buffers() if name not in state and name not in packed]
     assert not unfilled, f"buffers outside the state dict would stay uninitialised: {unfilled}"
-    total = sum(t.numel() * t.element_size() for t in state.values())
+    total = sum(t.numel() * t.element_size() for t in [*state.values(), *packed.values()])
     with tqdm(
         total=total,
         unit="B",
@@ -151,7 +160,20 @@ def read_hf_weights(
         for name, tensor in state.items():
             ckpt.read_into(name, tensor, _rows(model, name))
             bar.update(tensor.numel() * tensor.element_size())
+        for name, tensor in packed.items():
+            ckpt.read_packed_into(name, tensor, _rows(model, name))
+            bar.update(tensor.numel())
     return model
+
+
+def packed_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The MXFP4 blocks and scales buffers of `model` (model.expert_weights=mxfp4), by their checkpoint name."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if getattr(module, "packed", False):
+            for name in (n for m in MATRICES for n in packed_buffer_names(m)):
+                out[f"{prefix}.{name}"] = module._buffers[name]
+    return out
 
 
 def save_hf(

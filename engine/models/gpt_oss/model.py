@@ -38,6 +38,7 @@ class ModelOptions:
     ce_chunk_size: int = 512  # rows of fp32 logits alive at once in the loss
     activation_offload: bool = False  # checkpointed layers keep their input in host memory (offload.py)
     moe_chunk_tokens: int = 0  # the MoE layer runs at most this many tokens at a time (0: all at once)
+    expert_weights: str = "dense"  # dense | mxfp4 (frozen experts kept packed as the checkpoint stores them)
 
 
 class RMSNorm(nn.Module):
@@ -67,6 +68,7 @@ class GptOssDecoderLayer(nn.Module):
             limit=cfg.swiglu_limit,
             experts_backend=opts.experts_backend,
             chunk_tokens=opts.moe_chunk_tokens,
+            expert_weights=opts.expert_weights,
         )
         self.activation_checkpointing = False  # set by engine.parallel.parallelize
 
