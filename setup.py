@@ -26,6 +26,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.1,<=2.4.0",  # pytest.ini's per-test limits: a hung process group fails by name
+            "pytest-xdist>=3.5,<=3.8.0",  # the test command's `-n 2`: two workers, one per core
             "transformers>=4.55,<=5.25.0",
             "kernels>=0.19,<=0.19.1",  # Hugging Face's (a transformers dependency since 5.25): tested beside ours
             "peft>=0.17,<=0.21.2",

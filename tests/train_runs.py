@@ -1,7 +1,9 @@
 """Training runs through engine/train.py, one process or torchrun, each run once per test session.
 
 A run is its launcher and its overrides: two tests that ask for the same (nproc, overrides) read the
-same output folder, so a one-process reference or a run several tests inspect is trained once.
+same output folder, so a one-process reference or a run several tests inspect is trained once, also when
+pytest-xdist spreads the tests over workers (`once`: the first worker to ask trains under a file lock,
+the others wait for it and read the same folder).
 Tests must treat a shared run's folder as read-only (copy what they change). A run that fails is
 remembered: every test that asks for it fails with the same output.
 
@@ -11,13 +13,21 @@ interrupt) the whole group is killed, torchrun's workers included, and the failu
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "engine" / "train.py")
@@ -88,22 +98,45 @@ def train(out: Path, nproc: int, *overrides: str, timeout: float = 600) -> Run:
     return Run(out, records, proc.stdout, proc.stderr)
 
 
+def session_root(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this test run shares (the run's base folder without xdist). A
+    worker's base folder is RUN/popen-gwN; a pytest a test starts has a base folder of its own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if base.name.startswith("popen-gw") else base
+
+
+def once(root: Path, name: str, build: Callable[[Path], T]) -> T:
+    """build(folder) once per test run, whichever worker asks first; the others wait on a file lock and get
+    the same (pickled) result. An AssertionError from build is remembered and raised to every asker."""
+    result = root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            folder = root / name
+            shutil.rmtree(folder, ignore_errors=True)  # a worker killed half-way left it
+            folder.mkdir(parents=True)
+            try:
+                found = build(folder)
+            except AssertionError as e:
+                found = AssertionError(str(e))
+            tmp = result.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(found))
+            tmp.replace(result)
+    found = pickle.loads(result.read_bytes())
+    if isinstance(found, AssertionError):
+        raise found
+    return found
+
+
 class SharedRuns:
-    """The session's runs, keyed by (nproc, overrides); each trained the first time it is asked for."""
+    """The session's runs, keyed by (nproc, overrides); each trained the first time any worker asks for it."""
 
     def __init__(self, root: Path):
         self.root = root
-        self._done: dict[tuple, Run | AssertionError] = {}
 
     def get(self, nproc: int, *overrides: str, timeout: float = 600) -> Run:
-        key = (nproc, overrides)
-        if key not in self._done:
-            out = self.root / f"run{len(self._done):03d}"
-            try:
-                self._done[key] = train(out, nproc, *overrides, timeout=timeout)
-            except AssertionError as e:
-                self._done[key] = e
-        found = self._done[key]
-        if isinstance(found, AssertionError):
-            raise AssertionError(f"shared run failed (once, for every test that reads it): {found}")
-        return found
+        name = "run_" + hashlib.sha1(json.dumps([nproc, overrides]).encode()).hexdigest()[:12]
+        try:
+            return once(self.root, name, lambda out: train(out, nproc, *overrides, timeout=timeout))
+        except AssertionError as e:
+            raise AssertionError(f"shared run failed (once, for every test that reads it): {e}") from None

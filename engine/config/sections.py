@@ -1,7 +1,8 @@
 """The training config's schema: one dataclass per section, each field (engine.config.schema.setting) with
 its default, meaning, and allowed values or range. It is what Hydra's composed config is checked against
 (engine.config.load), what `python engine/train.py --help` prints and what conf/config.yaml is generated
-from (engine.config.compose). Allowed values come from the modules that own them.
+from (engine.config.compose). Allowed values come from engine.config.choices (torch-free), which the
+modules that dispatch on them import.
 """
 
 from __future__ import annotations
@@ -10,15 +11,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.config.choices import (
+    ATTN_BACKENDS,
+    DEVICES,
+    EXPERT_BACKENDS,
+    EXPERT_WEIGHTS,
+    MODEL_DTYPES,
+    OPTIMIZER_IMPLS,
+    PEFT_METHODS,
+    SCHEDULES,
+    SHARD_MODES,
+)
 from engine.config.schema import Range, setting
 from engine.data.config import DataConfig
-from engine.models.gpt_oss.attention import ATTN_BACKENDS
-from engine.moe.backends import EXPERT_BACKENDS
-from engine.moe.experts import EXPERT_WEIGHTS
-from engine.parallel.fsdp import SHARD_MODES
-from engine.peft.config import PEFT_METHODS, LoraConfig
-from engine.training.optim import OPTIMIZER_IMPLS, SCHEDULES
-from engine.training.runtime import DEVICES, MODEL_DTYPES
+from engine.peft.config import LoraConfig
 
 
 @dataclass

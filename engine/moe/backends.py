@@ -27,8 +27,6 @@ import torch
 from gptoss_kernels import reference
 from gptoss_kernels.mxfp4 import Mxfp4Weight
 
-EXPERT_BACKENDS = ("loop", "grouped_mm", "triton")
-
 
 @dataclass
 class ExpertAdapters:

@@ -21,12 +21,12 @@ import contextlib
 import torch
 from torch import nn
 
+from engine.config.choices import EXPERT_WEIGHTS
 from engine.moe.backends import ExpertsBackend, experts_backend
 from gptoss_kernels.mxfp4 import BYTES_PER_GROUP, GROUP, Mxfp4Weight
 
 EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 MATRICES = ("gate_up_proj", "down_proj")  # the projections' weights (MXFP4 in the published checkpoints)
-EXPERT_WEIGHTS = ("dense", "mxfp4")  # model.expert_weights
 
 
 def packed_buffer_names(name: str) -> tuple[str, str]:

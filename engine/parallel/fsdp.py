@@ -31,10 +31,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from engine.config.choices import SHARD_MODES
 from engine.parallel.mesh import Mesh
 from engine.parallel.placement import expert_param_ids
-
-SHARD_MODES = ("none", "optimizer", "full")
 
 
 def is_sharded(model: nn.Module) -> bool:

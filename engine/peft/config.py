@@ -11,7 +11,6 @@ from engine.errors import ConfigError
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")
 LORA_INITS = ("kaiming", "gaussian")
-PEFT_METHODS = ("none", "lora")  # peft.method: full fine-tuning or LoRA
 
 
 @dataclass

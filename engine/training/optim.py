@@ -19,9 +19,6 @@ from engine.errors import import_failure
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "constant")  # optim.schedule: after the warmup
-OPTIMIZER_IMPLS = ("auto", "torch", "apex")  # optim.impl
-
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
     return (

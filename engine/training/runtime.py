@@ -15,9 +15,6 @@ from engine.errors import ConfigError
 from engine.parallel import Mesh
 from engine.parallel.context_parallel import ContextParallel
 
-MODEL_DTYPES = ("auto", "bfloat16", "float32")  # model.dtype
-DEVICES = ("auto", "cpu", "cuda")  # trainer.device
-
 
 @dataclass
 class Runtime:

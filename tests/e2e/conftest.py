@@ -7,8 +7,9 @@ import pytest
 @pytest.fixture(scope="session")
 def readme_run(tmp_path_factory):
     from tests.e2e.test_readme_commands import run_readme
+    from tests.train_runs import once, session_root
 
-    return run_readme(tmp_path_factory.mktemp("readme") / "repo")
+    return once(session_root(tmp_path_factory), "readme", lambda folder: run_readme(folder / "repo"))
 
 
 @pytest.fixture(scope="session")

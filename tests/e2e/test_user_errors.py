@@ -94,6 +94,27 @@ def test_bad_setting_is_one_line_and_exit_2(tmp_path, overrides, named):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+# engine/train.py as the entry script, reporting at exit whether torch was imported.
+TORCH_AT_EXIT = """
+import atexit, runpy, sys
+atexit.register(lambda: print("torch imported:", "torch" in sys.modules, file=sys.stderr))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("args", [("--help",), ("recipe=tiny_sft", "optim.grad_clip=-1")], ids=["help", "error"])
+def test_help_and_a_config_error_import_no_torch(tmp_path, args):
+    # A typo costs the time to read the config (about 1 s), not a torch import (about 2 s of CPU).
+    cmd = [sys.executable, "-c", TORCH_AT_EXIT, str(REPO / "engine" / "train.py"), *args]
+    proc = subprocess.run(
+        [*cmd, f"trainer.output_dir={tmp_path}"], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert proc.returncode == (0 if args == ("--help",) else 2), proc.stderr[-3000:]
+    assert "torch imported: False" in proc.stderr, proc.stderr[-3000:]
+    assert ("optim.grad_clip" in proc.stdout) if args == ("--help",) else ("optim.grad_clip=-1.0" in proc.stderr)
+
+
 def test_unknown_recipe_is_one_line_listing_the_recipes(tmp_path):
     proc, _ = _run("recipe=no_such_recipe", f"trainer.output_dir={tmp_path}")
     _one_line_error(proc, "recipe='no_such_recipe'", "tiny_sft", "gptoss20b_lora")

@@ -24,12 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.config.choices import ATTN_BACKENDS
 from engine.models.gpt_oss.blockwise_attention import blockwise_attention
 from engine.models.gpt_oss.config import GptOssConfig
 from engine.models.gpt_oss.flex_mask import flex_block_mask
 from engine.models.gpt_oss.rope import apply_rotary
-
-ATTN_BACKENDS = ("eager", "flex", "blockwise", "triton")
 
 
 @dataclass
