@@ -8,7 +8,6 @@ both projections are adapted), and the adapters computed unmerged: y = x W + sca
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,19 +15,13 @@ from torch import nn
 
 from engine.peft.config import EXPERT_TARGETS, LoraConfig
 from engine.peft.lora import apply_lora, lora_state_dict
-from engine.peft.peft_format import PEFT_PREFIX
+from engine.peft.peft_format import PEFT_PREFIX, read_adapter_config
 
 
 def _read(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    cfg_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    for f in (cfg_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing; --adapter takes a PEFT adapter folder")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_file}: peft_type={cfg.get('peft_type')!r}; only LORA adapters can be loaded")
+    cfg_file, cfg, weights_file = read_adapter_config(adapter_dir)
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise ValueError(f"{cfg_file}: {key} is set; attaching takes one rank and one alpha for every adapter")

@@ -308,13 +308,9 @@ def _targets_param(module: str, proj: str, targets: list[str]) -> bool:
     return any(full == t or full.endswith("." + t) for t in targets)
 
 
-@torch.no_grad()
-def fold_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> int:
-    """Add scaling * B A of every adapter in a PEFT folder to the model's weights; returns how many
-    weights changed. Attention adapters are plain LoRA; expert adapters are peft's ParamWrapper
-    layout (lora_A [E*r, in], lora_B [out, r*E])."""
-    from safetensors.torch import load_file
-
+def read_adapter_config(adapter_dir: str | Path) -> tuple[Path, dict, Path]:
+    """(adapter_config.json, its contents, adapter_model.safetensors) of a PEFT LoRA folder; a missing file or
+    another peft_type is an error naming the file."""
     adapter_dir = Path(adapter_dir)
     cfg_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for f in (cfg_file, weights_file):
@@ -323,6 +319,17 @@ def fold_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> int:
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_file}: peft_type={cfg.get('peft_type')!r}; only LORA adapters can be loaded")
+    return cfg_file, cfg, weights_file
+
+
+@torch.no_grad()
+def fold_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> int:
+    """Add scaling * B A of every adapter in a PEFT folder to the model's weights; returns how many
+    weights changed. Attention adapters are plain LoRA; expert adapters are peft's ParamWrapper
+    layout (lora_A [E*r, in], lora_B [out, r*E])."""
+    from safetensors.torch import load_file
+
+    _, cfg, weights_file = read_adapter_config(adapter_dir)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     tensors = load_file(str(weights_file))
