@@ -97,10 +97,16 @@ def configure_kernels(kernels) -> None:
 
 
 def set_cpu_threads() -> int:
-    """Intra-op threads for a CPU run: this machine's usable cores shared by the processes on it
-    (torchrun's LOCAL_WORLD_SIZE), at least one, so processes never oversubscribe the cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """Intra-op threads for a CPU run: OMP_NUM_THREADS when it is set (the user's or the launcher's word),
+    else this machine's usable cores shared by the processes on it (torchrun's LOCAL_WORLD_SIZE), at least
+    one, so processes never oversubscribe the cores (oversubscribed OpenMP threads spin-wait for each other:
+    a run beside other busy processes would crawl)."""
+    asked = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if asked.isdigit() and int(asked) > 0:
+        threads = int(asked)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     return threads
 
