@@ -1,6 +1,8 @@
 """Model pieces against independent references: sliding window, documents, rope, chunked loss, meta build."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from engine.models.gpt_oss.attention import dense_mask
 from engine.models.gpt_oss.loss import linear_cross_entropy
 from engine.models.gpt_oss.rope import inv_freq
 from engine.moe.experts import shard_model_experts
+from engine.train import REPO
 
 
 def test_sliding_window_sees_exactly_window_keys():
@@ -99,6 +102,33 @@ def test_20b_and_120b_build_on_meta_without_memory():
         assert abs(n - total) / total < 1e-3
         assert n == cfg.param_counts()["total"]
         assert all(p.is_meta for p in model.parameters())
+
+
+def test_building_on_meta_skips_the_init_and_on_cpu_keeps_torchs_embedding_init():
+    # On meta, nn.Embedding's own normal_ init would import torch._dynamo (~0.7 s of every chat, export and
+    # dry-run start); on a real device the embedding draws what nn.Embedding draws, from the same generator.
+    code = (
+        "import sys, torch; from engine.models.gpt_oss import GptOssConfig, GptOssForCausalLM\n"
+        "with torch.device('meta'): GptOssForCausalLM(GptOssConfig.gpt_oss_20b())\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+    cfg = GptOssConfig(
+        vocab_size=64,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        intermediate_size=8,
+        num_local_experts=2,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(3)
+    ours = GptOssForCausalLM(cfg).model.embed_tokens.weight
+    torch.manual_seed(3)
+    assert torch.equal(ours, torch.nn.Embedding(64, 8).weight) and ours.requires_grad
 
 
 def test_expert_parallel_rank_builds_only_its_experts():
