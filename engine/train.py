@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return EngineError, CheckpointError, CheckpointExistsError, FileNotFoundError, PermissionError
 
 
+SILENT_RANK_WAIT_S = 10  # the longest a rank that leaves an error to its node's first rank outlives it
+
+
 def fail(e: BaseException, every_rank: bool = True) -> None:
     """One line on stderr, exit code 2: what went wrong and what to do, no traceback. An error the
     ranks of a node meet identically (`every_rank=False`: the config, the output folder) is printed
@@ -75,7 +79,11 @@ def fail(e: BaseException, every_rank: bool = True) -> None:
     rank = os.environ.get("RANK", "0")
     if every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
         message = " ".join(str(e).split())  # one line, whatever the message's own line breaks
-        print(f"error (rank {rank}): {type(e).__name__}: {message}", file=sys.stderr)
+        print(f"error (rank {rank}): {type(e).__name__}: {message}", file=sys.stderr, flush=True)
+    else:
+        # A silent rank that exited first would have torchrun stop the node's first rank, maybe before its
+        # line is out: it waits instead, and torchrun ends it once that rank has said it and exited.
+        time.sleep(SILENT_RANK_WAIT_S)
     sys.exit(2)
 
 

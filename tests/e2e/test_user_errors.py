@@ -244,3 +244,24 @@ def test_under_torchrun_a_config_error_is_said_once(tmp_path):
     ours = [x for x in proc.stderr.splitlines() if x.startswith("error (rank")]
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # torchrun reports our exit code 2
     assert ours == [ours[0]] and "optim.lr=nan" in ours[0], proc.stderr  # one line, not one per rank
+
+
+def test_a_rank_that_leaves_the_error_to_its_first_rank_outlives_it(tmp_path):
+    # torchrun stops a node's other ranks at the first exit: a silent rank that exited first could stop
+    # rank 0 before its line was out (the error said by nobody). It waits until torchrun ends it.
+    def start(rank):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        argv = [sys.executable, str(REPO / "engine" / "train.py"), "recipe=tiny_sft", f"trainer.output_dir={tmp_path}"]
+        return subprocess.Popen(
+            [*argv, "optim.lr=nan"], env=env, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    silent, first = start(1), start(0)
+    try:
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 2 and err.startswith("error (rank 0): ") and "optim.lr=nan" in err, err
+        with pytest.raises(subprocess.TimeoutExpired):  # it has met the error by now, and waits on
+            silent.wait(timeout=3)
+    finally:
+        silent.kill()
+    assert silent.communicate()[1] == ""  # and said nothing itself
