@@ -114,21 +114,11 @@ def test_building_on_meta_skips_the_init_and_on_cpu_keeps_torchs_embedding_init(
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
-    cfg = GptOssConfig(
-        vocab_size=64,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=4,
-        intermediate_size=8,
-        num_local_experts=2,
-        num_experts_per_tok=2,
-    )
+    cfg = GptOssConfig.tiny()
     torch.manual_seed(3)
     ours = GptOssForCausalLM(cfg).model.embed_tokens.weight
     torch.manual_seed(3)
-    assert torch.equal(ours, torch.nn.Embedding(64, 8).weight) and ours.requires_grad
+    assert torch.equal(ours, torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size).weight) and ours.requires_grad
 
 
 def test_expert_parallel_rank_builds_only_its_experts():
