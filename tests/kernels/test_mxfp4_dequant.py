@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_cases import assert_close, counts_of, device, gather_for, needs_cuda, randn
 
-from gptoss_kernels import _runtime, grouped_gemm, mxfp4_tile
+from gptoss_kernels import _runtime, grouped_gemm, grouped_gemm_mainloop, mxfp4_tile
 from gptoss_kernels.grouped_linear import grouped_linear
 from gptoss_kernels.mxfp4 import Mxfp4Weight
 from gptoss_kernels.reference import dequantize_mxfp4, grouped_linear_reference
@@ -80,9 +80,11 @@ def test_in_kernel_dequant_bf16_gpu(transposed):
 
 
 def test_the_gemm_calls_those_helpers():
-    names = grouped_gemm._mainloop.fn.__code__.co_names
+    names = grouped_gemm_mainloop.mainloop.fn.__code__.co_names
     assert "mxfp4_tile" in names and "mxfp4_scales" in names
-    assert grouped_gemm.mxfp4_tile is mxfp4_tile.mxfp4_tile and grouped_gemm.mxfp4_scales is mxfp4_tile.mxfp4_scales
+    assert grouped_gemm.mainloop is grouped_gemm_mainloop.mainloop
+    assert grouped_gemm_mainloop.mxfp4_tile is mxfp4_tile.mxfp4_tile
+    assert grouped_gemm_mainloop.mxfp4_scales is mxfp4_tile.mxfp4_scales
 
 
 @pytest.mark.parametrize("transposed", [False, True])
