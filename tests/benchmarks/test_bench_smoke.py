@@ -1,10 +1,13 @@
-"""Every benchmark script's --cpu mode runs and writes a sane JSON.
+"""Every benchmark script's --cpu mode runs and writes a sane JSON, and the GPU suite's plumbing in its
+--cpu dry mode returns few files, and complete.
 
 The GPU suite (benchmarks/gpu_suite.sh) runs the same scripts in full mode where CI cannot; this
 keeps their shared code paths, the JSON layout the suite's summary reads, and the CPU memory proxy
 working. The scripts run as subprocesses, all at once: each uses one thread in --cpu mode, so on
-two cores the set takes about as long as its two slowest scripts. Not run: ep_bytes.py (a minute
-of gloo processes) and bench_load_memory.py (writes a 2 GB checkpoint).
+two cores the set takes about as long as its two slowest scripts. The two that the suite's --cpu mode
+runs (bench_grouped_gemm, bench_moe_layer) run inside it, once: their JSONs and logs are read from
+what the suite returns. Not run: ep_bytes.py at its default size (a minute of gloo processes; a small
+run is below) and bench_load_memory.py (writes a 2 GB checkpoint).
 """
 
 import json
@@ -12,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -80,9 +84,25 @@ SCRIPTS = {
 }
 
 
+# The steps of `gpu_suite.sh --cpu`, by script.
+SUITE_STEPS = {"bench_grouped_gemm.py": "bench_grouped_gemm", "bench_moe_layer.py": "bench_moe_layer"}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """{script: (exit code, output)}, with every JSON in the returned folder."""
+def suite(tmp_path_factory):
+    """`gpu_suite.sh --cpu`, started (its steps run one after the other): {"proc", "out"}; `runs` adds its
+    "stdout" and "stderr" once it has finished."""
+    out = tmp_path_factory.mktemp("suite_out")
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SUITE_BUDGET_S": "500"}
+    cmd = ["bash", str(BENCH / "gpu_suite.sh"), "--cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return {"proc": proc, "out": out}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, suite):
+    """{script: (exit code, output)}, with every JSON in the returned folder: the scripts the suite runs
+    are read from its tarball (exit code 0 where its steps.tsv says ok)."""
     out = tmp_path_factory.mktemp("bench_out")
     env = {**os.environ, "OUT": str(out)}
     procs = {
@@ -95,8 +115,22 @@ def runs(tmp_path_factory):
             stderr=subprocess.STDOUT,
         )
         for s in SCRIPTS
+        if s not in SUITE_STEPS
     }
     results = {s: (p.wait(timeout=300), p.stdout.read()) for s, p in procs.items()}
+    suite["stdout"], suite["stderr"] = suite["proc"].communicate(timeout=600)
+    tarball, unpacked = suite["out"] / "suite.tar.gz", tmp_path_factory.mktemp("suite_unpacked")
+    assert tarball.is_file(), f"gpu_suite.sh --cpu returned no tarball:\n{suite['stdout'][-3000:]}\n{suite['stderr']}"
+    with tarfile.open(tarball) as tar:
+        tar.extractall(unpacked, filter="data")
+    steps = {row.split("\t")[0]: row.split("\t")[3] for row in (unpacked / "steps.tsv").read_text().splitlines()}
+    for script, step in SUITE_STEPS.items():
+        name = SCRIPTS[script][0]
+        if (unpacked / name).is_file():
+            (out / name).write_bytes((unpacked / name).read_bytes())
+        log = (unpacked / f"{step}.log").read_text() if (unpacked / f"{step}.log").is_file() else ""
+        said = f"(gpu_suite.sh --cpu step {step}: {steps.get(step)})\n{log}"
+        results[script] = (0 if steps.get(step) == "ok" else 1, said)
     return out, results
 
 
@@ -198,3 +232,25 @@ def test_results_are_checked_before_timing(runs):
     layer = json.loads((out / "moe_layer_cpu.json").read_text())
     ours = [r for r in layer["results"] if r["impl"].startswith("ours")]
     assert ours and all(r["check_max_err"] <= 1e-4 for r in ours)
+
+
+def test_gpu_suite_cpu_mode_returns_two_files_with_every_log_and_json(runs, suite):
+    out, stdout = suite["out"], suite["stdout"]
+    assert suite["proc"].returncode == 0, stdout[-3000:] + suite["stderr"][-2000:]
+    assert sorted(f.name for f in out.iterdir()) == ["suite.tar.gz", "summary.txt"]  # <= 8 files back
+    with tarfile.open(out / "suite.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {
+        "device.log",
+        "bench_grouped_gemm.log",
+        "bench_moe_layer.log",
+        "grouped_gemm_cpu.json",
+        "moe_layer_cpu.json",
+        "summary.txt",
+        "steps.tsv",
+    } <= names, names
+    summary = (out / "summary.txt").read_text().strip()
+    assert summary and stdout.rstrip().endswith(summary.splitlines()[-1])  # the table comes last
+    steps = [line.split() for line in summary.split("\n\nsummary")[0].splitlines()[2:]]
+    assert [(s[0], s[3]) for s in steps] == [("bench_grouped_gemm", "ok"), ("bench_moe_layer", "ok")], summary
+    assert "moe_layer" in summary and " missing" not in summary and "partial" not in summary, summary
