@@ -97,17 +97,19 @@ def gathered(module: nn.Module) -> Iterator[nn.Module]:
         module.reshard()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def _local_grads(model: nn.Module) -> list[torch.Tensor]:
+    """Each trainable parameter's gradient on this rank: the local shard of a DTensor one."""
     from torch.distributed.tensor import DTensor
 
-    return t.to_local() if isinstance(t, DTensor) else t
+    grads = (p.grad for p in model.parameters() if p.requires_grad and p.grad is not None)
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
 
 
 def sharded_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
     """Global L2 gradient norm under FSDP2: every rank's gradient shards are disjoint pieces of the
     model's gradient (dense shards over the world, expert shards over the (ep, edp) grid, unsharded
     experts at ep = world distinct per rank), so the squares add up over the world."""
-    grads = [_local(p.grad) for p in model.parameters() if p.requires_grad and p.grad is not None]
+    grads = _local_grads(model)
     sq = torch.zeros((), dtype=torch.float32, device=mesh.device)
     if grads:
         sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
@@ -118,7 +120,7 @@ def sharded_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
 def clip_sharded(model: nn.Module, mesh: Mesh, max_norm: float) -> torch.Tensor:
     norm = sharded_grad_norm(model, mesh)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    grads = [_local(p.grad) for p in model.parameters() if p.requires_grad and p.grad is not None]
+    grads = _local_grads(model)
     if grads:
         torch._foreach_mul_(grads, coef.to(grads[0].device))
     return norm
